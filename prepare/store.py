@@ -1,0 +1,79 @@
+"""The content-addressed artifact cache under `artifacts/cache/`.
+
+Every artifact is stored once under the hash of what made it (design.md, "Artifacts
+and keys"): `cache/<kind>/<key>.<ext>`, with `<key>.json` beside it holding the
+key's inputs and whatever the maker recorded. Writes go to a temporary file in the
+same directory and are renamed into place, so a killed build never leaves a file
+that a later run would trust; the metadata is written last, so an entry counts only
+when its `.json` exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tests and side-by-side builds point this elsewhere with CORAL_ARTIFACTS.
+ARTIFACTS = Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")).resolve()
+
+
+def key_of(inputs: dict) -> str:
+    """The sha256 of a JSON-serializable description of what makes an artifact."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary file and a rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be copied and read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Store:
+    """`cache/<kind>/<key>.<ext>` plus `<key>.json` metadata."""
+
+    def __init__(self, root: str | Path = ARTIFACTS / "cache"):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str, ext: str) -> Path:
+        return self.root / kind / f"{key}.{ext}"
+
+    def meta_path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.json"
+
+    def has(self, kind: str, key: str, ext: str) -> bool:
+        return self.meta_path(kind, key).is_file() and self.path(kind, key, ext).is_file()
+
+    def meta(self, kind: str, key: str) -> dict:
+        return json.loads(self.meta_path(kind, key).read_text())
+
+    def put(self, kind: str, key: str, ext: str, data: bytes, meta: dict) -> Path:
+        """Store data, then its metadata (with the data's sha256): the entry is whole or absent."""
+        path = atomic_write(self.path(kind, key, ext), data)
+        meta = dict(meta, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        atomic_write(self.meta_path(kind, key), json.dumps(meta, indent=2, sort_keys=True))
+        return path

@@ -1,0 +1,154 @@
+"""The template stage of a build: for every (in, out, batch) a recipe needs, one checked
+uncompiled template and, where possible, one checked compiled template, in the store.
+
+Where each comes from, in order of preference:
+1. a prebuilt pair from the recipe's `templates` directory that passes the self-check;
+2. a template generated with TensorFlow, compiled by `edgetpu_compiler` if there is one,
+   and self-checked;
+3. the generated template alone: emulate and cpu artifacts still build, edgetpu ones not.
+
+Keys (design.md): uncompiled = shape, generator settings, TensorFlow version;
+compiled = uncompiled key, compiler version and flags; a prebuilt pair is keyed by
+the sha256 of its files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.edgetpu_codec import parse_compiled
+from runner.tflite_file import parse_tflite
+
+from .compiler import compile_model, compiler_version, find_compiler
+from .recipe import Recipe
+from .store import ARTIFACTS, Store, atomic_write, key_of
+from .templates import (PrebuiltPair, Shape, TemplateError, check_pair, describe, find_pairs,
+                        make_uncompiled, self_check, uncompiled_key_inputs)
+
+
+@dataclass
+class TemplatePlan:
+    shape: Shape
+    uncompiled_key: str
+    compiled_key: str | None  # None: no compiled template can be had for this shape
+    prebuilt: PrebuiltPair | None = None
+    compiler: str | None = None
+    compiler_version: str = ""
+    flags: tuple = ()
+
+
+@dataclass
+class Toolchain:
+    compiler: str | None
+    version: str
+
+    @classmethod
+    def find(cls, recipe: Recipe) -> "Toolchain":
+        path = find_compiler(recipe.compiler)
+        return cls(path, compiler_version(path) if path else "")
+
+
+def recipe_shapes(recipe: Recipe) -> list[Shape]:
+    return sorted({Shape(i, o, recipe.batch_for(i, o)) for i, o in recipe.shapes})
+
+
+def _file_key(kind: str, *paths: Path) -> str:
+    return key_of({"artifact": kind, "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]})
+
+
+def plan(recipe: Recipe, shapes: list[Shape], toolchain: Toolchain) -> list[TemplatePlan]:
+    prebuilt: dict[Shape, PrebuiltPair] = {}
+    if recipe.templates:
+        pairs, _ = find_pairs(recipe.templates)
+        for pair in pairs:
+            if pair.shape is not None:
+                prebuilt.setdefault(pair.shape, pair)
+    plans = []
+    for shape in shapes:
+        pair = prebuilt.get(shape)
+        if pair is not None:
+            plans.append(TemplatePlan(shape, _file_key("prebuilt-uncompiled", pair.uncompiled),
+                                      _file_key("prebuilt-compiled", pair.uncompiled, pair.compiled), pair))
+            continue
+        ukey = key_of(uncompiled_key_inputs(shape, recipe.seed))
+        ckey = None
+        if toolchain.compiler:
+            ckey = key_of({"artifact": "compiled-template", "uncompiled": ukey,
+                           "compiler": toolchain.version, "flags": list(recipe.compiler_flags)})
+        plans.append(TemplatePlan(shape, ukey, ckey, None, toolchain.compiler, toolchain.version,
+                                  tuple(recipe.compiler_flags)))
+    return plans
+
+
+def build_uncompiled(p: TemplatePlan, seed: int, store: Store) -> Path:
+    if not store.has("uncompiled", p.uncompiled_key, "tflite"):
+        if p.prebuilt is not None:
+            data = p.prebuilt.uncompiled.read_bytes()
+            meta = dict(describe(parse_tflite(data, p.prebuilt.uncompiled)), source=str(p.prebuilt.uncompiled))
+        else:
+            data, meta = make_uncompiled(p.shape, seed)
+        store.put("uncompiled", p.uncompiled_key, "tflite", data, meta)
+    return store.path("uncompiled", p.uncompiled_key, "tflite")
+
+
+def build_compiled(p: TemplatePlan, store: Store) -> Path:
+    """Compile (or import a prebuilt pair), self-check, then store. Nothing unchecked is stored."""
+    if not store.has("compiled", p.compiled_key, "tflite"):
+        uncompiled_path = store.path("uncompiled", p.uncompiled_key, "tflite")
+        uncompiled = uncompiled_path.read_bytes()
+        if p.prebuilt is not None:
+            data, meta = p.prebuilt.compiled.read_bytes(), {"source": str(p.prebuilt.compiled)}
+        else:
+            data, report = compile_model(p.compiler, uncompiled, f"dense_{p.shape}", list(p.flags))
+            meta = {"compiler": p.compiler_version, "flags": list(p.flags), "subgraphs": report.subgraphs,
+                    "on_chip_bytes": report.on_chip_bytes, "streamed_bytes": report.streamed_bytes,
+                    "ops": report.ops, "log": report.log}
+        compiled = parse_compiled(data, f"compiled template {p.shape}")
+        meta["self_check"] = self_check(parse_tflite(uncompiled, uncompiled_path), compiled)
+        meta.update(uncompiled=p.uncompiled_key, executables=[
+            {"type": e.type, "batch": e.batch, "parameter_bytes": e.parameter_bytes} for e in compiled.executables])
+        store.put("compiled", p.compiled_key, "tflite", data, meta)
+    return store.path("compiled", p.compiled_key, "tflite")
+
+
+def check_prebuilt(p: TemplatePlan) -> None:
+    if p.prebuilt is not None and not check_pair(p.prebuilt).ok:
+        raise TemplateError(p.prebuilt.reason)
+
+
+def index_path(recipe: Recipe) -> Path:
+    return ARTIFACTS / "work" / recipe.name / "templates.json"
+
+
+def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict:
+    """The recipe's templates, one entry per shape, for the stages after this one."""
+    entries = []
+    for p in plans:
+        meta = store.meta("uncompiled", p.uncompiled_key)
+        entries.append({
+            "in": p.shape.n_in, "out": p.shape.n_out, "batch": p.shape.batch,
+            "source": "prebuilt" if p.prebuilt else "generated",
+            "uncompiled": str(store.path("uncompiled", p.uncompiled_key, "tflite").relative_to(store.root)),
+            "compiled": (str(store.path("compiled", p.compiled_key, "tflite").relative_to(store.root))
+                         if p.compiled_key else None),
+            **{k: meta[k] for k in ("input_scale", "input_zero_point", "output_scale", "output_zero_point")},
+        })
+    index = {"recipe": recipe.name, "templates": entries,
+             "missing_compiled": [str(p.shape) for p in plans if not p.compiled_key]}
+    atomic_write(index_path(recipe), json.dumps(index, indent=2))
+    return index
+
+
+def missing_message(missing: list[str]) -> str:
+    return (
+        f"No compiled Edge TPU template for {', '.join(missing)}: the build goes on with the "
+        "emulate and cpu artifacts only. Two ways to get one:\n"
+        "  1. install edgetpu_compiler on this x86 Linux host (Google's Coral apt repository, "
+        "package edgetpu-compiler) and run doit again;\n"
+        "  2. compile the uncompiled templates listed in "
+        "artifacts/work/<name>/templates.json on a machine that has the compiler, put each X.tflite "
+        "beside its X_edgetpu.tflite in one directory, and run `doit templates=DIR`."
+    )

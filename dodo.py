@@ -22,8 +22,9 @@ from prepare.template_stage import (Toolchain, build_compiled, build_uncompiled,
 from prepare.templates import TemplateError
 from runner.flatbuf import FormatError
 
+ARTIFACTS.mkdir(parents=True, exist_ok=True)
 DOIT_CONFIG = {"default_tasks": ["templates"], "verbosity": 2,
-               "dep_file": str(ARTIFACTS / ".doit.db")}
+               "dep_file": str(ARTIFACTS / "doit.sqlite3"), "backend": "sqlite3"}
 EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, OSError)
 
 

@@ -142,8 +142,10 @@ def make_uncompiled(shape: Shape, seed: int = 0) -> tuple[bytes, dict]:
     # all-zero (the compiler rejects those), drawn by numpy so the bytes are reproducible.
     limit = np.sqrt(6.0 / (shape.n_in + shape.n_out))
     kernel = rng.uniform(-limit, limit, (shape.n_in, shape.n_out)).astype(np.float32)
-    model = keras.Sequential([keras.Input(shape=(shape.n_in,), batch_size=shape.batch),
-                              keras.layers.Dense(shape.n_out, use_bias=False)])
+    keras.backend.clear_session()  # a fresh graph per template, whatever was built before
+    # Fixed names: Keras numbers unnamed layers per process, which would change the bytes.
+    model = keras.Sequential([keras.Input(shape=(shape.n_in,), batch_size=shape.batch, name="x"),
+                              keras.layers.Dense(shape.n_out, use_bias=False, name="dense")], name="template")
     model.layers[-1].set_weights([kernel])
 
     def representative():

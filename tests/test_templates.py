@@ -1,0 +1,210 @@
+"""The template factory: generation, compiler driver, self-check, prebuilt pairs, doit caching."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from prepare.compiler import CompilerError, StreamingWarning, compile_model, compiler_version
+from prepare.store import Store, key_of
+from prepare.templates import Shape, TemplateError, describe, make_uncompiled, self_check, uncompiled_key_inputs
+from runner.edgetpu_codec import parse_compiled
+from runner.interpreter import require_interpreter
+from runner.tflite_file import parse_tflite
+
+from .conftest import ROOT
+
+FAKE_COMPILER = ROOT / "tests" / "fake_compiler" / "edgetpu_compiler"
+
+
+@pytest.fixture(scope="module")
+def generated():
+    shapes = [Shape(768, 3072, 4), Shape(256, 128, 1), Shape(512, 2048, 2)]
+    return {s: make_uncompiled(s, seed=0) for s in shapes}
+
+
+def test_generated_templates_load_with_expected_shapes(generated):
+    for shape, (data, meta) in generated.items():
+        interpreter = require_interpreter()(model_content=data)
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        assert list(inp["shape"]) == [shape.batch, shape.n_in] and inp["dtype"] == np.uint8
+        assert list(out["shape"]) == [shape.batch, shape.n_out] and out["dtype"] == np.uint8
+        weights = [t for t in interpreter.get_tensor_details()
+                   if list(t["shape"]) == [shape.n_out, shape.n_in]]
+        assert len(weights) == 1 and weights[0]["dtype"] == np.int8
+        scales = weights[0]["quantization_parameters"]["scales"]
+        assert len(scales) == shape.n_out and np.all(scales > 0)
+        np.testing.assert_allclose(meta["weight_scales"], scales, rtol=1e-7)
+        assert (meta["in"], meta["out"], meta["batch"]) == (shape.n_in, shape.n_out, shape.batch)
+        # Representative data covered [-1, 1]: the input scale is 2/255.
+        assert meta["input_scale"] == pytest.approx(2 / 255, rel=1e-5)
+        assert meta["tensorflow"] != "absent"
+        x = np.random.default_rng(0).integers(0, 256, (shape.batch, shape.n_in), dtype=np.uint8)
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        assert interpreter.get_tensor(out["index"]).std() > 1  # placeholder weights are not degenerate
+
+
+def test_generation_is_reproducible(generated):
+    shape = Shape(256, 128, 1)
+    again, _ = make_uncompiled(shape, seed=0)
+    assert again == generated[shape][0]
+    other, _ = make_uncompiled(shape, seed=1)
+    assert other != again
+
+
+def _flip_weight(compiled_bytes: bytes, channel: int) -> bytes:
+    model = parse_compiled(compiled_bytes)
+    blob = model.parameter_executable().parameters
+    group, o = divmod(channel, 64)
+    at = blob.pos + group * 64 * (8 + 256) + 512 + o * 4  # input 0 of the channel
+    data = bytearray(compiled_bytes)
+    data[at] ^= 0x01
+    return bytes(data)
+
+
+def _scale_multiplier(compiled_bytes: bytes, channel: int, factor: float) -> bytes:
+    model = parse_compiled(compiled_bytes)
+    blob = model.parameter_executable().parameters
+    group, o = divmod(channel, 64)
+    at = blob.pos + group * 64 * (8 + 256) + 4 * o
+    data = bytearray(compiled_bytes)
+    (m,) = struct.unpack_from("<f", data, at)
+    struct.pack_into("<f", data, at, m * factor)
+    return bytes(data)
+
+
+def test_self_check_accepts_fixture(compiled_bytes, uncompiled_bytes):
+    report = self_check(parse_tflite(uncompiled_bytes), parse_compiled(compiled_bytes))
+    assert report["weights_match"] and report["multipliers_max_rel_err"] < 1e-6
+
+
+def test_self_check_rejects_one_altered_weight(compiled_bytes, uncompiled_bytes):
+    with pytest.raises(TemplateError, match=r"256x256b1.*channel 77"):
+        self_check(parse_tflite(uncompiled_bytes), parse_compiled(_flip_weight(compiled_bytes, 77)))
+
+
+def test_self_check_rejects_altered_multiplier(compiled_bytes, uncompiled_bytes):
+    with pytest.raises(TemplateError, match=r"256x256b1.*multiplier of output channel 130"):
+        self_check(parse_tflite(uncompiled_bytes),
+                   parse_compiled(_scale_multiplier(compiled_bytes, 130, 1.00001)))
+
+
+def test_compiler_driver_with_stand_in(fixture_dir, uncompiled_bytes, monkeypatch):
+    monkeypatch.setenv("FAKE_EDGETPU_FIXTURES", str(fixture_dir))
+    assert compiler_version(str(FAKE_COMPILER)) == "16.0.384591198"
+    data, report = compile_model(str(FAKE_COMPILER), uncompiled_bytes, "dense_256")
+    assert data == (fixture_dir / "dense_256_edgetpu.tflite").read_bytes()
+    assert report.subgraphs == 1 and report.on_chip_bytes == 66 * 1024 and report.streamed_bytes == 0
+    assert report.ops["FULLY_CONNECTED"] == "Mapped to Edge TPU"
+
+    with pytest.raises(CompilerError, match=r"rejected(.|\n)*Invalid model"):
+        compile_model(str(FAKE_COMPILER), uncompiled_bytes[:-1] + b"\0", "dense_256")
+    monkeypatch.setenv("FAKE_EDGETPU_MODE", "cpu")
+    with pytest.raises(CompilerError, match=r"off the Edge TPU(.|\n)*not mapped due to"):
+        compile_model(str(FAKE_COMPILER), uncompiled_bytes, "dense_256")
+    monkeypatch.setenv("FAKE_EDGETPU_MODE", "stream")
+    with pytest.warns(StreamingWarning, match="streamed"):
+        compile_model(str(FAKE_COMPILER), uncompiled_bytes, "dense_256")
+
+
+def _doit(tmp_path, *args, path_extra=None, fixtures=None):
+    env = dict(os.environ, CORAL_ARTIFACTS=str(tmp_path / "artifacts"))
+    env["PATH"] = os.pathsep.join(([str(path_extra)] if path_extra else []) + [env.get("PATH", "")])
+    if fixtures:
+        env["FAKE_EDGETPU_FIXTURES"] = str(fixtures)
+    run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return f"recipe={path}"
+
+
+def test_doit_compiles_with_stand_in_then_is_up_to_date(tmp_path, fixture_dir, uncompiled_bytes):
+    """The whole compile task under doit, with the stand-in compiler on PATH. The generated
+    256x256 template is replaced by the fixture's (the only model the stand-in accepts)."""
+    store = Store(tmp_path / "artifacts" / "cache")
+    shape = Shape(256, 256, 1)
+    ukey = key_of(uncompiled_key_inputs(shape, 0))
+    store.put("uncompiled", ukey, "tflite", uncompiled_bytes, describe(parse_tflite(uncompiled_bytes)))
+    recipe = _recipe(tmp_path, "name: t\nshapes: [[256, 256]]\n")
+
+    first = _doit(tmp_path, recipe, path_extra=FAKE_COMPILER.parent, fixtures=fixture_dir)
+    assert ".  compile:256x256b1" in first and "No compiled" not in first
+    index = json.loads((tmp_path / "artifacts" / "work" / "t" / "templates.json").read_text())
+    entry = index["templates"][0]
+    assert entry["compiled"] and not index["missing_compiled"]
+    meta = json.loads((store.root / entry["compiled"]).with_suffix(".json").read_text())
+    assert meta["self_check"]["weights_match"] and meta["compiler"] == "16.0.384591198"
+    assert "FULLY_CONNECTED" in meta["log"]
+
+    second = _doit(tmp_path, recipe, path_extra=FAKE_COMPILER.parent, fixtures=fixture_dir)
+    assert [line[:2] for line in second.splitlines() if line[:2] in (".", "--", ". ")] == ["--"] * 3, second
+
+
+def test_doit_no_op_and_one_batch_change(tmp_path):
+    recipe = _recipe(tmp_path, "name: t\nshapes: [[256, 256], [128, 64]]\n")
+    first = _doit(tmp_path, recipe)
+    assert ".  template:256x256b1" in first and ".  template:128x64b1" in first
+    assert first.count("No compiled Edge TPU template") == 1
+    second = _doit(tmp_path, recipe)
+    assert "-- template:256x256b1" in second and "-- template:128x64b1" in second and "-- templates" in second
+    assert ".  " not in second
+
+    changed = _doit(tmp_path, recipe, 'batch_per_shape={"128x64": 2}')
+    assert ".  template:128x64b2" in changed and "-- template:256x256b1" in changed
+    generated = list((tmp_path / "artifacts" / "cache" / "uncompiled").glob("*.tflite"))
+    assert len(generated) == 3
+
+
+def test_doit_with_prebuilt_fixture_directory(tmp_path, fixture_dir):
+    out = _doit(tmp_path, _recipe(tmp_path, "name: t\nshapes: [[256, 256]]\n"), f"templates={fixture_dir}")
+    assert ".  compile:256x256b1" in out and "No compiled" not in out
+    index = json.loads((tmp_path / "artifacts" / "work" / "t" / "templates.json").read_text())
+    assert index["templates"][0]["source"] == "prebuilt"
+
+
+def _check_templates(directory):
+    return subprocess.run([sys.executable, "-m", "prepare", "check-templates", str(directory), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_check_templates(tmp_path, fixture_dir, compiled_bytes, uncompiled_bytes):
+    good = _check_templates(fixture_dir)
+    assert good.returncode == 0
+    rows = json.loads(good.stdout)
+    assert rows == [{"uncompiled": str(fixture_dir / "dense_256.tflite"),
+                     "compiled": str(fixture_dir / "dense_256_edgetpu.tflite"),
+                     "in": 256, "out": 256, "batch": 1, "ok": True}]
+
+    # Names say nothing: shapes come from the models. One good pair, one bad, one lone file.
+    (tmp_path / "whatever.tflite").write_bytes(uncompiled_bytes)
+    (tmp_path / "whatever_edgetpu.tflite").write_bytes(compiled_bytes)
+    (tmp_path / "bad.tflite").write_bytes(uncompiled_bytes)
+    (tmp_path / "bad_edgetpu.tflite").write_bytes(_flip_weight(compiled_bytes, 3))
+    (tmp_path / "lonely_edgetpu.tflite").write_bytes(compiled_bytes)
+    run = _check_templates(tmp_path)
+    assert run.returncode == 1
+    rows = {os.path.basename(r.get("compiled") or r["file"]): r for r in json.loads(run.stdout)}
+    assert rows["whatever_edgetpu.tflite"]["ok"] is True
+    assert rows["bad_edgetpu.tflite"]["ok"] is False and "channel 3" in rows["bad_edgetpu.tflite"]["reason"]
+    assert rows["lonely_edgetpu.tflite"]["ok"] is None
+
+    shutil.rmtree(tmp_path)
+    tmp_path.mkdir()
+    (tmp_path / "lonely.tflite").write_bytes(uncompiled_bytes)
+    assert _check_templates(tmp_path).returncode == 0  # a lone file is reported, not fatal

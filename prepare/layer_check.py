@@ -1,0 +1,65 @@
+"""Patch one layer into a template pair and run it two independent ways.
+
+`emulate` (the exact parameter bytes, integer arithmetic) and `cpu` (the patched
+uncompiled template through TFLite's int8 kernels) must agree within one
+quantization step; a patched compiled template must decode back to exactly the
+parameters written into it, with its own caching token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from runner.edgetpu_codec import DenseParams, parse_compiled, patch, token_from_digest
+from runner.emulate import DenseEmulator
+from runner.interpreter import require_interpreter
+from runner.tflite_file import parse_tflite
+
+from .patch import patch_uncompiled
+
+
+def run_tflite(model_bytes: bytes, rows: np.ndarray) -> np.ndarray:
+    """Run uint8 rows through a (patched uncompiled) template, batch by batch, padding the last."""
+    interpreter = require_interpreter()(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    batch = int(inp["shape"][0])
+    padded = np.zeros((-(-len(rows) // batch) * batch, rows.shape[1]), np.uint8)
+    padded[: len(rows)] = rows
+    outputs = []
+    for k in range(0, len(padded), batch):
+        interpreter.set_tensor(inp["index"], padded[k : k + batch])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(out["index"]).copy())
+    return np.concatenate(outputs)[: len(rows)]
+
+
+def random_layer(n_in: int, n_out: int, seed: int) -> DenseParams:
+    """Weights and multipliers that spread accumulators over the uint8 output range."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (n_out, n_in), dtype=np.int8)
+    spread = np.sqrt(n_in) * 74 * 74  # std of sum_i x_i w_i for uniform x - 127 and w
+    return DenseParams.make(w, rng.uniform(20, 60, n_out) / spread)
+
+
+def check_layer(uncompiled: bytes, compiled: bytes | None, params: DenseParams, rows: int = 64,
+                seed: int = 0) -> dict:
+    model = parse_tflite(uncompiled, "uncompiled template")
+    inp, out = model.tensors[model.inputs[0]], model.tensors[model.outputs[0]]
+    x = np.random.default_rng(seed).integers(0, 256, (rows, params.weights.shape[1]), dtype=np.uint8)
+    emulated = DenseEmulator(params, int(inp.zero_point[0]), int(out.zero_point[0]))(x)
+    on_cpu = run_tflite(patch_uncompiled(model, params), x)
+    diff = np.abs(emulated.astype(int) - on_cpu.astype(int))
+    report = {"max_step_diff": int(diff.max()), "identical": float((diff == 0).mean()),
+              "output_std": float(emulated.std())}
+    if compiled is not None:
+        template = parse_compiled(compiled, "compiled template")
+        token = token_from_digest(hashlib.sha256(params.weights.tobytes()).digest())
+        patched = parse_compiled(patch(template, params, token), "patched template")
+        back = patched.dense_params()
+        report["compiled_roundtrip"] = bool(np.array_equal(back.weights, params.weights)
+                                            and np.array_equal(back.multipliers, params.multipliers)
+                                            and all(e.token == token for e in patched.executables))
+    return report

@@ -1,0 +1,179 @@
+"""CLIP (image and text towers) in numpy, following Hugging Face's `modeling_clip`.
+
+One readable forward pass per tower. Every linear layer goes through
+`linear(name, x)`, where `name` is the Hugging Face module path of the layer
+("vision_model.encoder.layers.0.mlp.fc1"): the executor behind it decides
+whether the layer runs in float, emulated int8, TFLite or on the Edge TPU.
+Everything else (embeddings, layer norms, attention softmax, activations) runs
+here in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
+
+import numpy as np
+
+Linear = Callable[[str, np.ndarray], np.ndarray]  # (layer name, x [..., in]) -> [..., out]
+
+
+@dataclass
+class TowerConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # vision only
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    # text only
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TowerConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class CLIPConfig:
+    vision: TowerConfig
+    text: TowerConfig
+    projection_dim: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "CLIPConfig":
+        return cls(TowerConfig.from_dict(d["vision_config"]), TowerConfig.from_dict(d["text_config"]),
+                   int(d.get("projection_dim", 512)))
+
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * (1.0 / (1.0 + np.exp(-1.702 * x))),
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0))),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3))),
+}
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz-Stegun 7.1.26 is too coarse for parity; use math.erf elementwise via vectorize.
+    from math import erf
+    return np.vectorize(erf, otypes=[np.float32])(x)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class CLIP:
+    """Both towers. `weights` maps Hugging Face tensor names to float32 arrays (CPU-side
+    tensors only are needed when the linears run elsewhere); `linear` runs the linears."""
+
+    def __init__(self, config: CLIPConfig, weights: Mapping[str, np.ndarray], linear: Linear):
+        self.config = config
+        self.w = weights
+        self.linear = linear
+
+    # -- shared encoder ---------------------------------------------------------------
+    def _attention(self, prefix: str, h: np.ndarray, cfg: TowerConfig, mask: np.ndarray | None) -> np.ndarray:
+        b, n, d = h.shape
+        heads, hd = cfg.num_attention_heads, cfg.head_dim
+
+        def split(x):  # [b, n, d] -> [b, heads, n, hd]
+            return x.reshape(b, n, heads, hd).transpose(0, 2, 1, 3)
+
+        q = split(self.linear(f"{prefix}.q_proj", h))
+        k = split(self.linear(f"{prefix}.k_proj", h))
+        v = split(self.linear(f"{prefix}.v_proj", h))
+        scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(hd**-0.5)
+        if mask is not None:
+            scores = scores + mask
+        out = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+        return self.linear(f"{prefix}.out_proj", out)
+
+    def _encoder(self, prefix: str, h: np.ndarray, cfg: TowerConfig, mask: np.ndarray | None) -> np.ndarray:
+        act = ACTIVATIONS[cfg.hidden_act]
+        w, eps = self.w, cfg.layer_norm_eps
+        for i in range(cfg.num_hidden_layers):
+            p = f"{prefix}.encoder.layers.{i}"
+            x = layer_norm(h, w[f"{p}.layer_norm1.weight"], w[f"{p}.layer_norm1.bias"], eps)
+            h = h + self._attention(f"{p}.self_attn", x, cfg, mask)
+            x = layer_norm(h, w[f"{p}.layer_norm2.weight"], w[f"{p}.layer_norm2.bias"], eps)
+            h = h + self.linear(f"{p}.mlp.fc2", act(self.linear(f"{p}.mlp.fc1", x)))
+        return h
+
+    # -- image tower -------------------------------------------------------------------
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [B, 3, H, W] (normalized as CLIP's processor does) -> image embeddings [B, proj]."""
+        cfg, w = self.config.vision, self.w
+        b, c, hgt, wid = pixels.shape
+        p = cfg.patch_size
+        if (c, hgt, wid) != (cfg.num_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"expected pixels [B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
+                             f"got {list(pixels.shape)}")
+        g = hgt // p
+        # The patch convolution (stride = kernel = patch) is a matmul over flattened patches.
+        patches = pixels.reshape(b, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+        kernel = w["vision_model.embeddings.patch_embedding.weight"].reshape(cfg.hidden_size, -1)
+        x = patches.astype(np.float32) @ kernel.T
+        cls = np.broadcast_to(w["vision_model.embeddings.class_embedding"], (b, 1, cfg.hidden_size))
+        h = np.concatenate([cls, x], axis=1) + w["vision_model.embeddings.position_embedding.weight"]
+        h = layer_norm(h, w["vision_model.pre_layrnorm.weight"], w["vision_model.pre_layrnorm.bias"],
+                       cfg.layer_norm_eps)
+        h = self._encoder("vision_model", h.astype(np.float32), cfg, None)
+        pooled = layer_norm(h[:, 0], w["vision_model.post_layernorm.weight"],
+                            w["vision_model.post_layernorm.bias"], cfg.layer_norm_eps)
+        return self.linear("visual_projection", pooled)
+
+    # -- text tower --------------------------------------------------------------------
+    def text_features(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids [B, L] (each row ends at its end-of-text token, then padding) -> [B, proj]."""
+        cfg, w = self.config.text, self.w
+        ids = np.asarray(input_ids, dtype=np.int64)
+        b, n = ids.shape
+        if n > cfg.max_position_embeddings:
+            raise ValueError(f"text of {n} tokens is longer than the context of {cfg.max_position_embeddings}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        h = w["text_model.embeddings.token_embedding.weight"][ids] \
+            + w["text_model.embeddings.position_embedding.weight"][:n]
+        # Causal mask: a token sees itself and what precedes it. Padding after the
+        # end-of-text token is never seen by it, so no padding mask is needed.
+        mask = np.triu(np.full((n, n), np.finfo(np.float32).min, np.float32), 1)
+        h = self._encoder("text_model", h.astype(np.float32), cfg, mask)
+        h = layer_norm(h, w["text_model.final_layer_norm.weight"], w["text_model.final_layer_norm.bias"],
+                       cfg.layer_norm_eps)
+        if cfg.eos_token_id == 2:  # the original checkpoints: pool at the highest token id
+            eos = ids.argmax(-1)
+        else:
+            eos = (ids == cfg.eos_token_id).argmax(-1)
+        return self.linear("text_projection", h[np.arange(b), eos])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(np.exp(self.w["logit_scale"]))
+
+
+def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
+    """The fp32 executor: the checkpoint's own weights and biases."""
+    def linear(name: str, x: np.ndarray) -> np.ndarray:
+        y = x @ weights[f"{name}.weight"].T
+        bias = weights.get(f"{name}.bias") if hasattr(weights, "get") else None
+        return y + bias if bias is not None else y
+    return linear

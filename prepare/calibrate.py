@@ -1,0 +1,44 @@
+"""Calibration: the float forward pass with a hook that keeps each linear's input rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+
+from runner.clip import Linear
+
+
+class InputRecorder:
+    """Wraps a float executor; keeps up to `max_rows` input rows per layer (seeded sample)."""
+
+    def __init__(self, inner: Linear, max_rows: int = 4096, seed: int = 0):
+        self.inner = inner
+        self.max_rows = max_rows
+        self.rng = np.random.default_rng(seed)
+        self.rows: dict[str, list[np.ndarray]] = defaultdict(list)
+
+    def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) > self.max_rows:
+            rows = rows[self.rng.choice(len(rows), self.max_rows, replace=False)]
+        self.rows[name].append(rows.astype(np.float32, copy=True))
+        return self.inner(name, x)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, chunks in self.rows.items():
+            rows = np.concatenate(chunks)
+            if len(rows) > self.max_rows:
+                rows = rows[self.rng.choice(len(rows), self.max_rows, replace=False)]
+            out[name] = rows
+        return out
+
+
+def record_inputs(forward: Callable[[Linear], None], float_executor: Linear, max_rows: int = 4096
+                  ) -> dict[str, np.ndarray]:
+    """Run `forward(linear)` once with a recording executor; return each linear's input rows."""
+    recorder = InputRecorder(float_executor, max_rows)
+    forward(recorder)
+    return recorder.inputs()

@@ -1,0 +1,62 @@
+"""Quantize one linear layer for a template: int8 weights and calibrated multipliers.
+
+- weights: symmetric int8 per output channel, s_w[o] = max|W[o]| / 127;
+- multipliers: chosen from calibration rows so each channel's accumulators fill
+  the uint8 output range around zp_out: the largest |acc[o]| seen maps to
+  `headroom * min(zp_out, 255 - zp_out)` steps (headroom < 1 leaves room for
+  inputs larger than any seen in calibration; beyond it the TPU output clamps).
+
+The runner side of the same scheme (rows in, rows out) is `runner/quant.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.edgetpu_codec import DenseParams
+from runner.quant import quantize_rows
+
+
+@dataclass
+class QuantizedLayer:
+    params: DenseParams  # int8 weights [out, in] and float32 multipliers [out]
+    weight_scale: np.ndarray  # float32 [out]
+    bias: np.ndarray | None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"weights": self.params.weights, "multipliers": self.params.multipliers,
+               "weight_scale": self.weight_scale}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+
+def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float [out, in] -> (int8 [out, in], s_w [out]). A zero channel gets scale 1."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def calibrated_multipliers(w_q: np.ndarray, rows: np.ndarray, zp_in: int, zp_out: int,
+                           headroom: float = 0.95) -> np.ndarray:
+    """Per-channel multipliers from the accumulators of calibration rows (float [n, in])."""
+    x_u8, _ = quantize_rows(rows, zp_in)
+    acc = (x_u8.astype(np.float64) - zp_in) @ w_q.astype(np.float64).T
+    peak = np.abs(acc).max(axis=0)
+    steps = headroom * min(zp_out, 255 - zp_out)
+    # A channel that never fired in calibration (or has zero weights) gets a
+    # multiplier as if its peak were the typical one: anything it outputs later stays on scale.
+    typical = np.median(peak[peak > 0]) if np.any(peak > 0) else 1.0
+    return (steps / np.where(peak > 0, peak, typical)).astype(np.float32)
+
+
+def quantize_layer(w: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, zp_in: int, zp_out: int,
+                   headroom: float = 0.95) -> QuantizedLayer:
+    w_q, s_w = quantize_weights(w)
+    mult = calibrated_multipliers(w_q, rows, zp_in, zp_out, headroom)
+    return QuantizedLayer(DenseParams.make(w_q, mult), s_w,
+                          None if bias is None else np.asarray(bias, np.float32))

@@ -1,0 +1,58 @@
+"""The host side of an int8 linear layer: quantize rows in, dequantize rows out.
+
+design.md, "Quantization":
+    s_r    = max|x_r| / 127                       (dynamic, per row)
+    x_u8   = clamp(round(x / s_r) + zp_in, 0, 255)
+    y      = (y_u8 - zp_out) * s_r * s_w[o] / mult[o] + bias[o]
+
+The uint8 rows go to a `DenseBackend` (emulation, TFLite, or the Edge TPU), which
+computes `clamp(round(mult[o] * acc[o]) + zp_out)` with the int8 weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+DenseBackend = Callable[[np.ndarray], np.ndarray]  # uint8 [rows, in] -> uint8 [rows, out]
+
+
+def quantize_rows(x: np.ndarray, zp_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric quantization around the template's input zero point.
+
+    Returns (x_u8 [rows, in], s_r [rows]). An all-zero row gets scale 1 (its
+    codes are all zp_in, so the scale never matters and nothing divides by zero).
+    """
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    codes = np.rint(x / scale[:, None]) + zp_in
+    return np.clip(codes, 0, 255).astype(np.uint8), scale
+
+
+@dataclass
+class QuantizedLinear:
+    """One linear layer run through a uint8 Dense backend."""
+
+    backend: DenseBackend
+    weight_scale: np.ndarray  # float32 [out]: s_w
+    multipliers: np.ndarray  # float32 [out]: mult, as written into the parameters
+    bias: np.ndarray | None  # float32 [out], applied on the host
+    zp_in: int
+    zp_out: int
+
+    def __post_init__(self):
+        # Per-channel factor of the dequantization, computed once.
+        self._out_scale = (self.weight_scale.astype(np.float64) / self.multipliers).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        x_u8, s_r = quantize_rows(rows, self.zp_in)
+        y_u8 = self.backend(x_u8)
+        y = (y_u8.astype(np.float32) - np.float32(self.zp_out)) * s_r[:, None] * self._out_scale
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*shape[:-1], -1)

@@ -21,7 +21,7 @@ from runner.tflite_file import TFLiteModel
 def dense_tensors(model: TFLiteModel):
     """(input, weights, output) tensors of an uncompiled template's FULLY_CONNECTED op."""
     fc = model.only_operator("FULLY_CONNECTED")
-    if len(fc.inputs) < 2 or len(fc.outputs) != 1:
+    if len(fc.inputs) < 2 or len(fc.outputs) != 1 or min(fc.inputs[:2] + fc.outputs) < 0:
         raise FormatError(f"{model.path}: FULLY_CONNECTED needs an input, weights and one output")
     if len(fc.inputs) > 2 and fc.inputs[2] != -1:
         raise FormatError(f"{model.path}: template FULLY_CONNECTED has a bias; templates are made without one")

@@ -122,9 +122,9 @@ def parse_tflite(data: bytes, path: str | Path = "<bytes>") -> TFLiteModel:
     sg = subgraphs[0]
     tensors = [_tensor(i, t, len(buffers), path) for i, t in enumerate(sg.tables(0, "tensor"))]
 
-    def tensor_ids(ids: list[int], what: str) -> list[int]:
-        for i in ids:
-            if not (0 <= i < len(tensors)) and i != -1:
+    def tensor_ids(ids: list[int], what: str, optional: bool = False) -> list[int]:
+        for i in ids:  # -1 marks an omitted optional operator input (a missing bias)
+            if not (0 <= i < len(tensors)) and not (optional and i == -1):
                 raise FormatError(f"{path}: {what} names tensor {i} of {len(tensors)}")
         return ids
 
@@ -135,7 +135,7 @@ def parse_tflite(data: bytes, path: str | Path = "<bytes>") -> TFLiteModel:
             raise FormatError(f"{path}: operator {k} uses opcode {opcode_index} of {len(codes)}")
         if op.scalar(10, "Q"):
             raise FormatError(f"{path}: operator {k} keeps its options outside the flatbuffer; not supported")
-        operators.append(Operator(codes[opcode_index], tensor_ids(op.array(1, "i"), f"operator {k} input"),
+        operators.append(Operator(codes[opcode_index], tensor_ids(op.array(1, "i"), f"operator {k} input", optional=True),
                                   tensor_ids(op.array(2, "i"), f"operator {k} output"), op.vector(5, 1)))
     return TFLiteModel(path, data, tensors, operators,
                        tensor_ids(sg.array(1, "i"), "subgraph input"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .flatbuf import FormatError, Vector, Window, flexbuffer_map_bytes
-from .tflite_file import Tensor, TFLiteModel, parse_tflite
+from .tflite_file import Tensor, TFLiteModel, parse_tflite, read_bytes
 
 EDGETPU_OP = "edgetpu-custom-op"
 EXECUTABLE_TYPES = {0: "STAND_ALONE", 1: "PARAMETER_CACHING", 2: "EXECUTION_ONLY"}
@@ -205,12 +205,7 @@ def parse_compiled(data: bytes, path: str | Path = "<bytes>") -> CompiledModel:
 
 
 def read_compiled(path: str | Path) -> CompiledModel:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror})") from e
-    return parse_compiled(data, path)
+    return parse_compiled(read_bytes(path), path)
 
 
 def token_from_digest(digest: bytes) -> int:

@@ -142,10 +142,13 @@ def parse_tflite(data: bytes, path: str | Path = "<bytes>") -> TFLiteModel:
                        tensor_ids(sg.array(2, "i"), "subgraph output"), buffers)
 
 
-def read_tflite(path: str | Path) -> TFLiteModel:
-    path = Path(path)
+def read_bytes(path: str | Path) -> bytes:
+    """A model file's bytes; an unreadable file is a FormatError naming it."""
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from e
-    return parse_tflite(data, path)
+
+
+def read_tflite(path: str | Path) -> TFLiteModel:
+    return parse_tflite(read_bytes(path), path)

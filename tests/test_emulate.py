@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from prepare.layer_check import run_tflite
 from prepare.patch import patch_uncompiled
 from runner.edgetpu_codec import DenseParams, parse_compiled
 from runner.emulate import DenseEmulator, round_half_away
-from runner.interpreter import require_interpreter
 from runner.tflite_file import parse_tflite
 
 
@@ -40,16 +40,6 @@ def test_output_formula_and_clamp():
     assert y[0, 0] == 128 + 2  # round(1.5) = 2, half away from zero
     assert y[1, 0] == 128 - 20
     assert y[0, 1] == 255 and y[1, 1] == 0
-
-
-def run_tflite(model_bytes: bytes, rows: np.ndarray) -> np.ndarray:
-    interpreter = require_interpreter()(model_content=model_bytes)
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], list(rows.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], rows)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -177,3 +177,49 @@ def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
         bias = weights.get(f"{name}.bias") if hasattr(weights, "get") else None
         return y + bias if bias is not None else y
     return linear
+
+
+def linear_names(config: CLIPConfig) -> list[str]:
+    """Every linear layer, in execution order (vision tower, then text tower)."""
+    names = []
+    for prefix, cfg, proj in (("vision_model", config.vision, "visual_projection"),
+                              ("text_model", config.text, "text_projection")):
+        for i in range(cfg.num_hidden_layers):
+            p = f"{prefix}.encoder.layers.{i}"
+            names += [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            names += [f"{p}.mlp.fc1", f"{p}.mlp.fc2"]
+        names.append(proj)
+    return names
+
+
+def tensor_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads, with the shape the config implies."""
+    v, t, proj = config.vision, config.text, config.projection_dim
+    shapes = {
+        "logit_scale": (),
+        "vision_model.embeddings.class_embedding": (v.hidden_size,),
+        "vision_model.embeddings.patch_embedding.weight": (v.hidden_size, v.num_channels, v.patch_size,
+                                                           v.patch_size),
+        "vision_model.embeddings.position_embedding.weight": ((v.image_size // v.patch_size) ** 2 + 1,
+                                                              v.hidden_size),
+        "vision_model.pre_layrnorm.weight": (v.hidden_size,), "vision_model.pre_layrnorm.bias": (v.hidden_size,),
+        "vision_model.post_layernorm.weight": (v.hidden_size,),
+        "vision_model.post_layernorm.bias": (v.hidden_size,),
+        "visual_projection.weight": (proj, v.hidden_size),
+        "text_model.embeddings.token_embedding.weight": (t.vocab_size, t.hidden_size),
+        "text_model.embeddings.position_embedding.weight": (t.max_position_embeddings, t.hidden_size),
+        "text_model.final_layer_norm.weight": (t.hidden_size,),
+        "text_model.final_layer_norm.bias": (t.hidden_size,),
+        "text_projection.weight": (proj, t.hidden_size),
+    }
+    for prefix, cfg in (("vision_model", v), ("text_model", t)):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        for i in range(cfg.num_hidden_layers):
+            p = f"{prefix}.encoder.layers.{i}"
+            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                shapes[f"{p}.self_attn.{n}.weight"], shapes[f"{p}.self_attn.{n}.bias"] = (d, d), (d,)
+            shapes[f"{p}.mlp.fc1.weight"], shapes[f"{p}.mlp.fc1.bias"] = (f, d), (f,)
+            shapes[f"{p}.mlp.fc2.weight"], shapes[f"{p}.mlp.fc2.bias"] = (d, f), (d,)
+            for n in ("layer_norm1", "layer_norm2"):
+                shapes[f"{p}.{n}.weight"], shapes[f"{p}.{n}.bias"] = (d,), (d,)
+    return shapes

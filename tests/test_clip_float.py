@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from runner.clip import CLIP, CLIPConfig, float_linear  # noqa: E402
+from runner.clip import CLIP, CLIPConfig, float_linear, tensor_shapes  # noqa: E402
 
 CONFIGS = [
     # (vision layers, heads, hidden, image, patch, text layers, heads, hidden, projection, act, eos)
@@ -46,6 +46,8 @@ def make_hf(c: dict, seed: int):
 def test_float_parity_with_transformers(seed, c):
     config, model = make_hf(c, seed)
     weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    # The checkpoint spec the loader validates against is exactly Hugging Face's state dict.
+    assert tensor_shapes(CLIPConfig.from_dict(config.to_dict())) == {k: v.shape for k, v in weights.items()}
     ours = CLIP(CLIPConfig.from_dict(config.to_dict()), weights, float_linear(weights))
 
     vision = transformers.CLIPVisionModelWithProjection(config.vision_config).eval()

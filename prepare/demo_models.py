@@ -1,0 +1,104 @@
+"""The built-in demo: a small CLIP in Hugging Face layout, generated offline and seeded.
+
+Every linear layer is 256x256 so that the one real compiled template (the 256x256
+fixture) serves all of them. The tokenizer is a CLIP-style byte-level BPE trained
+with the `tokenizers` library on a generated caption corpus; a few generated
+sample images come along for the runner's commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from runner.clip import CLIPConfig, tensor_shapes
+
+from .store import atomic_write
+
+WIDTH = 256
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "brown"]
+THINGS = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "horse", "chair", "cup", "book"]
+SCENES = ["a photo of a {c} {t}", "a drawing of a {t}", "a {c} {t} on the grass", "two {t}s in the snow",
+          "a close-up of a {c} {t}", "a blurry picture of a {t}", "a {t} next to a {c} wall"]
+
+
+def demo_clip_config(vocab_size: int) -> dict:
+    tower = dict(hidden_size=WIDTH, intermediate_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
+                 hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=WIDTH)
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": WIDTH,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": dict(tower, model_type="clip_vision_model", image_size=64, patch_size=16,
+                              num_channels=3),
+        "text_config": dict(tower, model_type="clip_text_model", vocab_size=vocab_size,
+                            max_position_embeddings=32, bos_token_id=vocab_size - 2,
+                            eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
+    }
+
+
+def captions() -> list[str]:
+    return [s.format(c=c, t=t) for s in SCENES for c in COLORS for t in THINGS]
+
+
+def make_tokenizer(vocab_size: int = 1024):
+    """A CLIP-style BPE (lower-cased, byte-level, `</w>` word ends, start/end-of-text tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions(), trainer)
+    # Start and end of text take the last two ids, as in CLIP (49406, 49407).
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    return tok
+
+
+def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and samples/*.png into `directory`."""
+    from PIL import Image
+    from safetensors.numpy import save
+
+    directory = Path(directory)
+    tokenizer = make_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    config = demo_clip_config(vocab)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(CLIPConfig.from_dict(config)).items():
+        if name == "logit_scale":
+            value = np.full(shape, config["logit_scale_init_value"])
+        elif name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "layrnorm.weight",
+                            "final_layer_norm.weight")):
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            value = 0.02 * rng.standard_normal(shape)
+        elif "embedding" in name:
+            value = 0.02 * rng.standard_normal(shape) if "class" not in name else rng.standard_normal(shape) * 0.1
+        else:  # linear weights: a scale that keeps the residual stream of the right size
+            value = rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) == 2 else np.prod(shape[1:]))
+        tensors[name] = np.asarray(value, np.float32)
+    atomic_write(directory / "config.json", json.dumps(config, indent=2))
+    atomic_write(directory / "tokenizer.json", tokenizer.to_str())
+    atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
+    samples = directory / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for k, color in enumerate(["red", "green", "blue", "yellow"]):
+        # A colored disc on a noisy background, of varying size and mode.
+        size = (96 + 16 * k, 80 + 8 * k)
+        yy, xx = np.mgrid[: size[1], : size[0]]
+        img = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
+        disc = (xx - size[0] / 2) ** 2 + (yy - size[1] / 2) ** 2 < (min(size) / 3) ** 2
+        img[disc] = np.array(Image.new("RGB", (1, 1), color).getpixel((0, 0)), np.uint8)
+        buf = Path(samples / f"{color}.png")
+        Image.fromarray(img).save(buf.with_suffix(".tmp.png"))
+        buf.with_suffix(".tmp.png").replace(buf)
+    return directory

@@ -1,0 +1,70 @@
+"""Images in, CLIP pixels out: what CLIP's image processor does, with Pillow.
+
+Resize so the shortest side is `size` (bicubic), center crop `size` x `size`,
+scale to [0, 1], normalize with CLIP's mean and std, channels first. Any Pillow
+mode is converted to RGB first: grayscale, palette, RGBA (alpha dropped, as
+CLIP's processor does) and 16-bit images. Raw float32 CHW files, already
+normalized, are read as they are (`--image-f32le`, as the reference project).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16- and 32-bit integer grayscale: scale the used range to 8 bits, then RGB.
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def preprocess(img, size: int) -> np.ndarray:
+    """A Pillow image -> float32 [3, size, size], as CLIPImageProcessor."""
+    from PIL import Image
+
+    img = to_rgb(img)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+    a = np.asarray(img, dtype=np.float32)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    a = a[top : top + size, left : left + size] / 255.0
+    return ((a - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return preprocess(img, size)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from e
+
+
+def load_f32le(path: str | Path, size: int) -> np.ndarray:
+    """A raw little-endian float32 [3, size, size] file, already normalized."""
+    data = Path(path).read_bytes()
+    if len(data) != 3 * size * size * 4:
+        raise ImageError(f"{path}: {len(data)} bytes; a float32 3x{size}x{size} image has {3 * size * size * 4}")
+    a = np.frombuffer(data, "<f4").reshape(3, size, size)
+    if not np.all(np.isfinite(a)):
+        raise ImageError(f"{path}: holds NaN or Inf")
+    return a.astype(np.float32)

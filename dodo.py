@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from doit import get_var
@@ -94,17 +95,8 @@ def task_templates():
 def task_layer_check():
     """Patch a random layer into every template; emulate and TFLite (cpu) must agree."""
     def run():
-        import json
-
-        from prepare.layer_check import check_layer, random_layer
-        index = json.loads(index_path(RECIPE).read_text())
-        print(f"{'template':<14} {'flavors':<12} {'max diff':>8} {'identical':>9}  compiled patch")
-        for k, t in enumerate(index["templates"]):
-            read = lambda rel: (STORE.root / rel).read_bytes() if rel else None  # noqa: E731
-            r = check_layer(read(t["uncompiled"]), read(t["compiled"]), random_layer(t["in"], t["out"], k))
-            print(f"{t['in']}x{t['out']}b{t['batch']:<6} {'cpu+edgetpu' if t['compiled'] else 'cpu':<12} "
-                  f"{r['max_step_diff']:>8} {r['identical']:>9.1%}  "
-                  f"{'decodes back, own token' if r.get('compiled_roundtrip') else '-' if not t['compiled'] else 'WRONG'}")
-            if r["max_step_diff"] > 1 or r.get("compiled_roundtrip") is False:
-                return TaskFailed(f"template {t['in']}x{t['out']}b{t['batch']}: emulate and cpu disagree: {r}")
+        from prepare.layer_check import check_templates_index
+        lines, failure = check_templates_index(json.loads(index_path(RECIPE).read_text()), STORE.root)
+        print("\n".join(lines))
+        return TaskFailed(failure) if failure else None
     return {"actions": [run], "task_dep": ["templates"], "file_dep": [index_path(RECIPE)]}

@@ -63,3 +63,24 @@ def check_layer(uncompiled: bytes, compiled: bytes | None, params: DenseParams, 
                                             and np.array_equal(back.multipliers, params.multipliers)
                                             and all(e.token == token for e in patched.executables))
     return report
+
+
+def check_templates_index(index: dict, cache_root) -> tuple[list[str], str | None]:
+    """Run `check_layer` on every template of a recipe's index (templates.json).
+
+    Returns the report lines and, if a template fails, the reason (None when all agree).
+    """
+    def read(rel):
+        return (cache_root / rel).read_bytes() if rel else None
+
+    lines = [f"{'template':<14} {'flavors':<12} {'max diff':>8} {'identical':>9}  compiled patch"]
+    for k, t in enumerate(index["templates"]):
+        name = f"{t['in']}x{t['out']}b{t['batch']}"
+        r = check_layer(read(t["uncompiled"]), read(t["compiled"]), random_layer(t["in"], t["out"], k))
+        patched = ("-" if not t["compiled"] else
+                   "decodes back, own token" if r["compiled_roundtrip"] else "WRONG")
+        lines.append(f"{name:<14} {'cpu+edgetpu' if t['compiled'] else 'cpu':<12} "
+                     f"{r['max_step_diff']:>8} {r['identical']:>9.1%}  {patched}")
+        if r["max_step_diff"] > 1 or r.get("compiled_roundtrip") is False:
+            return lines, f"template {name}: emulate and cpu disagree, or the compiled patch is wrong: {r}"
+    return lines, None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runner.edgetpu_codec import DenseParams
-from runner.quant import quantize_rows
+from runner.quant import quantize_rows, symmetric_scales
 
 
 @dataclass
@@ -25,19 +25,11 @@ class QuantizedLayer:
     weight_scale: np.ndarray  # float32 [out]
     bias: np.ndarray | None
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {"weights": self.params.weights, "multipliers": self.params.multipliers,
-               "weight_scale": self.weight_scale}
-        if self.bias is not None:
-            out["bias"] = self.bias
-        return out
-
 
 def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float [out, in] -> (int8 [out, in], s_w [out]). A zero channel gets scale 1."""
     w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = symmetric_scales(w)
     return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
 
 

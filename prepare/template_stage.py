@@ -14,7 +14,6 @@ the sha256 of its files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from runner.tflite_file import parse_tflite
 
 from .compiler import compile_model, compiler_version, find_compiler
 from .recipe import Recipe
-from .store import ARTIFACTS, Store, atomic_write, key_of
+from .store import ARTIFACTS, Store, atomic_write, key_of, sha256_file
 from .templates import (PrebuiltPair, Shape, TemplateError, check_pair, describe, find_pairs,
                         make_uncompiled, self_check, uncompiled_key_inputs)
 
@@ -55,8 +54,6 @@ def recipe_shapes(recipe: Recipe) -> list[Shape]:
     return sorted({Shape(i, o, recipe.batch_for(i, o)) for i, o in recipe.shapes})
 
 
-def _file_key(kind: str, *paths: Path) -> str:
-    return key_of({"artifact": kind, "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]})
 
 
 def plan(recipe: Recipe, shapes: list[Shape], toolchain: Toolchain) -> list[TemplatePlan]:
@@ -70,8 +67,10 @@ def plan(recipe: Recipe, shapes: list[Shape], toolchain: Toolchain) -> list[Temp
     for shape in shapes:
         pair = prebuilt.get(shape)
         if pair is not None:
-            plans.append(TemplatePlan(shape, _file_key("prebuilt-uncompiled", pair.uncompiled),
-                                      _file_key("prebuilt-compiled", pair.uncompiled, pair.compiled), pair))
+            # Keyed by content; each file is hashed once per doit start.
+            files = [sha256_file(pair.uncompiled), sha256_file(pair.compiled)]
+            plans.append(TemplatePlan(shape, key_of({"artifact": "prebuilt-uncompiled", "sha256": files[:1]}),
+                                      key_of({"artifact": "prebuilt-compiled", "sha256": files}), pair))
             continue
         ukey = key_of(uncompiled_key_inputs(shape, recipe.seed))
         ckey = None

@@ -12,8 +12,8 @@ batch-5 templates silently computed garbage because nothing looked.
 
 from __future__ import annotations
 
-import importlib.metadata
 import contextlib
+import importlib.metadata
 import math
 import os
 import sys
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.edgetpu_codec import EDGETPU_OP, CompiledModel, parse_compiled
+from runner.edgetpu_codec import EDGETPU_OP, CompiledModel, read_compiled
 from runner.flatbuf import FormatError
 from runner.tflite_file import TFLiteModel, parse_tflite, read_tflite
 
@@ -245,7 +245,7 @@ def check_pair(pair: PrebuiltPair) -> PrebuiltPair:
     if pair.shape is None:
         return pair
     try:
-        self_check(read_tflite(pair.uncompiled), parse_compiled(pair.compiled.read_bytes(), pair.compiled))
+        self_check(read_tflite(pair.uncompiled), read_compiled(pair.compiled))
         pair.ok, pair.reason = True, ""
     except (TemplateError, FormatError) as e:
         pair.ok, pair.reason = False, str(e)

@@ -19,6 +19,13 @@ import numpy as np
 DenseBackend = Callable[[np.ndarray], np.ndarray]  # uint8 [rows, in] -> uint8 [rows, out]
 
 
+def symmetric_scales(x: np.ndarray) -> np.ndarray:
+    """Per-row scales max|x_r| / 127; an all-zero row gets 1 (its codes are all zero
+    either way, and nothing divides by zero)."""
+    amax = np.abs(x).max(axis=1)
+    return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+
+
 def quantize_rows(x: np.ndarray, zp_in: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric quantization around the template's input zero point.
 
@@ -26,8 +33,7 @@ def quantize_rows(x: np.ndarray, zp_in: int) -> tuple[np.ndarray, np.ndarray]:
     codes are all zp_in, so the scale never matters and nothing divides by zero).
     """
     x = np.asarray(x, np.float32)
-    amax = np.abs(x).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = symmetric_scales(x)
     codes = np.rint(x / scale[:, None]) + zp_in
     return np.clip(codes, 0, 255).astype(np.uint8), scale
 

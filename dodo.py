@@ -1,9 +1,12 @@
 """doit tasks of the build host. Each task is a thin call into `prepare/`.
 
-    doit                                   build the default recipe (recipes/demo.yaml)
+    doit                                   build the default recipe (recipes/demo-clip.yaml)
     doit recipe=recipes/x.yaml             another recipe
     doit templates=DIR batch=4 ...         override any top-level recipe key
     doit list                              every task
+
+Data flow: checkpoint (generated demos only) -> template:<shape> -> compile:<shape> ->
+templates -> layers (calibrate, quantize, patch) -> bundle.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from prepare.compiler import CompilerError
+from prepare.demo_models import DEMO_VERSION
 from prepare.recipe import Recipe, RecipeError, load_recipe
 from prepare.store import ARTIFACTS, Store
+from runner.bundle import BundleError
+from runner.checkpoint import CheckpointError
+from runner.images import ImageError
+from runner.tokenize import TokenizerError
 from prepare.template_stage import (Toolchain, build_compiled, build_uncompiled, check_prebuilt, index_path,
                                     missing_message, plan, recipe_shapes, write_index)
 from prepare.templates import TemplateError
 from runner.flatbuf import FormatError
 
 ARTIFACTS.mkdir(parents=True, exist_ok=True)
-DOIT_CONFIG = {"default_tasks": ["templates", "layer_check"], "verbosity": 2,
-               "dep_file": str(ARTIFACTS / "doit.sqlite3"), "backend": "sqlite3"}
-EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, OSError)
+EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, CheckpointError, ImageError, TokenizerError,
+            BundleError, KeyError, ValueError, OSError)
 
 
 def step(fn, *args):
@@ -50,9 +57,34 @@ def _load() -> Recipe:
         raise SystemExit(2)
 
 
+def _plans():
+    try:
+        return plan(RECIPE, recipe_shapes(RECIPE), Toolchain.find(RECIPE))
+    except (CheckpointError, TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "captions.txt")
 RECIPE = _load()
 STORE = Store()
-PLANS = plan(RECIPE, recipe_shapes(RECIPE), Toolchain.find(RECIPE))
+PLANS = _plans()
+# A model recipe ends in a bundle; a templates-only recipe in the layer check.
+DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "layer_check"], "verbosity": 2,
+               "dep_file": str(ARTIFACTS / "doit.sqlite3"), "backend": "sqlite3"}
+
+
+def task_checkpoint():
+    """The built-in checkpoint a recipe names with `generate:` (seeded, no network)."""
+    if RECIPE.generate is None:
+        return
+    from prepare.demo_models import generate
+    directory = RECIPE.checkpoint_dir
+    yield {"name": RECIPE.generate,
+           "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
+           "targets": [directory / f for f in GENERATED_FILES],
+           "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
+                                        "version": DEMO_VERSION})]}
 
 
 def task_template():
@@ -90,6 +122,49 @@ def task_templates():
     deps = [f"template:{p.shape}" for p in PLANS] + [f"compile:{p.shape}" for p in PLANS if p.compiled_key]
     return {"actions": [step(run)], "task_dep": deps,
             "targets": [index_path(RECIPE)], "uptodate": [config_changed(repr(summary))]}
+
+
+def _checkpoint_files() -> list[str]:
+    """What the layer stage reads from the checkpoint (a generated one exists only later)."""
+    d = RECIPE.checkpoint_dir
+    if RECIPE.generate is not None:
+        return [str(d / f) for f in GENERATED_FILES]
+    files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
+    if (d / "tokenizer.json").is_file():
+        files.append(d / "tokenizer.json")
+    for key in ("images", "captions"):
+        path = RECIPE.calibration_path(key)
+        if path is not None:
+            files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [str(f) for f in files]
+
+
+def task_layers():
+    """Calibrate on the float model, then quantize and patch every linear (cached per layer)."""
+    if not RECIPE.family:
+        return
+    from prepare.layers import LAYER_VERSION, build_layers, layers_index_path
+    settings = {k: getattr(RECIPE, k) for k in ("towers", "quantization", "calibration", "flavors", "cpu_layers",
+                                                "checkpoint")}
+    return {"actions": [step(build_layers, RECIPE, STORE)],
+            "task_dep": ["templates"] + ([f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else []),
+            "file_dep": [str(index_path(RECIPE))] + _checkpoint_files(),
+            "targets": [layers_index_path(RECIPE)],
+            "uptodate": [config_changed({"settings": settings, "version": LAYER_VERSION})]}
+
+
+def task_bundle():
+    """Gather the layer artifacts and host tensors into artifacts/bundles/<name>/."""
+    if not RECIPE.family:
+        return
+    from prepare.bundle import bundle_dir, write_bundle
+    from prepare.layers import layers_index_path
+
+    def run():
+        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE).read_text()), STORE)
+        print(f"bundle: {bundle_dir(RECIPE.name)}")
+    return {"actions": [step(run)], "task_dep": ["layers"], "file_dep": [str(layers_index_path(RECIPE))],
+            "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
 
 
 def task_layer_check():

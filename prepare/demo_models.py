@@ -63,8 +63,8 @@ def make_tokenizer(vocab_size: int = 1024):
 
 
 def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and samples/*.png into `directory`."""
-    from PIL import Image
+    """Write config.json, model.safetensors, tokenizer.json, captions.txt, calibration/*.png
+    and samples/*.png into `directory`."""
     from safetensors.numpy import save
 
     directory = Path(directory)
@@ -89,16 +89,55 @@ def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", tokenizer.to_str())
     atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
-    samples = directory / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
+    # Calibration inputs (what the build records activations on) and held-out samples
+    # (what the runner's examples and the fidelity check use): never the same images.
+    all_captions = captions()
+    order = rng.permutation(len(all_captions))
+    atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
+    for k in range(16):
+        _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
-        # A colored disc on a noisy background, of varying size and mode.
-        size = (96 + 16 * k, 80 + 8 * k)
-        yy, xx = np.mgrid[: size[1], : size[0]]
-        img = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
-        disc = (xx - size[0] / 2) ** 2 + (yy - size[1] / 2) ** 2 < (min(size) / 3) ** 2
-        img[disc] = np.array(Image.new("RGB", (1, 1), color).getpixel((0, 0)), np.uint8)
-        buf = Path(samples / f"{color}.png")
-        Image.fromarray(img).save(buf.with_suffix(".tmp.png"))
-        buf.with_suffix(".tmp.png").replace(buf)
+        _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
     return directory
+
+
+def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> None:
+    """A colored disc on a noisy background, of varying size."""
+    from PIL import Image, ImageColor
+
+    size = (96 + 16 * (k % 4), 80 + 8 * (k % 5))
+    yy, xx = np.mgrid[: size[1], : size[0]]
+    img = rng.integers(0, 60, (size[1], size[0], 3)).astype(np.uint8)
+    center = (size[0] * rng.uniform(0.35, 0.65), size[1] * rng.uniform(0.35, 0.65))
+    disc = (xx - center[0]) ** 2 + (yy - center[1]) ** 2 < (min(size) / rng.uniform(2.5, 4)) ** 2
+    img[disc] = np.array(ImageColor.getrgb(color), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(img).save(tmp)
+    tmp.replace(path)
+
+
+GENERATORS = {"demo-clip": make_demo_clip}
+DEMO_VERSION = 1  # bump when a generator makes something different
+
+
+def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
+    """Make a built-in checkpoint in a temporary directory, then swap it into place:
+    a killed run never leaves half a checkpoint that a later build would trust."""
+    import shutil
+
+    final = Path(directory)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        GENERATORS[generator](tmp, seed)
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

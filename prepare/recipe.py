@@ -1,8 +1,11 @@
 """Recipes: one YAML file per model build, validated before any work starts.
 
 Every top-level key can be overridden from the doit command line with a variable
-of the same name (`doit recipe=recipes/x.yaml templates=DIR name=NAME`); values
-given there are parsed as YAML scalars or lists, then validated like the file.
+of the same name (`doit recipe=recipes/x.yaml checkpoint=DIR templates=DIR name=NAME`);
+values given there are parsed as YAML scalars, lists or mappings, then validated like
+the file. Relative paths are relative to the project root, except the calibration
+inputs, which are relative to the checkpoint directory, and paths that start with
+`artifacts/`, which live in the artifacts directory (`CORAL_ARTIFACTS` moves it).
 """
 
 from __future__ import annotations
@@ -13,9 +16,35 @@ from pathlib import Path
 
 import yaml
 
-from .store import ROOT
+from .store import ARTIFACTS, ROOT
 
-DEFAULT_RECIPE = ROOT / "recipes" / "demo.yaml"
+DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
+FAMILIES = {"clip": ("image", "text")}  # family -> its towers (Gemma joins here)
+GENERATORS = {"demo-clip": "clip"}  # built-in checkpoint generators -> the family they make
+FLAVORS = ("edgetpu", "cpu")
+
+# Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).
+QUANTIZATION = {
+    "weights": (str, "per-channel", ("per-channel", "per-tensor")),
+    "multipliers": (str, "calibrated", ("calibrated", "template")),  # template: keep the template's own
+    "headroom": (float, 0.95, None),  # the largest calibration accumulator fills this part of uint8
+}
+CALIBRATION = {
+    "images": ((str, type(None)), None, None),  # a directory of images
+    "captions": ((str, type(None)), None, None),  # a text file, one caption per line
+    "synthetic": (int, 0, None),  # seeded synthetic inputs per tower, added to the above
+    "max_rows": (int, 4096, None),  # input rows kept per linear layer
+    "seed": (int, 0, None),
+}
+
+
+def resolve(path: str) -> Path:
+    """A recipe path: `artifacts/...` lives in the artifacts directory (which CORAL_ARTIFACTS
+    may move), anything else relative is relative to the project root."""
+    parts = Path(path).parts
+    if parts and parts[0] == "artifacts":
+        return ARTIFACTS.joinpath(*parts[1:]).resolve()
+    return (ROOT / path).resolve()
 
 
 class RecipeError(ValueError):
@@ -25,7 +54,13 @@ class RecipeError(ValueError):
 @dataclass
 class Recipe:
     name: str
-    # Dense shapes [in, out] that need templates (a model's own shapes are added by its family).
+    # The model: its family, its Hugging Face checkpoint directory, or a built-in generator
+    # that makes the checkpoint there (the `checkpoint` task). No family: templates only.
+    family: str | None = None
+    checkpoint: str | None = None
+    generate: str | None = None
+    towers: list = field(default_factory=list)  # CLIP: image, text (default both)
+    # Dense shapes [in, out] that need templates besides the model's own.
     shapes: list = field(default_factory=list)
     # Template batch (rows per TPU invocation): one default, optional per-shape "INxOUT" overrides.
     batch: int = 1
@@ -37,27 +72,72 @@ class Recipe:
     compiler_flags: list = field(default_factory=list)
     # Seed of the templates' placeholder weights.
     seed: int = 0
+    quantization: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    # Artifact flavors besides the emulator's parameter bytes (which are always made).
+    flavors: list = field(default_factory=lambda: list(FLAVORS))
+    # Linear layers kept on the CPU in float (shell-style patterns over layer names).
+    cpu_layers: list = field(default_factory=list)
     source: str = ""  # the file it came from (not a YAML key)
 
     def batch_for(self, n_in: int, n_out: int) -> int:
         return int(self.batch_per_shape.get(f"{n_in}x{n_out}", self.batch))
 
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return Path(self.checkpoint) if self.checkpoint else None
+
+    def calibration_path(self, key: str) -> Path | None:
+        value = self.calibration[key]
+        return None if value is None else (self.checkpoint_dir / value)
+
 
 _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
-_TYPES = {"name": str, "shapes": list, "batch": int, "batch_per_shape": dict, "templates": (str, type(None)),
-          "compiler": str, "compiler_flags": list, "seed": int}
+_TYPES = {"name": str, "family": (str, type(None)), "checkpoint": (str, type(None)),
+          "generate": (str, type(None)), "towers": list, "shapes": list, "batch": int, "batch_per_shape": dict,
+          "templates": (str, type(None)), "compiler": str, "compiler_flags": list, "seed": int,
+          "quantization": dict, "calibration": dict, "flavors": list, "cpu_layers": list}
+
+
+def _type_names(want) -> str:
+    return "/".join("null" if t is type(None) else t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+
+
+def _is(value, want) -> bool:
+    if isinstance(value, bool):  # YAML's yes/no are never numbers here
+        return False
+    if want is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, want)
+
+
+def _sub_keys(recipe: str, key: str, values: dict, spec: dict) -> dict:
+    """Validate one mapping-valued key; return it with defaults filled in."""
+    out = {}
+    for sub in values:
+        if sub not in spec:
+            raise RecipeError(f"{recipe}: unknown key {key}.{sub} (known: {', '.join(spec)})")
+    for sub, (want, default, allowed) in spec.items():
+        value = values.get(sub, default)
+        if not _is(value, want):
+            raise RecipeError(f"{recipe}: key {key}.{sub} must be {_type_names(want)}, got {value!r}")
+        if allowed and value not in allowed:
+            raise RecipeError(f"{recipe}: key {key}.{sub} must be one of {', '.join(allowed)}, got {value!r}")
+        out[sub] = float(value) if want is float else value
+    return out
 
 
 def _check(recipe: str, values: dict) -> None:
     for key, value in values.items():
         if key not in _KEYS:
             raise RecipeError(f"{recipe}: unknown key {key!r} (known: {', '.join(sorted(_KEYS))})")
-        want = _TYPES[key]
-        if not isinstance(value, want) or isinstance(value, bool):
-            names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-            raise RecipeError(f"{recipe}: key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+        if not _is(value, _TYPES[key]):
+            raise RecipeError(f"{recipe}: key {key!r} must be {_type_names(_TYPES[key])}, "
+                              f"got {type(value).__name__} {value!r}")
     if "name" not in values:
         raise RecipeError(f"{recipe}: missing key 'name'")
+    if not values["name"] or any(c in values["name"] for c in "/\\") or values["name"].startswith("."):
+        raise RecipeError(f"{recipe}: key 'name' must be a plain file name, got {values['name']!r}")
     for i, s in enumerate(values.get("shapes", [])):
         if not (isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)):
             raise RecipeError(f"{recipe}: shapes[{i}] must be [in, out] with positive integers, got {s!r}")
@@ -71,10 +151,53 @@ def _check(recipe: str, values: dict) -> None:
             raise RecipeError(f"{recipe}: batch_per_shape key {k!r} must look like '768x3072'")
     if values.get("templates") is not None and not Path(values["templates"]).is_dir():
         raise RecipeError(f"{recipe}: key 'templates': directory {values['templates']!r} does not exist")
+    _check_model(recipe, values)
+
+
+def _check_model(recipe: str, values: dict) -> None:
+    family = values.get("family")
+    if family is None:
+        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization"):
+            if values.get(key):
+                raise RecipeError(f"{recipe}: key {key!r} needs a model: set 'family' ({', '.join(FAMILIES)})")
+        return
+    if family not in FAMILIES:
+        raise RecipeError(f"{recipe}: key 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
+    generate = values.get("generate")
+    if generate is not None and GENERATORS.get(generate) != family:
+        known = ", ".join(g for g, f in GENERATORS.items() if f == family) or "none"
+        raise RecipeError(f"{recipe}: key 'generate' must name a built-in {family} generator ({known}), "
+                          f"got {generate!r}")
+    checkpoint = values.get("checkpoint")
+    if checkpoint is None:
+        raise RecipeError(f"{recipe}: key 'checkpoint' is missing (a Hugging Face model directory)")
+    if generate is None and not (Path(checkpoint) / "config.json").is_file():
+        raise RecipeError(f"{recipe}: key 'checkpoint': {checkpoint!r} is not a model directory "
+                          "(no config.json there)")
+    towers = values.setdefault("towers", list(FAMILIES[family]))
+    if not towers or any(t not in FAMILIES[family] for t in towers) or len(set(towers)) != len(towers):
+        raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(FAMILIES[family])}, got {towers!r}")
+    flavors = values.get("flavors", list(FLAVORS))
+    if any(f not in FLAVORS for f in flavors) or len(set(flavors)) != len(flavors):
+        raise RecipeError(f"{recipe}: key 'flavors' must list some of {', '.join(FLAVORS)}, got {flavors!r}")
+    if any(not isinstance(p, str) or not p for p in values.get("cpu_layers", [])):
+        raise RecipeError(f"{recipe}: key 'cpu_layers' must be a list of layer-name patterns")
+    q = values["quantization"] = _sub_keys(recipe, "quantization", values.get("quantization", {}), QUANTIZATION)
+    if not 0 < q["headroom"] <= 1:
+        raise RecipeError(f"{recipe}: key quantization.headroom must be in (0, 1], got {q['headroom']}")
+    c = values["calibration"] = _sub_keys(recipe, "calibration", values.get("calibration", {}), CALIBRATION)
+    if c["synthetic"] < 0 or c["max_rows"] < 1:
+        raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")
+    if not (c["images"] or c["captions"] or c["synthetic"]):
+        raise RecipeError(f"{recipe}: key 'calibration' needs images, captions or synthetic inputs")
+    if generate is None:  # a generated checkpoint brings its calibration files with it
+        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file)):
+            if c[sub] is not None and not test(Path(checkpoint) / c[sub]):
+                raise RecipeError(f"{recipe}: key calibration.{sub}: {Path(checkpoint) / c[sub]} does not exist")
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:
-    """Read, override and validate a recipe. Relative paths in it are relative to the project root."""
+    """Read, override and validate a recipe."""
     path = Path(path) if path else DEFAULT_RECIPE
     try:
         values = yaml.safe_load(path.read_text())
@@ -89,7 +212,8 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
             values[key] = yaml.safe_load(text) if isinstance(text, str) else text
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: override {key}={text!r} is not a YAML value") from e
-    if values.get("templates") is not None and isinstance(values["templates"], str):
-        values["templates"] = str((ROOT / values["templates"]).resolve())
+    for key in ("templates", "checkpoint"):
+        if isinstance(values.get(key), str):
+            values[key] = str(resolve(values[key]))
     _check(str(path), values)
     return Recipe(**values, source=str(path))

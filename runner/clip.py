@@ -179,11 +179,24 @@ def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
     return linear
 
 
-def linear_names(config: CLIPConfig) -> list[str]:
-    """Every linear layer, in execution order (vision tower, then text tower)."""
+TOWERS = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
+
+
+def tower_of(name: str) -> str | None:
+    """The tower a tensor or layer belongs to ("image", "text"), None for shared ones (logit_scale)."""
+    for tower, prefixes in TOWERS.items():
+        if name.split(".")[0] in prefixes:
+            return tower
+    return None
+
+
+def linear_names(config: CLIPConfig, towers=tuple(TOWERS)) -> list[str]:
+    """Every linear layer of the towers, in execution order (vision tower, then text tower)."""
     names = []
-    for prefix, cfg, proj in (("vision_model", config.vision, "visual_projection"),
-                              ("text_model", config.text, "text_projection")):
+    for tower, (prefix, proj) in TOWERS.items():
+        if tower not in towers:
+            continue
+        cfg = config.vision if tower == "image" else config.text
         for i in range(cfg.num_hidden_layers):
             p = f"{prefix}.encoder.layers.{i}"
             names += [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
@@ -192,8 +205,8 @@ def linear_names(config: CLIPConfig) -> list[str]:
     return names
 
 
-def tensor_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward pass reads, with the shape the config implies."""
+def tensor_shapes(config: CLIPConfig, towers=tuple(TOWERS)) -> dict[str, tuple[int, ...]]:
+    """Every tensor the towers' forward passes read, with the shape the config implies."""
     v, t, proj = config.vision, config.text, config.projection_dim
     shapes = {
         "logit_scale": (),
@@ -222,4 +235,4 @@ def tensor_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}.mlp.fc2.weight"], shapes[f"{p}.mlp.fc2.bias"] = (d, f), (d,)
             for n in ("layer_norm1", "layer_norm2"):
                 shapes[f"{p}.{n}.weight"], shapes[f"{p}.{n}.bias"] = (d,), (d,)
-    return shapes
+    return {k: v for k, v in shapes.items() if tower_of(k) in towers or tower_of(k) is None}

@@ -1,0 +1,114 @@
+"""The bundle stage: gather a model's layer artifacts into `artifacts/bundles/<name>/`.
+
+    manifest.json        what the runner reads first (schema: runner/bundle.py)
+    host.safetensors     every float tensor the host needs: embeddings, norms, biases,
+                         per-layer weight scales and multipliers, and the float weights of
+                         layers kept on the CPU; no float copy of a layer that runs on the TPU
+    tokenizer.json       when the text tower is in
+    layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
+
+Files come from the cache as hard links where the file system allows (a copy otherwise).
+The bundle is assembled in a temporary directory and swapped in, so a killed build leaves
+either the old bundle or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION
+from runner.clip import tensor_shapes
+
+from .clip_build import config_of
+from .recipe import Recipe
+from .store import ARTIFACTS, Store, sha256_file
+
+SUFFIX = {"params": ".params.bin", "cpu": ".cpu.tflite", "edgetpu": ".edgetpu.tflite"}
+
+
+def bundle_dir(name: str) -> Path:
+    return ARTIFACTS / "bundles" / name
+
+
+def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _file_entry(root: Path, rel: str) -> dict:
+    path = root / rel
+    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[str, np.ndarray]:
+    """The float tensors the host needs, by name."""
+    from safetensors.numpy import load
+
+    config = config_of(checkpoint.config)
+    tpu = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu"}
+    tensors = {name: checkpoint[name] for name in tensor_shapes(config, recipe.towers)
+               if not (name.endswith(".weight") and name[: -len(".weight")] in tpu)}
+    for name, e in tpu.items():
+        q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
+        tensors[f"{name}.weight_scale"] = q["weight_scale"]
+        tensors[f"{name}.multipliers"] = q["multipliers"]
+    return tensors
+
+
+def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
+    from safetensors.numpy import save_file
+
+    from runner.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(recipe.checkpoint_dir)
+    final = bundle_dir(recipe.name)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(host_tensors(recipe, index, checkpoint, store), str(tmp / HOST_FILE), metadata={"format": "np"})
+        (tmp / HOST_FILE).chmod(0o644)  # it is written 0600; bundles are copied and read by others
+        tokenizer = None
+        if "text" in recipe.towers:
+            shutil.copyfile(recipe.checkpoint_dir / "tokenizer.json", tmp / "tokenizer.json")
+            tokenizer = _file_entry(tmp, "tokenizer.json")
+        layers = []
+        for e in index["layers"]:
+            entry = {k: e[k] for k in ("name", "in", "out", "placement")}
+            if e["placement"] == "tpu":
+                entry.update({k: e[k] for k in ("batch", "zp_in", "zp_out", "error")})
+                entry["files"] = {}
+                for flavor, rel in e["files"].items():
+                    dst = f"layers/{e['name']}{SUFFIX[flavor]}"
+                    _place(store.root / rel, tmp / dst)
+                    meta = store.meta(flavor, Path(rel).stem)
+                    entry["files"][flavor] = {"path": dst, "sha256": meta["sha256"], "bytes": meta["bytes"]}
+            layers.append(entry)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
+            "towers": recipe.towers, "config": checkpoint.config,
+            "quantization": recipe.quantization, "flavors": recipe.flavors, "cpu_layers": recipe.cpu_layers,
+            "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",
+                                            "output_scale", "output_zero_point", "source")}
+                          for t in index["templates"]],
+            "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,148 @@
+"""What the build needs to know about CLIP: its linear layers, the tensors the host keeps,
+and the calibration inputs (images, captions, seeded synthetic ones) run through the
+float model while each linear's inputs are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runner.checkpoint import Checkpoint, CheckpointError
+from runner.clip import CLIP, CLIPConfig, float_linear, linear_names, tensor_shapes
+from runner.images import CLIP_MEAN, CLIP_STD, load_image
+from runner.tokenize import ClipTokenizer
+
+from .calibrate import InputRecorder
+from .recipe import Recipe
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    name: str  # Hugging Face module path
+    n_in: int
+    n_out: int
+
+
+def config_of(checkpoint_config: dict) -> CLIPConfig:
+    return CLIPConfig.from_dict(checkpoint_config)
+
+
+def linear_specs(config: CLIPConfig, towers) -> list[LinearSpec]:
+    shapes = tensor_shapes(config, towers)
+    return [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0]) for n in linear_names(config, towers)]
+
+
+def model_config(recipe: Recipe) -> CLIPConfig:
+    """The model's config: the checkpoint's, or, before a generated checkpoint exists, the
+    generator's (its layer shapes do not depend on anything generated)."""
+    path = recipe.checkpoint_dir / "config.json"
+    if path.is_file() or recipe.generate is None:
+        try:
+            return config_of(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a usable CLIP config ({e})") from e
+    from .demo_models import demo_clip_config
+    return config_of(demo_clip_config(vocab_size=1024))
+
+
+def model_shapes(recipe: Recipe) -> set[tuple[int, int]]:
+    """The (in, out) of every linear the recipe puts on the TPU."""
+    from .layers import is_host_layer
+    return {(s.n_in, s.n_out) for s in linear_specs(model_config(recipe), recipe.towers)
+            if not is_host_layer(s.name, recipe)}
+
+
+def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:
+    """Open and check every tensor the recipe's towers need, before any long work."""
+    checkpoint = Checkpoint(recipe.checkpoint_dir)
+    config = config_of(checkpoint.config)
+    checkpoint.require(tensor_shapes(config, recipe.towers))
+    if "text" in recipe.towers and not (recipe.checkpoint_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json (the text tower needs it)")
+    return checkpoint, config
+
+
+def tokenizer_for(directory: Path, config: CLIPConfig) -> ClipTokenizer:
+    return ClipTokenizer(directory / "tokenizer.json", config.text.max_position_embeddings)
+
+
+def calibration_images(recipe: Recipe, config: CLIPConfig) -> np.ndarray:
+    """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images."""
+    size = config.vision.image_size
+    images = []
+    folder = recipe.calibration_path("images")
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate with")
+        images += [load_image(p, size) for p in files]
+    rng = np.random.default_rng(recipe.calibration["seed"])
+    for _ in range(recipe.calibration["synthetic"]):
+        # Smooth colored noise in [0, 1], normalized as CLIP's processor does.
+        coarse = rng.uniform(0, 1, (3, 8, 8)).astype(np.float32)
+        up = np.kron(coarse, np.ones((1, -(-size // 8), -(-size // 8)), np.float32))[:, :size, :size]
+        images.append((up - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None])
+    return np.stack(images).astype(np.float32)
+
+
+def calibration_texts(recipe: Recipe, config: CLIPConfig) -> list[np.ndarray]:
+    """Token-id rows: the recipe's captions (tokenized), then seeded synthetic ones."""
+    rows: list[np.ndarray] = []
+    path = recipe.calibration_path("captions")
+    if path is not None:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{path}: no captions to calibrate with")
+        tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
+        rows += [tokenizer([line])[0] for line in lines]
+    t = config.text
+    rng = np.random.default_rng(recipe.calibration["seed"] + 1)
+    # CLIP's start and end of text are the last two ids (the original configs say eos 2,
+    # and pooling then takes the highest id, which is the real end of text).
+    eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
+    bos = eos - 1
+    for _ in range(recipe.calibration["synthetic"]):
+        n = int(rng.integers(3, t.max_position_embeddings - 1))
+        body = rng.integers(0, bos, n)
+        rows.append(np.concatenate([[bos], body, [eos]]).astype(np.int64))
+    return rows
+
+
+def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: CLIPConfig,
+                       progress=lambda n: None) -> dict[str, np.ndarray]:
+    """Each linear's input rows over the calibration inputs, through the float model."""
+    recorder = InputRecorder(float_linear(checkpoint), recipe.calibration["max_rows"], recipe.calibration["seed"])
+    model = CLIP(config, checkpoint, recorder)
+    if "image" in recipe.towers:
+        pixels = calibration_images(recipe, config)
+        for k in range(0, len(pixels), CALIBRATION_BATCH):
+            model.image_features(pixels[k : k + CALIBRATION_BATCH])
+            progress(min(CALIBRATION_BATCH, len(pixels) - k))
+    if "text" in recipe.towers:
+        # One text at a time: rows after end-of-text would be padding, which CLIP computes
+        # but never uses, and which would only skew the recorded ranges.
+        for ids in calibration_texts(recipe, config):
+            model.text_features(ids[None])
+            progress(1)
+    return recorder.inputs()
+
+
+def calibration_count(recipe: Recipe) -> int:
+    """How many forward inputs calibration runs (for the progress bar)."""
+    n = 0
+    if "image" in recipe.towers:
+        folder = recipe.calibration_path("images")
+        n += recipe.calibration["synthetic"] + (len([p for p in folder.iterdir()
+                                                     if p.suffix.lower() in IMAGE_SUFFIXES]) if folder else 0)
+    if "text" in recipe.towers:
+        path = recipe.calibration_path("captions")
+        n += recipe.calibration["synthetic"] + (sum(1 for line in path.read_text().splitlines() if line.strip())
+                                                if path else 0)
+    return n

@@ -1,0 +1,163 @@
+"""The layer stage: calibrate, quantize and patch every linear layer of a model.
+
+For each linear (design.md, "Quantization" and "Artifacts and keys"):
+- a quantized layer, keyed by its weight and bias bytes, the quantization settings and
+  the calibration rows it saw: int8 weights, per-channel weight scales, multipliers
+  (`cache/quantized/<key>.safetensors`) and the exact parameter bytes the TPU receives
+  (`cache/params/<key>.bin`, what `emulate` runs);
+- a `cpu` flavor: the uncompiled template patched with those weights and multipliers;
+- an `edgetpu` flavor, where a compiled template exists: the compiled template patched,
+  with its own parameter-caching token.
+Layers named in the recipe's `cpu_layers` stay in float on the host and get nothing here.
+
+Every entry is stored once under its key, so a rebuild redoes only the layers whose
+weights, settings or calibration rows changed. The stage ends with
+`artifacts/work/<name>/layers.json`, the index the bundle stage reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+
+from runner.edgetpu_codec import DenseParams, decode_dense, encode_dense, parse_compiled, patch, token_from_digest
+from runner.emulate import DenseEmulator
+from runner.quant import QuantizedLinear, quantize_rows
+from runner.tflite_file import parse_tflite
+
+from .patch import patch_uncompiled, uncompiled_multipliers
+from .quantize import calibrated_multipliers, quantize_weights
+from .recipe import Recipe
+from .store import ARTIFACTS, Store, atomic_write, key_of
+from .template_stage import index_path as templates_index_path
+
+LAYER_VERSION = 1  # bump when the quantization code changes what it makes
+ERROR_ROWS = 256  # calibration rows each layer's int8 error is measured on
+
+
+def layers_index_path(recipe: Recipe) -> Path:
+    return ARTIFACTS / "work" / recipe.name / "layers.json"
+
+
+def _sha(a: np.ndarray | None) -> str | None:
+    return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options: dict, cache_root: Path
+             ) -> tuple[DenseParams, np.ndarray]:
+    """(TPU parameters, weight scales) of one layer, as the recipe's quantization options say."""
+    if options["weights"] == "per-tensor":
+        scale = np.float32(max(np.abs(weight).max() / 127.0, np.finfo(np.float32).tiny))
+        w_q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        s_w = np.full(weight.shape[0], scale, np.float32)
+    else:
+        w_q, s_w = quantize_weights(weight)
+    if options["multipliers"] == "template":
+        mult = uncompiled_multipliers(parse_tflite((cache_root / template["uncompiled"]).read_bytes(),
+                                                   template["uncompiled"]))
+    else:
+        mult = calibrated_multipliers(w_q, rows, template["input_zero_point"], template["output_zero_point"],
+                                      options["headroom"])
+    return DenseParams.make(w_q, mult), s_w
+
+
+def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, rows: np.ndarray,
+                template: dict) -> dict:
+    """The int8 layer (emulated) against float on some calibration rows: relative error and
+    the share of outputs the uint8 range clamps."""
+    zp_in, zp_out = template["input_zero_point"], template["output_zero_point"]
+    rows = rows[:ERROR_ROWS]
+    emulator = DenseEmulator(params, zp_in, zp_out)
+    int8 = QuantizedLinear(emulator, s_w, params.multipliers, bias, zp_in, zp_out)(rows)
+    ref = rows @ weight.T + (0 if bias is None else bias)
+    y_u8 = emulator(quantize_rows(rows, zp_in)[0])
+    return {"relative_error": float(np.linalg.norm(int8 - ref) / max(np.linalg.norm(ref), 1e-30)),
+            "clamped": float(np.mean((y_u8 == 0) | (y_u8 == 255)))}
+
+
+def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template: dict, recipe: Recipe,
+                store: Store) -> dict:
+    """Quantize and patch one linear; return its entry of the layers index."""
+    qkey = key_of({"artifact": "quantized-layer", "version": LAYER_VERSION, "weight": _sha(weight),
+                   "shape": list(weight.shape), "bias": _sha(bias), "rows": _sha(rows),
+                   "quantization": recipe.quantization, "template_io": [template["input_zero_point"],
+                                                                        template["output_zero_point"]],
+                   "template": template["uncompiled"] if recipe.quantization["multipliers"] == "template" else None})
+    if not store.has("params", qkey, "bin"):
+        from safetensors.numpy import save
+        params, s_w = quantize(weight, rows, template, recipe.quantization, store.root)
+        meta = {"layer": name, "in": weight.shape[1], "out": weight.shape[0], "rows": len(rows),
+                **layer_error(params, s_w, weight, bias, rows, template)}
+        store.put("quantized", qkey, "safetensors",
+                  save({"weights": params.weights, "multipliers": params.multipliers, "weight_scale": s_w}), meta)
+        store.put("params", qkey, "bin", encode_dense(params), meta)
+    entry = {"name": name, "in": weight.shape[1], "out": weight.shape[0], "placement": "tpu",
+             "batch": template["batch"], "zp_in": template["input_zero_point"],
+             "zp_out": template["output_zero_point"], "quantized": qkey,
+             "error": {k: store.meta("params", qkey)[k] for k in ("relative_error", "clamped")}, "files": {}}
+    entry["files"]["params"] = str(store.path("params", qkey, "bin").relative_to(store.root))
+    blob = None
+    for flavor in recipe.flavors:
+        source = template["uncompiled" if flavor == "cpu" else "compiled"]
+        if source is None:
+            continue  # no compiled template for this shape: said once by the templates task
+        pkey = key_of({"artifact": f"patched-{flavor}", "template": source, "quantized": qkey})
+        if not store.has(flavor, pkey, "tflite"):
+            blob = blob if blob is not None else store.path("params", qkey, "bin").read_bytes()
+            params = decode_dense(blob, weight.shape[1], weight.shape[0], f"stored parameters of {name}")
+            template_bytes = (store.root / source).read_bytes()
+            if flavor == "cpu":
+                data = patch_uncompiled(parse_tflite(template_bytes, source), params)
+                meta = {"layer": name, "template": source, "quantized": qkey}
+            else:
+                # Its own caching token, from its key: two layers never share one (format doc, section 4).
+                token = token_from_digest(bytes.fromhex(pkey))
+                data = patch(parse_compiled(template_bytes, source), blob, token)
+                meta = {"layer": name, "template": source, "quantized": qkey, "token": f"{token:#018x}"}
+            store.put(flavor, pkey, "tflite", data, meta)
+        entry["files"][flavor] = str(store.path(flavor, pkey, "tflite").relative_to(store.root))
+    return entry
+
+
+def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict:
+    for t in templates["templates"]:
+        if (t["in"], t["out"], t["batch"]) == (n_in, n_out, recipe.batch_for(n_in, n_out)):
+            return t
+    raise KeyError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe)}; run `doit templates`")
+
+
+def is_host_layer(name: str, recipe: Recipe) -> bool:
+    return any(fnmatch(name, pattern) for pattern in recipe.cpu_layers)
+
+
+def build_layers(recipe: Recipe, store: Store) -> dict:
+    """Calibrate, then quantize and patch every linear; write and return the layers index."""
+    from tqdm import tqdm
+
+    from .clip_build import calibration_count, linear_specs, open_checkpoint, record_calibration
+
+    checkpoint, config = open_checkpoint(recipe)
+    templates = json.loads(templates_index_path(recipe).read_text())
+    specs = linear_specs(config, recipe.towers)
+    unmatched = [p for p in recipe.cpu_layers if not any(fnmatch(s.name, p) for s in specs)]
+    if unmatched:
+        raise KeyError(f"{recipe.source}: cpu_layers pattern(s) {unmatched} match no linear layer "
+                       f"(layers look like {specs[0].name!r})")
+    with tqdm(total=calibration_count(recipe), desc="calibrate", unit="input") as bar:
+        rows = record_calibration(recipe, checkpoint, config, bar.update)
+    entries = []
+    for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
+        if is_host_layer(spec.name, recipe):
+            entries.append({"name": spec.name, "in": spec.n_in, "out": spec.n_out, "placement": "host"})
+            continue
+        template = template_for(templates, spec.n_in, spec.n_out, recipe)
+        entries.append(build_layer(spec.name, checkpoint[f"{spec.name}.weight"],
+                                   checkpoint.get(f"{spec.name}.bias"), rows[spec.name], template, recipe, store))
+    index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
+             "checkpoint": str(recipe.checkpoint_dir), "templates": templates["templates"], "layers": entries}
+    atomic_write(layers_index_path(recipe), json.dumps(index, indent=2))
+    return index

@@ -1,0 +1,198 @@
+"""Open a bundle: read `manifest.json`, check it, and memory-map the files it names.
+
+Nothing is quantized, patched, decoded or copied here: the host tensors are
+read-only views of `host.safetensors` in memory, and each layer's files are
+opened by the backend that runs them. The manifest comes from outside (a copy
+over the network), so every field is checked before it is used, and no path may
+leave the bundle directory (absolute, `..`, or a symlink pointing out).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "coral-bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+HOST_FILE = "host.safetensors"
+MAX_MANIFEST_BYTES = 64 << 20
+FLAVORS = ("params", "cpu", "edgetpu")
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    path: Path  # absolute, inside the bundle
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    n_in: int
+    n_out: int
+    placement: str  # "tpu": a Dense template runs it; "host": float on the CPU
+    batch: int = 0
+    zp_in: int = 0
+    zp_out: int = 0
+    files: dict | None = None  # flavor -> BundleFile
+
+
+def _field(where: str, obj: dict, key: str, kind, check=None):
+    if not isinstance(obj, dict) or key not in obj:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BundleError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
+    if check is not None and not check(value):
+        raise BundleError(f"{where}: field {key!r} has a bad value {value!r}")
+    return value
+
+
+class HostTensors:
+    """Read-only float tensors of `host.safetensors`, memory-mapped, by name.
+
+    safetensors validates the header (offsets inside the file, contiguous, no
+    overlap); the arrays are then numpy views into one memory map, so opening costs
+    no copy and a tensor's pages are read only when it is used."""
+
+    def __init__(self, path: Path):
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="numpy"):
+                pass
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise BundleError(f"{path}: not a valid safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.path = path
+        self._map = np.memmap(path, np.uint8, mode="r")
+        self._specs = {}
+        for name, spec in header.items():
+            if spec["dtype"] not in SAFETENSORS_DTYPES:
+                raise BundleError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, not one the runner reads")
+            begin, end = spec["data_offsets"]
+            self._specs[name] = (np.dtype(SAFETENSORS_DTYPES[spec["dtype"]]), tuple(spec["shape"]),
+                                 8 + n + begin, 8 + n + end)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def keys(self):
+        return self._specs.keys()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._specs:
+            raise BundleError(f"{self.path}: tensor {name!r} is missing")
+        dtype, shape, begin, end = self._specs[name]
+        return self._map[begin:end].view(dtype).reshape(shape)
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._specs else default
+
+
+class Bundle:
+    def __init__(self, directory: Path, manifest: dict, layers: list[Layer], host: HostTensors,
+                 tokenizer: BundleFile | None):
+        self.dir, self.manifest, self.layers, self.host, self.tokenizer = directory, manifest, layers, host, tokenizer
+        self.family: str = manifest["family"]
+        self.config: dict = manifest["config"]
+        self.towers: list[str] = manifest["towers"]
+
+    @classmethod
+    def open(cls, directory: str | Path, check_sizes: bool = True) -> "Bundle":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        try:
+            size = path.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{path}: {size} bytes is too large for a manifest")
+            manifest = json.loads(path.read_bytes())
+        except FileNotFoundError as e:
+            raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)") from e
+        except OSError as e:
+            raise BundleError(f"{path}: cannot read ({e.strerror})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path}: not valid JSON ({e})") from e
+        where = str(path)
+        if _field(where, manifest, "format", str) != FORMAT:
+            raise BundleError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+        version = _field(where, manifest, "version", int)
+        if version != VERSION:
+            raise BundleError(f"{path}: bundle version {version}, this runner reads version {VERSION} "
+                              "(rebuild the bundle, or update the runner)")
+        _field(where, manifest, "family", str)
+        _field(where, manifest, "config", dict)
+        _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))
+
+        def file(entry, what) -> BundleFile:
+            rel = _field(f"{where}: {what}", entry, "path", str)
+            f = BundleFile(safe_path(directory, rel, f"{where}: {what}"),
+                           _field(f"{where}: {what}", entry, "sha256", str, lambda s: len(s) == 64),
+                           _field(f"{where}: {what}", entry, "bytes", int, lambda n: n >= 0))
+            if check_sizes:
+                if not f.path.is_file():
+                    raise BundleError(f"{f.path}: missing (named by {MANIFEST}, {what})")
+                if f.path.stat().st_size != f.bytes:
+                    raise BundleError(f"{f.path}: {f.path.stat().st_size} bytes, the manifest says {f.bytes}")
+            return f
+
+        host_file = file(_field(where, manifest, "host", dict), "host")
+        tokenizer = manifest.get("tokenizer")
+        tokenizer = file(tokenizer, "tokenizer") if tokenizer is not None else None
+        layers = []
+        for i, e in enumerate(_field(where, manifest, "layers", list)):
+            w = f"{where}: layers[{i}]"
+            name = _field(w, e, "name", str)
+            dims = [_field(w, e, k, int, lambda v: 0 < v <= 1 << 20) for k in ("in", "out")]
+            placement = _field(w, e, "placement", str, lambda v: v in ("tpu", "host"))
+            if placement == "host":
+                layers.append(Layer(name, *dims, placement))
+                continue
+            files = {}
+            for flavor, entry in _field(w, e, "files", dict).items():
+                if flavor not in FLAVORS:
+                    raise BundleError(f"{w}: unknown file flavor {flavor!r}")
+                files[flavor] = file(entry, f"layer {name} {flavor}")
+            if "params" not in files:
+                raise BundleError(f"{w}: layer {name} has no parameter file")
+            layers.append(Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
+                                _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
+                                _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files))
+        return cls(directory, manifest, layers, HostTensors(host_file.path), tokenizer)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise BundleError(f"{self.dir}: no layer {name!r}")
+
+    def flavors(self) -> set[str]:
+        """The flavors every TPU layer has."""
+        tpu = [layer for layer in self.layers if layer.placement == "tpu"]
+        return set.intersection(*(set(layer.files) for layer in tpu)) if tpu else set(FLAVORS)
+
+
+def safe_path(directory: Path, rel: str, where: str) -> Path:
+    """`directory / rel`, refused when it is absolute, climbs with `..`, or resolves
+    (through symlinks) outside the directory."""
+    p = Path(rel)
+    if p.is_absolute() or not rel or ".." in p.parts or "\\" in rel:
+        raise BundleError(f"{where}: path {rel!r} leaves the bundle")
+    full = directory / p
+    root = directory.resolve()
+    if not full.resolve().is_relative_to(root):
+        raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")
+    return full

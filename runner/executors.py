@@ -1,0 +1,142 @@
+"""The four ways to run a linear layer (design.md), behind one interface: `linear(name, x)`.
+
+- `emulate`: the layer's exact parameter bytes, decoded, in exact integer arithmetic;
+- `cpu`: the patched uncompiled template through LiteRT / tflite-runtime;
+- `edgetpu`: the patched compiled template through the libedgetpu delegate;
+- `fp32`: the original float weights (from the checkpoint; bundles carry none for TPU layers).
+
+For the first three the host quantizes each row, the Dense template runs uint8 rows,
+and the host dequantizes (runner/quant.py). A template runs `batch` rows per call:
+more rows are split and the last chunk padded. Layers the recipe kept on the CPU run
+in float whatever the backend.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError, Layer
+from .edgetpu_codec import decode_dense
+from .emulate import DenseEmulator
+from .interpreter import load_delegate, require_interpreter
+from .quant import QuantizedLinear
+
+BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")
+EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+
+
+class BackendError(RuntimeError):
+    """A backend this machine cannot run; the message says what is missing."""
+
+
+class LazyEmulator:
+    """`emulate` for one layer: decodes the memory-mapped parameter bytes on first use."""
+
+    def __init__(self, path: Path, layer: Layer):
+        self.path, self.layer, self._emulator = path, layer, None
+
+    def __call__(self, x_u8: np.ndarray) -> np.ndarray:
+        if self._emulator is None:
+            blob = np.memmap(self.path, np.uint8, mode="r")
+            params = decode_dense(blob, self.layer.n_in, self.layer.n_out, str(self.path))
+            self._emulator = DenseEmulator(params, self.layer.zp_in, self.layer.zp_out)
+        return self._emulator(x_u8)
+
+
+class TemplateInterpreter:
+    """A patched template (uncompiled, or compiled with the Edge TPU delegate) run `batch` rows at a time."""
+
+    def __init__(self, path: Path, layer: Layer, delegates=None):
+        Interpreter = require_interpreter()
+        try:
+            self.interpreter = Interpreter(model_path=str(path), experimental_delegates=delegates)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{path}: the interpreter refuses this model ({e})") from e
+        inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        if tuple(inp["shape"]) != (layer.batch, layer.n_in) or out["shape"][-1] != layer.n_out:
+            raise BundleError(f"{path}: model runs {list(inp['shape'])} -> {list(out['shape'])}, "
+                              f"the manifest says batch {layer.batch} of {layer.n_in} -> {layer.n_out}")
+        self.batch, self.n_in = layer.batch, layer.n_in
+        self._in, self._out = inp["index"], out["index"]
+        self._pad = np.zeros((self.batch, self.n_in), np.uint8)
+
+    def __call__(self, x_u8: np.ndarray) -> np.ndarray:
+        outputs = []
+        for k in range(0, len(x_u8), self.batch):
+            chunk = x_u8[k : k + self.batch]
+            if len(chunk) < self.batch:  # pad the last chunk; its extra rows are dropped below
+                self._pad[: len(chunk)] = chunk
+                chunk = self._pad
+            self.interpreter.set_tensor(self._in, chunk)
+            self.interpreter.invoke()
+            outputs.append(self.interpreter.get_tensor(self._out))
+        return np.concatenate(outputs)[: len(x_u8)]
+
+
+def edgetpu_delegates() -> list:
+    """The libedgetpu delegate (pycoral's helper where it is installed), or a clear error."""
+    library = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
+    try:
+        from pycoral.utils.edgetpu import list_edge_tpus, load_edgetpu_delegate
+    except ImportError:
+        list_edge_tpus = load_edgetpu_delegate = None
+    if load_edgetpu_delegate is not None:
+        if not list_edge_tpus():
+            raise BackendError("pycoral finds no Edge TPU: is the Coral plugged in, and may this user use it "
+                               "(udev rules; see the README's guide)?")
+        return [load_edgetpu_delegate()]
+    if load_delegate is None:
+        require_interpreter()
+    if ctypes.util.find_library("edgetpu") is None and not Path(f"/usr/lib/{library}").exists():
+        try:
+            ctypes.CDLL(library)
+        except OSError as e:
+            raise BackendError(f"the Edge TPU library {library} is not installed (package libedgetpu1-std; "
+                               "see the README's guide)") from e
+    try:
+        return [load_delegate(library)]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise BackendError(f"{library} is installed but found no usable Edge TPU ({e}): is the Coral plugged "
+                           "in, may this user use it (udev rules), and does the library match the "
+                           "interpreter's version?") from e
+
+
+def make_linear(bundle: Bundle, backend: str):
+    """The executor `linear(name, x)` running the bundle's layers on `backend` (not fp32)."""
+    if backend not in BACKENDS[:3]:
+        raise BackendError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    flavor = {"emulate": "params", "cpu": "cpu", "edgetpu": "edgetpu"}[backend]
+    missing = [layer.name for layer in bundle.layers if layer.placement == "tpu" and flavor not in layer.files]
+    if missing:
+        raise BackendError(f"{bundle.dir}: no {backend} artifacts for {len(missing)} layer(s), e.g. {missing[0]} "
+                           f"(the bundle was built with flavors {bundle.manifest.get('flavors')}"
+                           + (" and without a compiled template: see `doit templates=DIR`" if flavor == "edgetpu"
+                              else "") + ")")
+    delegates = edgetpu_delegates() if backend == "edgetpu" else None
+    host, layers = bundle.host, {}
+    for layer in bundle.layers:
+        bias = host.get(f"{layer.name}.bias")
+        if layer.placement == "host":
+            weight = host[f"{layer.name}.weight"]
+            layers[layer.name] = _float_layer(weight, bias)
+            continue
+        path = layer.files[flavor].path
+        dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
+        layers[layer.name] = QuantizedLinear(dense, host[f"{layer.name}.weight_scale"],
+                                             host[f"{layer.name}.multipliers"], bias, layer.zp_in, layer.zp_out)
+
+    def linear(name: str, x: np.ndarray) -> np.ndarray:
+        return layers[name](x)
+    return linear
+
+
+def _float_layer(weight: np.ndarray, bias: np.ndarray | None):
+    def run(x: np.ndarray) -> np.ndarray:
+        y = x @ weight.T
+        return y + bias if bias is not None else y
+    return run

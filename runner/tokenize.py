@@ -1,0 +1,54 @@
+"""CLIP text to token ids with the checkpoint's own `tokenizer.json` (the `tokenizers` library).
+
+As CLIP does: the tokenizer adds the start- and end-of-text tokens; a text longer
+than the context is cut and its last token replaced by end-of-text (so pooling at
+end-of-text still works); rows are padded to the longest text with the pad token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+EOS = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used, or text it cannot encode."""
+
+
+class ClipTokenizer:
+    def __init__(self, path: str | Path, context: int):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
+        # CLIP pads with its end-of-text token; pooling takes the first one in a row.
+        self.eos_id = self.tokenizer.token_to_id(EOS)
+        if self.eos_id is None:
+            raise TokenizerError(f"{path}: has no {EOS} token; is it a CLIP tokenizer?")
+        self.context, self.pad_id = context, self.eos_id
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """int64 [len(texts), longest] token ids."""
+        if not texts:
+            raise TokenizerError("no text given")
+        rows = []
+        for text in texts:
+            ids = self.tokenizer.encode(text).ids
+            if len(ids) > self.context:
+                ids = ids[: self.context - 1] + [self.eos_id]
+            if self.eos_id not in ids:
+                raise TokenizerError(f"the tokenizer did not end {text!r} with the end-of-text token "
+                                     f"{self.eos_id}: is it this model's tokenizer?")
+            rows.append(ids)
+        out = np.full((len(rows), max(map(len, rows))), self.pad_id, np.int64)
+        for i, ids in enumerate(rows):
+            out[i, : len(ids)] = ids
+        return out

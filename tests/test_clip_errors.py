@@ -1,0 +1,112 @@
+"""Bad recipes, checkpoints, images and bundles: one clear error naming the file and the problem."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from prepare.recipe import RecipeError, load_recipe
+
+from .test_clip_bundle import bundle_dir, checkpoint_dir, demo, doit, runner, samples  # noqa: F401
+
+DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
+
+
+def recipe_file(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: r\nbogus: 1\n", "unknown key 'bogus'"),
+    ("name: r\nbatch: four\n", "key 'batch' must be int"),
+    ("name: r\nfamily: clip\ncheckpoint: /nonexistent/model\n", "'/nonexistent/model' is not a model directory"),
+    ("name: r\nfamily: bert\n", "key 'family' must be one of clip"),
+    (DEMO_KEYS + "quantization:\n  weights: per-row\n", "quantization.weights must be one of per-channel, per-tensor"),
+    (DEMO_KEYS + "quantization:\n  headroom: 2\n", "quantization.headroom must be in (0, 1]"),
+    (DEMO_KEYS + "  images: nowhere\n", "calibration.images"),
+    (DEMO_KEYS + "towers: [image, audio]\n", "key 'towers'"),
+    (DEMO_KEYS + "flavors: [gpu]\n", "key 'flavors'"),
+    ("name: ../escape\n", "plain file name"),
+])
+def test_recipe_errors_name_recipe_key_and_problem(tmp_path, checkpoint_dir, text, needle):
+    path = recipe_file(tmp_path, text.format(ckpt=checkpoint_dir))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_override_is_validated_too(tmp_path, checkpoint_dir):
+    path = recipe_file(tmp_path, DEMO_KEYS.format(ckpt=checkpoint_dir))
+    assert load_recipe(path, {"batch": "4"}).batch == 4
+    with pytest.raises(RecipeError, match="key 'batch' must be"):
+        load_recipe(path, {"batch": "[1, 2]"})
+
+
+def test_doit_refuses_a_bad_recipe_at_once(tmp_path):
+    run = doit(tmp_path / "artifacts", f"recipe={recipe_file(tmp_path, 'name: r' + chr(10) + 'bogus: 1')}",
+               check=False)
+    assert run.returncode != 0 and "unknown key 'bogus'" in run.stderr and "Traceback" not in run.stderr
+
+
+def _broken_checkpoint(tmp_path, checkpoint_dir, change):
+    from safetensors.numpy import load, save
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint_dir, broken)
+    tensors = load((broken / "model.safetensors").read_bytes())
+    change(tensors)
+    (broken / "model.safetensors").write_bytes(save(tensors))
+    return broken
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda t: t.pop("text_model.encoder.layers.1.mlp.fc2.weight"), "'text_model.encoder.layers.1.mlp.fc2.weight' is missing"),
+    (lambda t: t.__setitem__("vision_model.encoder.layers.0.self_attn.q_proj.weight", np.zeros((256, 128), np.float32)),
+     "has shape [256, 128], the config implies [256, 256]"),
+    (lambda t: t["vision_model.post_layernorm.bias"].__setitem__(3, np.nan), "holds NaN or Inf"),
+])
+def test_doit_refuses_a_broken_checkpoint_before_long_work(tmp_path, checkpoint_dir, change, needle):
+    broken = _broken_checkpoint(tmp_path, checkpoint_dir, change)
+    run = doit(tmp_path / "artifacts", f"checkpoint={broken}", "generate=null", "name=broken", check=False)
+    assert run.returncode != 0, run.stdout
+    assert needle in run.stdout + run.stderr and str(broken) in run.stdout + run.stderr
+    assert "calibrate" not in run.stderr  # it stopped before calibration started
+    assert not (tmp_path / "artifacts" / "bundles" / "broken").exists()
+
+
+def test_runner_errors(tmp_path, bundle_dir, samples):
+    not_image = tmp_path / "cat.png"
+    not_image.write_text("not an image")
+    run = runner("clip-image", bundle_dir, not_image)
+    assert run.returncode == 2 and str(not_image) in run.stderr and "cannot read image" in run.stderr
+
+    run = runner("clip-image", tmp_path, samples[0])
+    assert run.returncode == 2 and "not a bundle" in run.stderr
+
+    run = runner("clip-image", bundle_dir, samples[0], "--backend", "fp32")
+    assert run.returncode == 2 and "--checkpoint" in run.stderr
+
+    run = runner("zero-shot", bundle_dir, samples[0], "--labels", " , ")
+    assert run.returncode == 2 and "at least one label" in run.stderr
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    victim = next((copy / "layers").glob("*.cpu.tflite"))
+    victim.unlink()
+    run = runner("clip-image", copy, samples[0])
+    assert run.returncode == 2 and str(victim) in run.stderr and "missing" in run.stderr
+    for run in (runner("clip-image", bundle_dir, samples[0]), runner("clip-text", bundle_dir, "a cat")):
+        assert "Traceback" not in run.stderr
+
+
+def test_image_f32le_equals_the_png_path(tmp_path, bundle_dir, samples):
+    from runner.images import load_image
+    raw = tmp_path / "red.f32"
+    raw.write_bytes(load_image(samples[0], 64).astype("<f4").tobytes())
+    a = runner("clip-image", bundle_dir, samples[0], "--out", tmp_path / "a.npy")
+    b = runner("clip-image", bundle_dir, raw, "--image-f32le", "--out", tmp_path / "b.npy")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))

@@ -48,8 +48,8 @@ def model_config(recipe: Recipe) -> CLIPConfig:
             return config_of(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a usable CLIP config ({e})") from e
-    from .demo_models import demo_clip_config
-    return config_of(demo_clip_config(vocab_size=1024))
+    from .demo_models import CONFIGS
+    return config_of(CONFIGS[recipe.generate]())
 
 
 def model_shapes(recipe: Recipe) -> set[tuple[int, int]]:

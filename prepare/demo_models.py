@@ -62,16 +62,8 @@ def make_tokenizer(vocab_size: int = 1024):
     return tok
 
 
-def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json, captions.txt, calibration/*.png
-    and samples/*.png into `directory`."""
-    from safetensors.numpy import save
-
-    directory = Path(directory)
-    tokenizer = make_tokenizer()
-    vocab = tokenizer.get_vocab_size()
-    config = demo_clip_config(vocab)
-    rng = np.random.default_rng(seed)
+def random_clip_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded weights in Hugging Face naming, scaled so activations keep a trained model's size."""
     tensors = {}
     for name, shape in tensor_shapes(CLIPConfig.from_dict(config)).items():
         if name == "logit_scale":
@@ -86,9 +78,16 @@ def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
         else:  # linear weights: a scale that keeps the residual stream of the right size
             value = rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) == 2 else np.prod(shape[1:]))
         tensors[name] = np.asarray(value, np.float32)
+    return tensors
+
+
+def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generator) -> None:
+    """config.json, tokenizer.json, model.safetensors, captions.txt, calibration/ and samples/."""
+    from safetensors.numpy import save
+
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", tokenizer.to_str())
-    atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
+    atomic_write(directory / "model.safetensors", save(random_clip_weights(config, rng), metadata={"format": "np"}))
     # Calibration inputs (what the build records activations on) and held-out samples
     # (what the runner's examples and the fidelity check use): never the same images.
     all_captions = captions()
@@ -98,7 +97,36 @@ def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
         _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
         _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
-    return directory
+
+
+def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
+    """The built-in demo: every linear 256x256, both towers, a small CLIP-style tokenizer."""
+    tokenizer = make_tokenizer()
+    write_clip(Path(directory), demo_clip_config(tokenizer.get_vocab_size()), tokenizer, np.random.default_rng(seed))
+    return Path(directory)
+
+
+def vit_b32_config() -> dict:
+    """The dimensions of openai/clip-vit-base-patch32 (its config.json, trimmed)."""
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 512,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32,
+                              num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=512),
+        "text_config": dict(model_type="clip_text_model", hidden_size=512, intermediate_size=2048,
+                            num_hidden_layers=12, num_attention_heads=8, vocab_size=49408,
+                            max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=512),
+    }
+
+
+def make_random_vit_b32(directory: str | Path, seed: int = 0) -> Path:
+    """A CLIP of ViT-B/32's real dimensions with seeded random weights (for benchmarks).
+    Its tokenizer is the demo's: its ids are valid in the larger vocabulary, and its
+    end-of-text is its highest id, which is where the original configs (eos 2) pool."""
+    write_clip(Path(directory), vit_b32_config(), make_tokenizer(), np.random.default_rng(seed))
+    return Path(directory)
 
 
 def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> None:
@@ -117,7 +145,8 @@ def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> Non
     tmp.replace(path)
 
 
-GENERATORS = {"demo-clip": make_demo_clip}
+GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32}
+CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config}
 DEMO_VERSION = 1  # bump when a generator makes something different
 
 

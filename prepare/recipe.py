@@ -20,7 +20,7 @@ from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
 FAMILIES = {"clip": ("image", "text")}  # family -> its towers (Gemma joins here)
-GENERATORS = {"demo-clip": "clip"}  # built-in checkpoint generators -> the family they make
+GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip"}  # built-in checkpoint generators -> the family they make
 FLAVORS = ("edgetpu", "cpu")
 
 # Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).

@@ -54,6 +54,7 @@ def make_tokenizer(vocab_size: int = 1024):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(captions(), trainer)
+    tok = _canonical_ids(tok)
     # Start and end of text take the last two ids, as in CLIP (49406, 49407).
     tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
@@ -97,6 +98,21 @@ def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generato
         _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
         _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+
+
+def _canonical_ids(tok):
+    """The trainer's merges are deterministic but its alphabet's ids are not (hash order):
+    number the alphabet in sorted order, then each merge's result in merge order, so the
+    same corpus always gives the same tokenizer.json, byte for byte."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    model = data["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    merged = ["".join(m) for m in merges]
+    alphabet = sorted(set(model["vocab"]) - set(merged))
+    model["vocab"] = {t: i for i, t in enumerate(dict.fromkeys(alphabet + merged))}
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:

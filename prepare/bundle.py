@@ -26,7 +26,7 @@ from runner.clip import tensor_shapes
 
 from .clip_build import config_of
 from .recipe import Recipe
-from .store import ARTIFACTS, Store, sha256_file
+from .store import ARTIFACTS, Store, replace_dir, sha256_file
 
 SUFFIX = {"params": ".params.bin", "cpu": ".cpu.tflite", "edgetpu": ".edgetpu.tflite"}
 
@@ -102,12 +102,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
             "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ import numpy as np
 
 from runner.clip import CLIPConfig, tensor_shapes
 
-from .store import atomic_write
+from .store import atomic_write, replace_dir
 
 WIDTH = 256
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "brown"]
@@ -176,12 +176,7 @@ def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         GENERATORS[generator](tmp, seed)
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -53,6 +53,20 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Swap a fully written directory `tmp` in as `final`: a killed build leaves the old
+    directory or the new one (plus a stray `.old` or `.tmp` a rerun removes), never half."""
+    import shutil
+
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 class Store:
     """`cache/<kind>/<key>.<ext>` plus `<key>.json` metadata."""
 

@@ -167,6 +167,22 @@ def task_bundle():
             "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
 
 
+def task_deploy():
+    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME target=user@host:/path."""
+    from prepare.bundle import bundle_dir
+    from prepare.deploy import DeployError, deploy
+
+    def run():
+        try:
+            report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("target", ""))
+        except DeployError as e:
+            return TaskFailed(str(e))
+        print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")
+        print(f"on the Pi: {report['on_the_pi']}")
+        return None
+    return {"actions": [run], "uptodate": [False], "verbosity": 2}
+
+
 def task_layer_check():
     """Patch a random layer into every template; emulate and TFLite (cpu) must agree."""
     def run():

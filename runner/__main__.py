@@ -3,6 +3,8 @@
     clip-image BUNDLE IMAGE...  [--image-f32le] [--out FILE.npy]   image embeddings
     clip-text  BUNDLE TEXT...   [--out FILE.npy]                   text embeddings
     zero-shot  BUNDLE IMAGE... --labels "a cat,a dog"              label probabilities per image
+    check      BUNDLE [--quick] [--json]                           is the bundle whole; what runs here
+    selftest   BUNDLE                                              the Edge TPU against emulate
 
 Every command takes `--backend emulate|cpu|edgetpu|fp32` (fp32 needs `--checkpoint DIR`:
 bundles carry no float weights for layers that run on the TPU) and `--json`.
@@ -152,11 +154,49 @@ def parser() -> argparse.ArgumentParser:
     zero.add_argument("--prompt", default="{}", help='label template, e.g. "a photo of {}"')
     zero.add_argument("--image-f32le", action="store_true")
     zero.set_defaults(out=None)
+    check = sub.add_parser("check", help="is the bundle whole (sha256 of every file); which backends run here")
+    check.add_argument("bundle")
+    check.add_argument("--quick", action="store_true", help="sizes only, no sha256")
+    check.add_argument("--json", action="store_true")
+    selftest = sub.add_parser("selftest", help="run patched layers on the Edge TPU and compare with emulate")
+    selftest.add_argument("bundle")
     return p
+
+
+def check_main(args) -> int:
+    from .check import check_bundle
+    report = check_bundle(args.bundle, args.quick)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.bundle}: {'ok' if report['ok'] else 'NOT OK'} ({report['files']} files, "
+              f"{report['checked']} checked)")
+        for problem in report["problems"]:
+            print(f"  problem: {problem}")
+        print("  backends here: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["backends"].items()))
+        m = report["machine"]
+        print(f"  interpreter {m['interpreter'] or 'none'}, libedgetpu {m['libedgetpu'] or 'none'}, "
+              f"devices {', '.join(m['edgetpu_devices']) or 'none'}")
+    return 0 if report["ok"] else 1
+
+
+def selftest_main(args) -> int:
+    from .check import selftest
+    try:
+        status, lines = selftest(args.bundle)
+    except ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "check":
+        return check_main(args)
+    if args.command == "selftest":
+        return selftest_main(args)
     try:
         result = run(args)
     except ERRORS as e:

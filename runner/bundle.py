@@ -112,66 +112,15 @@ class Bundle:
         self.towers: list[str] = manifest["towers"]
 
     @classmethod
-    def open(cls, directory: str | Path, check_sizes: bool = True) -> "Bundle":
-        directory = Path(directory)
-        path = directory / MANIFEST
-        try:
-            size = path.stat().st_size
-            if size > MAX_MANIFEST_BYTES:
-                raise BundleError(f"{path}: {size} bytes is too large for a manifest")
-            manifest = json.loads(path.read_bytes())
-        except FileNotFoundError as e:
-            raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)") from e
-        except OSError as e:
-            raise BundleError(f"{path}: cannot read ({e.strerror})") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: not valid JSON ({e})") from e
-        where = str(path)
-        if _field(where, manifest, "format", str) != FORMAT:
-            raise BundleError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
-        version = _field(where, manifest, "version", int)
-        if version != VERSION:
-            raise BundleError(f"{path}: bundle version {version}, this runner reads version {VERSION} "
-                              "(rebuild the bundle, or update the runner)")
-        _field(where, manifest, "family", str)
-        _field(where, manifest, "config", dict)
-        _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))
-
-        def file(entry, what) -> BundleFile:
-            rel = _field(f"{where}: {what}", entry, "path", str)
-            f = BundleFile(safe_path(directory, rel, f"{where}: {what}"),
-                           _field(f"{where}: {what}", entry, "sha256", str, lambda s: len(s) == 64),
-                           _field(f"{where}: {what}", entry, "bytes", int, lambda n: n >= 0))
-            if check_sizes:
-                if not f.path.is_file():
-                    raise BundleError(f"{f.path}: missing (named by {MANIFEST}, {what})")
-                if f.path.stat().st_size != f.bytes:
-                    raise BundleError(f"{f.path}: {f.path.stat().st_size} bytes, the manifest says {f.bytes}")
-            return f
-
-        host_file = file(_field(where, manifest, "host", dict), "host")
-        tokenizer = manifest.get("tokenizer")
-        tokenizer = file(tokenizer, "tokenizer") if tokenizer is not None else None
-        layers = []
-        for i, e in enumerate(_field(where, manifest, "layers", list)):
-            w = f"{where}: layers[{i}]"
-            name = _field(w, e, "name", str)
-            dims = [_field(w, e, k, int, lambda v: 0 < v <= 1 << 20) for k in ("in", "out")]
-            placement = _field(w, e, "placement", str, lambda v: v in ("tpu", "host"))
-            if placement == "host":
-                layers.append(Layer(name, *dims, placement))
-                continue
-            files = {}
-            for flavor, entry in _field(w, e, "files", dict).items():
-                if flavor not in FLAVORS:
-                    raise BundleError(f"{w}: unknown file flavor {flavor!r}")
-                files[flavor] = file(entry, f"layer {name} {flavor}")
-            if "params" not in files:
-                raise BundleError(f"{w}: layer {name} has no parameter file")
-            layers.append(Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
-                                _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                                _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files))
-        return cls(directory, manifest, layers, HostTensors(host_file.path), tokenizer)
+    def open(cls, directory: str | Path) -> "Bundle":
+        """Read and check the manifest, check every file's presence and size (not its
+        sha256: that is `runner check`), and memory-map the host tensors."""
+        m = read_manifest(directory)
+        for what, f in m.files():
+            problem = size_problem(f, what)
+            if problem:
+                raise BundleError(problem)
+        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -183,6 +132,91 @@ class Bundle:
         """The flavors every TPU layer has."""
         tpu = [layer for layer in self.layers if layer.placement == "tpu"]
         return set.intersection(*(set(layer.files) for layer in tpu)) if tpu else set(FLAVORS)
+
+
+@dataclass
+class Manifest:
+    dir: Path
+    manifest: dict
+    layers: list[Layer]
+    host: BundleFile
+    tokenizer: BundleFile | None
+
+    def files(self) -> list[tuple[str, BundleFile]]:
+        """Every file the manifest names, with what it is for."""
+        out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
+        for layer in self.layers:
+            out += [(f"layer {layer.name} {flavor}", f) for flavor, f in (layer.files or {}).items()]
+        return out
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse and check `manifest.json`: schema, version, every field's type, every path inside."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: {size} bytes is too large for a manifest")
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)") from e
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from e
+    where = str(path)
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: a manifest is a JSON object")
+    if _field(where, manifest, "format", str) != FORMAT:
+        raise BundleError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
+    version = _field(where, manifest, "version", int)
+    if version != VERSION:
+        raise BundleError(f"{path}: bundle version {version}, this runner reads version {VERSION} "
+                          "(rebuild the bundle, or update the runner)")
+    _field(where, manifest, "family", str)
+    _field(where, manifest, "config", dict)
+    _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))
+
+    def file(entry, what) -> BundleFile:
+        w = f"{where}: {what}"
+        return BundleFile(safe_path(directory, _field(w, entry, "path", str), w),
+                          _field(w, entry, "sha256", str,
+                                 lambda s: len(s) == 64 and all(c in "0123456789abcdef" for c in s)),
+                          _field(w, entry, "bytes", int, lambda n: n >= 0))
+
+    host = file(_field(where, manifest, "host", dict), "host")
+    tokenizer = manifest.get("tokenizer")
+    tokenizer = file(tokenizer, "tokenizer") if tokenizer is not None else None
+    layers = []
+    for i, e in enumerate(_field(where, manifest, "layers", list)):
+        w = f"{where}: layers[{i}]"
+        name = _field(w, e, "name", str)
+        dims = [_field(w, e, k, int, lambda v: 0 < v <= 1 << 20) for k in ("in", "out")]
+        placement = _field(w, e, "placement", str, lambda v: v in ("tpu", "host"))
+        if placement == "host":
+            layers.append(Layer(name, *dims, placement))
+            continue
+        files = {}
+        for flavor, entry in _field(w, e, "files", dict).items():
+            if flavor not in FLAVORS:
+                raise BundleError(f"{w}: unknown file flavor {flavor!r}")
+            files[flavor] = file(entry, f"layer {name} {flavor}")
+        if "params" not in files:
+            raise BundleError(f"{w}: layer {name} has no parameter file")
+        layers.append(Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
+                            _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
+                            _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files))
+    return Manifest(directory, manifest, layers, host, tokenizer)
+
+
+def size_problem(f: BundleFile, what: str) -> str | None:
+    if not f.path.is_file():
+        return f"{f.path}: missing (named by {MANIFEST} as the {what})"
+    size = f.path.stat().st_size
+    if size != f.bytes:
+        return f"{f.path}: {size} bytes, {MANIFEST} says {f.bytes} ({what})"
+    return None
 
 
 def safe_path(directory: Path, rel: str, where: str) -> Path:

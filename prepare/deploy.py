@@ -1,0 +1,64 @@
+"""`doit deploy bundle=NAME target=DEST`: copy a bundle and the runner to a Pi (or a local
+directory) with rsync, then print the command to run there.
+
+rsync compares checksums (`--checksum`), sends only what changed, keeps partly sent
+files to resume (`--partial`), and removes files the bundle no longer has (`--delete`).
+DEST is `user@host:/path` (over ssh) or a local path. The layout at DEST:
+
+    DEST/runner/              the runner package (numpy + a TFLite interpreter)
+    DEST/bundles/NAME/        the bundle
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from .store import ROOT
+
+RSYNC_FLAGS = ["--archive", "--checksum", "--partial", "--delete", "--mkpath", "--stats",
+               "--exclude=__pycache__", "--exclude=*.pyc"]
+
+
+class DeployError(RuntimeError):
+    """A deploy that cannot go on; the message says why and what to do."""
+
+
+def transferred(stats: str) -> int:
+    """Regular files rsync sent, from its --stats output."""
+    m = re.search(r"Number of regular files transferred: ([\d,]+)", stats)
+    return int(m.group(1).replace(",", "")) if m else -1
+
+
+def _rsync(source: Path, dest: str) -> str:
+    run = subprocess.run(["rsync", *RSYNC_FLAGS, f"{source}/", dest], capture_output=True, text=True)
+    if run.returncode != 0:
+        reason = {255: "cannot reach the host (ssh failed)", 23: "some files could not be copied",
+                  11: "cannot write at the destination", 12: "the connection broke"}.get(run.returncode, "")
+        raise DeployError(f"rsync {source} -> {dest} failed (exit {run.returncode}{': ' + reason if reason else ''}): "
+                          f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}")
+    return run.stdout
+
+
+def deploy(bundle: Path, target: str) -> dict:
+    if not (bundle / "manifest.json").is_file():
+        raise DeployError(f"{bundle}: no such bundle (build it with `doit recipe=...`; bundles are in "
+                          f"{bundle.parent})")
+    if shutil.which("rsync") is None:
+        raise DeployError("rsync is not installed here (Debian/Ubuntu: apt install rsync); the Pi needs it too")
+    if not target:
+        raise DeployError("give target=DEST: user@host:/path or a local directory")
+    remote = re.match(r"^[^/:]+:", target) is not None
+    dest = target.rstrip("/") or "/"
+    counts = {}
+    for name, source, where in (("runner", ROOT / "runner", f"{dest}/runner/"),
+                                ("bundle", bundle, f"{dest}/bundles/{bundle.name}/")):
+        stats = _rsync(source, where)
+        counts[name] = transferred(stats)
+    place = dest.split(":", 1)[1] if remote else str(Path(dest).resolve())
+    command = (f"cd {shlex.quote(place)} && python3 -m pip install -r runner/requirements.txt && "
+               f"python3 -m runner check bundles/{bundle.name}")
+    return {"files_sent": counts, "on_the_pi": (f"ssh {target.split(':', 1)[0]}, then: " if remote else "") + command}

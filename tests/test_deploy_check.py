@@ -1,0 +1,108 @@
+"""From build host to Pi: deploy with rsync, `runner check`, `runner selftest`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .test_clip_bundle import bundle_dir, checkpoint_dir, demo, doit, runner, samples  # noqa: F401
+
+
+def check(directory, *flags):
+    run = runner("check", directory, "--json", *flags)
+    report = json.loads(run.stdout)
+    assert set(report) >= {"ok", "problems", "backends"}
+    assert run.returncode == (0 if report["ok"] else 1)
+    return report
+
+
+@pytest.fixture
+def copy(tmp_path, bundle_dir):
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, target)
+    return target
+
+
+def edit_manifest(directory, change):
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_check_passes_a_whole_bundle(bundle_dir):
+    report = check(bundle_dir)
+    assert report["ok"] and report["problems"] == [] and report["checked"] == "sha256"
+    assert report["backends"]["emulate"] and report["backends"]["cpu"]
+    assert report["backends"]["edgetpu"] is False  # no compiled template, no device here
+
+
+def test_check_finds_a_flipped_byte_only_with_sha256(copy):
+    victim = next((copy / "layers").glob("*.params.bin"))
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert check(copy, "--quick")["ok"]  # same size: --quick cannot see it
+    report = check(copy)
+    assert not report["ok"] and any(str(victim) in p and "sha256" in p for p in report["problems"])
+    assert not any(report["backends"][b] for b in ("emulate", "cpu", "edgetpu"))
+
+
+def test_check_finds_a_missing_file(copy):
+    victim = next((copy / "layers").glob("*.cpu.tflite"))
+    victim.unlink()
+    report = check(copy, "--quick")
+    assert not report["ok"] and any(str(victim) in p and "missing" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "layers/../../outside.bin", "/etc/passwd"])
+def test_check_refuses_paths_that_leave_the_bundle(copy, path):
+    edit_manifest(copy, lambda m: m["layers"][0]["files"]["params"].__setitem__("path", path))
+    report = check(copy)
+    assert not report["ok"] and any(repr(path) in p and "leaves the bundle" in p for p in report["problems"])
+
+
+def test_check_refuses_a_symlink_leading_out(copy, tmp_path):
+    outside = tmp_path / "outside.bin"
+    victim = next((copy / "layers").glob("*.params.bin"))
+    shutil.copyfile(victim, outside)
+    victim.unlink()
+    victim.symlink_to(outside)  # same bytes, but outside the bundle
+    report = check(copy)
+    assert not report["ok"] and any("symlink" in p for p in report["problems"])
+    run = runner("clip-image", copy, "x.png")
+    assert run.returncode == 2 and "symlink" in run.stderr
+
+
+def test_check_refuses_another_version(copy):
+    edit_manifest(copy, lambda m: m.__setitem__("version", 99))
+    report = check(copy)
+    assert not report["ok"] and "bundle version 99" in report["problems"][0]
+
+
+def test_selftest_exits_2_without_a_device(bundle_dir):
+    run = runner("selftest", bundle_dir)
+    assert run.returncode == 2 and "no Edge TPU" in run.stdout + run.stderr and "Traceback" not in run.stderr
+
+
+def test_deploy_to_a_local_directory_twice(demo, tmp_path):
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (apt install rsync); deploy needs it")
+    artifacts, _ = demo
+    target = tmp_path / "pi"
+    first = doit(artifacts, "deploy", "bundle=demo-clip", f"target={target}").stdout
+    assert "files sent: runner " in first and "bundle 0" not in first
+    second = doit(artifacts, "deploy", "bundle=demo-clip", f"target={target}").stdout
+    assert "files sent: runner 0, bundle 0" in second, second
+    assert f"cd {target} && python3 -m pip install -r runner/requirements.txt" in second
+    # What arrived is a whole bundle, and the copied runner (not this checkout's) checks it.
+    run = subprocess.run([sys.executable, "-m", "runner", "check", "bundles/demo-clip", "--json"], cwd=target,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and json.loads(run.stdout)["ok"], run.stderr
+
+    missing = doit(artifacts, "deploy", "bundle=nope", f"target={target}", check=False)
+    assert missing.returncode != 0 and "no such bundle" in missing.stdout + missing.stderr

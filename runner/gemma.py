@@ -1,0 +1,205 @@
+"""Gemma-3 text decoder (Gemma3ForCausalLM) in numpy, following Hugging Face's `modeling_gemma3`.
+
+One readable forward pass. Every linear layer goes through `linear(name, x)` with the
+Hugging Face module path ("model.layers.3.self_attn.q_proj"), so the executor decides
+where it runs; the LM head is separate (`logits`), because it is tiled and has modes
+of its own. Norms, rotary embeddings, attention and activations run here in float32.
+
+Per layer: input norm -> attention (q, k, v; per-head q and k norms; rotary embeddings
+with the local base on sliding layers and the global base on full ones; grouped-query
+attention over a KV cache; sliding window on sliding layers) -> o -> post-attention norm
+-> residual; pre-feedforward norm -> gated GELU-tanh MLP -> post-feedforward norm -> residual.
+RMSNorm scales by (1 + weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+Linear = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass
+class GemmaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    layer_types: list = field(default_factory=list)
+    sliding_window: int = 512
+    rope_global: float = 1_000_000.0
+    rope_local: float = 10_000.0
+    rope_global_factor: float = 1.0  # linear RoPE scaling of full-attention layers
+    query_pre_attn_scalar: float = 256
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    final_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    bos_token_id: int = 2
+    eos_token_id: int | list = 1
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "GemmaConfig":
+        """Both config formats: `rope_parameters`/`layer_types` (transformers 5) and
+        `rope_theta`/`rope_local_base_freq`/`rope_scaling`/`sliding_window_pattern` (older)."""
+        d = dict(d.get("text_config", d))
+        n = int(d["num_hidden_layers"])
+        layer_types = d.get("layer_types") or [
+            "sliding_attention" if (i + 1) % int(d.get("sliding_window_pattern", 6)) else "full_attention"
+            for i in range(n)]
+        rope = d.get("rope_parameters") or {}
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        scaling = d.get("rope_scaling") or full
+        if scaling.get("rope_type", "default") not in ("default", "linear"):
+            raise ValueError(f"RoPE type {scaling.get('rope_type')!r} is not supported (default, linear)")
+        return cls(
+            hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=n, num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+            head_dim=int(d.get("head_dim", 256)), vocab_size=int(d["vocab_size"]), layer_types=list(layer_types),
+            sliding_window=int(d.get("sliding_window") or 4096),
+            rope_global=float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
+            rope_local=float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
+            rope_global_factor=float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0,
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
+            bos_token_id=int(d.get("bos_token_id", 2)), eos_token_id=d.get("eos_token_id", 1),
+            pad_token_id=int(d.get("pad_token_id", 0)))
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps)) * (1.0 + weight)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+
+
+def rotary(x: np.ndarray, positions: np.ndarray, base: float, factor: float = 1.0) -> np.ndarray:
+    """x [heads, n, head_dim] rotated by its positions (the rotate-half convention)."""
+    d = x.shape[-1]
+    inv_freq = (1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32) / np.float32(factor)
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    half = d // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values per layer, [kv_heads, positions, head_dim], grown as tokens come."""
+
+    def __init__(self, config: GemmaConfig):
+        shape = (config.num_key_value_heads, 0, config.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+
+class Gemma:
+    def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], linear: Linear):
+        self.config, self.w, self.linear = config, weights, linear
+
+    def _attention(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        c, w, p = self.config, self.w, f"model.layers.{i}.self_attn"
+        n, hd = x.shape[0], c.head_dim
+        q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
+        k = self.linear(f"{p}.k_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
+        v = self.linear(f"{p}.v_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
+        q = rms_norm(q, w[f"{p}.q_norm.weight"], c.rms_norm_eps)
+        k = rms_norm(k, w[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        sliding = c.layer_types[i] == "sliding_attention"
+        base, factor = (c.rope_local, 1.0) if sliding else (c.rope_global, c.rope_global_factor)
+        q, k = rotary(q, positions, base, factor), rotary(k, positions, base, factor)
+        cache.k[i] = np.concatenate([cache.k[i], k.astype(np.float32)], 1)
+        cache.v[i] = np.concatenate([cache.v[i], v.astype(np.float32)], 1)
+        keys, values = cache.k[i], cache.v[i]
+        # Grouped-query attention: each key-value head serves `group` query heads.
+        group = c.num_attention_heads // c.num_key_value_heads
+        qg = q.reshape(c.num_key_value_heads, group * n, hd)
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(c.num_attention_heads, n, -1)
+        scores = scores * np.float32(c.query_pre_attn_scalar ** -0.5)
+        kv_pos = np.arange(keys.shape[1])
+        visible = kv_pos[None, :] <= positions[:, None]
+        if sliding:
+            visible &= kv_pos[None, :] > positions[:, None] - c.sliding_window
+        scores = np.where(visible[None], scores, np.float32(-np.inf))
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = scores / scores.sum(-1, keepdims=True)
+        out = (probs.reshape(c.num_key_value_heads, group * n, -1) @ values).reshape(c.num_attention_heads, n, hd)
+        return self.linear(f"{p}.o_proj", out.transpose(1, 0, 2).reshape(n, -1))
+
+    def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run `ids` (one sequence, continuing what `cache` holds); return the final-normed
+        hidden states [len(ids), hidden]. The cache grows by len(ids)."""
+        c, w = self.config, self.w
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if len(ids) == 0:
+            raise ValueError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+        start = cache.length
+        if start + len(ids) > c.max_position_embeddings:
+            raise ValueError(f"{start + len(ids)} tokens is longer than the context of {c.max_position_embeddings}")
+        positions = np.arange(start, start + len(ids))
+        h = w["model.embed_tokens.weight"][ids].astype(np.float32) * np.float32(c.hidden_size ** 0.5)
+        eps = c.rms_norm_eps
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            x = rms_norm(h, w[f"{p}.input_layernorm.weight"], eps)
+            h = h + rms_norm(self._attention(i, x, positions, cache), w[f"{p}.post_attention_layernorm.weight"], eps)
+            x = rms_norm(h, w[f"{p}.pre_feedforward_layernorm.weight"], eps)
+            mlp = self.linear(f"{p}.mlp.down_proj",
+                              gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x)) * self.linear(f"{p}.mlp.up_proj", x))
+            h = h + rms_norm(mlp, w[f"{p}.post_feedforward_layernorm.weight"], eps)
+        return rms_norm(h, w["model.norm.weight"], eps)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """The float tied head: hidden [n, d] -> logits [n, vocab]."""
+        logits = h @ self.w["model.embed_tokens.weight"].T
+        cap = self.config.final_logit_softcapping
+        return np.tanh(logits / cap) * cap if cap else logits
+
+
+def linear_names(config: GemmaConfig) -> list[str]:
+    """Every decoder linear, in execution order (the LM head is tiled apart)."""
+    names = []
+    for i in range(config.num_hidden_layers):
+        names += [f"model.layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [f"model.layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    return names
+
+
+def tensor_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads, with the shape the config implies."""
+    c, d, hd = config, config.hidden_size, config.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.self_attn.q_proj.weight": (c.num_attention_heads * hd, d),
+            f"{p}.self_attn.k_proj.weight": (c.num_key_value_heads * hd, d),
+            f"{p}.self_attn.v_proj.weight": (c.num_key_value_heads * hd, d),
+            f"{p}.self_attn.o_proj.weight": (d, c.num_attention_heads * hd),
+            f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,),
+            f"{p}.mlp.gate_proj.weight": (c.intermediate_size, d), f"{p}.mlp.up_proj.weight": (c.intermediate_size, d),
+            f"{p}.mlp.down_proj.weight": (d, c.intermediate_size),
+        })
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            shapes[f"{p}.{n}.weight"] = (d,)
+    return shapes

@@ -1,0 +1,101 @@
+"""The numpy Gemma-3 against Hugging Face's Gemma3ForCausalLM on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from runner.clip import float_linear  # noqa: E402
+from runner.gemma import Gemma, GemmaConfig, KVCache, tensor_shapes  # noqa: E402
+
+CONFIGS = [
+    # one key-value head; a sliding window (4) shorter than the prompt; both layer types
+    dict(heads=4, kv=1, layers=3, types=["sliding_attention", "full_attention", "sliding_attention"], window=4),
+    # several key-value heads (grouped 2:1), linear RoPE scaling on full layers
+    dict(heads=4, kv=2, layers=2, types=["full_attention", "sliding_attention"], window=6, factor=8.0),
+    # multi-head (no grouping), old-style config keys
+    dict(heads=2, kv=2, layers=2, types=None, window=3, pattern=2),
+]
+PROMPT = [2, 17, 33, 5, 60, 61, 7, 19, 40, 3, 12]
+
+
+def make_hf(c: dict, seed: int):
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=c["layers"],
+                  num_attention_heads=c["heads"], num_key_value_heads=c["kv"], head_dim=16, sliding_window=c["window"],
+                  max_position_embeddings=128, query_pre_attn_scalar=16, rms_norm_eps=1e-6)
+    if c["types"]:
+        kwargs["layer_types"] = c["types"]
+    else:
+        kwargs["sliding_window_pattern"] = c["pattern"]
+    if c.get("factor"):
+        kwargs["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": c["factor"],
+                                                        "rope_theta": 1_000_000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    config = transformers.Gemma3TextConfig(**kwargs)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 0 (scale 1 + w): randomize them so they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    return config, model, weights
+
+
+def ours(config, weights) -> Gemma:
+    return Gemma(GemmaConfig.from_dict(config.to_dict()), weights, float_linear(weights))
+
+
+@pytest.mark.parametrize("seed,c", list(enumerate(CONFIGS)))
+def test_logits_and_greedy_tokens_match_transformers(seed, c):
+    config, model, weights = make_hf(c, seed)
+    expected_shapes = tensor_shapes(GemmaConfig.from_dict(config.to_dict()))
+    assert expected_shapes == {k: v.shape for k, v in weights.items() if k != "lm_head.weight"}
+    gemma = ours(config, weights)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    got = gemma.logits(gemma.forward(np.array(PROMPT), KVCache(gemma.config)))
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 1e-4 * scale, np.abs(got - ref).max() / scale
+
+    generated, seq = [], list(PROMPT)  # greedy with transformers, end-of-text not special
+    with torch.no_grad():
+        for _ in range(32):
+            generated.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(generated[-1])
+    cache = KVCache(gemma.config)
+    h = gemma.forward(np.array(PROMPT), cache)
+    tokens = []
+    for _ in range(32):
+        tokens.append(int(np.argmax(gemma.logits(h[-1:])[0])))
+        h = gemma.forward(np.array(tokens[-1:]), cache)
+    assert tokens == generated
+
+
+def test_kv_cache_decode_equals_full_recomputation():
+    config, _, weights = make_hf(CONFIGS[0], 7)
+    gemma = ours(config, weights)
+    cache = KVCache(gemma.config)
+    seq = list(PROMPT[:3])
+    h = gemma.forward(np.array(seq), cache)
+    for step in range(12):  # well past the sliding window of 4
+        full = gemma.forward(np.array(seq), KVCache(gemma.config))
+        np.testing.assert_allclose(h[-1], full[-1], rtol=1e-5, atol=1e-5)
+        seq.append(int(np.argmax(gemma.logits(h[-1:])[0])))
+        h = gemma.forward(np.array(seq[-1:]), cache)
+    assert cache.length == len(seq)
+
+
+def test_bad_tokens_and_context():
+    config, _, weights = make_hf(CONFIGS[2], 1)
+    gemma = ours(config, weights)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+        gemma.forward(np.array([5, 96]), KVCache(gemma.config))
+    with pytest.raises(ValueError, match="no tokens"):
+        gemma.forward(np.array([], np.int64), KVCache(gemma.config))
+    with pytest.raises(ValueError, match="longer than the context of 128"):
+        gemma.forward(np.arange(129) % 90, KVCache(gemma.config))

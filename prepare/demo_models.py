@@ -181,3 +181,93 @@ def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# --- the Gemma demo -------------------------------------------------------------------------
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+FUNCTIONS = ["get_weather", "set_timer", "send_message", "play_music", "turn_on_light", "search_web",
+             "book_table", "convert_currency", "add_event", "read_sensor", "open_door", "call_contact"]
+ARGUMENTS = ["city", "minutes", "recipient", "song", "room", "query", "people", "amount", "date", "sensor",
+             "name", "volume", "language", "unit", "time", "device"]
+VALUES = ["Paris", "Berlin", "Tokyo", "five", "ten", "kitchen", "garden", "jazz", "Alice", "Bob", "euros",
+          "dollars", "tomorrow", "Monday", "temperature", "humidity", "loud", "quiet", "French", "Celsius"]
+
+
+def gemma_corpus() -> list[str]:
+    """Function-calling style turns, generated combinatorially (enough text for a 1024-token BPE)."""
+    lines = []
+    for f, fn in enumerate(FUNCTIONS):
+        for a, arg in enumerate(ARGUMENTS):
+            value = VALUES[(f * 7 + a * 3) % len(VALUES)]
+            lines.append(f"<start_of_turn>user please {fn.replace('_', ' ')} with {arg} {value}<end_of_turn>")
+            lines.append(f'<start_of_turn>model call:{fn}{{{arg}:"{value}"}}<end_of_turn>')
+            lines.append(f"the {arg} of {value} is {VALUES[(f + a) % len(VALUES)].lower()} today, said {fn}")
+    # Made-up place and device names, so the BPE has enough text for its vocabulary.
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "zo", "pi", "se", "du", "ba", "ge", "fo", "wy", "ch", "qu"]
+    for k in range(1200):
+        a, b, c = syllables[k % 16], syllables[(k // 16) % 16], syllables[(k * 7 + 3) % 16]
+        lines.append(f"{a}{b}{c}{k % 97} near {b}{a} at {k % 24}:{k % 60:02d}")
+    return lines
+
+
+def make_gemma_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE with Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and a bos prefix."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GEMMA_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
+    tok.train_from_iterator(gemma_corpus() * 2, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return tok
+
+
+def demo_gemma_config(vocab_size: int) -> dict:
+    """Gemma-3 in miniature: every linear 256x256 (hidden 256, one head of 256, one key-value
+    head, intermediate 256), both layer types, a sliding window shorter than the context."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": vocab_size,
+        "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    }
+
+
+def make_demo_gemma(directory: str | Path, seed: int = 0) -> Path:
+    """config.json, model.safetensors, tokenizer.json and prompts.txt of the Gemma demo."""
+    from safetensors.numpy import save
+
+    from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes
+
+    directory = Path(directory)
+    tokenizer = make_gemma_tokenizer()
+    config = demo_gemma_config(tokenizer.get_vocab_size())
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in gemma_shapes(GemmaConfig.from_dict(config)).items():
+        if name.endswith("norm.weight"):  # scale (1 + w)
+            value = 0.1 * rng.standard_normal(shape)
+        elif name == "model.embed_tokens.weight":
+            value = rng.standard_normal(shape) / np.sqrt(shape[1])
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[1])
+        tensors[name] = np.asarray(value, np.float32)
+    atomic_write(directory / "config.json", json.dumps(config, indent=2))
+    atomic_write(directory / "tokenizer.json", tokenizer.to_str())
+    atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    corpus = gemma_corpus()
+    order = rng.permutation(len(corpus))
+    atomic_write(directory / "prompts.txt", "\n".join(corpus[i] for i in order[:32]) + "\n")
+    return directory
+
+
+GENERATORS["demo-gemma"] = make_demo_gemma
+CONFIGS["demo-gemma"] = lambda: demo_gemma_config(vocab_size=1024)

@@ -99,3 +99,29 @@ def test_bad_tokens_and_context():
         gemma.forward(np.array([], np.int64), KVCache(gemma.config))
     with pytest.raises(ValueError, match="longer than the context of 128"):
         gemma.forward(np.arange(129) % 90, KVCache(gemma.config))
+
+
+def test_demo_gemma_checkpoint_loads_in_transformers_and_matches(tmp_path):
+    """The generated demo is a real Hugging Face checkpoint: transformers loads it, and the
+    numpy model reading it through the checkpoint loader gives the same logits."""
+    from prepare.demo_models import make_demo_gemma
+    from runner.checkpoint import Checkpoint
+    from runner.gemma import linear_names
+
+    make_demo_gemma(tmp_path)
+    checkpoint = Checkpoint(tmp_path)
+    config = GemmaConfig.from_dict(checkpoint.config)
+    checkpoint.require(tensor_shapes(config))
+    assert config.vocab_size >= 1024 and set(config.layer_types) == {"sliding_attention", "full_attention"}
+    assert {checkpoint.info(f"{n}.weight")[0] for n in linear_names(config)} == {(256, 256)}
+    model = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path).eval()
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(
+        "<start_of_turn>user please set timer with minutes ten, then play music in the garden "
+        "and tell kalomi7 near lozo at 3:14<end_of_turn><start_of_turn>model").ids
+    assert ids[0] == 2 and len(ids) > config.sliding_window  # the window matters in this prompt
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    gemma = Gemma(config, checkpoint, float_linear(checkpoint))
+    got = gemma.logits(gemma.forward(np.array(ids), KVCache(config)))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

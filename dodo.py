@@ -33,7 +33,7 @@ from runner.flatbuf import FormatError
 
 ARTIFACTS.mkdir(parents=True, exist_ok=True)
 EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, CheckpointError, ImageError, TokenizerError,
-            BundleError, KeyError, ValueError, OSError)
+            BundleError, OSError)
 
 
 def step(fn, *args):

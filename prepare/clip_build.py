@@ -17,7 +17,7 @@ from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.tokenize import ClipTokenizer
 
 from .calibrate import InputRecorder
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
@@ -81,7 +81,7 @@ def calibration_images(recipe: Recipe, config: CLIPConfig) -> np.ndarray:
     if folder is not None:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate with")
+            raise RecipeError(f"{recipe.source}: key calibration.images: {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate with")
         images += [load_image(p, size) for p in files]
     rng = np.random.default_rng(recipe.calibration["seed"])
     for _ in range(recipe.calibration["synthetic"]):
@@ -99,7 +99,7 @@ def calibration_texts(recipe: Recipe, config: CLIPConfig) -> list[np.ndarray]:
     if path is not None:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
-            raise ValueError(f"{path}: no captions to calibrate with")
+            raise RecipeError(f"{recipe.source}: key calibration.captions: {path} has no captions")
         tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
         rows += [tokenizer([line])[0] for line in lines]
     t = config.text

@@ -26,14 +26,15 @@ import numpy as np
 
 from runner.edgetpu_codec import DenseParams, decode_dense, encode_dense, parse_compiled, patch, token_from_digest
 from runner.emulate import DenseEmulator
-from runner.quant import QuantizedLinear, quantize_rows
+from runner.quant import QuantizedLinear
 from runner.tflite_file import parse_tflite
 
 from .patch import patch_uncompiled, uncompiled_multipliers
 from .quantize import calibrated_multipliers, quantize_weights
-from .recipe import Recipe
+from .recipe import Recipe, RecipeError
 from .store import ARTIFACTS, Store, atomic_write, key_of
 from .template_stage import index_path as templates_index_path
+from .templates import TemplateError
 
 LAYER_VERSION = 1  # bump when the quantization code changes what it makes
 ERROR_ROWS = 256  # calibration rows each layer's int8 error is measured on
@@ -71,10 +72,14 @@ def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, 
     the share of outputs the uint8 range clamps."""
     zp_in, zp_out = template["input_zero_point"], template["output_zero_point"]
     rows = rows[:ERROR_ROWS]
-    emulator = DenseEmulator(params, zp_in, zp_out)
+    outputs = []  # the uint8 rows the emulated layer produced, kept to count clamping
+
+    def emulator(x_u8, run=DenseEmulator(params, zp_in, zp_out)):
+        outputs.append(run(x_u8))
+        return outputs[-1]
     int8 = QuantizedLinear(emulator, s_w, params.multipliers, bias, zp_in, zp_out)(rows)
     ref = rows @ weight.T + (0 if bias is None else bias)
-    y_u8 = emulator(quantize_rows(rows, zp_in)[0])
+    y_u8 = outputs[0]
     return {"relative_error": float(np.linalg.norm(int8 - ref) / max(np.linalg.norm(ref), 1e-30)),
             "clamped": float(np.mean((y_u8 == 0) | (y_u8 == 255)))}
 
@@ -127,7 +132,7 @@ def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict
     for t in templates["templates"]:
         if (t["in"], t["out"], t["batch"]) == (n_in, n_out, recipe.batch_for(n_in, n_out)):
             return t
-    raise KeyError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe)}; run `doit templates`")
+    raise TemplateError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe)}; run `doit templates`")
 
 
 def is_host_layer(name: str, recipe: Recipe) -> bool:
@@ -145,7 +150,7 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
     specs = linear_specs(config, recipe.towers)
     unmatched = [p for p in recipe.cpu_layers if not any(fnmatch(s.name, p) for s in specs)]
     if unmatched:
-        raise KeyError(f"{recipe.source}: cpu_layers pattern(s) {unmatched} match no linear layer "
+        raise RecipeError(f"{recipe.source}: key cpu_layers: pattern(s) {unmatched} match no linear layer "
                        f"(layers look like {specs[0].name!r})")
     with tqdm(total=calibration_count(recipe), desc="calibrate", unit="input") as bar:
         rows = record_calibration(recipe, checkpoint, config, bar.update)

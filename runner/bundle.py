@@ -128,10 +128,6 @@ class Bundle:
                 return layer
         raise BundleError(f"{self.dir}: no layer {name!r}")
 
-    def flavors(self) -> set[str]:
-        """The flavors every TPU layer has."""
-        tpu = [layer for layer in self.layers if layer.placement == "tpu"]
-        return set.intersection(*(set(layer.files) for layer in tpu)) if tpu else set(FLAVORS)
 
 
 @dataclass

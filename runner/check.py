@@ -59,11 +59,8 @@ def edgetpu_library() -> str | None:
 
 def machine() -> dict:
     """What this machine has for running bundles."""
-    try:
-        import safetensors  # noqa: F401
-        has_safetensors = True
-    except ImportError:
-        has_safetensors = False
+    import importlib.util
+    has_safetensors = importlib.util.find_spec("safetensors") is not None
     return {"numpy": np.__version__, "interpreter": INTERPRETER, "safetensors": has_safetensors,
             "libedgetpu": edgetpu_library(), "edgetpu_devices": edgetpu_devices()}
 

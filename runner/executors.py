@@ -91,7 +91,7 @@ def edgetpu_delegates() -> list:
                                "(udev rules; see the README's guide)?")
         return [load_edgetpu_delegate()]
     if load_delegate is None:
-        require_interpreter()
+        raise BackendError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime with numpy < 2)")
     if ctypes.util.find_library("edgetpu") is None and not Path(f"/usr/lib/{library}").exists():
         try:
             ctypes.CDLL(library)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +29,41 @@ def compiled_bytes(fixture_dir) -> bytes:
 @pytest.fixture(scope="session")
 def uncompiled_bytes(fixture_dir) -> bytes:
     return (fixture_dir / "dense_256.tflite").read_bytes()
+
+
+# --- the demo CLIP bundle, built once per session by the real doit ------------------------
+
+def doit(artifacts, *args, check=True):
+    env = dict(os.environ, CORAL_ARTIFACTS=str(artifacts))
+    run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    if check:
+        assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def runner(*args):
+    return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The default `doit` (the demo recipe, no compiled template): (artifacts dir, doit output)."""
+    artifacts = tmp_path_factory.mktemp("demo") / "artifacts"
+    return artifacts, doit(artifacts).stdout
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(demo):
+    return demo[0] / "bundles" / "demo-clip"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(demo):
+    return demo[0] / "demo" / "clip"
+
+
+@pytest.fixture(scope="session")
+def samples(checkpoint_dir):
+    return sorted((checkpoint_dir / "samples").glob("*.png"))

@@ -7,9 +7,6 @@ artifacts directory moved into a temporary directory (CORAL_ARTIFACTS).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,45 +15,9 @@ from runner.bundle import Bundle
 from runner.edgetpu_codec import decode_dense, read_compiled
 from runner.executors import LazyEmulator, TemplateInterpreter, make_linear
 
-from .conftest import ROOT
+from .conftest import doit, runner
 
 LABELS = "red,green,blue,yellow"
-
-
-def doit(artifacts, *args, check=True):
-    env = dict(os.environ, CORAL_ARTIFACTS=str(artifacts))
-    run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
-                         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    if check:
-        assert run.returncode == 0, run.stdout + run.stderr
-    return run
-
-
-def runner(*args):
-    return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The default `doit` (the demo recipe, no compiled template): (artifacts dir, doit output)."""
-    artifacts = tmp_path_factory.mktemp("demo") / "artifacts"
-    return artifacts, doit(artifacts).stdout
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(demo):
-    return demo[0] / "bundles" / "demo-clip"
-
-
-@pytest.fixture(scope="session")
-def checkpoint_dir(demo):
-    return demo[0] / "demo" / "clip"
-
-
-@pytest.fixture(scope="session")
-def samples(checkpoint_dir):
-    return sorted((checkpoint_dir / "samples").glob("*.png"))
 
 
 def cosine(a, b):

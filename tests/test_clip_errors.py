@@ -9,7 +9,7 @@ import pytest
 
 from prepare.recipe import RecipeError, load_recipe
 
-from .test_clip_bundle import bundle_dir, checkpoint_dir, demo, doit, runner, samples  # noqa: F401
+from .conftest import doit, runner
 
 DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
 

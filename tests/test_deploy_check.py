@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from .test_clip_bundle import bundle_dir, checkpoint_dir, demo, doit, runner, samples  # noqa: F401
+from .conftest import doit, runner
 
 
 def check(directory, *flags):

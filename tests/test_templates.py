@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest

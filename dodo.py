@@ -65,7 +65,7 @@ def _plans():
         raise SystemExit(2)
 
 
-GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "captions.txt")
+GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 RECIPE = _load()
 STORE = Store()
 PLANS = _plans()
@@ -132,7 +132,7 @@ def _checkpoint_files() -> list[str]:
     files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
     if (d / "tokenizer.json").is_file():
         files.append(d / "tokenizer.json")
-    for key in ("images", "captions"):
+    for key in ("images", "captions", "prompts"):
         path = RECIPE.calibration_path(key)
         if path is not None:
             files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]

@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION
-from runner.clip import tensor_shapes
-
-from .clip_build import config_of
+from .families import family_module
 from .recipe import Recipe
 from .store import ARTIFACTS, Store, replace_dir, sha256_file
 
@@ -52,9 +50,10 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     """The float tensors the host needs, by name."""
     from safetensors.numpy import load
 
-    config = config_of(checkpoint.config)
+    family = family_module(recipe)
+    shapes = family.required_shapes(recipe, family.model_config(recipe))
     tpu = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu"}
-    tensors = {name: checkpoint[name] for name in tensor_shapes(config, recipe.towers)
+    tensors = {name: checkpoint[name] for name in shapes
                if not (name.endswith(".weight") and name[: -len(".weight")] in tpu)}
     for name, e in tpu.items():
         q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
@@ -77,7 +76,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
         save_file(host_tensors(recipe, index, checkpoint, store), str(tmp / HOST_FILE), metadata={"format": "np"})
         (tmp / HOST_FILE).chmod(0o644)  # it is written 0600; bundles are copied and read by others
         tokenizer = None
-        if "text" in recipe.towers:
+        if recipe.family == "gemma" or "text" in recipe.towers:
             shutil.copyfile(recipe.checkpoint_dir / "tokenizer.json", tmp / "tokenizer.json")
             tokenizer = _file_entry(tmp, "tokenizer.json")
         layers = []

@@ -52,11 +52,12 @@ def model_config(recipe: Recipe) -> CLIPConfig:
     return config_of(CONFIGS[recipe.generate]())
 
 
-def model_shapes(recipe: Recipe) -> set[tuple[int, int]]:
-    """The (in, out) of every linear the recipe puts on the TPU."""
-    from .layers import is_host_layer
-    return {(s.n_in, s.n_out) for s in linear_specs(model_config(recipe), recipe.towers)
-            if not is_host_layer(s.name, recipe)}
+def specs(recipe: Recipe, config: CLIPConfig) -> list[LinearSpec]:
+    return linear_specs(config, recipe.towers)
+
+
+def required_shapes(recipe: Recipe, config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(config, recipe.towers)
 
 
 def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:

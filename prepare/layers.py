@@ -143,17 +143,18 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
     """Calibrate, then quantize and patch every linear; write and return the layers index."""
     from tqdm import tqdm
 
-    from .clip_build import calibration_count, linear_specs, open_checkpoint, record_calibration
+    from .families import family_module
 
-    checkpoint, config = open_checkpoint(recipe)
+    family = family_module(recipe)
+    checkpoint, config = family.open_checkpoint(recipe)
     templates = json.loads(templates_index_path(recipe).read_text())
-    specs = linear_specs(config, recipe.towers)
+    specs = family.specs(recipe, config)
     unmatched = [p for p in recipe.cpu_layers if not any(fnmatch(s.name, p) for s in specs)]
     if unmatched:
         raise RecipeError(f"{recipe.source}: key cpu_layers: pattern(s) {unmatched} match no linear layer "
                        f"(layers look like {specs[0].name!r})")
-    with tqdm(total=calibration_count(recipe), desc="calibrate", unit="input") as bar:
-        rows = record_calibration(recipe, checkpoint, config, bar.update)
+    with tqdm(total=family.calibration_count(recipe), desc="calibrate", unit="input") as bar:
+        rows = family.record_calibration(recipe, checkpoint, config, bar.update)
     entries = []
     for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
         if is_host_layer(spec.name, recipe):

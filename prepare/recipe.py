@@ -19,8 +19,8 @@ import yaml
 from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
-FAMILIES = {"clip": ("image", "text")}  # family -> its towers (Gemma joins here)
-GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip"}  # built-in checkpoint generators -> the family they make
+FAMILIES = {"clip": ("image", "text"), "gemma": ("decoder",)}  # family -> its towers
+GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip", "demo-gemma": "gemma"}  # built-in checkpoint generators -> the family they make
 FLAVORS = ("edgetpu", "cpu")
 
 # Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).
@@ -31,7 +31,8 @@ QUANTIZATION = {
 }
 CALIBRATION = {
     "images": ((str, type(None)), None, None),  # a directory of images
-    "captions": ((str, type(None)), None, None),  # a text file, one caption per line
+    "captions": ((str, type(None)), None, None),  # a text file, one caption per line (CLIP)
+    "prompts": ((str, type(None)), None, None),  # a text file, one prompt per line (Gemma)
     "synthetic": (int, 0, None),  # seeded synthetic inputs per tower, added to the above
     "max_rows": (int, 4096, None),  # input rows kept per linear layer
     "seed": (int, 0, None),
@@ -188,10 +189,10 @@ def _check_model(recipe: str, values: dict) -> None:
     c = values["calibration"] = _sub_keys(recipe, "calibration", values.get("calibration", {}), CALIBRATION)
     if c["synthetic"] < 0 or c["max_rows"] < 1:
         raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")
-    if not (c["images"] or c["captions"] or c["synthetic"]):
-        raise RecipeError(f"{recipe}: key 'calibration' needs images, captions or synthetic inputs")
+    if not (c["images"] or c["captions"] or c["prompts"] or c["synthetic"]):
+        raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts or synthetic inputs")
     if generate is None:  # a generated checkpoint brings its calibration files with it
-        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file)):
+        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
             if c[sub] is not None and not test(Path(checkpoint) / c[sub]):
                 raise RecipeError(f"{recipe}: key calibration.{sub}: {Path(checkpoint) / c[sub]} does not exist")
 

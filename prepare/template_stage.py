@@ -53,8 +53,8 @@ class Toolchain:
 def recipe_shapes(recipe: Recipe) -> list[Shape]:
     """The recipe's own shapes and those of its model's TPU layers, each at its batch."""
     dims = {tuple(s) for s in recipe.shapes}
-    if recipe.family == "clip":
-        from .clip_build import model_shapes
+    if recipe.family:
+        from .families import model_shapes
         dims |= model_shapes(recipe)
     return sorted({Shape(i, o, recipe.batch_for(i, o)) for i, o in dims})
 

@@ -6,7 +6,6 @@ float model while each linear's inputs are recorded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,11 @@ from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.tokenize import ClipTokenizer
 
 from .calibrate import InputRecorder
+from .families import LinearSpec
 from .recipe import Recipe, RecipeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    name: str  # Hugging Face module path
-    n_in: int
-    n_out: int
 
 
 def config_of(checkpoint_config: dict) -> CLIPConfig:

@@ -11,9 +11,17 @@ Each family module (clip_build, gemma_build) offers the same functions:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    name: str  # Hugging Face module path
+    n_in: int
+    n_out: int
 
 
 def family_module(recipe: Recipe) -> ModuleType:

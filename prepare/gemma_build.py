@@ -14,7 +14,7 @@ from runner.clip import float_linear
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
 
 from .calibrate import InputRecorder
-from .clip_build import LinearSpec
+from .families import LinearSpec
 from .recipe import Recipe, RecipeError
 
 MAX_CALIBRATION_TOKENS = 128  # per prompt: calibration needs ranges, not long contexts

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION
+from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
 from .families import family_module
 from .recipe import Recipe
-from .store import ARTIFACTS, Store, replace_dir, sha256_file
+from .store import ARTIFACTS, Store, replace_dir
 
 SUFFIX = {"params": ".params.bin", "cpu": ".cpu.tflite", "edgetpu": ".edgetpu.tflite"}
 

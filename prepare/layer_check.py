@@ -14,7 +14,7 @@ import numpy as np
 
 from runner.edgetpu_codec import DenseParams, parse_compiled, patch, token_from_digest
 from runner.emulate import DenseEmulator
-from runner.interpreter import require_interpreter
+from runner.executors import TemplateInterpreter
 from runner.tflite_file import parse_tflite
 
 from .patch import patch_uncompiled
@@ -22,18 +22,7 @@ from .patch import patch_uncompiled
 
 def run_tflite(model_bytes: bytes, rows: np.ndarray) -> np.ndarray:
     """Run uint8 rows through a (patched uncompiled) template, batch by batch, padding the last."""
-    interpreter = require_interpreter()(model_content=model_bytes)
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    batch = int(inp["shape"][0])
-    padded = np.zeros((-(-len(rows) // batch) * batch, rows.shape[1]), np.uint8)
-    padded[: len(rows)] = rows
-    outputs = []
-    for k in range(0, len(padded), batch):
-        interpreter.set_tensor(inp["index"], padded[k : k + batch])
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(out["index"]).copy())
-    return np.concatenate(outputs)[: len(rows)]
+    return TemplateInterpreter(model_bytes)(rows)
 
 
 def random_layer(n_in: int, n_out: int, seed: int) -> DenseParams:

@@ -26,7 +26,7 @@ import numpy as np
 
 from runner.edgetpu_codec import DenseParams, decode_dense, encode_dense, parse_compiled, patch, token_from_digest
 from runner.emulate import DenseEmulator
-from runner.quant import QuantizedLinear
+from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite
 
 from .patch import patch_uncompiled, uncompiled_multipliers
@@ -72,14 +72,10 @@ def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, 
     the share of outputs the uint8 range clamps."""
     zp_in, zp_out = template["input_zero_point"], template["output_zero_point"]
     rows = rows[:ERROR_ROWS]
-    outputs = []  # the uint8 rows the emulated layer produced, kept to count clamping
-
-    def emulator(x_u8, run=DenseEmulator(params, zp_in, zp_out)):
-        outputs.append(run(x_u8))
-        return outputs[-1]
-    int8 = QuantizedLinear(emulator, s_w, params.multipliers, bias, zp_in, zp_out)(rows)
+    y_u8 = DenseEmulator(params, zp_in, zp_out)(quantize_rows(rows, zp_in)[0])
+    # Dequantize those same outputs: a backend that hands them back.
+    int8 = QuantizedLinear(lambda _: y_u8, s_w, params.multipliers, bias, zp_in, zp_out)(rows)
     ref = rows @ weight.T + (0 if bias is None else bias)
-    y_u8 = outputs[0]
     return {"relative_error": float(np.linalg.norm(int8 - ref) / max(np.linalg.norm(ref), 1e-30)),
             "clamped": float(np.mean((y_u8 == 0) | (y_u8 == 255)))}
 

@@ -27,14 +27,6 @@ def key_of(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` through a temporary file and a rename (atomic on POSIX)."""
     path = Path(path)

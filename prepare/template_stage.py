@@ -18,12 +18,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.bundle import sha256_file
 from runner.edgetpu_codec import parse_compiled
 from runner.tflite_file import parse_tflite
 
 from .compiler import compile_model, compiler_version, find_compiler
 from .recipe import Recipe
-from .store import ARTIFACTS, Store, atomic_write, key_of, sha256_file
+from .store import ARTIFACTS, Store, atomic_write, key_of
 from .templates import (PrebuiltPair, Shape, TemplateError, check_pair, describe, find_pairs,
                         make_uncompiled, self_check, uncompiled_key_inputs)
 

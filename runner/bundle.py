@@ -9,6 +9,7 @@ leave the bundle directory (absolute, `..`, or a symlink pointing out).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ HOST_FILE = "host.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20
 FLAVORS = ("params", "cpu", "edgetpu")
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class BundleError(ValueError):

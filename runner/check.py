@@ -14,22 +14,13 @@ step, 1 on a mismatch, 2 when there is no device or library.
 
 from __future__ import annotations
 
-import ctypes.util
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, read_manifest, size_problem
+from .bundle import Bundle, BundleError, read_manifest, sha256_file, size_problem
+from .executors import BackendError, LazyEmulator, TemplateInterpreter, edgetpu_delegates, edgetpu_library
 from .interpreter import INTERPRETER
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def edgetpu_devices() -> list[str]:
@@ -44,17 +35,6 @@ def edgetpu_devices() -> list[str]:
         if ids in (("1a6e", "089a"), ("18d1", "9302")):
             found.append(f"usb {dev.name} {ids[0]}:{ids[1]}")
     return found
-
-
-def edgetpu_library() -> str | None:
-    name = ctypes.util.find_library("edgetpu")
-    if name:
-        return name
-    try:
-        ctypes.CDLL("libedgetpu.so.1")
-        return "libedgetpu.so.1"
-    except OSError:
-        return None
 
 
 def machine() -> dict:
@@ -78,7 +58,7 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
         for what, f in m.files():
             files += 1
             problem = size_problem(f, what)
-            if problem is None and not quick and _sha256(f.path) != f.sha256:
+            if problem is None and not quick and sha256_file(f.path) != f.sha256:
                 problem = f"{f.path}: sha256 differs from {Path(directory) / 'manifest.json'} ({what})"
             if problem:
                 problems.append(problem)
@@ -104,7 +84,6 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
 
 def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int, list[str]]:
     """(exit status, report lines); see the module docstring."""
-    from .executors import BackendError, LazyEmulator, TemplateInterpreter, edgetpu_delegates
 
     bundle = Bundle.open(directory)
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, Layer
+from .clip import float_linear
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .interpreter import load_delegate, require_interpreter
@@ -48,20 +49,25 @@ class LazyEmulator:
 
 
 class TemplateInterpreter:
-    """A patched template (uncompiled, or compiled with the Edge TPU delegate) run `batch` rows at a time."""
+    """A patched template (uncompiled, or compiled with the Edge TPU delegate) run `batch` rows at a time.
 
-    def __init__(self, path: Path, layer: Layer, delegates=None):
+    `model` is a file (memory-mapped by the interpreter) or the model's bytes; with `layer`,
+    the model's shape must be the one the manifest gives."""
+
+    def __init__(self, model: Path | bytes, layer: Layer | None = None, delegates=None):
         Interpreter = require_interpreter()
+        where = "model bytes" if isinstance(model, bytes) else str(model)
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         try:
-            self.interpreter = Interpreter(model_path=str(path), experimental_delegates=delegates)
+            self.interpreter = Interpreter(**source, experimental_delegates=delegates)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise BundleError(f"{path}: the interpreter refuses this model ({e})") from e
+            raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e
         inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
-        if tuple(inp["shape"]) != (layer.batch, layer.n_in) or out["shape"][-1] != layer.n_out:
-            raise BundleError(f"{path}: model runs {list(inp['shape'])} -> {list(out['shape'])}, "
+        if layer is not None and (tuple(inp["shape"]) != (layer.batch, layer.n_in) or out["shape"][-1] != layer.n_out):
+            raise BundleError(f"{where}: model runs {list(inp['shape'])} -> {list(out['shape'])}, "
                               f"the manifest says batch {layer.batch} of {layer.n_in} -> {layer.n_out}")
-        self.batch, self.n_in = layer.batch, layer.n_in
+        self.batch, self.n_in = int(inp["shape"][0]), int(inp["shape"][-1])
         self._in, self._out = inp["index"], out["index"]
         self._pad = np.zeros((self.batch, self.n_in), np.uint8)
 
@@ -78,6 +84,18 @@ class TemplateInterpreter:
         return np.concatenate(outputs)[: len(x_u8)]
 
 
+def edgetpu_library() -> str | None:
+    """The Edge TPU runtime library's name if this machine can load it, else None."""
+    library = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
+    if ctypes.util.find_library("edgetpu"):
+        return ctypes.util.find_library("edgetpu")
+    try:
+        ctypes.CDLL(library)
+        return library
+    except OSError:
+        return None
+
+
 def edgetpu_delegates() -> list:
     """The libedgetpu delegate (pycoral's helper where it is installed), or a clear error."""
     library = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
@@ -92,12 +110,9 @@ def edgetpu_delegates() -> list:
         return [load_edgetpu_delegate()]
     if load_delegate is None:
         raise BackendError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime with numpy < 2)")
-    if ctypes.util.find_library("edgetpu") is None and not Path(f"/usr/lib/{library}").exists():
-        try:
-            ctypes.CDLL(library)
-        except OSError as e:
-            raise BackendError(f"the Edge TPU library {library} is not installed (package libedgetpu1-std; "
-                               "see the README's guide)") from e
+    if edgetpu_library() is None:
+        raise BackendError(f"the Edge TPU library {library} is not installed (package libedgetpu1-std; "
+                           "see the README's guide)")
     try:
         return [load_delegate(library)]
     except (ValueError, RuntimeError, OSError) as e:
@@ -120,23 +135,14 @@ def make_linear(bundle: Bundle, backend: str):
     delegates = edgetpu_delegates() if backend == "edgetpu" else None
     host, layers = bundle.host, {}
     for layer in bundle.layers:
-        bias = host.get(f"{layer.name}.bias")
-        if layer.placement == "host":
-            weight = host[f"{layer.name}.weight"]
-            layers[layer.name] = _float_layer(weight, bias)
-            continue
-        path = layer.files[flavor].path
-        dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
-        layers[layer.name] = QuantizedLinear(dense, host[f"{layer.name}.weight_scale"],
-                                             host[f"{layer.name}.multipliers"], bias, layer.zp_in, layer.zp_out)
+        if layer.placement == "tpu":
+            path = layer.files[flavor].path
+            dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
+            layers[layer.name] = QuantizedLinear(dense, host[f"{layer.name}.weight_scale"],
+                                                 host[f"{layer.name}.multipliers"], host.get(f"{layer.name}.bias"),
+                                                 layer.zp_in, layer.zp_out)
+    on_host = float_linear(host)  # layers the recipe kept on the CPU: their float weights are in the bundle
 
     def linear(name: str, x: np.ndarray) -> np.ndarray:
-        return layers[name](x)
+        return layers[name](x) if name in layers else on_host(name, x)
     return linear
-
-
-def _float_layer(weight: np.ndarray, bias: np.ndarray | None):
-    def run(x: np.ndarray) -> np.ndarray:
-        y = x @ weight.T
-        return y + bias if bias is not None else y
-    return run

@@ -1,11 +1,14 @@
 """The bundle stage: gather a model's layer artifacts into `artifacts/bundles/<name>/`.
 
     manifest.json        what the runner reads first (schema: runner/bundle.py)
-    host.safetensors     every float tensor the host needs: embeddings, norms, biases,
-                         per-layer weight scales and multipliers, and the float weights of
-                         layers kept on the CPU; no float copy of a layer that runs on the TPU
-    tokenizer.json       when the text tower is in
+    host.safetensors     every tensor the host needs: embeddings, norms, biases, per-layer
+                         weight scales and multipliers, and the float weights of layers kept
+                         on the CPU; no float copy of a layer that runs on the TPU. Gemma's
+                         tied embedding is int8 rows with a scale per row.
+    tokenizer.json       when the text tower is in, and for Gemma
     layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
+                         every linear, and every LM-head tile (`lm_head.tiles.<i>`: listed
+                         apart in the manifest's `lm_head`)
 
 Files come from the cache as hard links where the file system allows (a copy otherwise).
 The bundle is assembled in a temporary directory and swapped in, so a killed build leaves
@@ -23,6 +26,7 @@ import numpy as np
 
 from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
 from .families import family_module
+from .quantize import quantize_weights
 from .recipe import Recipe
 from .store import ARTIFACTS, Store, replace_dir
 
@@ -47,14 +51,17 @@ def _file_entry(root: Path, rel: str) -> dict:
 
 
 def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[str, np.ndarray]:
-    """The float tensors the host needs, by name."""
+    """The tensors the host needs, by name."""
     from safetensors.numpy import load
 
     family = family_module(recipe)
     shapes = family.required_shapes(recipe, family.model_config(recipe))
     tpu = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu"}
+    int8 = set(getattr(family, "INT8_TABLES", ()))
     tensors = {name: checkpoint[name] for name in shapes
-               if not (name.endswith(".weight") and name[: -len(".weight")] in tpu)}
+               if not (name.endswith(".weight") and name[: -len(".weight")] in tpu.keys() | int8)}
+    for name in int8:  # a large table (Gemma's tied embedding): int8 rows, a float32 scale per row
+        tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weights(checkpoint[f"{name}.weight"])
     for name, e in tpu.items():
         q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
         tensors[f"{name}.weight_scale"] = q["weight_scale"]
@@ -79,7 +86,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
         if recipe.family == "gemma" or "text" in recipe.towers:
             shutil.copyfile(recipe.checkpoint_dir / "tokenizer.json", tmp / "tokenizer.json")
             tokenizer = _file_entry(tmp, "tokenizer.json")
-        layers = []
+        layers, tiles = [], []
         for e in index["layers"]:
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
             if e["placement"] == "tpu":
@@ -90,7 +97,12 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
                     _place(store.root / rel, tmp / dst)
                     meta = store.meta(flavor, Path(rel).stem)
                     entry["files"][flavor] = {"path": dst, "sha256": meta["sha256"], "bytes": meta["bytes"]}
-            layers.append(entry)
+            if "rows" in e:
+                tiles.append({**entry, "rows": e["rows"]})
+            else:
+                layers.append(entry)
+        # A tied LM head cut into tiles of `tile_rows` vocabulary rows (runner/lm_head.py).
+        lm_head = {"tile_rows": tiles[0]["out"], "vocab_size": tiles[-1]["rows"][1], "tiles": tiles} if tiles else None
         manifest = {
             "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
             "towers": recipe.towers, "config": checkpoint.config,
@@ -99,6 +111,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
             "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
+            "lm_head": lm_head,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, final)

@@ -20,11 +20,16 @@ class InputRecorder:
         self.rows: dict[str, list[np.ndarray]] = defaultdict(list)
 
     def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
+        self.record(name, x)
+        return self.inner(name, x)
+
+    def record(self, name: str, x: np.ndarray) -> None:
+        """Keep rows of `x` as the inputs of `name` (also for what is not run through the
+        executor, such as the LM head's)."""
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > self.max_rows:
             rows = rows[self.rng.choice(len(rows), self.max_rows, replace=False)]
         self.rows[name].append(rows.astype(np.float32, copy=True))
-        return self.inner(name, x)
 
     def inputs(self) -> dict[str, np.ndarray]:
         out = {}

@@ -14,14 +14,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
+
 from .recipe import Recipe
 
 
 @dataclass(frozen=True)
 class LinearSpec:
-    name: str  # Hugging Face module path
+    name: str  # Hugging Face module path, or "lm_head.tiles.<i>" for a tile of a tied LM head
     n_in: int
     n_out: int
+    # Where its weight comes from: the checkpoint tensor (default `<name>.weight`) and, for an
+    # LM-head tile, the slice of that tensor's rows it takes (zero rows pad it to n_out).
+    tensor: str | None = None
+    rows: tuple[int, int] | None = None
+    # The calibration rows it quantizes against (default: the inputs recorded under its name).
+    inputs: str | None = None
+
+    @property
+    def is_head_tile(self) -> bool:
+        return self.rows is not None
+
+    def weight(self, checkpoint) -> np.ndarray:
+        tensor = self.tensor or f"{self.name}.weight"
+        if self.rows is None:
+            return checkpoint[tensor]
+        tile = np.zeros((self.n_out, self.n_in), np.float32)
+        tile[: self.rows[1] - self.rows[0]] = checkpoint.rows(tensor, *self.rows)
+        return tile
 
 
 def family_module(recipe: Recipe) -> ModuleType:
@@ -39,4 +59,4 @@ def model_shapes(recipe: Recipe) -> set[tuple[int, int]]:
     from .layers import is_host_layer
     module = family_module(recipe)
     return {(s.n_in, s.n_out) for s in module.specs(recipe, module.model_config(recipe))
-            if not is_host_layer(s.name, recipe)}
+            if not is_host_layer(s, recipe)}

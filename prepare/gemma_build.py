@@ -18,6 +18,14 @@ from .families import LinearSpec
 from .recipe import Recipe, RecipeError
 
 MAX_CALIBRATION_TOKENS = 128  # per prompt: calibration needs ranges, not long contexts
+# The Edge TPU has about 8 MiB of on-chip parameter memory (edgetpu-format.md); a head tile's
+# int8 weights get at most this much of it, the rest is left for its multipliers and code.
+TILE_BUDGET_BYTES = 6 << 20
+HEAD_INPUTS = "lm_head"  # calibration rows of every tile: the final-normed hidden states
+EMBEDDING = "model.embed_tokens"
+# Kept on the host as int8 rows with a float32 scale per row (prepare/bundle.py): the input
+# embedding and the `--lm-head cpu` head read it, memory-mapped, at a quarter of the float size.
+INT8_TABLES = (EMBEDDING,)
 
 
 def model_config(recipe: Recipe) -> GemmaConfig:
@@ -31,9 +39,26 @@ def model_config(recipe: Recipe) -> GemmaConfig:
     return GemmaConfig.from_dict(CONFIGS[recipe.generate]())
 
 
+def tile_rows(recipe: Recipe, config: GemmaConfig) -> int:
+    """Vocabulary rows per LM-head tile: the recipe's, or the largest power of two whose
+    int8 weights fit the on-chip budget (and no larger than the vocabulary needs)."""
+    if recipe.lm_head.get("tile_rows"):
+        return recipe.lm_head["tile_rows"]
+    rows = 1
+    while rows * 2 * config.hidden_size <= TILE_BUDGET_BYTES and rows < config.vocab_size:
+        rows *= 2
+    return rows
+
+
 def specs(recipe: Recipe, config: GemmaConfig) -> list[LinearSpec]:
+    """The decoder linears, then the tied head as tiles of `tile_rows` vocabulary rows
+    (the last one zero-padded)."""
     shapes = tensor_shapes(config)
-    return [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0]) for n in linear_names(config)]
+    decoder = [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0]) for n in linear_names(config)]
+    t, v = tile_rows(recipe, config), config.vocab_size
+    head = [LinearSpec(f"lm_head.tiles.{i}", config.hidden_size, t, tensor=f"{EMBEDDING}.weight",
+                       rows=(i * t, min((i + 1) * t, v)), inputs=HEAD_INPUTS) for i in range(-(-v // t))]
+    return decoder + head
 
 
 def required_shapes(recipe: Recipe, config: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -81,6 +106,6 @@ def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: GemmaConf
     recorder = InputRecorder(float_linear(checkpoint), recipe.calibration["max_rows"], recipe.calibration["seed"])
     model = Gemma(config, checkpoint, recorder)
     for ids in calibration_prompts(recipe, config):
-        model.forward(ids, KVCache(config))
+        recorder.record(HEAD_INPUTS, model.forward(ids, KVCache(config)))
         progress(1)
     return recorder.inputs()

@@ -131,8 +131,10 @@ def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict
     raise TemplateError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe)}; run `doit templates`")
 
 
-def is_host_layer(name: str, recipe: Recipe) -> bool:
-    return any(fnmatch(name, pattern) for pattern in recipe.cpu_layers)
+def is_host_layer(spec, recipe: Recipe) -> bool:
+    """Kept in float on the host by the recipe's `cpu_layers` (an LM-head tile never is:
+    the runner's `--lm-head cpu` is the host's head)."""
+    return not spec.is_head_tile and any(fnmatch(spec.name, p) for p in recipe.cpu_layers)
 
 
 def build_layers(recipe: Recipe, store: Store) -> dict:
@@ -153,12 +155,16 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
         rows = family.record_calibration(recipe, checkpoint, config, bar.update)
     entries = []
     for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
-        if is_host_layer(spec.name, recipe):
+        if is_host_layer(spec, recipe):
             entries.append({"name": spec.name, "in": spec.n_in, "out": spec.n_out, "placement": "host"})
             continue
         template = template_for(templates, spec.n_in, spec.n_out, recipe)
-        entries.append(build_layer(spec.name, checkpoint[f"{spec.name}.weight"],
-                                   checkpoint.get(f"{spec.name}.bias"), rows[spec.name], template, recipe, store))
+        bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
+        entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
+                            recipe, store)
+        if spec.is_head_tile:
+            entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
+        entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
              "checkpoint": str(recipe.checkpoint_dir), "templates": templates["templates"], "layers": entries}
     atomic_write(layers_index_path(recipe), json.dumps(index, indent=2))

@@ -37,6 +37,11 @@ CALIBRATION = {
     "max_rows": (int, 4096, None),  # input rows kept per linear layer
     "seed": (int, 0, None),
 }
+LM_HEAD = {
+    # Vocabulary rows per head tile (a `hidden x tile_rows` template); null: the largest
+    # power of two whose int8 parameters fit the Edge TPU's on-chip memory (prepare/gemma_build.py).
+    "tile_rows": ((int, type(None)), None, None),
+}
 
 
 def resolve(path: str) -> Path:
@@ -79,6 +84,8 @@ class Recipe:
     flavors: list = field(default_factory=lambda: list(FLAVORS))
     # Linear layers kept on the CPU in float (shell-style patterns over layer names).
     cpu_layers: list = field(default_factory=list)
+    # Gemma: how the tied LM head is tiled for the TPU.
+    lm_head: dict = field(default_factory=dict)
     source: str = ""  # the file it came from (not a YAML key)
 
     def batch_for(self, n_in: int, n_out: int) -> int:
@@ -97,7 +104,7 @@ _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
 _TYPES = {"name": str, "family": (str, type(None)), "checkpoint": (str, type(None)),
           "generate": (str, type(None)), "towers": list, "shapes": list, "batch": int, "batch_per_shape": dict,
           "templates": (str, type(None)), "compiler": str, "compiler_flags": list, "seed": int,
-          "quantization": dict, "calibration": dict, "flavors": list, "cpu_layers": list}
+          "quantization": dict, "calibration": dict, "flavors": list, "cpu_layers": list, "lm_head": dict}
 
 
 def _type_names(want) -> str:
@@ -158,7 +165,7 @@ def _check(recipe: str, values: dict) -> None:
 def _check_model(recipe: str, values: dict) -> None:
     family = values.get("family")
     if family is None:
-        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization"):
+        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head"):
             if values.get(key):
                 raise RecipeError(f"{recipe}: key {key!r} needs a model: set 'family' ({', '.join(FAMILIES)})")
         return
@@ -186,6 +193,11 @@ def _check_model(recipe: str, values: dict) -> None:
     q = values["quantization"] = _sub_keys(recipe, "quantization", values.get("quantization", {}), QUANTIZATION)
     if not 0 < q["headroom"] <= 1:
         raise RecipeError(f"{recipe}: key quantization.headroom must be in (0, 1], got {q['headroom']}")
+    if values.get("lm_head") and family != "gemma":
+        raise RecipeError(f"{recipe}: key 'lm_head' is for the gemma family, not {family}")
+    head = values["lm_head"] = _sub_keys(recipe, "lm_head", values.get("lm_head", {}), LM_HEAD)
+    if head["tile_rows"] is not None and not 1 <= head["tile_rows"] <= 1 << 20:
+        raise RecipeError(f"{recipe}: key lm_head.tile_rows must be from 1 to {1 << 20}, got {head['tile_rows']}")
     c = values["calibration"] = _sub_keys(recipe, "calibration", values.get("calibration", {}), CALIBRATION)
     if c["synthetic"] < 0 or c["max_rows"] < 1:
         raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")

@@ -3,6 +3,9 @@
     clip-image BUNDLE IMAGE...  [--image-f32le] [--out FILE.npy]   image embeddings
     clip-text  BUNDLE TEXT...   [--out FILE.npy]                   text embeddings
     zero-shot  BUNDLE IMAGE... --labels "a cat,a dog"              label probabilities per image
+    gemma      BUNDLE (--prompt TEXT | --token-ids 2,818,5279) --steps N --lm-head cpu|tpu-preload|tpu-lazy
+               [--lm-cache-capacity N] [--shortlist N] [--rescore K]
+               [--temperature T --top-k K --seed S] [--rounds R] [--ignore-eos]   text, streamed
     check      BUNDLE [--quick] [--json]                           is the bundle whole; what runs here
     selftest   BUNDLE                                              the Edge TPU against emulate
 
@@ -28,9 +31,10 @@ from .checkpoint import CheckpointError
 from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
 from .executors import BACKENDS, BackendError, make_linear
 from .images import ImageError, load_f32le, load_image
+from .lm_head import HEAD_MODES, HeadError
 from .tokenize import ClipTokenizer, TokenizerError
 
-ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, OSError)
+ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, OSError)
 
 
 def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:
@@ -120,6 +124,83 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def parse_token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as e:
+        raise TokenizerError(f"--token-ids {text!r}: expected comma-separated integers like 2,818,5279") from e
+    if not ids:
+        raise TokenizerError("--token-ids is empty")
+    return ids
+
+
+def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
+    """Load, then generate `--rounds` times; the first round streams its text to `out`
+    unless --json. Timings of every round; the summary's are the median round's."""
+    from .generate import Sampler, generate, load_gemma, stop_ids
+
+    t0 = time.perf_counter()
+    loaded = load_gemma(args.bundle, args.backend, args.lm_head, args.lm_cache_capacity, args.shortlist,
+                        args.rescore, args.checkpoint)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise BundleError(f"{loaded.bundle.dir}: no tokenizer in the bundle; give --token-ids")
+        prompt = tokenizer.encode(args.prompt)
+    else:
+        prompt = parse_token_ids(args.token_ids)
+    if args.steps < 1 or args.rounds < 1:
+        raise HeadError("--steps and --rounds must be at least 1")
+    sampler = Sampler(args.temperature, args.top_k, args.seed)
+    stop = set() if args.ignore_eos else stop_ids(model.config)
+    rounds = []
+    for r in range(args.rounds):
+        steps, shown = [], ""
+        for step in generate(model, loaded.head, prompt, args.steps, sampler, stop):
+            steps.append(step)
+            if r == 0 and not args.json and tokenizer is not None:
+                text = tokenizer.decode([s.token for s in steps])
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        tokens = [s.token for s in steps]
+        decode_ms = [s.ms for s in steps[1:]]
+        head = {k: sum(s.head[k] for s in steps) for k in steps[0].head}
+        rounds.append({"tokens": tokens, "prefill_ms": round(steps[0].ms, 2),
+                       "ms_per_token": round(float(np.mean(decode_ms)), 2) if decode_ms else None,
+                       "head": head, "steps": [{"token": s.token, "ms": round(s.ms, 2), **s.head} for s in steps]})
+        if r == 0 and not args.json:
+            out.write("\n")
+    middle = sorted(rounds, key=lambda r: r["ms_per_token"] or r["prefill_ms"])[len(rounds) // 2]
+    first = rounds[0]
+    last = first["tokens"][-1]
+    stopped = ("eos" if last in stop else
+               "context" if len(prompt) + len(first["tokens"]) >= model.config.max_position_embeddings else "steps")
+    return {"command": "gemma", "backend": args.backend, "lm_head": loaded.head.mode, "bundle": str(loaded.bundle.dir),
+            "prompt_tokens": prompt, "tokens": first["tokens"],
+            "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
+            "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
+            "ms_per_token": middle["ms_per_token"], "head": first["head"], "rounds": rounds}
+
+
+def print_gemma(result: dict) -> None:
+    per_token = f"{result['ms_per_token']:.1f}" if result["ms_per_token"] is not None else "-"
+    print(f"gemma on {result['backend']}, lm-head {result['lm_head']}: setup_ms {result['setup_ms']:.1f}, "
+          f"prefill_ms {result['prefill_ms']:.1f} ({len(result['prompt_tokens'])} prompt tokens), "
+          f"ms_per_token {per_token} ({len(result['tokens'])} tokens, stopped at {result['stopped']})")
+    h = result["head"]
+    if h["tiles"] or h["rescored"]:
+        print(f"  head: {h['tiles']} tiles run, {h['hits']} hits, {h['misses']} misses, {h['evictions']} evictions, "
+              f"{h['rescored']} tokens rescored")
+    if len(result["rounds"]) > 1:
+        for i, r in enumerate(result["rounds"]):
+            print(f"  round {i + 1}: prefill_ms {r['prefill_ms']:.1f}, ms_per_token {r['ms_per_token']}, "
+                  f"misses {r['head']['misses']}")
+    if result["text"] is None:
+        print("  tokens: " + ",".join(map(str, result["tokens"])))
+
+
 def print_text(result: dict) -> None:
     print(f"{result['command']} on {result['backend']}: setup {result['setup_ms']:.1f} ms, "
           f"forward {result['forward_ms']:.1f} ms, output {result['shape']}")
@@ -154,6 +235,23 @@ def parser() -> argparse.ArgumentParser:
     zero.add_argument("--prompt", default="{}", help='label template, e.g. "a photo of {}"')
     zero.add_argument("--image-f32le", action="store_true")
     zero.set_defaults(out=None)
+    gemma = sub.add_parser("gemma", parents=[common], help="generate text with a Gemma bundle, streamed")
+    source = gemma.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (the bundle's tokenizer adds <bos>)")
+    source.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 2,818,5279")
+    gemma.add_argument("--steps", type=int, default=32, help="tokens to generate at most (default 32)")
+    gemma.add_argument("--lm-head", choices=HEAD_MODES, default="cpu",
+                       help="cpu: int8 table on the host; tpu-preload: every tile ready at start; "
+                            "tpu-lazy: tiles opened when needed, kept in an LRU")
+    gemma.add_argument("--lm-cache-capacity", type=int, help="tiles tpu-lazy keeps open")
+    gemma.add_argument("--shortlist", type=int, metavar="N", help="run only N tiles per step (approximate)")
+    gemma.add_argument("--rescore", type=int, metavar="K",
+                       help="exact logits on the CPU for the TPU's K best tokens")
+    gemma.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gemma.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest (0: all)")
+    gemma.add_argument("--seed", type=int, default=0)
+    gemma.add_argument("--rounds", type=int, default=1, help="generate R times after one start-up (timing)")
+    gemma.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     check = sub.add_parser("check", help="is the bundle whole (sha256 of every file); which backends run here")
     check.add_argument("bundle")
     check.add_argument("--quick", action="store_true", help="sizes only, no sha256")
@@ -198,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "selftest":
         return selftest_main(args)
     try:
-        result = run(args)
+        result = run_gemma(args) if args.command == "gemma" else run(args)
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
     else:
-        print_text(result)
+        (print_gemma if args.command == "gemma" else print_text)(result)
     return 0
 
 

@@ -114,8 +114,9 @@ class HostTensors:
 
 class Bundle:
     def __init__(self, directory: Path, manifest: dict, layers: list[Layer], host: HostTensors,
-                 tokenizer: BundleFile | None):
+                 tokenizer: BundleFile | None, lm_head: LMHead | None = None):
         self.dir, self.manifest, self.layers, self.host, self.tokenizer = directory, manifest, layers, host, tokenizer
+        self.lm_head = lm_head
         self.family: str = manifest["family"]
         self.config: dict = manifest["config"]
         self.towers: list[str] = manifest["towers"]
@@ -129,7 +130,11 @@ class Bundle:
             problem = size_problem(f, what)
             if problem:
                 raise BundleError(problem)
-        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer)
+        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head)
+
+    @property
+    def tpu_layers(self) -> list[Layer]:
+        return tpu_layers(self.layers, self.lm_head)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -139,6 +144,15 @@ class Bundle:
 
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """A tied LM head as TPU tiles: tile i computes vocabulary rows [i * tile_rows, (i + 1) * tile_rows);
+    the last tile's rows past `vocab_size` are padding."""
+    tile_rows: int
+    vocab_size: int
+    tiles: list[Layer]
+
+
 @dataclass
 class Manifest:
     dir: Path
@@ -146,13 +160,23 @@ class Manifest:
     layers: list[Layer]
     host: BundleFile
     tokenizer: BundleFile | None
+    lm_head: LMHead | None = None
+
+    @property
+    def tpu_layers(self) -> list[Layer]:
+        return tpu_layers(self.layers, self.lm_head)
 
     def files(self) -> list[tuple[str, BundleFile]]:
         """Every file the manifest names, with what it is for."""
         out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
-        for layer in self.layers:
-            out += [(f"layer {layer.name} {flavor}", f) for flavor, f in (layer.files or {}).items()]
+        for layer in self.tpu_layers:
+            out += [(f"layer {layer.name} {flavor}", f) for flavor, f in layer.files.items()]
         return out
+
+
+def tpu_layers(layers: list[Layer], lm_head: LMHead | None) -> list[Layer]:
+    """Every layer a Dense template runs: the model's, then the LM-head tiles."""
+    return [layer for layer in layers if layer.placement == "tpu"] + (lm_head.tiles if lm_head else [])
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -193,15 +217,12 @@ def read_manifest(directory: str | Path) -> Manifest:
     host = file(_field(where, manifest, "host", dict), "host")
     tokenizer = manifest.get("tokenizer")
     tokenizer = file(tokenizer, "tokenizer") if tokenizer is not None else None
-    layers = []
-    for i, e in enumerate(_field(where, manifest, "layers", list)):
-        w = f"{where}: layers[{i}]"
+    def layer(e, w) -> Layer:
         name = _field(w, e, "name", str)
         dims = [_field(w, e, k, int, lambda v: 0 < v <= 1 << 20) for k in ("in", "out")]
         placement = _field(w, e, "placement", str, lambda v: v in ("tpu", "host"))
         if placement == "host":
-            layers.append(Layer(name, *dims, placement))
-            continue
+            return Layer(name, *dims, placement)
         files = {}
         for flavor, entry in _field(w, e, "files", dict).items():
             if flavor not in FLAVORS:
@@ -209,10 +230,33 @@ def read_manifest(directory: str | Path) -> Manifest:
             files[flavor] = file(entry, f"layer {name} {flavor}")
         if "params" not in files:
             raise BundleError(f"{w}: layer {name} has no parameter file")
-        layers.append(Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
-                            _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                            _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files))
-    return Manifest(directory, manifest, layers, host, tokenizer)
+        return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
+                     _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
+                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files)
+
+    layers = [layer(e, f"{where}: layers[{i}]") for i, e in enumerate(_field(where, manifest, "layers", list))]
+    head = manifest.get("lm_head")
+    if head is not None:
+        head = _lm_head(where, head, layer)
+    return Manifest(directory, manifest, layers, host, tokenizer, head)
+
+
+def _lm_head(where: str, head: dict, layer) -> "LMHead":
+    """The manifest's `lm_head`: tiles that cover the vocabulary in order, all one shape on the TPU."""
+    w = f"{where}: lm_head"
+    rows = _field(w, head, "tile_rows", int, lambda v: 0 < v <= 1 << 20)
+    vocab = _field(w, head, "vocab_size", int, lambda v: 0 < v <= 1 << 24)
+    entries = _field(w, head, "tiles", list, lambda v: len(v) == -(-vocab // rows))
+    tiles = []
+    for i, e in enumerate(entries):
+        t = layer(e, f"{w}.tiles[{i}]")
+        span = [i * rows, min((i + 1) * rows, vocab)]
+        _field(f"{w}.tiles[{i}]", e, "rows", list, lambda v: v == span)
+        if t.placement != "tpu" or t.n_out != rows or t.n_in != (tiles[0] if tiles else t).n_in:
+            raise BundleError(f"{w}.tiles[{i}]: a TPU layer of {rows} outputs like the other tiles, "
+                              f"got {t.placement} {t.n_in}x{t.n_out}")
+        tiles.append(t)
+    return LMHead(rows, vocab, tiles)
 
 
 def size_problem(f: BundleFile, what: str) -> str | None:

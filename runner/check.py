@@ -67,7 +67,7 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
                 Bundle.open(directory)  # the host tensors' header too
             except BundleError as e:
                 problems.append(str(e))
-        tpu = [layer for layer in m.layers if layer.placement == "tpu"]
+        tpu = m.tpu_layers
         flavors = set.intersection(*(set(layer.files) for layer in tpu)) if tpu else {"params", "cpu", "edgetpu"}
     have = machine()
     ok = not problems
@@ -91,8 +91,8 @@ def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int,
     except BackendError as e:
         return 2, [f"no Edge TPU to test here: {e}"]
     by_template: dict[tuple, list] = {}
-    for layer in bundle.layers:
-        if layer.placement == "tpu" and "edgetpu" in layer.files:
+    for layer in bundle.tpu_layers:
+        if "edgetpu" in layer.files:
             by_template.setdefault((layer.n_in, layer.n_out, layer.batch), []).append(layer)
     if not by_template:
         return 2, [f"{bundle.dir}: no edgetpu artifacts to test (built without a compiled template)"]

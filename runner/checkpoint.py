@@ -15,6 +15,19 @@ from pathlib import Path
 import numpy as np
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
+STORED = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # how each float type is viewed in the file
+
+
+def _header(path: Path) -> dict:
+    """Each tensor's (dtype, shape, absolute begin, end), from a header safetensors has
+    already validated (offsets inside the file, contiguous, no overlap)."""
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {name: (spec["dtype"], tuple(spec["shape"]), 8 + n + spec["data_offsets"][0], 8 + n + spec["data_offsets"][1])
+            for name, spec in header.items()}
 
 
 class CheckpointError(ValueError):
@@ -38,17 +51,17 @@ class Checkpoint:
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.dir}: no *.safetensors files")
-        self._handles, self._where = [], {}
+        self._where, self._data = {}, {}
         for path in files:
             try:
-                handle = safe_open(str(path), framework="numpy")
+                with safe_open(str(path), framework="numpy"):  # validates the header, nothing else
+                    pass
             except Exception as e:  # safetensors raises its own SafetensorError for bad headers
                 raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
-            self._handles.append(handle)
-            for name in handle.keys():
+            for name, spec in _header(path).items():
                 if name in self._where:
-                    raise CheckpointError(f"{path}: tensor {name!r} also in {self._where[name][0]}")
-                self._where[name] = (path, handle)
+                    raise CheckpointError(f"{path}: tensor {name!r} also in {self._where[name]}")
+                self._where[name], self._data[name] = path, spec
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -57,25 +70,36 @@ class Checkpoint:
         return self._where.keys()
 
     def info(self, name: str) -> tuple[tuple[int, ...], str]:
-        path, handle = self._locate(name)
-        sl = handle.get_slice(name)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        self._locate(name)
+        dtype, shape, _, _ = self._data[name]
+        return shape, dtype
 
     def _locate(self, name: str):
         if name not in self._where:
             raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
         return self._where[name]
 
+    def _stored(self, name: str) -> np.ndarray:
+        """The tensor as stored, a read-only memory map (bfloat16 as its uint16 bits)."""
+        path = self._locate(name)
+        dtype, shape, begin, end = self._data[name]
+        if dtype not in STORED:
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype}, expected a float type")
+        if end == begin:
+            return np.zeros(shape, STORED[dtype])
+        return np.memmap(path, np.uint8, mode="r", offset=begin, shape=(end - begin,)).view(STORED[dtype]).reshape(shape)
+
     def __getitem__(self, name: str) -> np.ndarray:
         """The tensor as float32 (a copy when it is stored in another precision)."""
-        path, handle = self._locate(name)
-        _, dtype = self.info(name)
-        if dtype == "BF16":
-            raise CheckpointError(f"{path}: tensor {name!r} is bfloat16; not supported yet")
-        try:
-            return np.asarray(handle.get_tensor(name), dtype=np.float32)
-        except Exception as e:
-            raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e})") from e
+        return self.rows(name, None, None)
+
+    def rows(self, name: str, start: int | None, stop: int | None) -> np.ndarray:
+        """Rows [start, stop) of the tensor as float32, reading only those rows."""
+        stored = self._stored(name)
+        part = stored[start:stop] if stored.ndim else stored
+        if self._data[name][0] == "BF16":  # bfloat16 is the top half of a float32
+            return (part.astype(np.uint32) << 16).view(np.float32)
+        return np.array(part, dtype=np.float32)  # a copy: the caller owns it
 
     def get(self, name: str, default=None):
         return self[name] if name in self._where else default
@@ -83,7 +107,7 @@ class Checkpoint:
     def require(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Every tensor present, of the expected shape, floating point, and finite."""
         for name, shape in shapes.items():
-            path, _ = self._locate(name)
+            path = self._locate(name)
             got, dtype = self.info(name)
             if got != tuple(shape):
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {list(got)}, "

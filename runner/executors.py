@@ -40,12 +40,15 @@ class LazyEmulator:
     def __init__(self, path: Path, layer: Layer):
         self.path, self.layer, self._emulator = path, layer, None
 
-    def __call__(self, x_u8: np.ndarray) -> np.ndarray:
+    def load(self) -> DenseEmulator:
         if self._emulator is None:
             blob = np.memmap(self.path, np.uint8, mode="r")
             params = decode_dense(blob, self.layer.n_in, self.layer.n_out, str(self.path))
             self._emulator = DenseEmulator(params, self.layer.zp_in, self.layer.zp_out)
-        return self._emulator(x_u8)
+        return self._emulator
+
+    def __call__(self, x_u8: np.ndarray) -> np.ndarray:
+        return self.load()(x_u8)
 
 
 class TemplateInterpreter:
@@ -121,27 +124,40 @@ def edgetpu_delegates() -> list:
                            "interpreter's version?") from e
 
 
-def make_linear(bundle: Bundle, backend: str):
-    """The executor `linear(name, x)` running the bundle's layers on `backend` (not fp32)."""
-    if backend not in BACKENDS[:3]:
-        raise BackendError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    flavor = {"emulate": "params", "cpu": "cpu", "edgetpu": "edgetpu"}[backend]
-    missing = [layer.name for layer in bundle.layers if layer.placement == "tpu" and flavor not in layer.files]
+FLAVOR = {"emulate": "params", "cpu": "cpu", "edgetpu": "edgetpu"}  # the artifact each backend runs
+
+
+def check_flavor(bundle: Bundle, layers: list[Layer], backend: str) -> str:
+    """The file flavor `backend` runs, once every layer is known to have it."""
+    if backend not in FLAVOR:
+        raise BackendError(f"backend {backend!r} is not one of {', '.join(FLAVOR)} here")
+    flavor = FLAVOR[backend]
+    missing = [layer.name for layer in layers if flavor not in layer.files]
     if missing:
         raise BackendError(f"{bundle.dir}: no {backend} artifacts for {len(missing)} layer(s), e.g. {missing[0]} "
                            f"(the bundle was built with flavors {bundle.manifest.get('flavors')}"
                            + (" and without a compiled template: see `doit templates=DIR`" if flavor == "edgetpu"
                               else "") + ")")
-    delegates = edgetpu_delegates() if backend == "edgetpu" else None
-    host, layers = bundle.host, {}
-    for layer in bundle.layers:
-        if layer.placement == "tpu":
-            path = layer.files[flavor].path
-            dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
-            layers[layer.name] = QuantizedLinear(dense, host[f"{layer.name}.weight_scale"],
-                                                 host[f"{layer.name}.multipliers"], host.get(f"{layer.name}.bias"),
-                                                 layer.zp_in, layer.zp_out)
-    on_host = float_linear(host)  # layers the recipe kept on the CPU: their float weights are in the bundle
+    return flavor
+
+
+def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) -> QuantizedLinear:
+    """One TPU layer of the bundle on `backend`: host quantization around its Dense artifact."""
+    path, host = layer.files[FLAVOR[backend]].path, bundle.host
+    dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
+    return QuantizedLinear(dense, host[f"{layer.name}.weight_scale"], host[f"{layer.name}.multipliers"],
+                           host.get(f"{layer.name}.bias"), layer.zp_in, layer.zp_out)
+
+
+def make_linear(bundle: Bundle, backend: str, delegates=None):
+    """The executor `linear(name, x)` running the bundle's layers on `backend` (not fp32).
+    The LM-head tiles are not among them: runner/lm_head.py runs those."""
+    tpu = [layer for layer in bundle.layers if layer.placement == "tpu"]
+    check_flavor(bundle, tpu, backend)
+    if backend == "edgetpu" and delegates is None:
+        delegates = edgetpu_delegates()
+    layers = {layer.name: quantized_layer(bundle, layer, backend, delegates) for layer in tpu}
+    on_host = float_linear(bundle.host)  # layers the recipe kept on the CPU: their float weights are in the bundle
 
     def linear(name: str, x: np.ndarray) -> np.ndarray:
         return layers[name](x) if name in layers else on_host(name, x)

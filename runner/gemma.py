@@ -111,8 +111,13 @@ class KVCache:
 
 
 class Gemma:
-    def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], linear: Linear):
+    """`embed(ids) -> float32 [n, hidden]` defaults to the float table in `weights`; a bundle
+    brings its int8 one (runner/lm_head.py)."""
+
+    def __init__(self, config: GemmaConfig, weights: Mapping[str, np.ndarray], linear: Linear,
+                 embed: Callable[[np.ndarray], np.ndarray] | None = None):
         self.config, self.w, self.linear = config, weights, linear
+        self.embed = embed or (lambda ids: weights["model.embed_tokens.weight"][ids].astype(np.float32))
 
     def _attention(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, w, p = self.config, self.w, f"model.layers.{i}.self_attn"
@@ -156,7 +161,7 @@ class Gemma:
         if start + len(ids) > c.max_position_embeddings:
             raise ValueError(f"{start + len(ids)} tokens is longer than the context of {c.max_position_embeddings}")
         positions = np.arange(start, start + len(ids))
-        h = w["model.embed_tokens.weight"][ids].astype(np.float32) * np.float32(c.hidden_size ** 0.5)
+        h = self.embed(ids) * np.float32(c.hidden_size ** 0.5)
         eps = c.rms_norm_eps
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
@@ -170,9 +175,15 @@ class Gemma:
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""
-        logits = h @ self.w["model.embed_tokens.weight"].T
+        return self.softcap(h @ self.w["model.embed_tokens.weight"].T)
+
+    def softcap(self, logits: np.ndarray) -> np.ndarray:
+        """Gemma's final-logit soft-capping; logits a head did not compute (-inf) stay -inf."""
         cap = self.config.final_logit_softcapping
-        return np.tanh(logits / cap) * cap if cap else logits
+        if not cap:
+            return logits
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isneginf(logits), logits, np.tanh(logits / np.float32(cap)) * np.float32(cap))
 
 
 def linear_names(config: GemmaConfig) -> list[str]:

@@ -1,7 +1,9 @@
-"""The Gemma demo through the build: doit makes a bundle of int8 decoder layers that the numpy
-Gemma-3 runs on emulate and cpu (the LM head is still the float tied embedding)."""
+"""The Gemma demo through the build and the runner: doit makes a bundle of int8 decoder layers
+and LM-head tiles; `runner gemma` decodes with every backend and head mode."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,46 +11,234 @@ import pytest
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.clip import float_linear
-from runner.executors import LazyEmulator, TemplateInterpreter, make_linear
+from runner.edgetpu_codec import decode_dense
+from runner.executors import LazyEmulator, TemplateInterpreter
 from runner.gemma import Gemma, GemmaConfig, KVCache
+from runner.generate import Sampler, generate, load_gemma
+from runner.lm_head import HeadError, TileHead, make_head
 
-from .conftest import doit
+from .conftest import FIXTURES, doit, runner
 
 PROMPT = ("<start_of_turn>user please open door with name Alice and then read sensor humidity"
-          "<end_of_turn><start_of_turn>model")
+          "<end_of_turn><start_of_turn>model")  # held out: not in prompts.txt
 
 
 @pytest.fixture(scope="module")
 def gemma_demo(tmp_path_factory):
+    """(bundle dir, checkpoint dir). With the real compiled template beside the project, the
+    tiles and layers get edgetpu artifacts too."""
     artifacts = tmp_path_factory.mktemp("gemma") / "artifacts"
-    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml").stdout
+    templates = [f"templates={FIXTURES}"] if (FIXTURES / "dense_256_edgetpu.tflite").is_file() else []
+    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml", *templates).stdout
     assert ".  checkpoint:demo-gemma" in out and ".  bundle" in out
     return artifacts / "bundles" / "demo-gemma", artifacts / "demo" / "gemma"
 
 
-def test_decoder_layers_emulate_and_cpu_agree(gemma_demo):
-    bundle = Bundle.open(gemma_demo[0])
+@pytest.fixture(scope="module")
+def bundle(gemma_demo):
+    return Bundle.open(gemma_demo[0])
+
+
+def test_bundle_holds_decoder_layers_and_head_tiles(bundle):
+    """28 decoder linears; a 1024-token vocabulary in 4 tiles of 256 rows, each its own artifact;
+    the embedding is int8 with a scale per row, and no float copy of it is shipped."""
     assert bundle.family == "gemma" and len(bundle.layers) == 4 * 7
+    head = bundle.lm_head
+    assert (head.tile_rows, head.vocab_size, len(head.tiles)) == (256, 1024, 4)
+    assert len({t.files["params"].sha256 for t in head.tiles}) == 4
+    assert bundle.host["model.embed_tokens.weight_int8"].dtype == np.int8
+    assert bundle.host["model.embed_tokens.weight_scale"].shape == (1024,)
+    assert "model.embed_tokens.weight" not in bundle.host
+
+
+def test_tiles_are_the_embedding_rows(bundle, gemma_demo):
+    """Tile i's int8 weights are rows [256 i, 256 (i + 1)) of the tied embedding, quantized per row."""
+    embedding = Checkpoint(gemma_demo[1])["model.embed_tokens.weight"]
+    for i, tile in enumerate(bundle.lm_head.tiles):
+        params = decode_dense(tile.files["params"].path.read_bytes(), tile.n_in, tile.n_out)
+        rows = embedding[256 * i : 256 * (i + 1)]
+        back = params.weights.astype(np.float32) * bundle.host[f"lm_head.tiles.{i}.weight_scale"][:, None]
+        assert (np.abs(back - rows) <= np.abs(rows).max(1, keepdims=True) / 127 * 0.51).all()
+
+
+def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
+    """tile_rows 384 over 1024 tokens: 3 tiles, the last with 128 zero rows that never win."""
+    artifacts = tmp_path / "artifacts"
+    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "lm_head={tile_rows: 384}", "layers", "bundle")
+    bundle = Bundle.open(artifacts / "bundles" / "demo-gemma")
+    head = bundle.lm_head
+    assert (head.tile_rows, head.vocab_size, [t.n_out for t in head.tiles]) == (384, 1024, [384] * 3)
+    assert bundle.manifest["lm_head"]["tiles"][2]["rows"] == [768, 1024]
+    params = decode_dense(head.tiles[2].files["params"].path.read_bytes(), 256, 384)
+    assert not params.weights[256:].any() and params.weights[:256].any()
+    tiles = TileHead(bundle, "emulate", "tpu-preload")
+    logits = tiles(np.random.default_rng(3).standard_normal(256).astype(np.float32))
+    assert logits.shape == (1024,) and np.isfinite(logits).all()
+
+
+def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle):
     x = np.random.default_rng(0).integers(0, 256, (19, 256), dtype=np.uint8)
-    for layer in bundle.layers:
+    for layer in bundle.tpu_layers:
         a = LazyEmulator(layer.files["params"].path, layer)(x).astype(int)
         b = TemplateInterpreter(layer.files["cpu"].path, layer)(x).astype(int)
         assert np.abs(a - b).max() <= 1, layer.name
 
 
-@pytest.mark.parametrize("backend", ["emulate", "cpu"])
-def test_int8_decoder_against_float(gemma_demo, backend):
-    """Teacher-forced over a held-out prompt (not in prompts.txt). Measured: logits cosine
-    0.99878 mean / 0.99726 min, top-1 agreement 1.0 on 21 positions, both backends."""
+def test_tiles_have_their_own_caching_tokens(bundle):
+    if "edgetpu" not in bundle.lm_head.tiles[0].files:
+        pytest.skip(f"built without the real compiled template (not at {FIXTURES})")
+    from runner.edgetpu_codec import parse_compiled
+    tokens = {e.token for t in bundle.tpu_layers
+              for e in parse_compiled(t.files["edgetpu"].path.read_bytes()).executables}
+    assert len(tokens) == len(bundle.tpu_layers)
+
+
+def _teacher_forced(gemma_demo, backend, mode, **options):
+    """Logits of the int8 path and the float model at every position of PROMPT."""
     from tokenizers import Tokenizer
     bundle_dir, checkpoint_dir = gemma_demo
-    bundle, checkpoint = Bundle.open(bundle_dir), Checkpoint(checkpoint_dir)
-    config = GemmaConfig.from_dict(bundle.config)
-    ids = np.array(Tokenizer.from_file(str(bundle.tokenizer.path)).encode(PROMPT).ids)
+    loaded = load_gemma(bundle_dir, backend, mode, **options)
+    checkpoint = Checkpoint(checkpoint_dir)
+    config = GemmaConfig.from_dict(loaded.bundle.config)
+    ids = np.array(Tokenizer.from_file(str(loaded.bundle.tokenizer.path)).encode(PROMPT).ids)
+    hidden = loaded.model.forward(ids, KVCache(config))
+    a = np.stack([loaded.head(h) for h in hidden])
     ref = Gemma(config, checkpoint, float_linear(checkpoint))
-    int8 = Gemma(config, bundle.host, make_linear(bundle, backend))
-    a = int8.logits(int8.forward(ids, KVCache(config)))
-    r = ref.logits(ref.forward(ids, KVCache(config)))
+    return a, ref.logits(ref.forward(ids, KVCache(config)))
+
+
+@pytest.mark.parametrize("backend", ["emulate", "cpu"])
+@pytest.mark.parametrize("mode", ["cpu", "tpu-preload"])
+def test_int8_model_against_float(gemma_demo, backend, mode):
+    """Int8 decoder and embedding, and the head in `mode`, teacher-forced against the float model.
+    Measured on 21 positions, both backends: cpu head 0.99880 mean / 0.99795 min cosine, top-1
+    agreement 1.0; tpu head 0.99814 / 0.99536, top-1 0.952 (1.0 with --rescore 8)."""
+    a, r = _teacher_forced(gemma_demo, backend, mode)
     cos = (a * r).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(r, axis=-1)
     assert cos.mean() > 0.997 and cos.min() > 0.994
     assert (a.argmax(-1) == r.argmax(-1)).mean() >= 0.9
+
+
+def test_rescore_gives_the_cpu_heads_logits(gemma_demo):
+    """--rescore K: the candidates' logits are exactly the cpu head's, everything else -inf; so
+    the argmax equals the cpu head's whenever the cpu head's best token is a candidate."""
+    loaded = load_gemma(gemma_demo[0], "emulate", "tpu-lazy", capacity=2, rescore=8)
+    cpu_head, _ = make_head(loaded.bundle, "emulate", "cpu")
+    h = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)
+    among = 0
+    for row in h:
+        got, exact = loaded.head(row), cpu_head(row)
+        finite = np.isfinite(got)
+        assert finite.sum() == 8 and np.array_equal(got[finite], exact[finite])
+        if finite[exact.argmax()]:
+            among += 1
+            assert got.argmax() == exact.argmax()
+    assert among >= 36  # the TPU's 8 best nearly always hold the exact best
+
+
+def test_rescore_decodes_as_the_cpu_head(gemma_demo):
+    """Greedy decoding with --rescore equals the cpu head's, token for token."""
+    prompt = [2] + list(range(40, 60))
+    tokens = {}
+    for mode, options in (("cpu", {}), ("tpu-lazy", {"capacity": 2, "rescore": 16})):
+        loaded = load_gemma(gemma_demo[0], "emulate", mode, **options)
+        tokens[mode] = [s.token for s in generate(loaded.model, loaded.head, prompt, 24, Sampler())]
+    assert tokens["cpu"] == tokens["tpu-lazy"] and len(tokens["cpu"]) == 24
+
+
+def test_lru_keeps_the_most_recently_used_tiles(bundle):
+    head = TileHead(bundle, "emulate", "tpu-lazy", capacity=2)
+    for i in (0, 1, 0, 2, 1):  # 2 evicts 1 (0 was used after it), then 1 evicts 0
+        head.tile(i)
+    assert list(head.open) == [2, 1]
+    assert head.stats.take() == {"tiles": 0, "hits": 1, "misses": 4, "evictions": 2, "rescored": 0}
+    # Open tiles run first, so a sweep of 4 tiles through 2 slots hits twice per step, not never.
+    assert head.tiles_to_run() == [2, 1, 0, 3]
+    head(np.ones(256, np.float32))
+    head(np.ones(256, np.float32))
+    assert head.stats.take() == {"tiles": 8, "hits": 4, "misses": 4, "evictions": 4, "rescored": 0}
+
+
+def test_shortlist_runs_the_tiles_that_scored_best(bundle):
+    full = TileHead(bundle, "emulate", "tpu-preload")
+    short = TileHead(bundle, "emulate", "tpu-preload", shortlist=2)
+    h = np.random.default_rng(2).standard_normal(256).astype(np.float32)
+    first = short(h)  # the first step runs every tile
+    assert np.array_equal(first, full(h)) and short.stats.take()["tiles"] == 4
+    best_tiles = set(np.argsort(-full.best)[:2].tolist())
+    second = short(h)
+    assert short.stats.take()["tiles"] == 2
+    ran = {i for i in range(4) if np.isfinite(second[256 * i])}
+    assert ran == best_tiles and second.argmax() == first.argmax()
+
+
+def test_head_options_that_do_not_fit_are_refused(bundle):
+    with pytest.raises(HeadError, match="capacity"):
+        TileHead(bundle, "emulate", "tpu-lazy")
+    with pytest.raises(HeadError, match="shortlist"):
+        TileHead(bundle, "emulate", "tpu-preload", shortlist=5)
+    with pytest.raises(HeadError, match="TPU heads"):
+        make_head(bundle, "emulate", "cpu", rescore=4)
+
+
+@pytest.mark.parametrize("backend", ["emulate", "cpu"])
+def test_runner_gemma_end_to_end(gemma_demo, backend):
+    """`runner gemma` with each head mode: tokens, text, timings; greedy --rescore equals the cpu head."""
+    results = {}
+    for mode in (["cpu"], ["tpu-preload"], ["tpu-lazy", "--lm-cache-capacity", "2"],
+                 ["tpu-preload", "--shortlist", "2"], ["tpu-lazy", "--lm-cache-capacity", "3", "--rescore", "16"]):
+        run = runner("gemma", gemma_demo[0], "--prompt", "please set timer", "--steps", "12", "--backend", backend,
+                     "--lm-head", *mode, "--json", "--rounds", "2", "--ignore-eos")
+        assert run.returncode == 0, run.stderr
+        r = json.loads(run.stdout)
+        assert len(r["tokens"]) == 12 and isinstance(r["text"], str) and r["prompt_tokens"][0] == 2
+        assert r["setup_ms"] > 0 and r["prefill_ms"] > 0 and r["ms_per_token"] > 0 and len(r["rounds"]) == 2
+        assert r["rounds"][0]["tokens"] == r["rounds"][1]["tokens"]  # greedy, and the cache is clean each round
+        results[" ".join(mode)] = r
+    assert results["tpu-lazy --lm-cache-capacity 3 --rescore 16"]["tokens"] == results["cpu"]["tokens"]
+    assert results["cpu"]["head"]["tiles"] == 0 and results["tpu-preload"]["head"]["tiles"] == 4 * 12
+    lazy = results["tpu-lazy --lm-cache-capacity 2"]
+    assert lazy["head"]["misses"] > 0 and lazy["head"]["evictions"] > 0 and lazy["head"]["hits"] > 0
+    assert results["tpu-preload --shortlist 2"]["head"]["tiles"] == 4 + 2 * 11
+    # Streaming text output, without --json.
+    run = runner("gemma", gemma_demo[0], "--token-ids", "2,40,41,42", "--steps", "5", "--backend", backend)
+    assert run.returncode == 0 and "setup_ms" in run.stdout and "ms_per_token" in run.stdout, run.stderr
+
+
+def test_fp32_backend_decodes_with_the_float_model(gemma_demo):
+    bundle_dir, checkpoint_dir = gemma_demo
+    run = runner("gemma", bundle_dir, "--token-ids", "2,40,41,42", "--steps", "6", "--backend", "fp32",
+                 "--checkpoint", checkpoint_dir, "--json", "--ignore-eos")
+    assert run.returncode == 0, run.stderr
+    checkpoint = Checkpoint(checkpoint_dir)
+    config = GemmaConfig.from_dict(checkpoint.config)
+    model, cache, ids = Gemma(config, checkpoint, float_linear(checkpoint)), None, [2, 40, 41, 42]
+    cache = KVCache(config)
+    x, expected = ids, []
+    for _ in range(6):
+        token = int(model.logits(model.forward(np.array(x), cache)[-1:]).argmax())
+        expected.append(token)
+        x = [token]
+    assert json.loads(run.stdout)["tokens"] == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--token-ids", "2,5000"], "token id 5000 is outside the vocabulary [0, 1024)"),
+    (["--token-ids", "2,-1"], "token id -1 is outside the vocabulary"),
+    (["--token-ids", "2,x"], "expected comma-separated integers"),
+    (["--prompt", "   "], "the prompt is empty"),
+    (["--prompt", "a b c " * 300], "leave no room in the model's context of 256"),
+    (["--prompt", "hi", "--lm-head", "cpu", "--rescore", "4"], "for the TPU heads"),
+    (["--prompt", "hi", "--lm-head", "tpu-lazy"], "--lm-cache-capacity must be at least 1"),
+    (["--prompt", "hi", "--backend", "fp32"], "needs --checkpoint"),
+])
+def test_bad_gemma_input_gets_one_clear_line(gemma_demo, args, message):
+    run = runner("gemma", gemma_demo[0], *args)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_clip_bundle_is_not_a_gemma_one(bundle_dir, gemma_demo):
+    run = runner("gemma", bundle_dir, "--prompt", "hi")
+    assert run.returncode == 2 and "a clip bundle, not a Gemma one" in run.stderr
+    run = runner("clip-text", gemma_demo[0], "hi")
+    assert run.returncode == 2 and "not a CLIP one" in run.stderr

@@ -1,0 +1,198 @@
+"""Gemma's tied LM head: the final hidden state [hidden] -> logits [vocab], four ways.
+
+- `cpu`: the embedding table as int8 rows with a float32 scale per row, memory-mapped
+  from `host.safetensors` (the same table is the input embedding); exact up to that
+  int8 table, computed in chunks so no float copy of the table is ever made.
+- `tpu-preload`: every tile (a `hidden x tile_rows` Dense template; manifest `lm_head`)
+  ready at start-up.
+- `tpu-lazy`: tiles opened when first needed and kept in an LRU of `capacity` tiles;
+  the least recently used one is closed when another must open.
+- `fp32`: the float table of a checkpoint (the `fp32` backend's head).
+
+Two options of the TPU heads:
+- `shortlist N`: run only N tiles per step, the N whose best logit was highest the
+  last time each was run (the first step runs them all). Approximate, as the
+  reference project's shortlist: a token in a tile left out cannot be chosen.
+- `rescore K`: the TPU logits choose K candidates and the int8 table gives their
+  exact logits (the `cpu` head's values); every other token gets -inf. Greedy
+  decoding then equals the `cpu` head's whenever its best token is among the K.
+
+Logits a head does not compute are -inf. Counters (`HeadStats`) say per step what
+the head did: tiles run, LRU hits, misses and evictions, tokens rescored.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .executors import check_flavor, quantized_layer
+
+HEAD_MODES = ("cpu", "tpu-preload", "tpu-lazy")
+EMBEDDING = "model.embed_tokens"
+CHUNK_ROWS = 16384  # rows of the int8 table turned into float32 at a time (16384 x 640 x 4 = 40 MB)
+
+
+class HeadError(ValueError):
+    """Head options that do not fit together or do not fit the bundle."""
+
+
+@dataclass
+class HeadStats:
+    tiles: int = 0  # tiles run
+    hits: int = 0  # tiles found open in the LRU
+    misses: int = 0  # tiles that had to be opened
+    evictions: int = 0  # tiles closed to make room
+    rescored: int = 0  # candidate tokens given exact logits
+
+    def take(self) -> dict:
+        """These counts, reset to zero."""
+        out = asdict(self)
+        self.__init__()
+        return out
+
+
+class Int8Table:
+    """The tied embedding as int8 rows and a float32 scale per row (read-only views of the bundle)."""
+
+    def __init__(self, host, name: str = EMBEDDING):
+        self.q, self.scale = host[f"{name}.weight_int8"], host[f"{name}.weight_scale"]
+        if self.q.ndim != 2 or self.scale.shape != self.q.shape[:1]:
+            raise BundleError(f"{host.path}: {name}.weight_int8 {list(self.q.shape)} and "
+                              f"{name}.weight_scale {list(self.scale.shape)} do not fit together")
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.q[ids].astype(np.float32) * self.scale[ids, None]
+
+    def logits(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """h . row * scale for the given rows (default: all), float32."""
+        h = np.asarray(h, np.float32)
+        if rows is not None:
+            return (self.q[rows].astype(np.float32) @ h) * self.scale[rows]
+        out = np.empty(len(self.q), np.float32)
+        for a in range(0, len(self.q), CHUNK_ROWS):
+            out[a : a + CHUNK_ROWS] = (self.q[a : a + CHUNK_ROWS].astype(np.float32) @ h) * self.scale[a : a + CHUNK_ROWS]
+        return out
+
+
+class CpuHead:
+    mode = "cpu"
+
+    def __init__(self, table: Int8Table):
+        self.table, self.stats = table, HeadStats()
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return self.table.logits(h)
+
+
+class FloatHead:
+    """The float tied head of a checkpoint, computed in chunks of rows."""
+    mode = "fp32"
+
+    def __init__(self, checkpoint, vocab_size: int):
+        self.checkpoint, self.vocab_size, self.stats = checkpoint, vocab_size, HeadStats()
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.checkpoint.rows(f"{EMBEDDING}.weight", a, a + CHUNK_ROWS) @ h
+                               for a in range(0, self.vocab_size, CHUNK_ROWS)])
+
+
+class TileHead:
+    """The head as TPU tiles (`tpu-preload` or `tpu-lazy`), with optional shortlist and rescore."""
+
+    def __init__(self, bundle: Bundle, backend: str, mode: str, capacity: int | None = None,
+                 shortlist: int | None = None, rescore: int | None = None, table: Int8Table | None = None,
+                 delegates=None):
+        head = bundle.lm_head
+        if head is None:
+            raise HeadError(f"{bundle.dir}: the bundle has no LM-head tiles; use --lm-head cpu")
+        check_flavor(bundle, head.tiles, backend)
+        n = len(head.tiles)
+        if mode == "tpu-preload":
+            capacity = n
+        elif capacity is None or capacity < 1:
+            raise HeadError(f"--lm-cache-capacity must be at least 1 for tpu-lazy (the head has {n} tiles)")
+        if shortlist is not None and not 1 <= shortlist <= n:
+            raise HeadError(f"--shortlist must be from 1 to {n} (the head's tiles)")
+        if rescore is not None and not 1 <= rescore <= head.vocab_size:
+            raise HeadError(f"--rescore must be from 1 to {head.vocab_size} (the vocabulary)")
+        if rescore is not None and table is None:
+            raise HeadError("--rescore needs the int8 table of the bundle")
+        self.mode, self.head, self.backend, self.delegates = mode, head, backend, delegates
+        self.bundle, self.capacity, self.shortlist, self.rescore, self.table = bundle, min(capacity, n), \
+            shortlist, rescore, table
+        self.open: OrderedDict[int, object] = OrderedDict()  # tile index -> its QuantizedLinear, LRU order
+        self.best = np.full(n, np.inf, np.float32)  # each tile's best logit when it last ran
+        self.stats = HeadStats()
+        if mode == "tpu-preload":
+            for i in range(n):
+                self.open[i] = self._load(i)
+
+    def _load(self, i: int):
+        layer = quantized_layer(self.bundle, self.head.tiles[i], self.backend, self.delegates)
+        warm = getattr(layer.backend, "load", None)  # the emulator decodes its parameters now, not on first use
+        if warm is not None:
+            warm()
+        return layer
+
+    def tile(self, i: int):
+        """Tile i, from the LRU or opened (closing the least recently used one when full)."""
+        if i in self.open:
+            self.stats.hits += 1
+            self.open.move_to_end(i)
+            return self.open[i]
+        self.stats.misses += 1
+        if len(self.open) >= self.capacity:
+            self.open.popitem(last=False)
+            self.stats.evictions += 1
+        self.open[i] = self._load(i)
+        return self.open[i]
+
+    def tiles_to_run(self) -> list[int]:
+        """This step's tiles, those already open first: the logits do not depend on the order,
+        and a plain 0..n-1 sweep through an LRU smaller than the head would miss every time."""
+        n = len(self.head.tiles)
+        if self.shortlist is None or np.isinf(self.best).any():
+            chosen = set(range(n))
+        else:
+            chosen = set(np.argsort(-self.best, kind="stable")[: self.shortlist].tolist())
+        open_first = [i for i in self.open if i in chosen]
+        return open_first + sorted(chosen.difference(open_first))
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        rows, vocab = self.head.tile_rows, self.head.vocab_size
+        logits = np.full(vocab, -np.inf, np.float32)
+        x = np.asarray(h, np.float32)[None]
+        for i in self.tiles_to_run():
+            y = self.tile(i)(x)[0]
+            a, b = i * rows, min((i + 1) * rows, vocab)
+            logits[a:b] = y[: b - a]  # the padding rows past the vocabulary are dropped
+            self.best[i] = y[: b - a].max()
+            self.stats.tiles += 1
+        if self.rescore is None:
+            return logits
+        k = min(self.rescore, int(np.isfinite(logits).sum()))
+        candidates = np.argpartition(-logits, k - 1)[:k]
+        out = np.full(vocab, -np.inf, np.float32)
+        out[candidates] = self.table.logits(h, candidates)
+        self.stats.rescored += k
+        return out
+
+
+def make_head(bundle: Bundle, backend: str, mode: str, capacity: int | None = None, shortlist: int | None = None,
+              rescore: int | None = None, delegates=None):
+    """The head `mode` names, on `backend` (not fp32), and the int8 table the input embedding uses."""
+    table = Int8Table(bundle.host)
+    if mode not in HEAD_MODES:
+        raise HeadError(f"--lm-head {mode!r} is not one of {', '.join(HEAD_MODES)}")
+    if mode == "cpu":
+        if shortlist is not None or rescore is not None or capacity is not None:
+            raise HeadError("--shortlist, --rescore and --lm-cache-capacity are for the TPU heads "
+                            "(tpu-preload, tpu-lazy); the cpu head computes every logit exactly")
+        return CpuHead(table), table
+    if mode == "tpu-preload" and capacity is not None:
+        raise HeadError("--lm-cache-capacity is for --lm-head tpu-lazy (tpu-preload keeps every tile)")
+    return TileHead(bundle, backend, mode, capacity, shortlist, rescore, table, delegates), table

@@ -241,25 +241,55 @@ def demo_gemma_config(vocab_size: int) -> dict:
     }
 
 
+def gemma_270m_config() -> dict:
+    """The dimensions of google/functiongemma-270m-it (Gemma-3 270M; its config.json, trimmed)."""
+    n = 18
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+        "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": n, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)],
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "rope_scaling": None,
+        "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": [1, 106], "bos_token_id": 2,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "torch_dtype": "bfloat16",
+    }
+
+
+def random_gemma_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes
+
+    tensors = {}
+    for name, shape in gemma_shapes(GemmaConfig.from_dict(config)).items():
+        scale = 0.1 if name.endswith("norm.weight") else 1 / np.sqrt(shape[-1])  # norms scale by (1 + w)
+        tensors[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return tensors
+
+
+def save_bf16(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """float32 tensors to a bfloat16 safetensors file, as Gemma checkpoints ship (rounded to
+    nearest even; the safetensors library writes the file, numpy has no bfloat16 type)."""
+    from safetensors import TensorSpec, serialize_file
+
+    keep, specs = [], {}
+    for name, t in tensors.items():
+        bits = np.ascontiguousarray(t, np.float32).view(np.uint32)
+        bf16 = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        keep.append(bf16)
+        specs[name] = TensorSpec(dtype="bfloat16", shape=list(t.shape), data_ptr=bf16.ctypes.data,
+                                 data_len=bf16.nbytes)
+    serialize_file(specs, str(path), metadata={"format": "pt"})
+
+
 def make_demo_gemma(directory: str | Path, seed: int = 0) -> Path:
     """config.json, model.safetensors, tokenizer.json and prompts.txt of the Gemma demo."""
     from safetensors.numpy import save
-
-    from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes
 
     directory = Path(directory)
     tokenizer = make_gemma_tokenizer()
     config = demo_gemma_config(tokenizer.get_vocab_size())
     rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in gemma_shapes(GemmaConfig.from_dict(config)).items():
-        if name.endswith("norm.weight"):  # scale (1 + w)
-            value = 0.1 * rng.standard_normal(shape)
-        elif name == "model.embed_tokens.weight":
-            value = rng.standard_normal(shape) / np.sqrt(shape[1])
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(shape[1])
-        tensors[name] = np.asarray(value, np.float32)
+    tensors = random_gemma_weights(config, rng)
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", tokenizer.to_str())
     atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
@@ -269,5 +299,19 @@ def make_demo_gemma(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-GENERATORS["demo-gemma"] = make_demo_gemma
-CONFIGS["demo-gemma"] = lambda: demo_gemma_config(vocab_size=1024)
+def make_random_gemma_270m(directory: str | Path, seed: int = 0) -> Path:
+    """A Gemma-3 of 270M's real dimensions with seeded random weights in bfloat16 (for
+    benchmarks). Its tokenizer is the demo's 1024-token one, whose ids are valid in the
+    larger vocabulary; tokens past 1024 decode to nothing."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = gemma_270m_config()
+    save_bf16(random_gemma_weights(config, np.random.default_rng(seed)), directory / "model.safetensors")
+    atomic_write(directory / "config.json", json.dumps(config, indent=2))
+    atomic_write(directory / "tokenizer.json", make_gemma_tokenizer().to_str())
+    atomic_write(directory / "prompts.txt", "\n".join(gemma_corpus()[:32]) + "\n")
+    return directory
+
+
+GENERATORS.update({"demo-gemma": make_demo_gemma, "random-gemma-270m": make_random_gemma_270m})
+CONFIGS.update({"demo-gemma": lambda: demo_gemma_config(vocab_size=1024), "random-gemma-270m": gemma_270m_config})

@@ -4,8 +4,9 @@ Every top-level key can be overridden from the doit command line with a variable
 of the same name (`doit recipe=recipes/x.yaml checkpoint=DIR templates=DIR name=NAME`);
 values given there are parsed as YAML scalars, lists or mappings, then validated like
 the file. Relative paths are relative to the project root, except the calibration
-inputs, which are relative to the checkpoint directory, and paths that start with
-`artifacts/`, which live in the artifacts directory (`CORAL_ARTIFACTS` moves it).
+inputs, which are relative to the checkpoint directory unless they start with
+`recipes/`; paths that start with `artifacts/` live in the artifacts directory
+(`CORAL_ARTIFACTS` moves it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
 FAMILIES = {"clip": ("image", "text"), "gemma": ("decoder",)}  # family -> its towers
-GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip", "demo-gemma": "gemma"}  # built-in checkpoint generators -> the family they make
+GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip", "demo-gemma": "gemma", "random-gemma-270m": "gemma"}  # built-in checkpoint generators -> the family they make
 FLAVORS = ("edgetpu", "cpu")
 
 # Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).
@@ -51,6 +52,16 @@ def resolve(path: str) -> Path:
     if parts and parts[0] == "artifacts":
         return ARTIFACTS.joinpath(*parts[1:]).resolve()
     return (ROOT / path).resolve()
+
+
+def calibration_path(value: str | None, checkpoint: str) -> Path | None:
+    """A calibration input: the project's own when it starts with `recipes/` or `artifacts/`
+    (data shipped with a recipe), else relative to the checkpoint directory."""
+    if value is None:
+        return None
+    if Path(value).parts[:1] in (("recipes",), ("artifacts",)):
+        return resolve(value)
+    return Path(checkpoint) / value
 
 
 class RecipeError(ValueError):
@@ -96,8 +107,7 @@ class Recipe:
         return Path(self.checkpoint) if self.checkpoint else None
 
     def calibration_path(self, key: str) -> Path | None:
-        value = self.calibration[key]
-        return None if value is None else (self.checkpoint_dir / value)
+        return calibration_path(self.calibration[key], self.checkpoint)
 
 
 _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
@@ -203,10 +213,11 @@ def _check_model(recipe: str, values: dict) -> None:
         raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")
     if not (c["images"] or c["captions"] or c["prompts"] or c["synthetic"]):
         raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts or synthetic inputs")
-    if generate is None:  # a generated checkpoint brings its calibration files with it
-        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
-            if c[sub] is not None and not test(Path(checkpoint) / c[sub]):
-                raise RecipeError(f"{recipe}: key calibration.{sub}: {Path(checkpoint) / c[sub]} does not exist")
+    for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
+        path = calibration_path(c[sub], checkpoint)
+        # A generated checkpoint brings its own calibration files, made after this check.
+        if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
+            raise RecipeError(f"{recipe}: key calibration.{sub}: {path} does not exist")
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:

@@ -125,3 +125,59 @@ def test_demo_gemma_checkpoint_loads_in_transformers_and_matches(tmp_path):
     gemma = Gemma(config, checkpoint, float_linear(checkpoint))
     got = gemma.logits(gemma.forward(np.array(ids), KVCache(config)))
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_bfloat16_checkpoint_as_gemma_ships(tmp_path):
+    """Gemma checkpoints are bfloat16: a model saved in bfloat16 by transformers reads back
+    bit for bit as torch widens it, and the numpy model matches transformers' on it."""
+    from runner.checkpoint import Checkpoint
+
+    config, model, _ = make_hf(CONFIGS[0], seed=5)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    checkpoint = Checkpoint(tmp_path)
+    assert checkpoint.info("model.embed_tokens.weight")[1] == "BF16"
+    # A fresh float32 model from the saved file (converting the bf16 one back would keep its
+    # rotary frequencies rounded to bfloat16).
+    model = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for name, p in model.state_dict().items():
+        if name in checkpoint:
+            assert np.array_equal(checkpoint[name], p.numpy()), name
+    assert np.array_equal(checkpoint.rows("model.embed_tokens.weight", 5, 9),
+                          model.state_dict()["model.embed_tokens.weight"][5:9].numpy())
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    gemma = Gemma(GemmaConfig.from_dict(checkpoint.config), checkpoint, float_linear(checkpoint))
+    got = gemma.logits(gemma.forward(np.array(PROMPT), KVCache(gemma.config)))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_bfloat16_writer_rounds_as_torch(tmp_path):
+    from prepare.demo_models import save_bf16
+    from runner.checkpoint import Checkpoint
+
+    x = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32) * 10.0 ** np.arange(-3, 3.6, 0.2)
+    save_bf16({"x": x}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    assert np.array_equal(Checkpoint(tmp_path)["x"], torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+
+
+def test_functiongemma_recipe_layout():
+    """recipes/functiongemma-270m.yaml on a checkpoint of that layout: the linear shapes of
+    Gemma-3 270M and its head as 32 tiles of 8192 rows; transformers reads the same layer types."""
+    from prepare.demo_models import gemma_270m_config
+    from prepare.families import family_module
+    from prepare.recipe import load_recipe
+
+    recipe = load_recipe("recipes/functiongemma-270m.yaml", {"checkpoint": "artifacts/bench/x",
+                                                              "generate": "random-gemma-270m"})
+    family = family_module(recipe)
+    specs = family.specs(recipe, family.model_config(recipe))
+    tiles = [s for s in specs if s.is_head_tile]
+    assert len(specs) - len(tiles) == 18 * 7 and len(tiles) == 32
+    assert tiles[-1].rows == (31 * 8192, 262144)
+    assert {(s.n_in, s.n_out) for s in specs} == {(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640),
+                                                   (640, 8192)}
+    hf = transformers.Gemma3TextConfig(**gemma_270m_config())
+    ours = GemmaConfig.from_dict(gemma_270m_config())
+    assert ours.layer_types == hf.layer_types and ours.sliding_window == hf.sliding_window == 512
+    assert (ours.rope_global, ours.rope_local) == (1_000_000.0, 10_000.0)

@@ -128,14 +128,16 @@ def _checkpoint_files() -> list[str]:
     """What the layer stage reads from the checkpoint (a generated one exists only later)."""
     d = RECIPE.checkpoint_dir
     if RECIPE.generate is not None:
-        return [str(d / f) for f in GENERATED_FILES]
-    files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
-    if (d / "tokenizer.json").is_file():
-        files.append(d / "tokenizer.json")
+        files = [d / f for f in GENERATED_FILES]
+    else:
+        files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
+        if (d / "tokenizer.json").is_file():
+            files.append(d / "tokenizer.json")
     for key in ("images", "captions", "prompts"):
         path = RECIPE.calibration_path(key)
-        if path is not None:
-            files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        if path is None or (RECIPE.generate is not None and path.is_relative_to(d)):
+            continue  # a generated checkpoint's own calibration files change with its generator
+        files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return [str(f) for f in files]
 
 
@@ -145,7 +147,7 @@ def task_layers():
         return
     from prepare.layers import LAYER_VERSION, build_layers, layers_index_path
     settings = {k: getattr(RECIPE, k) for k in ("towers", "quantization", "calibration", "flavors", "cpu_layers",
-                                                "checkpoint")}
+                                                "lm_head", "checkpoint")}
     return {"actions": [step(build_layers, RECIPE, STORE)],
             "task_dep": ["templates"] + ([f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else []),
             "file_dep": [str(index_path(RECIPE))] + _checkpoint_files(),

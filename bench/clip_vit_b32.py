@@ -15,34 +15,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-ARTIFACTS = Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts" / "bench-clip-vit-b32")).resolve()
-os.environ["CORAL_ARTIFACTS"] = str(ARTIFACTS)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import ROOT, bundle_size, doit as _doit, empty_but_checkpoint, runner, use_artifacts  # noqa: E402
+
+ARTIFACTS = use_artifacts("bench-clip-vit-b32")
 VARS = ["recipe=recipes/clip-vit-b32.yaml", "checkpoint=artifacts/checkpoint", "generate=random-clip-vit-b32",
         "name=bench-clip-vit-b32", "calibration={images: calibration, captions: captions.txt, synthetic: 16}"]
 
 
 def doit(*args: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args, *VARS], check=True,
-                   cwd=ROOT, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
-
-
-def runner(*args) -> dict:
-    out = subprocess.run([sys.executable, "-m", "runner", *map(str, args), "--json"], check=True, cwd=ROOT,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout)
+    return _doit(VARS, *args)
 
 
 def held_out_images(directory: Path, n: int) -> list[Path]:
@@ -64,16 +51,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    for child in ARTIFACTS.glob("*"):  # cold build: keep only the generated checkpoint
-        if child.name != "checkpoint":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    empty_but_checkpoint(ARTIFACTS)
     result = {"date": datetime.date.today().isoformat(), "model": "CLIP ViT-B/32 dimensions, random weights"}
     result["checkpoint_s"] = doit("checkpoint")
     result["build_cold_s"] = doit()
     result["build_noop_s"] = doit()
     bundle = ARTIFACTS / "bundles" / "bench-clip-vit-b32"
-    result["bundle_bytes"] = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    result["bundle_files"] = sum(1 for p in bundle.rglob("*") if p.is_file())
+    result["bundle_bytes"], result["bundle_files"] = bundle_size(bundle)
 
     images = held_out_images(ARTIFACTS / "held-out", args.images)
     checkpoint = ARTIFACTS / "checkpoint"

@@ -62,7 +62,7 @@ def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options: dict
                                                    template["uncompiled"]))
     else:
         mult = calibrated_multipliers(w_q, rows, template["input_zero_point"], template["output_zero_point"],
-                                      options["headroom"])
+                                      options["headroom"], options.get("peak_sigmas"))
     return DenseParams.make(w_q, mult), s_w
 
 
@@ -81,16 +81,18 @@ def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, 
 
 
 def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template: dict, recipe: Recipe,
-                store: Store) -> dict:
-    """Quantize and patch one linear; return its entry of the layers index."""
+                store: Store, options: dict | None = None) -> dict:
+    """Quantize and patch one linear (with `options`, default the recipe's quantization);
+    return its entry of the layers index."""
+    options = options or recipe.quantization
     qkey = key_of({"artifact": "quantized-layer", "version": LAYER_VERSION, "weight": _sha(weight),
                    "shape": list(weight.shape), "bias": _sha(bias), "rows": _sha(rows),
-                   "quantization": recipe.quantization, "template_io": [template["input_zero_point"],
-                                                                        template["output_zero_point"]],
-                   "template": template["uncompiled"] if recipe.quantization["multipliers"] == "template" else None})
+                   "quantization": options, "template_io": [template["input_zero_point"],
+                                                            template["output_zero_point"]],
+                   "template": template["uncompiled"] if options["multipliers"] == "template" else None})
     if not store.has("params", qkey, "bin"):
         from safetensors.numpy import save
-        params, s_w = quantize(weight, rows, template, recipe.quantization, store.root)
+        params, s_w = quantize(weight, rows, template, options, store.root)
         meta = {"layer": name, "in": weight.shape[1], "out": weight.shape[0], "rows": len(rows),
                 **layer_error(params, s_w, weight, bias, rows, template)}
         store.put("quantized", qkey, "safetensors",
@@ -160,8 +162,9 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
             continue
         template = template_for(templates, spec.n_in, spec.n_out, recipe)
         bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
+        options = {**recipe.quantization, "peak_sigmas": recipe.lm_head["peak_sigmas"]} if spec.is_head_tile else None
         entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
-                            recipe, store)
+                            recipe, store, options)
         if spec.is_head_tile:
             entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
         entries.append(entry)

@@ -34,11 +34,17 @@ def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrated_multipliers(w_q: np.ndarray, rows: np.ndarray, zp_in: int, zp_out: int,
-                           headroom: float = 0.95) -> np.ndarray:
-    """Per-channel multipliers from the accumulators of calibration rows (float [n, in])."""
+                           headroom: float = 0.95, peak_sigmas: float | None = None) -> np.ndarray:
+    """Per-channel multipliers from the accumulators of calibration rows (float [n, in]).
+
+    A channel's peak is the largest accumulator calibration saw, or, with `peak_sigmas`, at
+    least that many root-mean-squares of them: an LM head's winning logit is an extreme over
+    the whole vocabulary, beyond what its row reached in calibration, and must not clamp."""
     x_u8, _ = quantize_rows(rows, zp_in)
     acc = (x_u8.astype(np.float64) - zp_in) @ w_q.astype(np.float64).T
     peak = np.abs(acc).max(axis=0)
+    if peak_sigmas is not None:
+        peak = np.maximum(peak, peak_sigmas * np.sqrt((acc * acc).mean(axis=0)))
     steps = headroom * min(zp_out, 255 - zp_out)
     # A channel that never fired in calibration (or has zero weights) gets a
     # multiplier as if its peak were the typical one: anything it outputs later stays on scale.

@@ -42,6 +42,9 @@ LM_HEAD = {
     # Vocabulary rows per head tile (a `hidden x tile_rows` template); null: the largest
     # power of two whose int8 parameters fit the Edge TPU's on-chip memory (prepare/gemma_build.py).
     "tile_rows": ((int, type(None)), None, None),
+    # Each vocabulary row's output range covers at least this many root-mean-squares of its
+    # calibration logits (the winning logit is an extreme over the vocabulary; it must not clamp).
+    "peak_sigmas": (float, 6.0, None),
 }
 
 
@@ -208,6 +211,8 @@ def _check_model(recipe: str, values: dict) -> None:
     head = values["lm_head"] = _sub_keys(recipe, "lm_head", values.get("lm_head", {}), LM_HEAD)
     if head["tile_rows"] is not None and not 1 <= head["tile_rows"] <= 1 << 20:
         raise RecipeError(f"{recipe}: key lm_head.tile_rows must be from 1 to {1 << 20}, got {head['tile_rows']}")
+    if not 0 <= head["peak_sigmas"] <= 100:
+        raise RecipeError(f"{recipe}: key lm_head.peak_sigmas must be from 0 to 100, got {head['peak_sigmas']}")
     c = values["calibration"] = _sub_keys(recipe, "calibration", values.get("calibration", {}), CALIBRATION)
     if c["synthetic"] < 0 or c["max_rows"] < 1:
         raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")

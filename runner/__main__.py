@@ -118,10 +118,23 @@ def run(args: argparse.Namespace) -> dict:
     else:
         inputs = args.texts if args.command == "clip-text" else args.images
         result["results"] = [{"input": s, "norm": float(np.linalg.norm(e))} for s, e in zip(inputs, out)]
+    result["peak_rss_mib"] = peak_rss_mib()
     if args.out:
         _save_npy(args.out, out.astype(np.float32))
         result["out"] = args.out
     return result
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory (Linux's VmHWM: since exec, unlike ru_maxrss, which
+    keeps the high-water mark of the process it was forked from)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -172,16 +185,19 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
                        "head": head, "steps": [{"token": s.token, "ms": round(s.ms, 2), **s.head} for s in steps]})
         if r == 0 and not args.json:
             out.write("\n")
-    middle = sorted(rounds, key=lambda r: r["ms_per_token"] or r["prefill_ms"])[len(rounds) // 2]
+    # With several rounds the first is a warm-up (the emulator decodes each layer on first use):
+    # the summary is the median of the others.
+    timed = rounds[1:] or rounds
+    middle = sorted(timed, key=lambda r: r["ms_per_token"] or r["prefill_ms"])[(len(timed) - 1) // 2]
     first = rounds[0]
-    last = first["tokens"][-1]
-    stopped = ("eos" if last in stop else
-               "context" if len(prompt) + len(first["tokens"]) >= model.config.max_position_embeddings else "steps")
+    stopped = ("eos" if first["tokens"][-1] in stop else "steps" if len(first["tokens"]) == args.steps
+               else "context")
     return {"command": "gemma", "backend": args.backend, "lm_head": loaded.head.mode, "bundle": str(loaded.bundle.dir),
             "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
-            "ms_per_token": middle["ms_per_token"], "head": first["head"], "rounds": rounds}
+            "ms_per_token": middle["ms_per_token"], "head": first["head"], "peak_rss_mib": peak_rss_mib(),
+            "rounds": rounds}
 
 
 def print_gemma(result: dict) -> None:

@@ -19,7 +19,7 @@ from .bundle import Bundle, BundleError
 from .executors import BackendError, edgetpu_delegates, make_linear
 from .gemma import Gemma, GemmaConfig, KVCache, tensor_shapes
 from .lm_head import FloatHead, HeadError, make_head
-from .tokenize import TokenizerError
+from .tokenize import GemmaTokenizer, TokenizerError
 
 
 @dataclass
@@ -44,31 +44,6 @@ class Sampler:
         return int(self.rng.choice(len(p), p=p / p.sum()))
 
 
-class GemmaTokenizer:
-    """The bundle's `tokenizer.json`: text to ids (with <bos> first, as Gemma expects) and back."""
-
-    def __init__(self, path: Path, config: GemmaConfig):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:  # pragma: no cover - depends on the machine
-            raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a bad file
-            raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
-        self.config = config
-
-    def encode(self, text: str) -> list[int]:
-        if not text.strip():
-            raise TokenizerError("the prompt is empty")
-        ids = self.tokenizer.encode(text).ids
-        bos = self.config.bos_token_id
-        return ids if ids[:1] == [bos] else [bos] + ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
 @dataclass
 class Loaded:
     model: Gemma
@@ -87,7 +62,7 @@ def load_gemma(bundle_dir: str | Path, backend: str, lm_head: str = "cpu", capac
         config = GemmaConfig.from_dict(bundle.config)
     except (ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{bundle.dir / 'manifest.json'}: config is not a usable Gemma-3 config ({e})") from e
-    tokenizer = GemmaTokenizer(bundle.tokenizer.path, config) if bundle.tokenizer else None
+    tokenizer = GemmaTokenizer(bundle.tokenizer.path, config.bos_token_id) if bundle.tokenizer else None
     if backend == "fp32":
         if checkpoint is None:
             raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "

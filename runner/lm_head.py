@@ -121,9 +121,8 @@ class TileHead:
             raise HeadError(f"--rescore must be from 1 to {head.vocab_size} (the vocabulary)")
         if rescore is not None and table is None:
             raise HeadError("--rescore needs the int8 table of the bundle")
-        self.mode, self.head, self.backend, self.delegates = mode, head, backend, delegates
-        self.bundle, self.capacity, self.shortlist, self.rescore, self.table = bundle, min(capacity, n), \
-            shortlist, rescore, table
+        self.mode, self.bundle, self.head, self.backend, self.delegates = mode, bundle, head, backend, delegates
+        self.capacity, self.shortlist, self.rescore, self.table = min(capacity, n), shortlist, rescore, table
         self.open: OrderedDict[int, object] = OrderedDict()  # tile index -> its QuantizedLinear, LRU order
         self.best = np.full(n, np.inf, np.float32)  # each tile's best logit when it last ran
         self.stats = HeadStats()

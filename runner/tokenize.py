@@ -1,8 +1,11 @@
-"""CLIP text to token ids with the checkpoint's own `tokenizer.json` (the `tokenizers` library).
+"""Text to token ids and back with the bundle's own `tokenizer.json` (the `tokenizers` library).
 
-As CLIP does: the tokenizer adds the start- and end-of-text tokens; a text longer
+CLIP, as CLIP does: the tokenizer adds the start- and end-of-text tokens; a text longer
 than the context is cut and its last token replaced by end-of-text (so pooling at
 end-of-text still works); rows are padded to the longest text with the pad token.
+
+Gemma: one prompt, <bos> first (added when the tokenizer does not add it), and the
+generated ids back to text without special tokens.
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used, or text it cannot encode."""
 
 
+def load_tokenizer(path: str | Path):
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a bad file
+        raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
+
+
 class ClipTokenizer:
     def __init__(self, path: str | Path, context: int):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:  # pragma: no cover - depends on the machine
-            raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a bad file
-            raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
+        self.tokenizer = load_tokenizer(path)
         # CLIP pads with its end-of-text token; pooling takes the first one in a row.
         self.eos_id = self.tokenizer.token_to_id(EOS)
         if self.eos_id is None:
@@ -52,3 +59,17 @@ class ClipTokenizer:
         for i, ids in enumerate(rows):
             out[i, : len(ids)] = ids
         return out
+
+
+class GemmaTokenizer:
+    def __init__(self, path: str | Path, bos_id: int):
+        self.tokenizer, self.bos_id = load_tokenizer(path), bos_id
+
+    def encode(self, text: str) -> list[int]:
+        if not text.strip():
+            raise TokenizerError("the prompt is empty")
+        ids = self.tokenizer.encode(text).ids
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -74,6 +74,12 @@ def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
     tiles = TileHead(bundle, "emulate", "tpu-preload")
     logits = tiles(np.random.default_rng(3).standard_normal(256).astype(np.float32))
     assert logits.shape == (1024,) and np.isfinite(logits).all()
+    # Another head setting redoes the tiles only: the decoder layers come from the cache.
+    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml", "lm_head={tile_rows: 384, peak_sigmas: 3}").stdout
+    assert ".  layers" in out and ".  bundle" in out
+    again = Bundle.open(artifacts / "bundles" / "demo-gemma")
+    assert [t.files["params"].sha256 for t in again.lm_head.tiles] != [t.files["params"].sha256 for t in head.tiles]
+    assert [x.files["params"].sha256 for x in again.layers] == [x.files["params"].sha256 for x in bundle.layers]
 
 
 def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle):
@@ -111,12 +117,13 @@ def _teacher_forced(gemma_demo, backend, mode, **options):
 @pytest.mark.parametrize("mode", ["cpu", "tpu-preload"])
 def test_int8_model_against_float(gemma_demo, backend, mode):
     """Int8 decoder and embedding, and the head in `mode`, teacher-forced against the float model.
-    Measured on 21 positions, both backends: cpu head 0.99880 mean / 0.99795 min cosine, top-1
-    agreement 1.0; tpu head 0.99814 / 0.99536, top-1 0.952 (1.0 with --rescore 8)."""
+    Measured on 21 positions, both backends: cpu head 0.99880 mean / 0.99795 min cosine, tpu
+    head 0.99867 / 0.99775; top-1 agreement 1.0 for both. (With the head's output range set
+    by calibration peaks alone, the winning logits clamped: tpu head 0.99814 / 0.99536.)"""
     a, r = _teacher_forced(gemma_demo, backend, mode)
     cos = (a * r).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(r, axis=-1)
-    assert cos.mean() > 0.997 and cos.min() > 0.994
-    assert (a.argmax(-1) == r.argmax(-1)).mean() >= 0.9
+    assert cos.mean() > 0.998 and cos.min() > 0.997
+    assert (a.argmax(-1) == r.argmax(-1)).mean() >= 0.95
 
 
 def test_rescore_gives_the_cpu_heads_logits(gemma_demo):

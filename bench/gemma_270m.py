@@ -117,6 +117,31 @@ def teacher_forced(bundle: Path, checkpoint: Path, n: int) -> dict:
             "hidden_cosine_mean": float(hidden_cos.mean()), "hidden_cosine_min": float(hidden_cos.min())}
 
 
+def plot(result: dict, path: Path) -> None:
+    """Start-up (log scale, beside start-up patching) and ms per token, per backend and head mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r["backend"] != "fp32"]
+    labels = [f"{r['backend']}\n" + r["lm_head"].replace("+", "\n+") for r in runs]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    x = np.arange(len(runs))
+    a.bar(x - 0.2, [r["setup_ms"] for r in runs], 0.4, label="setup_ms (bundle)")
+    a.bar(x + 0.2, [r["startup_patching_ms"] for r in runs], 0.4, label="start-up patching (reference's way)")
+    a.set_yscale("log")
+    a.set_ylabel("ms")
+    a.legend()
+    a.set_title(f"Gemma-3 270M size, {result['date']}: start-up")
+    b.bar(x, [r["ms_per_token"] for r in runs], 0.6, color="tab:green")
+    b.set_ylabel("ms per token")
+    b.set_title("decode step (prompt of 16 tokens, median round after a warm-up)")
+    b.set_xticks(x, labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=256, help="teacher-forced positions")
@@ -168,6 +193,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"gemma-270m-{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
     print(f"checkpoint generation {result['checkpoint_s']:.1f} s (once, cached)")
     print(f"cold build {result['build_cold_s']:.1f} s, no-op rebuild {result['build_noop_s']:.2f} s")
     print(f"bundle {result['bundle_bytes'] / 2**20:.1f} MiB in {result['bundle_files']} files")

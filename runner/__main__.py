@@ -149,9 +149,11 @@ def parse_token_ids(text: str) -> list[int]:
 
 def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     """Load, then generate `--rounds` times; the first round streams its text to `out`
-    unless --json. Timings of every round; the summary's are the median round's."""
+    unless --json. Timings of every round, and a summary (see below)."""
     from .generate import Sampler, generate, load_gemma, stop_ids
 
+    if args.steps < 1 or args.rounds < 1:
+        raise HeadError("--steps and --rounds must be at least 1")
     t0 = time.perf_counter()
     loaded = load_gemma(args.bundle, args.backend, args.lm_head, args.lm_cache_capacity, args.shortlist,
                         args.rescore, args.checkpoint)
@@ -163,8 +165,6 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = parse_token_ids(args.token_ids)
-    if args.steps < 1 or args.rounds < 1:
-        raise HeadError("--steps and --rounds must be at least 1")
     sampler = Sampler(args.temperature, args.top_k, args.seed)
     stop = set() if args.ignore_eos else stop_ids(model.config)
     rounds = []
@@ -174,6 +174,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
             steps.append(step)
             if r == 0 and not args.json and tokenizer is not None:
                 text = tokenizer.decode([s.token for s in steps])
+                if text.endswith("\ufffd"):
+                    continue  # part of a character: wait for the token that completes it
                 out.write(text[len(shown):])
                 out.flush()
                 shown = text

@@ -78,6 +78,10 @@ def load_gemma(bundle_dir: str | Path, backend: str, lm_head: str = "cpu", capac
     if table.q.shape != (config.vocab_size, config.hidden_size):
         raise BundleError(f"{bundle.host.path}: the int8 embedding is {list(table.q.shape)}, the config says "
                           f"[{config.vocab_size}, {config.hidden_size}]")
+    head_shape = bundle.lm_head and (bundle.lm_head.vocab_size, bundle.lm_head.tiles[0].n_in)
+    if head_shape and head_shape != (config.vocab_size, config.hidden_size):
+        raise BundleError(f"{bundle.dir / 'manifest.json'}: lm_head covers {head_shape[0]} tokens of width "
+                          f"{head_shape[1]}, the config says {config.vocab_size} of {config.hidden_size}")
     model = Gemma(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
     return Loaded(model, head, tokenizer, bundle)
 

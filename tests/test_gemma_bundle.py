@@ -244,6 +244,25 @@ def test_bad_gemma_input_gets_one_clear_line(gemma_demo, args, message):
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["tiles"][1].update(rows=[0, 256]), "lm_head.tiles[1]: field 'rows' has a bad value"),
+    (lambda h: h["tiles"].pop(), "lm_head: field 'tiles' has a bad value"),
+    (lambda h: h.update(vocab_size=1000), "lm_head.tiles[3]: field 'rows' has a bad value"),
+    (lambda h: (h.update(vocab_size=1000), h["tiles"][3].update(rows=[768, 1000])),
+     "lm_head covers 1000 tokens of width 256, the config says 1024 of 256"),
+    (lambda h: h["tiles"][0].update(placement="host"), "a TPU layer of 256 outputs like the other tiles"),
+])
+def test_a_manifest_with_a_bad_head_is_refused(gemma_demo, tmp_path, edit, message):
+    import shutil
+    copy = tmp_path / "bundle"
+    shutil.copytree(gemma_demo[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest["lm_head"])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    run = runner("gemma", copy, "--prompt", "hi", "--lm-head", "tpu-preload")
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
 def test_a_clip_bundle_is_not_a_gemma_one(bundle_dir, gemma_demo):
     run = runner("gemma", bundle_dir, "--prompt", "hi")
     assert run.returncode == 2 and "a clip bundle, not a Gemma one" in run.stderr

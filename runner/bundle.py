@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import safetensors_layout
 
 FORMAT = "coral-bundle"
 VERSION = 1
@@ -77,24 +78,16 @@ class HostTensors:
 
     def __init__(self, path: Path):
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), framework="numpy"):
-                pass
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            layout = safetensors_layout(path)
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise BundleError(f"{path}: not a valid safetensors file ({e})") from e
-        header.pop("__metadata__", None)
         self.path = path
         self._map = np.memmap(path, np.uint8, mode="r")
         self._specs = {}
-        for name, spec in header.items():
-            if spec["dtype"] not in SAFETENSORS_DTYPES:
-                raise BundleError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, not one the runner reads")
-            begin, end = spec["data_offsets"]
-            self._specs[name] = (np.dtype(SAFETENSORS_DTYPES[spec["dtype"]]), tuple(spec["shape"]),
-                                 8 + n + begin, 8 + n + end)
+        for name, (dtype, shape, begin, end) in layout.items():
+            if dtype not in SAFETENSORS_DTYPES:
+                raise BundleError(f"{path}: tensor {name!r} has dtype {dtype}, not one the runner reads")
+            self._specs[name] = (np.dtype(SAFETENSORS_DTYPES[dtype]), shape, begin, end)
 
     def __contains__(self, name: str) -> bool:
         return name in self._specs

@@ -18,10 +18,15 @@ FLOAT_DTYPES = {"F32", "F16", "BF16"}
 STORED = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # how each float type is viewed in the file
 
 
-def _header(path: Path) -> dict:
-    """Each tensor's (dtype, shape, absolute begin, end), from a header safetensors has
-    already validated (offsets inside the file, contiguous, no overlap)."""
+def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each tensor's (dtype, shape, absolute begin, end) in a safetensors file, read once the
+    safetensors library has validated the header (offsets inside the file, contiguous, no
+    overlap). A bad file raises whatever safetensors raises: callers name the file."""
     import struct
+
+    from safetensors import safe_open  # the runner needs it only for bundles and the fp32 backend
+    with safe_open(str(path), framework="numpy"):
+        pass
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -36,8 +41,6 @@ class CheckpointError(ValueError):
 
 class Checkpoint:
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open  # the runner needs it only for the fp32 backend
-
         self.dir = Path(directory)
         config_path = self.dir / "config.json"
         try:
@@ -54,11 +57,10 @@ class Checkpoint:
         self._where, self._data = {}, {}
         for path in files:
             try:
-                with safe_open(str(path), framework="numpy"):  # validates the header, nothing else
-                    pass
+                layout = safetensors_layout(path)
             except Exception as e:  # safetensors raises its own SafetensorError for bad headers
                 raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
-            for name, spec in _header(path).items():
+            for name, spec in layout.items():
                 if name in self._where:
                     raise CheckpointError(f"{path}: tensor {name!r} also in {self._where[name]}")
                 self._where[name], self._data[name] = path, spec

@@ -133,10 +133,17 @@ def _checkpoint_files() -> list[str]:
         files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
         if (d / "tokenizer.json").is_file():
             files.append(d / "tokenizer.json")
+    return [str(f) for f in files] + _input_files("calibration")
+
+
+def _input_files(section: str) -> list[str]:
+    """The recipe's own `calibration` or `verify` input files (a generated checkpoint's own
+    files change with its generator, which the checkpoint task tracks)."""
+    files = []
     for key in ("images", "captions", "prompts"):
-        path = RECIPE.calibration_path(key)
-        if path is None or (RECIPE.generate is not None and path.is_relative_to(d)):
-            continue  # a generated checkpoint's own calibration files change with its generator
+        path = RECIPE.calibration_path(key) if section == "calibration" else RECIPE.verify_path(key)
+        if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
+            continue
         files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return [str(f) for f in files]
 
@@ -155,18 +162,51 @@ def task_layers():
             "uptodate": [config_changed({"settings": settings, "version": LAYER_VERSION})]}
 
 
+def task_select():
+    """With a recipe `target`: the fewest linears kept on the CPU that reach it (sensitivity on held-out inputs)."""
+    if not RECIPE.family or not RECIPE.target:
+        return
+    from prepare.layers import layers_index_path
+    from prepare.select import placement_path, select_cpu_layers
+    return {"actions": [step(select_cpu_layers, RECIPE, STORE)], "task_dep": ["layers"],
+            "file_dep": [str(layers_index_path(RECIPE))] + _input_files("verify"),
+            "targets": [placement_path(RECIPE)],
+            "uptodate": [config_changed({"target": RECIPE.target, "verify": RECIPE.verify})]}
+
+
 def task_bundle():
     """Gather the layer artifacts and host tensors into artifacts/bundles/<name>/."""
     if not RECIPE.family:
         return
     from prepare.bundle import bundle_dir, write_bundle
     from prepare.layers import layers_index_path
+    from prepare.select import placement_path
+
+    placement = placement_path(RECIPE) if RECIPE.target else None
 
     def run():
-        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE).read_text()), STORE)
+        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE).read_text()), STORE,
+                     json.loads(placement.read_text()) if placement else None)
         print(f"bundle: {bundle_dir(RECIPE.name)}")
-    return {"actions": [step(run)], "task_dep": ["layers"], "file_dep": [str(layers_index_path(RECIPE))],
+    return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
+            "file_dep": [str(layers_index_path(RECIPE))] + ([str(placement)] if placement else []),
             "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
+
+
+def task_verify():
+    """Float against int8 (emulate) on held-out inputs: report.json, report.png and a summary in the bundle."""
+    if not RECIPE.family:
+        return
+    from prepare.bundle import bundle_dir
+
+    def run():
+        from prepare.verify import verify
+        verify(RECIPE, STORE)
+    directory = bundle_dir(RECIPE.name)
+    return {"actions": [step(run)], "task_dep": ["bundle"],
+            "file_dep": [str(directory / "manifest.json")] + _input_files("verify"),
+            "targets": [directory / "report.json", directory / "report.png"],
+            "uptodate": [config_changed({"verify": RECIPE.verify})]}
 
 
 def task_deploy():

@@ -69,12 +69,18 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     return tensors
 
 
-def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
+def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | None = None) -> Path:
+    """The bundle of the layers `index` names; with a target's `placement` (prepare/select.py),
+    its chosen linears run in float on the host."""
     from safetensors.numpy import save_file
 
     from runner.checkpoint import Checkpoint
 
-    checkpoint = Checkpoint(recipe.checkpoint_dir)
+    from .layers import model_weights
+    from .select import apply_placement
+
+    index = apply_placement(index, placement)
+    checkpoint = model_weights(recipe, index, store, Checkpoint(recipe.checkpoint_dir))
     final = bundle_dir(recipe.name)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,6 +97,8 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
             if e["placement"] == "tpu":
                 entry.update({k: e[k] for k in ("batch", "zp_in", "zp_out", "error")})
+                if e.get("input_scale") is not None:
+                    entry["input_scale"] = e["input_scale"]
                 entry["files"] = {}
                 for flavor, rel in e["files"].items():
                     dst = f"layers/{e['name']}{SUFFIX[flavor]}"
@@ -106,12 +114,14 @@ def write_bundle(recipe: Recipe, index: dict, store: Store) -> Path:
         manifest = {
             "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
             "towers": recipe.towers, "config": checkpoint.config,
-            "quantization": recipe.quantization, "flavors": recipe.flavors, "cpu_layers": recipe.cpu_layers,
+            "quantization": recipe.quantization, "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")},
+            "flavors": recipe.flavors, "cpu_layers": recipe.cpu_layers,
             "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
             "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
             "lm_head": lm_head,
+            "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, final)

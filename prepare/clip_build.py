@@ -67,18 +67,27 @@ def tokenizer_for(directory: Path, config: CLIPConfig) -> ClipTokenizer:
     return ClipTokenizer(directory / "tokenizer.json", config.text.max_position_embeddings)
 
 
-def calibration_images(recipe: Recipe, config: CLIPConfig) -> np.ndarray:
-    """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images."""
+def _inputs(recipe: Recipe, section: str) -> tuple[dict, callable]:
+    """The recipe's `calibration` or `verify` inputs and how their paths resolve."""
+    if section == "verify":
+        return recipe.verify, recipe.verify_path
+    return recipe.calibration, recipe.calibration_path
+
+
+def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> np.ndarray:
+    """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images
+    (of `calibration`, or of `verify`: the held-out ones)."""
     size = config.vision.image_size
     images = []
-    folder = recipe.calibration_path("images")
+    inputs, path_of = _inputs(recipe, section)
+    folder = path_of("images")
     if folder is not None:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise RecipeError(f"{recipe.source}: key calibration.images: {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate with")
+            raise RecipeError(f"{recipe.source}: key {section}.images: {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to use")
         images += [load_image(p, size) for p in files]
-    rng = np.random.default_rng(recipe.calibration["seed"])
-    for _ in range(recipe.calibration["synthetic"]):
+    rng = np.random.default_rng(inputs["seed"])
+    for _ in range(inputs["synthetic"]):
         # Smooth colored noise in [0, 1], normalized as CLIP's processor does.
         coarse = rng.uniform(0, 1, (3, 8, 8)).astype(np.float32)
         up = np.kron(coarse, np.ones((1, -(-size // 8), -(-size // 8)), np.float32))[:, :size, :size]
@@ -86,23 +95,24 @@ def calibration_images(recipe: Recipe, config: CLIPConfig) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
-def calibration_texts(recipe: Recipe, config: CLIPConfig) -> list[np.ndarray]:
+def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> list[np.ndarray]:
     """Token-id rows: the recipe's captions (tokenized), then seeded synthetic ones."""
     rows: list[np.ndarray] = []
-    path = recipe.calibration_path("captions")
+    inputs, path_of = _inputs(recipe, section)
+    path = path_of("captions")
     if path is not None:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
-            raise RecipeError(f"{recipe.source}: key calibration.captions: {path} has no captions")
+            raise RecipeError(f"{recipe.source}: key {section}.captions: {path} has no captions")
         tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
         rows += [tokenizer([line])[0] for line in lines]
     t = config.text
-    rng = np.random.default_rng(recipe.calibration["seed"] + 1)
+    rng = np.random.default_rng(inputs["seed"] + 1)
     # CLIP's start and end of text are the last two ids (the original configs say eos 2,
     # and pooling then takes the highest id, which is the real end of text).
     eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
     bos = eos - 1
-    for _ in range(recipe.calibration["synthetic"]):
+    for _ in range(inputs["synthetic"]):
         n = int(rng.integers(3, t.max_position_embeddings - 1))
         body = rng.integers(0, bos, n)
         rows.append(np.concatenate([[bos], body, [eos]]).astype(np.int64))

@@ -8,6 +8,7 @@ sample images come along for the runner's commands.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -82,18 +83,23 @@ def random_clip_weights(config: dict, rng: np.random.Generator) -> dict[str, np.
     return tensors
 
 
-def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generator) -> None:
+def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generator, outliers: int | None = None
+               ) -> None:
     """config.json, tokenizer.json, model.safetensors, captions.txt, calibration/ and samples/."""
     from safetensors.numpy import save
 
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", tokenizer.to_str())
-    atomic_write(directory / "model.safetensors", save(random_clip_weights(config, rng), metadata={"format": "np"}))
+    tensors = random_clip_weights(config, rng)
+    if outliers is not None:  # their own generator: everything else stays as in the plain model
+        tensors = with_outliers(tensors, np.random.default_rng(outliers))
+    atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
     # Calibration inputs (what the build records activations on) and held-out samples
     # (what the runner's examples and the fidelity check use): never the same images.
     all_captions = captions()
     order = rng.permutation(len(all_captions))
     atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
+    atomic_write(directory / "heldout-captions.txt", "\n".join(all_captions[i] for i in order[48:64]) + "\n")
     for k in range(16):
         _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
@@ -115,10 +121,11 @@ def _canonical_ids(tok):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def make_demo_clip(directory: str | Path, seed: int = 0) -> Path:
+def make_demo_clip(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
     """The built-in demo: every linear 256x256, both towers, a small CLIP-style tokenizer."""
     tokenizer = make_tokenizer()
-    write_clip(Path(directory), demo_clip_config(tokenizer.get_vocab_size()), tokenizer, np.random.default_rng(seed))
+    write_clip(Path(directory), demo_clip_config(tokenizer.get_vocab_size()), tokenizer, np.random.default_rng(seed),
+               seed + 1 if outliers else None)
     return Path(directory)
 
 
@@ -137,11 +144,12 @@ def vit_b32_config() -> dict:
     }
 
 
-def make_random_vit_b32(directory: str | Path, seed: int = 0) -> Path:
+def make_random_vit_b32(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
     """A CLIP of ViT-B/32's real dimensions with seeded random weights (for benchmarks).
     Its tokenizer is the demo's: its ids are valid in the larger vocabulary, and its
     end-of-text is its highest id, which is where the original configs (eos 2) pool."""
-    write_clip(Path(directory), vit_b32_config(), make_tokenizer(), np.random.default_rng(seed))
+    write_clip(Path(directory), vit_b32_config(), make_tokenizer(), np.random.default_rng(seed),
+               seed + 1 if outliers else None)
     return Path(directory)
 
 
@@ -161,9 +169,38 @@ def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> Non
     tmp.replace(path)
 
 
+# Norms whose output feeds linears (CLIP's LayerNorms; Gemma's RMSNorms before attention and MLP).
+OUTLIER_NORMS = ("layer_norm1.weight", "layer_norm2.weight", "input_layernorm.weight",
+                 "pre_feedforward_layernorm.weight")
+OUTLIER_CHANNELS = 4
+
+
+def with_outliers(tensors: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A stress model: a few channels of every norm that feeds linears scaled 20-50x, the same
+    channels in every layer of a tower, as trained ViTs and LLMs have them. LayerNorms scale
+    their weight; Gemma's RMSNorms scale (1 + weight). The base weights are not touched."""
+    out = dict(tensors)
+    picked: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # width -> (channels, factors), one set per tower width
+    for name in sorted(tensors):
+        if not name.endswith(OUTLIER_NORMS):
+            continue
+        w = tensors[name]
+        if len(w) not in picked:
+            picked[len(w)] = (rng.choice(len(w), OUTLIER_CHANNELS, replace=False),
+                              rng.uniform(20, 50, OUTLIER_CHANNELS).astype(np.float32))
+        channels, factors = picked[len(w)]
+        w = w.copy()
+        if name.endswith(("input_layernorm.weight", "pre_feedforward_layernorm.weight")):
+            w[channels] = (1.0 + w[channels]) * factors - 1.0
+        else:
+            w[channels] *= factors
+        out[name] = w
+    return out
+
+
 GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32}
 CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config}
-DEMO_VERSION = 1  # bump when a generator makes something different
+DEMO_VERSION = 2  # bump when a generator makes something different
 
 
 def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
@@ -281,7 +318,7 @@ def save_bf16(tensors: dict[str, np.ndarray], path: Path) -> None:
     serialize_file(specs, str(path), metadata={"format": "pt"})
 
 
-def make_demo_gemma(directory: str | Path, seed: int = 0) -> Path:
+def make_demo_gemma(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
     """config.json, model.safetensors, tokenizer.json and prompts.txt of the Gemma demo."""
     from safetensors.numpy import save
 
@@ -290,28 +327,39 @@ def make_demo_gemma(directory: str | Path, seed: int = 0) -> Path:
     config = demo_gemma_config(tokenizer.get_vocab_size())
     rng = np.random.default_rng(seed)
     tensors = random_gemma_weights(config, rng)
+    if outliers:
+        tensors = with_outliers(tensors, np.random.default_rng(seed + 1))
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", tokenizer.to_str())
     atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     corpus = gemma_corpus()
     order = rng.permutation(len(corpus))
     atomic_write(directory / "prompts.txt", "\n".join(corpus[i] for i in order[:32]) + "\n")
+    atomic_write(directory / "heldout-prompts.txt", "\n".join(corpus[i] for i in order[32:40]) + "\n")
     return directory
 
 
-def make_random_gemma_270m(directory: str | Path, seed: int = 0) -> Path:
+def make_random_gemma_270m(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
     """A Gemma-3 of 270M's real dimensions with seeded random weights in bfloat16 (for
     benchmarks). Its tokenizer is the demo's 1024-token one, whose ids are valid in the
     larger vocabulary; tokens past 1024 decode to nothing."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = gemma_270m_config()
-    save_bf16(random_gemma_weights(config, np.random.default_rng(seed)), directory / "model.safetensors")
+    tensors = random_gemma_weights(config, np.random.default_rng(seed))
+    if outliers:
+        tensors = with_outliers(tensors, np.random.default_rng(seed + 1))
+    save_bf16(tensors, directory / "model.safetensors")
     atomic_write(directory / "config.json", json.dumps(config, indent=2))
     atomic_write(directory / "tokenizer.json", make_gemma_tokenizer().to_str())
     atomic_write(directory / "prompts.txt", "\n".join(gemma_corpus()[:32]) + "\n")
+    atomic_write(directory / "heldout-prompts.txt", "\n".join(gemma_corpus()[-8:]) + "\n")
     return directory
 
 
 GENERATORS.update({"demo-gemma": make_demo_gemma, "random-gemma-270m": make_random_gemma_270m})
 CONFIGS.update({"demo-gemma": lambda: demo_gemma_config(vocab_size=1024), "random-gemma-270m": gemma_270m_config})
+# The stress versions (`<generator>-outliers`): the same model with outlier channels (with_outliers).
+for _name in list(GENERATORS):
+    GENERATORS[f"{_name}-outliers"] = functools.partial(GENERATORS[_name], outliers=True)
+    CONFIGS[f"{_name}-outliers"] = CONFIGS[_name]

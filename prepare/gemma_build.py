@@ -77,20 +77,24 @@ def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, GemmaConfig]:
     return checkpoint, config
 
 
-def calibration_prompts(recipe: Recipe, config: GemmaConfig) -> list[np.ndarray]:
-    """Token-id sequences: the recipe's prompts (tokenized), then seeded synthetic ones."""
+def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "calibration",
+                        max_tokens: int = MAX_CALIBRATION_TOKENS) -> list[np.ndarray]:
+    """Token-id sequences: the recipe's prompts (tokenized), then seeded synthetic ones
+    (of `calibration`, or of `verify`: the held-out ones)."""
     rows = []
-    path = recipe.calibration_path("prompts")
+    inputs, path_of = (recipe.verify, recipe.verify_path) if section == "verify" else (recipe.calibration,
+                                                                                       recipe.calibration_path)
+    path = path_of("prompts")
     if path is not None:
         from tokenizers import Tokenizer
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
-            raise RecipeError(f"{recipe.source}: key calibration.prompts: {path} has no prompts")
+            raise RecipeError(f"{recipe.source}: key {section}.prompts: {path} has no prompts")
         tokenizer = Tokenizer.from_file(str(recipe.checkpoint_dir / "tokenizer.json"))
-        rows += [np.array(tokenizer.encode(line).ids[:MAX_CALIBRATION_TOKENS], np.int64) for line in lines]
-    rng = np.random.default_rng(recipe.calibration["seed"])
-    for _ in range(recipe.calibration["synthetic"]):
-        n = int(rng.integers(8, MAX_CALIBRATION_TOKENS))
+        rows += [np.array(tokenizer.encode(line).ids[:max_tokens], np.int64) for line in lines]
+    rng = np.random.default_rng(inputs["seed"])
+    for _ in range(inputs["synthetic"]):
+        n = int(rng.integers(8, max_tokens)) if section == "calibration" else max_tokens - 1
         rows.append(np.concatenate([[config.bos_token_id], rng.integers(4, config.vocab_size, n)]).astype(np.int64))
     return [r for r in rows if len(r)]
 

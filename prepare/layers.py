@@ -30,13 +30,14 @@ from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite
 
 from .patch import patch_uncompiled, uncompiled_multipliers
-from .quantize import calibrated_multipliers, quantize_weights
+from .quantize import calibrated_multipliers, quantize_weights, static_input_scale
 from .recipe import Recipe, RecipeError
+from .smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
 from .store import ARTIFACTS, Store, atomic_write, key_of
 from .template_stage import index_path as templates_index_path
 from .templates import TemplateError
 
-LAYER_VERSION = 1  # bump when the quantization code changes what it makes
+LAYER_VERSION = 2  # bump when the quantization code changes what it makes
 ERROR_ROWS = 256  # calibration rows each layer's int8 error is measured on
 
 
@@ -49,32 +50,34 @@ def _sha(a: np.ndarray | None) -> str | None:
 
 
 def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options: dict, cache_root: Path
-             ) -> tuple[DenseParams, np.ndarray]:
-    """(TPU parameters, weight scales) of one layer, as the recipe's quantization options say."""
+             ) -> tuple[DenseParams, np.ndarray, float | None]:
+    """(TPU parameters, weight scales, static input scale or None) of one layer, as the
+    quantization options say."""
     if options["weights"] == "per-tensor":
         scale = np.float32(max(np.abs(weight).max() / 127.0, np.finfo(np.float32).tiny))
         w_q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
         s_w = np.full(weight.shape[0], scale, np.float32)
     else:
         w_q, s_w = quantize_weights(weight)
+    input_scale = static_input_scale(rows) if options.get("activations") == "static" else None
     if options["multipliers"] == "template":
         mult = uncompiled_multipliers(parse_tflite((cache_root / template["uncompiled"]).read_bytes(),
                                                    template["uncompiled"]))
     else:
         mult = calibrated_multipliers(w_q, rows, template["input_zero_point"], template["output_zero_point"],
-                                      options["headroom"], options.get("peak_sigmas"))
-    return DenseParams.make(w_q, mult), s_w
+                                      options["headroom"], options.get("peak_sigmas"), input_scale)
+    return DenseParams.make(w_q, mult), s_w, input_scale
 
 
 def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, rows: np.ndarray,
-                template: dict) -> dict:
+                template: dict, input_scale: float | None = None) -> dict:
     """The int8 layer (emulated) against float on some calibration rows: relative error and
     the share of outputs the uint8 range clamps."""
     zp_in, zp_out = template["input_zero_point"], template["output_zero_point"]
     rows = rows[:ERROR_ROWS]
-    y_u8 = DenseEmulator(params, zp_in, zp_out)(quantize_rows(rows, zp_in)[0])
+    y_u8 = DenseEmulator(params, zp_in, zp_out)(quantize_rows(rows, zp_in, input_scale)[0])
     # Dequantize those same outputs: a backend that hands them back.
-    int8 = QuantizedLinear(lambda _: y_u8, s_w, params.multipliers, bias, zp_in, zp_out)(rows)
+    int8 = QuantizedLinear(lambda _: y_u8, s_w, params.multipliers, bias, zp_in, zp_out, input_scale)(rows)
     ref = rows @ weight.T + (0 if bias is None else bias)
     return {"relative_error": float(np.linalg.norm(int8 - ref) / max(np.linalg.norm(ref), 1e-30)),
             "clamped": float(np.mean((y_u8 == 0) | (y_u8 == 255)))}
@@ -92,15 +95,16 @@ def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template:
                    "template": template["uncompiled"] if options["multipliers"] == "template" else None})
     if not store.has("params", qkey, "bin"):
         from safetensors.numpy import save
-        params, s_w = quantize(weight, rows, template, options, store.root)
+        params, s_w, input_scale = quantize(weight, rows, template, options, store.root)
         meta = {"layer": name, "in": weight.shape[1], "out": weight.shape[0], "rows": len(rows),
-                **layer_error(params, s_w, weight, bias, rows, template)}
+                "input_scale": input_scale, **layer_error(params, s_w, weight, bias, rows, template, input_scale)}
         store.put("quantized", qkey, "safetensors",
                   save({"weights": params.weights, "multipliers": params.multipliers, "weight_scale": s_w}), meta)
         store.put("params", qkey, "bin", encode_dense(params), meta)
     entry = {"name": name, "in": weight.shape[1], "out": weight.shape[0], "placement": "tpu",
              "batch": template["batch"], "zp_in": template["input_zero_point"],
              "zp_out": template["output_zero_point"], "quantized": qkey,
+             "input_scale": store.meta("params", qkey).get("input_scale"),
              "error": {k: store.meta("params", qkey)[k] for k in ("relative_error", "clamped")}, "files": {}}
     entry["files"]["params"] = str(store.path("params", qkey, "bin").relative_to(store.root))
     blob = None
@@ -124,6 +128,41 @@ def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template:
             store.put(flavor, pkey, "tflite", data, meta)
         entry["files"][flavor] = str(store.path(flavor, pkey, "tflite").relative_to(store.root))
     return entry
+
+
+def smooth(recipe: Recipe, config, checkpoint, rows: dict, store: Store):
+    """Fold smoothing factors (from the calibration rows) into the model: (weights as the
+    smoothed model has them, the rows its linears would have seen, the index's record)."""
+    from safetensors.numpy import save
+
+    groups = norm_groups(recipe.family, config, recipe.towers)
+    factors = smoothing_factors(groups, checkpoint, rows, recipe.quantization["smoothing"])
+    data = save(dict(sorted(factors.items())))
+    key = hashlib.sha256(data).hexdigest()
+    if not store.has("smoothing", key, "safetensors"):
+        store.put("smoothing", key, "safetensors", data, {"alpha": recipe.quantization["smoothing"],
+                                                          "norms": len(factors)})
+    record = {"alpha": recipe.quantization["smoothing"], "norms": sorted(factors),
+              "factors": str(store.path("smoothing", key, "safetensors").relative_to(store.root))}
+    return SmoothedWeights(checkpoint, groups, factors), smooth_rows(rows, groups, factors), record
+
+
+def model_weights(recipe: Recipe, index: dict, store: Store, checkpoint=None):
+    """The float weights the built layers were quantized from: the checkpoint, seen through
+    the smoothing factors the index records (the bundle's host tensors and `verify` need
+    exactly these)."""
+    from runner.checkpoint import Checkpoint
+
+    checkpoint = checkpoint or Checkpoint(recipe.checkpoint_dir)
+    record = index.get("smoothing")
+    if not record:
+        return checkpoint
+    from safetensors.numpy import load
+
+    from .families import family_module
+    factors = load((store.root / record["factors"]).read_bytes())
+    config = family_module(recipe).model_config(recipe)
+    return SmoothedWeights(checkpoint, norm_groups(recipe.family, config, index["towers"]), factors)
 
 
 def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict:
@@ -155,6 +194,9 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
                        f"(layers look like {specs[0].name!r})")
     with tqdm(total=family.calibration_count(recipe), desc="calibrate", unit="input") as bar:
         rows = family.record_calibration(recipe, checkpoint, config, bar.update)
+    smoothing = None
+    if recipe.quantization["smoothing"]:
+        checkpoint, rows, smoothing = smooth(recipe, config, checkpoint, rows, store)
     entries = []
     for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
         if is_host_layer(spec, recipe):
@@ -169,6 +211,7 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
             entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
         entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
-             "checkpoint": str(recipe.checkpoint_dir), "templates": templates["templates"], "layers": entries}
+             "checkpoint": str(recipe.checkpoint_dir), "smoothing": smoothing, "templates": templates["templates"],
+             "layers": entries}
     atomic_write(layers_index_path(recipe), json.dumps(index, indent=2))
     return index

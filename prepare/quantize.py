@@ -33,14 +33,21 @@ def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
 
 
+def static_input_scale(rows: np.ndarray) -> float:
+    """One input scale for every row (static activations): the largest |x| calibration saw."""
+    amax = float(np.abs(rows).max()) if rows.size else 0.0
+    return amax / 127.0 if amax > 0 else 1.0
+
+
 def calibrated_multipliers(w_q: np.ndarray, rows: np.ndarray, zp_in: int, zp_out: int,
-                           headroom: float = 0.95, peak_sigmas: float | None = None) -> np.ndarray:
+                           headroom: float = 0.95, peak_sigmas: float | None = None,
+                           input_scale: float | None = None) -> np.ndarray:
     """Per-channel multipliers from the accumulators of calibration rows (float [n, in]).
 
     A channel's peak is the largest accumulator calibration saw, or, with `peak_sigmas`, at
     least that many root-mean-squares of them: an LM head's winning logit is an extreme over
     the whole vocabulary, beyond what its row reached in calibration, and must not clamp."""
-    x_u8, _ = quantize_rows(rows, zp_in)
+    x_u8, _ = quantize_rows(rows, zp_in, input_scale)
     acc = (x_u8.astype(np.float64) - zp_in) @ w_q.astype(np.float64).T
     peak = np.abs(acc).max(axis=0)
     if peak_sigmas is not None:

@@ -21,7 +21,10 @@ from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
 FAMILIES = {"clip": ("image", "text"), "gemma": ("decoder",)}  # family -> its towers
-GENERATORS = {"demo-clip": "clip", "random-clip-vit-b32": "clip", "demo-gemma": "gemma", "random-gemma-270m": "gemma"}  # built-in checkpoint generators -> the family they make
+# Built-in checkpoint generators -> the family they make (`-outliers`: the stress version).
+GENERATORS = {f"{g}{stress}": family for g, family in (("demo-clip", "clip"), ("random-clip-vit-b32", "clip"),
+                                                        ("demo-gemma", "gemma"), ("random-gemma-270m", "gemma"))
+              for stress in ("", "-outliers")}
 FLAVORS = ("edgetpu", "cpu")
 
 # Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).
@@ -29,6 +32,12 @@ QUANTIZATION = {
     "weights": (str, "per-channel", ("per-channel", "per-tensor")),
     "multipliers": (str, "calibrated", ("calibrated", "template")),  # template: keep the template's own
     "headroom": (float, 0.95, None),  # the largest calibration accumulator fills this part of uint8
+    # Input rows: `dynamic` scales each row by its own max|x| (design.md); `static` uses one
+    # scale per layer, the largest |x| calibration saw (inputs beyond it clamp).
+    "activations": (str, "dynamic", ("dynamic", "static")),
+    # SmoothQuant strength alpha in (0, 1] for linears fed by a norm (prepare/smoothing.py);
+    # null: off. Outlier channels of the norm's output move into the linear's weight columns.
+    "smoothing": ((float, type(None)), None, None),
 }
 CALIBRATION = {
     "images": ((str, type(None)), None, None),  # a directory of images
@@ -38,6 +47,22 @@ CALIBRATION = {
     "max_rows": (int, 4096, None),  # input rows kept per linear layer
     "seed": (int, 0, None),
 }
+VERIFY = {
+    # Held-out inputs of `doit verify` and of the `target` search: never the calibration ones.
+    "images": ((str, type(None)), None, None),  # CLIP: a directory of images
+    "captions": ((str, type(None)), None, None),  # CLIP: a text file, one caption per line
+    "prompts": ((str, type(None)), None, None),  # Gemma: a text file, one prompt per line
+    "synthetic": (int, 8, None),  # plus seeded synthetic inputs (a seed other than calibration's)
+    "seed": (int, 1000, None),
+    "tokens": (int, 64, None),  # Gemma: tokens per teacher-forced sequence
+    "greedy_steps": (int, 16, None),  # Gemma: greedy tokens compared with float's
+    "rescore": (int, 64, None),  # Gemma: the --rescore candidates of the TPU head's check
+    "compare": (bool, True, None),  # rebuild other quantization choices in memory and compare
+}
+# What `target` may ask of the int8 model (prepare/evaluate.py), and for which family.
+TARGET_METRICS = {"clip": ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min",
+                           "zero_shot_agreement"),
+                  "gemma": ("top1_agreement", "logits_cosine_mean", "logits_cosine_min")}
 LM_HEAD = {
     # Vocabulary rows per head tile (a `hidden x tile_rows` template); null: the largest
     # power of two whose int8 parameters fit the Edge TPU's on-chip memory (prepare/gemma_build.py).
@@ -100,6 +125,11 @@ class Recipe:
     cpu_layers: list = field(default_factory=list)
     # Gemma: how the tied LM head is tiled for the TPU.
     lm_head: dict = field(default_factory=dict)
+    # Held-out inputs of `doit verify` and the target search.
+    verify: dict = field(default_factory=dict)
+    # Fidelity the int8 model must reach ({metric: value}); the build keeps the fewest
+    # linears on the CPU that reach it (prepare/select.py). Empty: every linear on the TPU.
+    target: dict = field(default_factory=dict)
     source: str = ""  # the file it came from (not a YAML key)
 
     def batch_for(self, n_in: int, n_out: int) -> int:
@@ -112,12 +142,17 @@ class Recipe:
     def calibration_path(self, key: str) -> Path | None:
         return calibration_path(self.calibration[key], self.checkpoint)
 
+    def verify_path(self, key: str) -> Path | None:
+        """A held-out input of `verify`, resolved like the calibration inputs."""
+        return calibration_path(self.verify[key], self.checkpoint)
+
 
 _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
 _TYPES = {"name": str, "family": (str, type(None)), "checkpoint": (str, type(None)),
           "generate": (str, type(None)), "towers": list, "shapes": list, "batch": int, "batch_per_shape": dict,
           "templates": (str, type(None)), "compiler": str, "compiler_flags": list, "seed": int,
-          "quantization": dict, "calibration": dict, "flavors": list, "cpu_layers": list, "lm_head": dict}
+          "quantization": dict, "calibration": dict, "flavors": list, "cpu_layers": list, "lm_head": dict,
+          "verify": dict, "target": dict}
 
 
 def _type_names(want) -> str:
@@ -125,6 +160,8 @@ def _type_names(want) -> str:
 
 
 def _is(value, want) -> bool:
+    if want is bool:
+        return isinstance(value, bool)
     if isinstance(value, bool):  # YAML's yes/no are never numbers here
         return False
     if want is float:
@@ -178,7 +215,8 @@ def _check(recipe: str, values: dict) -> None:
 def _check_model(recipe: str, values: dict) -> None:
     family = values.get("family")
     if family is None:
-        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head"):
+        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head",
+                    "verify", "target"):
             if values.get(key):
                 raise RecipeError(f"{recipe}: key {key!r} needs a model: set 'family' ({', '.join(FAMILIES)})")
         return
@@ -206,6 +244,8 @@ def _check_model(recipe: str, values: dict) -> None:
     q = values["quantization"] = _sub_keys(recipe, "quantization", values.get("quantization", {}), QUANTIZATION)
     if not 0 < q["headroom"] <= 1:
         raise RecipeError(f"{recipe}: key quantization.headroom must be in (0, 1], got {q['headroom']}")
+    if q["smoothing"] is not None and not 0 < q["smoothing"] <= 1:
+        raise RecipeError(f"{recipe}: key quantization.smoothing must be in (0, 1] or null, got {q['smoothing']}")
     if values.get("lm_head") and family != "gemma":
         raise RecipeError(f"{recipe}: key 'lm_head' is for the gemma family, not {family}")
     head = values["lm_head"] = _sub_keys(recipe, "lm_head", values.get("lm_head", {}), LM_HEAD)
@@ -218,11 +258,22 @@ def _check_model(recipe: str, values: dict) -> None:
         raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")
     if not (c["images"] or c["captions"] or c["prompts"] or c["synthetic"]):
         raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts or synthetic inputs")
-    for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
-        path = calibration_path(c[sub], checkpoint)
-        # A generated checkpoint brings its own calibration files, made after this check.
-        if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
-            raise RecipeError(f"{recipe}: key calibration.{sub}: {path} does not exist")
+    v = values["verify"] = _sub_keys(recipe, "verify", values.get("verify", {}), VERIFY)
+    if v["synthetic"] < 0 or not 1 <= v["tokens"] <= 4096 or not 0 <= v["greedy_steps"] <= 4096:
+        raise RecipeError(f"{recipe}: keys verify.synthetic >= 0, verify.tokens and verify.greedy_steps "
+                          "from 1 (0 for greedy_steps) to 4096")
+    for key, mapping in (("calibration", c), ("verify", v)):
+        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
+            path = calibration_path(mapping[sub], checkpoint)
+            # A generated checkpoint brings its own input files, made after this check.
+            if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
+                raise RecipeError(f"{recipe}: key {key}.{sub}: {path} does not exist")
+    known = TARGET_METRICS[family]
+    for metric, value in values.get("target", {}).items():
+        if metric not in known:
+            raise RecipeError(f"{recipe}: unknown key target.{metric} (known for {family}: {', '.join(known)})")
+        if not _is(value, float) or not 0 < value <= 1:
+            raise RecipeError(f"{recipe}: key target.{metric} must be a number in (0, 1], got {value!r}")
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:

@@ -56,6 +56,7 @@ class Layer:
     zp_in: int = 0
     zp_out: int = 0
     files: dict | None = None  # flavor -> BundleFile
+    input_scale: float | None = None  # static activations (quantization.activations): one scale per layer
 
 
 def _field(where: str, obj: dict, key: str, kind, check=None):
@@ -223,9 +224,12 @@ def read_manifest(directory: str | Path) -> Manifest:
             files[flavor] = file(entry, f"layer {name} {flavor}")
         if "params" not in files:
             raise BundleError(f"{w}: layer {name} has no parameter file")
+        input_scale = None
+        if e.get("input_scale") is not None:
+            input_scale = float(_field(w, e, "input_scale", (int, float), lambda v: 0 < v < float("inf")))
         return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
                      _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files)
+                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale)
 
     layers = [layer(e, f"{where}: layers[{i}]") for i, e in enumerate(_field(where, manifest, "layers", list))]
     head = manifest.get("lm_head")

@@ -146,7 +146,7 @@ def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) 
     path, host = layer.files[FLAVOR[backend]].path, bundle.host
     dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
     return QuantizedLinear(dense, host[f"{layer.name}.weight_scale"], host[f"{layer.name}.multipliers"],
-                           host.get(f"{layer.name}.bias"), layer.zp_in, layer.zp_out)
+                           host.get(f"{layer.name}.bias"), layer.zp_in, layer.zp_out, layer.input_scale)
 
 
 def make_linear(bundle: Bundle, backend: str, delegates=None):

@@ -26,14 +26,16 @@ def symmetric_scales(x: np.ndarray) -> np.ndarray:
     return np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
 
 
-def quantize_rows(x: np.ndarray, zp_in: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray, zp_in: int, input_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-row symmetric quantization around the template's input zero point.
 
     Returns (x_u8 [rows, in], s_r [rows]). An all-zero row gets scale 1 (its
     codes are all zp_in, so the scale never matters and nothing divides by zero).
+    With `input_scale` (a layer calibrated for static activations) every row takes that
+    one scale and what lies beyond 127 steps clamps.
     """
     x = np.asarray(x, np.float32)
-    scale = symmetric_scales(x)
+    scale = symmetric_scales(x) if input_scale is None else np.full(len(x), input_scale, np.float32)
     codes = np.rint(x / scale[:, None]) + zp_in
     return np.clip(codes, 0, 255).astype(np.uint8), scale
 
@@ -48,6 +50,7 @@ class QuantizedLinear:
     bias: np.ndarray | None  # float32 [out], applied on the host
     zp_in: int
     zp_out: int
+    input_scale: float | None = None  # static activations: one scale for every row
 
     def __post_init__(self):
         # Per-channel factor of the dequantization, computed once.
@@ -56,7 +59,7 @@ class QuantizedLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        x_u8, s_r = quantize_rows(rows, self.zp_in)
+        x_u8, s_r = quantize_rows(rows, self.zp_in, self.input_scale)
         y_u8 = self.backend(x_u8)
         y = (y_u8.astype(np.float32) - np.float32(self.zp_out)) * s_r[:, None] * self._out_scale
         if self.bias is not None:

@@ -1,0 +1,96 @@
+"""The recipe's `target`: keep the fewest linears on the CPU that make the int8 model reach it.
+
+1. Sensitivity: each linear's own contribution to the error, measured on the held-out
+   inputs with that layer alone in int8 (prepare/evaluate.py).
+2. Keep the k most sensitive in float, the rest in int8, and find the smallest k that meets
+   every target metric: k = 0, 1, 2, 4, ... until one meets it, then bisection between the
+   last miss and the first hit. This is the smallest prefix of the sensitivity ranking,
+   not a search over every subset; the error of a set is close to the sum of its layers'
+   errors, which is what makes the ranking a good order.
+
+The choice goes to `artifacts/work/<name>/placement.json`; the bundle stage keeps those
+layers' float weights on the host, and the manifest records the target and what was reached.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .recipe import Recipe
+from .store import ARTIFACTS, Store, atomic_write
+
+
+def placement_path(recipe: Recipe) -> Path:
+    return ARTIFACTS / "work" / recipe.name / "placement.json"
+
+
+def meets(metrics: dict, target: dict) -> bool:
+    return all(metrics[k] >= v for k, v in target.items())
+
+
+def search(ev, layers, target: dict, sensitivities: dict[str, float], progress=lambda n: None) -> dict:
+    """The smallest prefix of the ranking that meets `target`; every evaluated point is kept
+    as the curve (CPU-kept linears -> metrics)."""
+    ranking = sorted(layers.names, key=lambda n: -sensitivities[n])
+    curve: dict[int, dict] = {}
+
+    def at(k: int) -> dict:
+        if k not in curve:
+            curve[k] = ev.score(layers.weights, layers.linear(set(ranking[k:])))
+            progress(1)
+        return curve[k]
+
+    n, miss, hit, k = len(ranking), -1, None, 0
+    while k <= n:
+        if meets(at(k), target):
+            hit = k
+            break
+        miss, k = k, (1 if k == 0 else min(2 * k, n) if k < n else n + 1)
+    if hit is not None:
+        while hit - miss > 1:
+            mid = (hit + miss) // 2
+            if meets(at(mid), target):
+                hit = mid
+            else:
+                miss = mid
+    chosen = hit if hit is not None else n
+    return {"target": target, "reached": hit is not None, "cpu_layers": ranking[:chosen],
+            "metrics": at(chosen), "ranking": ranking,
+            "curve": [{"cpu_layers": k, **curve[k]} for k in sorted(curve)]}
+
+
+def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
+    """Measure every TPU linear's sensitivity and choose the CPU-kept set; write placement.json."""
+    from tqdm import tqdm
+
+    from .evaluate import Memo, QuantizedLayers, evaluation, sensitivity
+    from .families import family_module
+    from .layers import layers_index_path, model_weights
+
+    index = json.loads(layers_index_path(recipe).read_text())
+    weights = Memo(model_weights(recipe, index, store))
+    ev = evaluation(recipe, family_module(recipe).model_config(recipe), weights)
+    layers = QuantizedLayers(index, store, weights)
+    with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
+        sens = sensitivity(ev, layers, ev.primary, bar.update)
+    with tqdm(desc="target search", unit="eval") as bar:
+        result = search(ev, layers, recipe.target, sens, bar.update)
+    result["sensitivity"] = sens
+    result["sensitivity_metric"] = list(ev.primary)
+    atomic_write(placement_path(recipe), json.dumps(result, indent=1))
+    status = "reached" if result["reached"] else "NOT reached (every linear on the CPU)"
+    print(f"target {recipe.target}: {status} with {len(result['cpu_layers'])} of {len(layers.names)} "
+          f"linears on the CPU: " + ", ".join(f"{k} {result['metrics'][k]:.5f}" for k in recipe.target))
+    return result
+
+
+def apply_placement(index: dict, placement: dict | None) -> dict:
+    """The layers index with the chosen linears moved to the host (their float weights go
+    into the bundle; their TPU artifacts stay in the cache)."""
+    if not placement:
+        return index
+    chosen = set(placement["cpu_layers"])
+    layers = [{k: e[k] for k in ("name", "in", "out")} | {"placement": "host"} if e["name"] in chosen else e
+              for e in index["layers"]]
+    return {**index, "layers": layers}

@@ -1,0 +1,265 @@
+"""`doit verify`: how far the bundle's int8 path is from the float model, before it goes to a Pi.
+
+On held-out inputs (the recipe's `verify`, never the calibration inputs):
+
+1. the bundle itself, run by the runner's `emulate` backend (the exact bytes the TPU gets),
+   against the float checkpoint: the family's metrics (prepare/evaluate.py), and each
+   linear's relative output error on the same inputs as float;
+   Gemma also: the TPU head's top-1 (plain and with `--rescore`), and greedy decoding
+   against float's (tokens until the first difference);
+2. sensitivity: each linear's own contribution (that layer alone in int8), and the curve
+   of CPU-kept linears (most sensitive first) against the metrics; from the target search
+   when the recipe has a `target`;
+3. comparisons: the same model quantized in memory with one choice flipped (multipliers
+   from the template, per-tensor weights, static activations, smoothing on or off).
+
+Writes `report.json` and `report.png` into the bundle directory and prints a summary.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+
+from runner.bundle import Bundle
+from runner.checkpoint import Checkpoint
+from runner.executors import make_linear
+
+from .evaluate import ErrorProbe, Memo, QuantizedLayers, evaluation, loss, quantized_from, sensitivity
+from .families import family_module
+from .recipe import Recipe
+from .store import Store, atomic_write
+
+DEFAULT_SMOOTHING = 0.5  # the strength the "smoothing on" comparison uses when the build had none
+GREEDY_PROMPTS = 4
+
+
+def curve_points(n: int) -> list[int]:
+    points, k = [0], 1
+    while k < n:
+        points.append(k)
+        k *= 2
+    return points + [n]
+
+
+def variants(q: dict) -> list[tuple[str, dict]]:
+    """The built quantization with one choice flipped at a time."""
+    flip = {"multipliers": {"calibrated": "template", "template": "calibrated"},
+            "weights": {"per-channel": "per-tensor", "per-tensor": "per-channel"},
+            "activations": {"dynamic": "static", "static": "dynamic"}}
+    out = [(f"{key} {table[q[key]]}", {**q, key: table[q[key]]}) for key, table in flip.items()]
+    smoothing = None if q["smoothing"] else DEFAULT_SMOOTHING
+    out.append((f"smoothing {'off' if smoothing is None else smoothing}", {**q, "smoothing": smoothing}))
+    return out
+
+
+def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, progress=print) -> list[dict]:
+    """Each variant quantized in memory (the build's own `quantize`) and scored like the bundle."""
+    from .layers import quantize, template_for
+    from .smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
+
+    family = family_module(recipe)
+    rows = family.record_calibration(recipe, checkpoint, config)
+    names = [e["name"] for e in index["layers"] if e["placement"] == "tpu" and "rows" not in e]
+    specs = {s.name: s for s in family.specs(recipe, config)}
+    templates = {"templates": index["templates"]}
+    out = []
+    for label, options in variants(recipe.quantization):
+        t0 = time.perf_counter()
+        weights, var_rows = checkpoint, rows
+        if options["smoothing"]:
+            groups = norm_groups(recipe.family, config, recipe.towers)
+            factors = smoothing_factors(groups, checkpoint, rows, options["smoothing"])
+            weights, var_rows = SmoothedWeights(checkpoint, groups, factors), smooth_rows(rows, groups, factors)
+        layers = {}
+        for name in names:
+            spec = specs[name]
+            t = template_for(templates, spec.n_in, spec.n_out, recipe)
+            params, s_w, s_in = quantize(spec.weight(weights), var_rows[name], t, options, store.root)
+            layers[name] = (params, s_w, s_in, t)
+        metrics = ev.score(weights, quantized_from(layers, weights))
+        out.append({"variant": label, "quantization": options, **metrics, "seconds": time.perf_counter() - t0})
+        progress(f"  compare {label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+    return out
+
+
+def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], checkpoint, config) -> dict:
+    """The TPU head's top-1 (plain, with --rescore) on the bundle's hidden states, and greedy
+    decoding against float's."""
+    from runner.clip import float_linear
+    from runner.gemma import Gemma
+    from runner.generate import Sampler, generate, load_gemma
+    from runner.lm_head import FloatHead, make_head
+
+    out = {}
+    k = recipe.verify["rescore"]
+    if bundle.lm_head is not None:
+        for label, rescore in (("top1_agreement_tpu_head", None), ("top1_agreement_rescore", k)):
+            head, _ = make_head(bundle, "emulate", "tpu-preload", rescore=rescore)
+            agree = [int(np.argmax(ev.softcap(head(h[i]))) == ref[i])
+                     for h, ref in zip(hidden, ev.reference_top1) for i in range(len(h))]
+            out[label] = float(np.mean(agree))
+        out["rescore"] = k
+    steps = recipe.verify["greedy_steps"]
+    if steps:
+        float_model = Gemma(config, checkpoint, float_linear(checkpoint))
+        float_head = FloatHead(checkpoint, config.vocab_size)
+        prompts = [list(s[: max(1, len(s) // 2)]) for s in ev.sequences[:GREEDY_PROMPTS]]
+        heads = {"cpu": {}, "tpu-preload": {"rescore": k}} if bundle.lm_head is not None else {"cpu": {}}
+        for mode, options in heads.items():
+            loaded = load_gemma(bundle.dir, "emulate", mode, **options)
+            lengths = []
+            for prompt in prompts:
+                ref = [s.token for s in generate(float_model, float_head, prompt, steps, Sampler())]
+                got = [s.token for s in generate(loaded.model, loaded.head, prompt, steps, Sampler())]
+                same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+                lengths.append(same)
+            key = "greedy_match" if mode == "cpu" else "greedy_match_rescore"
+            out[key] = {"mean": float(np.mean(lengths)), "min": int(min(lengths)), "steps": steps,
+                        "prompts": len(prompts)}
+    return out
+
+
+def verify(recipe: Recipe, store: Store, progress=print) -> dict:
+    from .bundle import bundle_dir
+    from .layers import layers_index_path, model_weights
+    from .select import apply_placement, placement_path
+
+    t_start = time.perf_counter()
+    index = json.loads(layers_index_path(recipe).read_text())
+    placement = json.loads(placement_path(recipe).read_text()) if recipe.target else None
+    bundle = Bundle.open(bundle_dir(recipe.name))
+    checkpoint = Memo(Checkpoint(recipe.checkpoint_dir))
+    weights = Memo(model_weights(recipe, index, store, checkpoint))  # what the layers were quantized from
+    config = family_module(recipe).model_config(recipe)
+    progress("verify: float reference on held-out inputs")
+    ev = evaluation(recipe, config, checkpoint)
+
+    # 1. The bundle itself on the emulate backend.
+    probe = ErrorProbe(make_linear(bundle, "emulate"), weights)
+    report: dict = {"recipe": recipe.name, "family": recipe.family, "backend": "emulate",
+                    "inputs": ev.inputs_summary(), "quantization": recipe.quantization,
+                    "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
+    if recipe.family == "gemma":
+        hidden = ev.hidden(bundle.host, probe)
+        report["metrics"] = ev.metrics(ev.logits(hidden))
+        report["metrics"].update(_gemma_extras(recipe, bundle, ev, hidden, checkpoint, config))
+    else:
+        report["metrics"] = ev.metrics(ev.outputs(bundle.host, probe))
+    progress("verify: bundle (emulate) " + _line(report["metrics"]))
+
+    # 2. Sensitivity and the curve of CPU-kept linears.
+    layers = QuantizedLayers(apply_placement(index, placement), store, weights)
+    if placement:
+        sens, curve = placement["sensitivity"], placement["curve"]
+        report["target"] = {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")}
+    else:
+        progress(f"verify: sensitivity of {len(layers.names)} linears")
+        sens = sensitivity(ev, layers, ev.primary)
+        ranking = sorted(layers.names, key=lambda n: -sens[n])
+        curve = [{"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))}
+                 for k in curve_points(len(ranking))]
+    report["sensitivity_metric"] = list(ev.primary)
+    report["curve"] = curve
+    held_out = probe.relative_errors()
+    report["layers"] = [{"name": layer.name, "placement": layer.placement,
+                         "relative_error": held_out.get(layer.name),
+                         "calibration_error": next((e.get("error", {}).get("relative_error")
+                                                    for e in index["layers"] if e["name"] == layer.name), None),
+                         "sensitivity": sens.get(layer.name)}
+                        for layer in bundle.layers]
+
+    # 3. Comparisons.
+    if recipe.verify["compare"]:
+        progress("verify: comparisons (each quantized in memory)")
+        report["comparisons"] = compare(recipe, apply_placement(index, placement), store, ev, checkpoint, config,
+                                        progress)
+    report["seconds"] = time.perf_counter() - t_start
+    directory = bundle_dir(recipe.name)
+    atomic_write(directory / "report.json", json.dumps(report, indent=1))
+    atomic_write(directory / "report.png", plot(report))
+    progress(summary(report, directory))
+    return report
+
+
+def _line(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.5f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def summary(report: dict, directory) -> str:
+    m = report["metrics"]
+    lines = [f"== verify {report['recipe']} ({report['family']}, {report['backend']}; held-out "
+             + ", ".join(f"{v} {k}" for k, v in report["inputs"].items()) + ")"]
+    lines += [f"  {k:<28} {v:.5f}" for k, v in m.items() if isinstance(v, float)]
+    lines += [f"  {k:<28} {v['mean']:.1f} of {v['steps']} tokens (min {v['min']})"
+              for k, v in m.items() if isinstance(v, dict)]
+    worst = sorted((e for e in report["layers"] if e["relative_error"] is not None),
+                   key=lambda e: -e["relative_error"])[:3]
+    lines.append("  worst linears (relative error): " + ", ".join(f"{e['name']} {e['relative_error']:.4f}"
+                                                                  for e in worst))
+    key = report["sensitivity_metric"][0]
+    lines.append(f"  {key} with k linears on the CPU: " + ", ".join(f"{p['cpu_layers']}: {p[key]:.5f}"
+                                                                      for p in report["curve"]))
+    if "target" in report:
+        t = report["target"]
+        lines.append(f"  target {t['target']}: {'reached' if t['reached'] else 'NOT reached'} with "
+                     f"{len(t['cpu_layers'])} linears on the CPU")
+    for c in report.get("comparisons", []):
+        lines.append(f"  compare {c['variant']:<24} {key} {c[key]:.5f}")
+    lines.append(f"  report: {directory / 'report.json'}, {directory / 'report.png'} ({report['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def plot(report: dict) -> bytes:
+    """Four panels: per-layer error, per-layer sensitivity, the CPU-kept curve, the comparisons."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = report["sensitivity_metric"][0]
+    fig, ax = plt.subplots(2, 2, figsize=(14, 9))
+    layers = report["layers"]
+    x = np.arange(len(layers))
+    colors = ["tab:blue" if e["placement"] == "tpu" else "tab:orange" for e in layers]
+    err = [e["relative_error"] or 0 for e in layers]
+    ax[0, 0].bar(x, err, color=colors)
+    ax[0, 0].set(title="each linear's relative output error, held-out inputs (orange: on the CPU)",
+                 xlabel="linear (execution order)", ylabel="||int8 - float|| / ||float||")
+    sens = [max(e["sensitivity"] or 0, 1e-12) for e in layers]
+    ax[0, 1].bar(x, sens, color=colors)
+    loss_name = " + ".join(f"(1 - {k})" for k in report["sensitivity_metric"])
+    ax[0, 1].set(title=f"sensitivity: {loss_name}, that linear alone in int8", yscale="log",
+                 xlabel="linear (execution order)")
+    curve = report["curve"]
+    ks = [p["cpu_layers"] for p in curve]
+    for metric in report["sensitivity_metric"] + [k for k in report.get("target", {}).get("target", {})
+                                                  if k not in report["sensitivity_metric"]]:
+        ax[1, 0].plot(ks, [p[metric] for p in curve], "o-", label=metric)
+    for metric, value in report.get("target", {}).get("target", {}).items():
+        ax[1, 0].axhline(value, ls="--", color="gray")
+        ax[1, 0].text(0, value, f" target {metric} {value}", va="bottom", fontsize=8)
+    ax[1, 0].set(title="linears kept on the CPU (most sensitive first)", xlabel="linears on the CPU",
+                 xscale="symlog", ylabel="metric")
+    ax[1, 0].legend(fontsize=8)
+    comps = [{"variant": "as built (bundle)", **report["metrics"]}] + report.get("comparisons", [])
+    metrics = report["sensitivity_metric"]
+    height = 0.8 / len(metrics)
+    for j, metric in enumerate(metrics):
+        gaps = [max(1 - c[metric], 1e-9) for c in comps]
+        y = np.arange(len(comps)) + j * height
+        ax[1, 1].barh(y, gaps, height, label=metric)
+        for i, c in enumerate(comps):
+            ax[1, 1].text(gaps[i], y[i], f" {c[metric]:.5f}", va="center", fontsize=7)
+    ax[1, 1].set_yticks(np.arange(len(comps)) + height * (len(metrics) - 1) / 2, [c["variant"] for c in comps])
+    ax[1, 1].set(title="one quantization choice flipped: 1 - metric (smaller is closer to float)", xscale="log")
+    ax[1, 1].legend(fontsize=8)
+    fig.suptitle(f"verify {report['recipe']}: " + _line({k: v for k, v in report["metrics"].items()
+                                                          if isinstance(v, float)}), fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,219 @@
+"""Issue #6: `doit verify` reports, outlier smoothing, sensitivity and the target search, static
+activations. Each build goes into its own artifacts directory (verify writes into the bundle)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prepare.calibrate import InputRecorder
+from prepare.demo_models import make_demo_clip, make_demo_gemma
+from prepare.smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
+from runner.bundle import Bundle
+from runner.checkpoint import Checkpoint
+from runner.clip import CLIP, CLIPConfig, float_linear
+from runner.executors import make_linear
+from runner.gemma import Gemma, GemmaConfig, KVCache
+from runner.images import load_image
+from runner.quant import quantize_rows
+
+from .conftest import doit
+
+CLIP_KEYS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min", "zero_shot_agreement")
+
+
+def relative(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --- smoothing is exact in float -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_outliers(tmp_path_factory):
+    directory = make_demo_clip(tmp_path_factory.mktemp("clip") / "ckpt", outliers=True)
+    checkpoint = Checkpoint(directory)
+    return directory, checkpoint, CLIPConfig.from_dict(checkpoint.config)
+
+
+def _clip_rows(checkpoint, config, pixels, ids):
+    recorder = InputRecorder(float_linear(checkpoint))
+    model = CLIP(config, checkpoint, recorder)
+    model.image_features(pixels)
+    model.text_features(ids)
+    return recorder.inputs()
+
+
+def test_smoothing_leaves_the_float_clip_unchanged(clip_outliers):
+    directory, checkpoint, config = clip_outliers
+    pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "calibration").glob("*.png"))])
+    ids = np.array([[config.text.vocab_size - 2, 5, 17, 42, config.text.vocab_size - 1]])
+    groups = norm_groups("clip", config)
+    rows = _clip_rows(checkpoint, config, pixels, ids)
+    factors = smoothing_factors(groups, checkpoint, rows, 0.5)
+    assert len(factors) == len(groups) == 2 * (2 * 2 + 1)
+    assert max(float(np.abs(np.log(f)).max()) for f in factors.values()) > 1  # it did move something
+    smoothed = SmoothedWeights(checkpoint, groups, factors)
+    for g in groups:  # the norm changed, and so did every linear reading it
+        assert not np.allclose(smoothed[f"{g.norm}.weight"], checkpoint[f"{g.norm}.weight"])
+        assert not np.allclose(smoothed[f"{g.linears[0]}.weight"], checkpoint[f"{g.linears[0]}.weight"])
+    plain, smooth = CLIP(config, checkpoint, float_linear(checkpoint)), CLIP(config, smoothed, float_linear(smoothed))
+    assert relative(smooth.image_features(pixels[:4]), plain.image_features(pixels[:4])) < 1e-5
+    assert relative(smooth.text_features(ids), plain.text_features(ids)) < 1e-5
+    # The rows the smoothed model's linears see are the recorded ones divided by the factors.
+    again = _clip_rows(smoothed, config, pixels, ids)
+    expected = smooth_rows(rows, groups, factors)
+    name = groups[0].linears[0]
+    assert relative(again[name], expected[name]) < 1e-5
+
+
+def test_smoothing_flattens_the_outlier_rows(clip_outliers):
+    """The point of it: with outlier channels, a row's scale is set by them; after smoothing the
+    same rows lose much less to 8-bit quantization."""
+    directory, checkpoint, config = clip_outliers
+    pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "calibration").glob("*.png"))])
+    ids = np.array([[config.text.vocab_size - 2, 5, 17, 42, config.text.vocab_size - 1]])
+    groups = norm_groups("clip", config)
+    rows = _clip_rows(checkpoint, config, pixels, ids)
+    factors = smoothing_factors(groups, checkpoint, rows, 0.5)
+    smoothed_rows = smooth_rows(rows, groups, factors)
+    name = "vision_model.encoder.layers.0.self_attn.q_proj"
+    smoothed = SmoothedWeights(checkpoint, groups, factors)
+
+    def output_error(x, w):
+        q, s = quantize_rows(x, 127)
+        xq = (q.astype(np.float32) - 127) * s[:, None]
+        return np.linalg.norm(xq @ w.T - x @ w.T) / np.linalg.norm(x @ w.T)
+    before = output_error(rows[name], checkpoint[f"{name}.weight"])
+    after = output_error(smoothed_rows[name], smoothed[f"{name}.weight"])
+    assert after < 0.5 * before, (before, after)
+
+
+def test_smoothing_leaves_the_float_gemma_unchanged(tmp_path):
+    checkpoint = Checkpoint(make_demo_gemma(tmp_path / "ckpt", outliers=True))
+    config = GemmaConfig.from_dict(checkpoint.config)
+    ids = np.array([2, 10, 200, 33, 47, 5, 900, 12])
+    recorder = InputRecorder(float_linear(checkpoint))
+    reference = Gemma(config, checkpoint, recorder).forward(ids, KVCache(config))
+    groups = norm_groups("gemma", config)
+    factors = smoothing_factors(groups, checkpoint, recorder.inputs(), 0.5)
+    assert len(factors) == 2 * config.num_hidden_layers
+    smoothed = SmoothedWeights(checkpoint, groups, factors)
+    got = Gemma(config, smoothed, float_linear(smoothed)).forward(ids, KVCache(config))
+    assert relative(got, reference) < 1e-4
+
+
+# --- doit verify --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_verified(tmp_path_factory):
+    """The demo built and verified (outlier stress model, no smoothing: the comparisons have
+    something to show)."""
+    artifacts = tmp_path_factory.mktemp("verify") / "artifacts"
+    out = doit(artifacts, "generate=demo-clip-outliers", "checkpoint=artifacts/demo/clip-outliers", "verify").stdout
+    report = json.loads((artifacts / "bundles" / "demo-clip" / "report.json").read_text())
+    return artifacts, out, report
+
+
+def test_verify_reports_the_clip_metrics(clip_verified):
+    artifacts, out, report = clip_verified
+    bundle_dir = artifacts / "bundles" / "demo-clip"
+    assert (bundle_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "== verify demo-clip" in out and "image_cosine_mean" in out
+    m = report["metrics"]
+    for key in CLIP_KEYS:
+        assert 0.5 < m[key] <= 1.0, (key, m[key])
+    assert m["image_cosine_min"] <= m["image_cosine_mean"] < 1 and m["text_cosine_min"] <= m["text_cosine_mean"] < 1
+    assert report["inputs"] == {"images": 4 + 8, "texts": 16 + 8}  # samples/ + heldout-captions.txt + synthetic
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert [e["name"] for e in report["layers"]] == [e["name"] for e in manifest["layers"]]
+    for e in report["layers"]:
+        assert 0 < e["relative_error"] < 0.2 and e["sensitivity"] > 0, e
+
+
+def test_verify_curve_runs_from_all_int8_to_all_float(clip_verified):
+    _, _, report = clip_verified
+    curve = report["curve"]
+    ks = [p["cpu_layers"] for p in curve]
+    assert ks[0] == 0 and ks[-1] == len(report["layers"]) and ks == sorted(ks)
+    # k = 0 is the bundle's own layers, emulated in memory from the store: the same numbers.
+    for key in CLIP_KEYS[:4]:
+        assert abs(curve[0][key] - report["metrics"][key]) < 1e-6, key
+        assert curve[-1][key] > 1 - 1e-6  # every linear in float
+    assert curve[len(curve) // 2]["image_cosine_mean"] > curve[0]["image_cosine_mean"]
+
+
+def test_verify_compares_the_quantization_choices(clip_verified):
+    _, _, report = clip_verified
+    by = {c["variant"]: c for c in report["comparisons"]}
+    assert set(by) == {"multipliers template", "weights per-tensor", "activations static", "smoothing 0.5"}
+    as_built = report["metrics"]["image_cosine_mean"]
+    # On the outlier model, smoothing is what helps, and the template's own multipliers hurt.
+    assert by["smoothing 0.5"]["image_cosine_mean"] > as_built + 0.005
+    assert by["multipliers template"]["image_cosine_mean"] < as_built
+
+
+def test_verify_gemma_reports_top1_and_greedy(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "verify")
+    report = json.loads((artifacts / "bundles" / "demo-gemma" / "report.json").read_text())
+    m = report["metrics"]
+    for key in ("top1_agreement", "top1_agreement_tpu_head", "top1_agreement_rescore", "logits_cosine_mean"):
+        assert 0.9 < m[key] <= 1.0, (key, m[key])
+    assert m["logits_cosine_min"] <= m["logits_cosine_mean"] < 1
+    assert 0 <= m["greedy_match"]["min"] <= m["greedy_match"]["mean"] <= m["greedy_match"]["steps"] == 16
+    assert m["greedy_match_rescore"]["prompts"] == 4
+    assert report["inputs"]["sequences"] == 8 + 4
+    assert len(report["comparisons"]) == 4 and report["curve"][-1]["logits_cosine_mean"] > report["metrics"]["logits_cosine_mean"]
+
+
+# --- the target search --------------------------------------------------------------------
+
+def test_target_keeps_the_fewest_linears_on_the_cpu_that_reach_it(clip_verified):
+    artifacts, _, report = clip_verified
+    goal = 0.9990
+    assert report["metrics"]["image_cosine_mean"] < goal  # the all-TPU model misses it
+    doit(artifacts, "generate=demo-clip-outliers", "checkpoint=artifacts/demo/clip-outliers", "name=demo-target",
+         f"target={{image_cosine_mean: {goal}}}", "verify={images: samples, captions: heldout-captions.txt, "
+         "synthetic: 8, compare: false}", "verify")
+    bundle_dir = artifacts / "bundles" / "demo-target"
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    chosen = manifest["target"]["cpu_layers"]
+    assert manifest["target"]["reached"] and 0 < len(chosen) < len(manifest["layers"])
+    assert {e["name"] for e in manifest["layers"] if e["placement"] == "host"} == set(chosen)
+    placement = json.loads((artifacts / "work" / "demo-target" / "placement.json").read_text())
+    curve = {p["cpu_layers"]: p["image_cosine_mean"] for p in placement["curve"]}
+    assert curve[len(chosen)] >= goal and curve[len(chosen) - 1] < goal  # one fewer would miss it
+    # The bundle the runner opens (float weights for the chosen layers) reaches it too.
+    verified = json.loads((bundle_dir / "report.json").read_text())
+    assert verified["metrics"]["image_cosine_mean"] >= goal
+    bundle = Bundle.open(bundle_dir)
+    assert all(f"{name}.weight" in bundle.host for name in chosen)
+
+
+# --- static activations -------------------------------------------------------------------
+
+def test_static_activations_run_alike_on_emulate_and_cpu(clip_verified):
+    artifacts, _, _ = clip_verified
+    doit(artifacts, "generate=demo-clip-outliers", "checkpoint=artifacts/demo/clip-outliers", "name=demo-static",
+         "quantization={activations: static, smoothing: 0.5}", "bundle")
+    bundle = Bundle.open(artifacts / "bundles" / "demo-static")
+    assert all(layer.input_scale and layer.input_scale > 0 for layer in bundle.layers)
+    config = CLIPConfig.from_dict(bundle.config)
+    directory = artifacts / "demo" / "clip-outliers"
+    pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "samples").glob("*.png"))])
+    emulate = CLIP(config, bundle.host, make_linear(bundle, "emulate")).image_features(pixels)
+    cpu = CLIP(config, bundle.host, make_linear(bundle, "cpu")).image_features(pixels)
+    checkpoint = Checkpoint(directory)
+    float_ = CLIP(config, checkpoint, float_linear(checkpoint)).image_features(pixels)
+    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
+    assert cos(emulate, cpu).min() > 0.9999
+    assert cos(emulate, float_).min() > 0.98
+
+
+def test_static_scale_clamps_what_calibration_never_saw():
+    x = np.array([[0.5, -1.0, 4.0]], np.float32)
+    q, s = quantize_rows(x, 127, input_scale=1.0 / 127)
+    assert s.tolist() == [np.float32(1.0 / 127)]
+    assert q.tolist() == [[127 + 64, 0, 255]]  # 0.5 -> 63.5 rounds to 64; -1 -> -127; 4 clamps at 128

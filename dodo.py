@@ -210,13 +210,13 @@ def task_verify():
 
 
 def task_deploy():
-    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME target=user@host:/path."""
+    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME to=user@host:/path (`to`, not `target`: that is the recipe key)."""
     from prepare.bundle import bundle_dir
     from prepare.deploy import DeployError, deploy
 
     def run():
         try:
-            report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("target", ""))
+            report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("to", ""))
         except DeployError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")

@@ -1,4 +1,4 @@
-"""`doit deploy bundle=NAME target=DEST`: copy a bundle and the runner to a Pi (or a local
+"""`doit deploy bundle=NAME to=DEST`: copy a bundle and the runner to a Pi (or a local
 directory) with rsync, then print the command to run there.
 
 rsync compares checksums (`--checksum`), sends only what changed, keeps partly sent
@@ -50,7 +50,7 @@ def deploy(bundle: Path, target: str) -> dict:
     if shutil.which("rsync") is None:
         raise DeployError("rsync is not installed here (Debian/Ubuntu: apt install rsync); the Pi needs it too")
     if not target:
-        raise DeployError("give target=DEST: user@host:/path or a local directory")
+        raise DeployError("give to=DEST: user@host:/path or a local directory")
     remote = re.match(r"^[^/:]+:", target) is not None
     dest = target.rstrip("/") or "/"
     counts = {}

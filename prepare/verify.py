@@ -157,11 +157,12 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
         sens, curve = placement["sensitivity"], placement["curve"]
         report["target"] = {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")}
     else:
-        progress(f"verify: sensitivity of {len(layers.names)} linears")
-        sens = sensitivity(ev, layers, ev.primary)
+        from tqdm import tqdm
+        with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
+            sens = sensitivity(ev, layers, ev.primary, bar.update)
         ranking = sorted(layers.names, key=lambda n: -sens[n])
         curve = [{"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))}
-                 for k in curve_points(len(ranking))]
+                 for k in tqdm(curve_points(len(ranking)), desc="CPU-kept curve", unit="point")]
     report["sensitivity_metric"] = list(ev.primary)
     report["curve"] = curve
     held_out = probe.relative_errors()

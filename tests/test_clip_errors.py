@@ -31,6 +31,12 @@ def recipe_file(tmp_path, text):
     (DEMO_KEYS + "towers: [image, audio]\n", "key 'towers'"),
     (DEMO_KEYS + "flavors: [gpu]\n", "key 'flavors'"),
     ("name: ../escape\n", "plain file name"),
+    (DEMO_KEYS + "quantization:\n  smoothing: 1.5\n", "quantization.smoothing must be in (0, 1] or null"),
+    (DEMO_KEYS + "quantization:\n  activations: per-tensor\n", "quantization.activations must be one of dynamic"),
+    (DEMO_KEYS + "target:\n  top1_agreement: 0.99\n", "unknown key target.top1_agreement (known for clip"),
+    (DEMO_KEYS + "target:\n  image_cosine_mean: 1.5\n", "target.image_cosine_mean must be a number in (0, 1]"),
+    (DEMO_KEYS + "verify:\n  captions: nowhere.txt\n", "verify.captions"),
+    (DEMO_KEYS + "verify:\n  compare: 1\n", "verify.compare must be bool"),
 ])
 def test_recipe_errors_name_recipe_key_and_problem(tmp_path, checkpoint_dir, text, needle):
     path = recipe_file(tmp_path, text.format(ckpt=checkpoint_dir))

@@ -94,9 +94,9 @@ def test_deploy_to_a_local_directory_twice(demo, tmp_path):
         pytest.skip("rsync is not installed (apt install rsync); deploy needs it")
     artifacts, _ = demo
     target = tmp_path / "pi"
-    first = doit(artifacts, "deploy", "bundle=demo-clip", f"target={target}").stdout
+    first = doit(artifacts, "deploy", "bundle=demo-clip", f"to={target}").stdout
     assert "files sent: runner " in first and "bundle 0" not in first
-    second = doit(artifacts, "deploy", "bundle=demo-clip", f"target={target}").stdout
+    second = doit(artifacts, "deploy", "bundle=demo-clip", f"to={target}").stdout
     assert "files sent: runner 0, bundle 0" in second, second
     assert f"cd {target} && python3 -m pip install -r runner/requirements.txt" in second
     # What arrived is a whole bundle, and the copied runner (not this checkout's) checks it.
@@ -104,5 +104,12 @@ def test_deploy_to_a_local_directory_twice(demo, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and json.loads(run.stdout)["ok"], run.stderr
 
-    missing = doit(artifacts, "deploy", "bundle=nope", f"target={target}", check=False)
+    missing = doit(artifacts, "deploy", "bundle=nope", f"to={target}", check=False)
     assert missing.returncode != 0 and "no such bundle" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("value", [-1.0, 0, "1", float("nan"), float("inf")])
+def test_check_refuses_a_bad_static_input_scale(copy, value):
+    edit_manifest(copy, lambda m: m["layers"][0].__setitem__("input_scale", value))
+    report = check(copy)
+    assert not report["ok"] and any("input_scale" in p for p in report["problems"]), report["problems"]

@@ -16,13 +16,12 @@ target search (prepare/select.py) and the comparisons of `verify` use it.
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Mapping
 
 import numpy as np
 
 from runner.clip import CLIP, Linear, float_linear
-from runner.edgetpu_codec import DenseParams, decode_dense
+from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
 from runner.gemma import Gemma, KVCache
 from runner.quant import QuantizedLinear
@@ -45,7 +44,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class ClipEvaluation:
     """Held-out images and texts, and the float model's embeddings of them."""
 
-    primary = ("image_cosine_mean", "text_cosine_mean")  # what the sensitivity ranks by
+    primary = ("image_cosine_mean", "text_cosine_mean")  # what the curve shows
+    sensitivity_keys = primary  # what the sensitivity ranks by
 
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         from .clip_build import calibration_images, calibration_texts
@@ -95,6 +95,10 @@ class ClipEvaluation:
     def score(self, weights, linear: Linear, towers=None) -> dict[str, float]:
         return self.metrics(self.outputs(weights, linear, towers))
 
+    def sensitivity_metrics(self, weights, linear: Linear, layer: str) -> dict[str, float]:
+        """The metrics with `layer` changed: only its tower is rerun."""
+        return self.score(weights, linear, towers=[self.tower_of(layer)])
+
     def inputs_summary(self) -> dict:
         return {"images": 0 if self.pixels is None else len(self.pixels),
                 "texts": 0 if self.texts is None else len(self.texts)}
@@ -108,7 +112,10 @@ class GemmaEvaluation:
     """Held-out token sequences, the float model's logits on them (teacher-forced), and the
     int8 embedding table the bundle's host uses for the input embedding and the cpu head."""
 
-    primary = ("logits_cosine_mean",)
+    primary = ("logits_cosine_mean", "top1_agreement")
+    # The final hidden state's cosine: what the logits follow, without a vocabulary-wide
+    # matmul per layer (at 262144 tokens that is most of an evaluation's time).
+    sensitivity_keys = ("hidden_cosine_mean",)
 
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         from .gemma_build import calibration_prompts
@@ -119,7 +126,8 @@ class GemmaEvaluation:
         table = weights["model.embed_tokens.weight"]
         q, scale = quantize_weights(table)
         self.table = q.astype(np.float32) * scale[:, None]  # the bundle's int8 table, dequantized
-        self.reference = self.logits(self.hidden(weights, float_linear(weights), embed=table), table)
+        self.reference_hidden = self.hidden(weights, float_linear(weights), embed=table)
+        self.reference = self.logits(self.reference_hidden, table)
         self.reference_top1 = [r.argmax(-1) for r in self.reference]
 
     def hidden(self, weights, linear: Linear, embed: np.ndarray | None = None) -> list[np.ndarray]:
@@ -147,6 +155,10 @@ class GemmaEvaluation:
 
     def score(self, weights, linear: Linear, towers=None) -> dict[str, float]:
         return self.metrics(self.outputs(weights, linear))
+
+    def sensitivity_metrics(self, weights, linear: Linear, layer: str) -> dict[str, float]:
+        hidden = np.concatenate(self.hidden(weights, linear))
+        return {"hidden_cosine_mean": float(_cosines(hidden, np.concatenate(self.reference_hidden)).mean())}
 
     def inputs_summary(self) -> dict:
         return {"sequences": len(self.sequences), "positions": int(sum(len(s) for s in self.sequences))}
@@ -257,16 +269,11 @@ class ErrorProbe:
         return {n: float(np.sqrt(self.err[n] / max(self.ref[n], 1e-30))) for n in self.err}
 
 
-def load_index(path) -> dict:
-    return json.loads(path.read_text())
-
-
-def sensitivity(ev, layers: QuantizedLayers, keys, progress: Callable[[int], None] = lambda n: None
-                ) -> dict[str, float]:
-    """Each linear's own contribution to the error: the loss (by `keys`) with that one layer
-    in int8 and every other in float. Only its tower is rerun."""
+def sensitivity(ev, layers: QuantizedLayers, progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+    """Each linear's own contribution to the error: the loss (by the evaluation's
+    `sensitivity_keys`) with that one layer in int8 and every other in float."""
     out = {}
     for name in layers.names:
-        out[name] = loss(ev.score(layers.weights, layers.linear({name}), towers=[ev.tower_of(name)]), keys)
+        out[name] = loss(ev.sensitivity_metrics(layers.weights, layers.linear({name}), name), ev.sensitivity_keys)
         progress(1)
     return out

@@ -73,11 +73,11 @@ def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
     ev = evaluation(recipe, family_module(recipe).model_config(recipe), weights)
     layers = QuantizedLayers(index, store, weights)
     with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
-        sens = sensitivity(ev, layers, ev.primary, bar.update)
+        sens = sensitivity(ev, layers, bar.update)
     with tqdm(desc="target search", unit="eval") as bar:
         result = search(ev, layers, recipe.target, sens, bar.update)
     result["sensitivity"] = sens
-    result["sensitivity_metric"] = list(ev.primary)
+    result["sensitivity_metric"] = list(ev.sensitivity_keys)
     atomic_write(placement_path(recipe), json.dumps(result, indent=1))
     status = "reached" if result["reached"] else "NOT reached (every linear on the CPU)"
     print(f"target {recipe.target}: {status} with {len(result['cpu_layers'])} of {len(layers.names)} "

@@ -28,7 +28,7 @@ from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.executors import make_linear
 
-from .evaluate import ErrorProbe, Memo, QuantizedLayers, evaluation, loss, quantized_from, sensitivity
+from .evaluate import ErrorProbe, Memo, QuantizedLayers, evaluation, quantized_from, sensitivity
 from .families import family_module
 from .recipe import Recipe
 from .store import Store, atomic_write
@@ -159,11 +159,12 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     else:
         from tqdm import tqdm
         with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
-            sens = sensitivity(ev, layers, ev.primary, bar.update)
+            sens = sensitivity(ev, layers, bar.update)
         ranking = sorted(layers.names, key=lambda n: -sens[n])
         curve = [{"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))}
                  for k in tqdm(curve_points(len(ranking)), desc="CPU-kept curve", unit="point")]
-    report["sensitivity_metric"] = list(ev.primary)
+    report["sensitivity_metric"] = list(ev.sensitivity_keys)
+    report["curve_metrics"] = list(ev.primary)
     report["curve"] = curve
     held_out = probe.relative_errors()
     report["layers"] = [{"name": layer.name, "placement": layer.placement,
@@ -201,7 +202,7 @@ def summary(report: dict, directory) -> str:
                    key=lambda e: -e["relative_error"])[:3]
     lines.append("  worst linears (relative error): " + ", ".join(f"{e['name']} {e['relative_error']:.4f}"
                                                                   for e in worst))
-    key = report["sensitivity_metric"][0]
+    key = report["curve_metrics"][0]
     lines.append(f"  {key} with k linears on the CPU: " + ", ".join(f"{p['cpu_layers']}: {p[key]:.5f}"
                                                                       for p in report["curve"]))
     if "target" in report:
@@ -220,7 +221,6 @@ def plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = report["sensitivity_metric"][0]
     fig, ax = plt.subplots(2, 2, figsize=(14, 9))
     layers = report["layers"]
     x = np.arange(len(layers))
@@ -236,8 +236,8 @@ def plot(report: dict) -> bytes:
                  xlabel="linear (execution order)")
     curve = report["curve"]
     ks = [p["cpu_layers"] for p in curve]
-    for metric in report["sensitivity_metric"] + [k for k in report.get("target", {}).get("target", {})
-                                                  if k not in report["sensitivity_metric"]]:
+    for metric in report["curve_metrics"] + [k for k in report.get("target", {}).get("target", {})
+                                             if k not in report["curve_metrics"]]:
         ax[1, 0].plot(ks, [p[metric] for p in curve], "o-", label=metric)
     for metric, value in report.get("target", {}).get("target", {}).items():
         ax[1, 0].axhline(value, ls="--", color="gray")
@@ -246,7 +246,7 @@ def plot(report: dict) -> bytes:
                  xscale="symlog", ylabel="metric")
     ax[1, 0].legend(fontsize=8)
     comps = [{"variant": "as built (bundle)", **report["metrics"]}] + report.get("comparisons", [])
-    metrics = report["sensitivity_metric"]
+    metrics = report["curve_metrics"]
     height = 0.8 / len(metrics)
     for j, metric in enumerate(metrics):
         gaps = [max(1 - c[metric], 1e-9) for c in comps]

@@ -83,3 +83,26 @@ class Store:
         meta = dict(meta, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
         atomic_write(self.meta_path(kind, key), json.dumps(meta, indent=2, sort_keys=True))
         return path
+
+    def verify(self) -> list[str]:
+        """Every entry whose data is missing or does not match the sha256 and size its
+        metadata records, one line each naming the file; [] for a sound cache. Data
+        without metadata is no entry (`has` ignores it) and is not reported."""
+        problems = []
+        for meta_path in sorted(self.root.glob("*/*.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                expected = meta["sha256"], meta["bytes"]
+            except (ValueError, KeyError, TypeError) as e:
+                problems.append(f"{meta_path}: unreadable metadata ({e!r})")
+                continue
+            # The data is `<key>.<ext>`: the one other file of that key (temporary files start with a dot).
+            data = [p for p in meta_path.parent.glob(f"{meta_path.stem}.*") if p != meta_path]
+            if len(data) != 1:
+                problems.append(f"{meta_path}: expected one data file beside it, found {[p.name for p in data]}")
+                continue
+            blob = data[0].read_bytes()
+            if (hashlib.sha256(blob).hexdigest(), len(blob)) != expected:
+                problems.append(f"{data[0]}: {len(blob)} bytes that do not match its metadata "
+                                f"(sha256 {expected[0][:12]}..., {expected[1]} bytes)")
+        return problems

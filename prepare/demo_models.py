@@ -180,8 +180,8 @@ def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> Non
     disc = (xx - center[0]) ** 2 + (yy - center[1]) ** 2 < (min(size) / rng.uniform(2.5, 4)) ** 2
     img[disc] = np.array(ImageColor.getrgb(color), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(img).save(tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(img).save(tmp, format="PNG")
     tmp.replace(path)
 
 
@@ -196,6 +196,8 @@ def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
     import shutil
 
     final = Path(directory)
+    # A fixed name, so this removes what a killed build left; no other build is using it,
+    # since one build at a time holds the artifacts directory (store.lock_artifacts).
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -5,9 +5,10 @@
 1. Reference: one uninterrupted cold `doit` in an artifacts directory of its own, and a
    second one to show the build is byte-reproducible (else nothing below could be compared).
 2. Ten kills: a cold `doit` is killed with SIGKILL (its whole process group) at a moment
-   picked by a time fraction of the reference build or by a file appearing, so the kills
-   land in every stage (checkpoint, template, layers, bundle, doit saving its state);
-   then `doit` is rerun to completion, and once more, which must find nothing to do.
+   picked by a file appearing or by a fraction of how long the reference build spent in a
+   stage (timed from doit's `.  task` line, so a slower or faster run still lands in it);
+   the kills land in every stage (checkpoint, template, layers, bundle, doit saving its
+   state). Then `doit` is rerun to completion, and once more, which must find nothing to do.
 3. Concurrent: `doit -n 2` cold, and two `doit` processes on one artifacts directory,
    started together or the second one while the first is in a given stage.
 
@@ -51,17 +52,25 @@ class Build:
 
     def __init__(self, artifacts: Path, *args: str):
         env = dict(os.environ, CORAL_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1")
-        self.started = time.perf_counter()
+        self.started, self.finished = time.perf_counter(), None
         self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.started_at: dict[str, float] = {}  # task -> seconds into the build when doit started it
+        self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(".  "):
+                self.started_at[line[3:].strip()] = self.seconds
+            self.lines.append(line)
 
     @property
     def seconds(self) -> float:
-        return time.perf_counter() - self.started
+        """Seconds since the start, until it ended."""
+        return (self.finished or time.perf_counter()) - self.started
 
     @property
     def tasks(self) -> list[str]:
@@ -82,6 +91,7 @@ class Build:
         except ProcessLookupError:
             pass
         killed = self.proc.wait() == -signal.SIGKILL
+        self.finished = time.perf_counter()
         self._reader.join()
         return killed
 
@@ -91,6 +101,7 @@ class Build:
         except subprocess.TimeoutExpired:
             self.kill()
             raise RuntimeError(f"doit in {self.proc.args} did not finish in {timeout} s; killed it")
+        self.finished = time.perf_counter()
         self._reader.join()
         return self.proc.returncode
 
@@ -137,28 +148,32 @@ def cache_problems(artifacts: Path) -> list[str]:
 
 @dataclass
 class Moment:
-    """When to kill a build: `reached(build, artifacts, reference_seconds)` turns true."""
+    """When to kill a build: once `reached(build, artifacts, stages)` is true, `stages` being
+    the seconds the reference build spent in each task."""
     name: str
-    reached: Callable[[Build, Path, float], bool]
+    reached: Callable[[Build, Path, dict[str, float]], bool]
 
 
-def after_fraction(fraction: float) -> Moment:
-    return Moment(f"{fraction:.0%} of the reference build time",
-                  lambda build, artifacts, ref: build.seconds >= fraction * ref)
+def into_stage(task: str, fraction: float) -> Moment:
+    """`fraction` of the reference build's time in `task` after this build started it."""
+    def reached(build, artifacts, stages):
+        return task in build.started_at and build.seconds >= build.started_at[task] + fraction * stages[task]
+    return Moment(f"{fraction:.0%} into {task}", reached)
 
 
 def when_exists(pattern: str, count: int = 1) -> Moment:
     """Once `count` paths match `pattern` (a glob under artifacts)."""
     what = f"{pattern} appears" if count == 1 else f"{count} of {pattern} exist"
-    return Moment(what, lambda build, artifacts, ref: len(list(artifacts.glob(pattern))) >= count)
+    return Moment(what, lambda build, artifacts, stages: len(list(artifacts.glob(pattern))) >= count)
 
 
+TEMPLATE = "template:256x256b1"
 MOMENTS = [
     when_exists("demo/.clip.tmp/config.json"),              # checkpoint: first files written
     when_exists("demo/.clip.tmp/calibration/*.png", 8),      # checkpoint: half the images
-    when_exists("demo/clip"),                               # checkpoint swapped in, template starts
-    after_fraction(0.30),                                   # template: importing TensorFlow
-    after_fraction(0.55),                                   # template: converting
+    into_stage(TEMPLATE, 0.1),                              # template: importing TensorFlow
+    into_stage(TEMPLATE, 0.5),                              # template: TensorFlow
+    into_stage(TEMPLATE, 0.9),                              # template: converting
     when_exists("cache/uncompiled/*.tflite"),               # template: being stored
     when_exists("cache/params/*.bin"),                      # layers: first layer stored
     when_exists("cache/cpu/*.json", 13),                    # layers: half the layers patched
@@ -177,34 +192,42 @@ def stage_at_kill(build: Build, artifacts: Path) -> str:
     return tasks[-1].split(":")[0]
 
 
-def wait_for(build: Build, artifacts: Path, moment: Moment, reference_seconds: float) -> None:
-    while build.running() and not moment.reached(build, artifacts, reference_seconds):
+def wait_for(build: Build, artifacts: Path, moment: Moment, stages: dict[str, float]) -> None:
+    while build.running() and not moment.reached(build, artifacts, stages):
         time.sleep(0.001)
 
 
 # --- experiments -------------------------------------------------------------------------------
 
+def stage_seconds(build: Build) -> dict[str, float]:
+    """Seconds a finished build spent in each task (the last one until doit exited)."""
+    starts = sorted((t, task) for task, t in build.started_at.items())
+    ends = [t for t, _ in starts[1:]] + [build.seconds]
+    return {task: round(end - t, 3) for (t, task), end in zip(starts, ends)}
+
+
 def reference_build(workdir: Path) -> tuple[dict, dict]:
     """(outcome, report) of a clean build, built twice to show it is byte-reproducible."""
-    runs = []
+    builds = []
     for k in (1, 2):
         artifacts = workdir / f"reference-{k}"
-        build = Build(artifacts)
-        if build.wait() != 0:
-            raise SystemExit(f"the reference build in {artifacts} failed:\n{build.output}")
-        runs.append((outcome(artifacts), build.seconds, artifacts))
-    (ref, seconds, artifacts), (again, _, artifacts2) = runs
+        builds.append((Build(artifacts), artifacts))
+        if builds[-1][0].wait() != 0:
+            raise SystemExit(f"the reference build in {artifacts} failed:\n{builds[-1][0].output}")
+    (build, artifacts), (_, artifacts2) = builds
+    ref, again = outcome(artifacts), outcome(artifacts2)
     differ = [f"{part}/{p}" for part in ref for p in differences(ref[part], again[part])]
-    return ref, {"seconds": round(seconds, 2), "bundle_files": len(ref["bundle"]),
-                 "checkpoint_files": len(ref["checkpoint"]), "reproducible": not differ, "differing": differ,
+    return ref, {"seconds": round(build.seconds, 2), "stages": stage_seconds(build),
+                 "bundle_files": len(ref["bundle"]), "checkpoint_files": len(ref["checkpoint"]),
+                 "reproducible": not differ, "differing": differ,
                  "cache_problems": cache_problems(artifacts) + cache_problems(artifacts2),
                  "leftovers": leftovers(artifacts)}
 
 
-def killed_build(reference: dict, artifacts: Path, moment: Moment, reference_seconds: float) -> dict:
+def killed_build(reference: dict, artifacts: Path, moment: Moment, stages: dict[str, float]) -> dict:
     """Kill a cold build at `moment`, rerun it to completion, then once more (nothing to do)."""
     build = Build(artifacts)
-    wait_for(build, artifacts, moment, reference_seconds)
+    wait_for(build, artifacts, moment, stages)
     at = build.seconds
     killed = build.kill()
     result = {"moment": moment.name, "killed": killed, "at_seconds": round(at, 2),
@@ -227,16 +250,17 @@ def killed_build(reference: dict, artifacts: Path, moment: Moment, reference_sec
 
 
 def concurrent_builds(reference: dict, artifacts: Path, name: str, first_args: tuple[str, ...] = (),
-                      second: Moment | None = None, reference_seconds: float = 0.0) -> dict:
+                      second: Moment | None = None, stages: dict[str, float] | None = None) -> dict:
     """One build (with `first_args`), and a second one on the same artifacts directory when
     `second` is reached (None: no second build)."""
     builds = [Build(artifacts, *first_args)]
     if second is not None:
-        wait_for(builds[0], artifacts, second, reference_seconds)
+        wait_for(builds[0], artifacts, second, stages or {})
         builds.append(Build(artifacts))
     exits = [b.wait() for b in builds]
     result = {"experiment": name, "exits": exits, "seconds": [round(b.seconds, 2) for b in builds],
-              "tasks": [b.tasks for b in builds], "differing": compare(reference, artifacts),
+              "tasks": [b.tasks for b in builds], "waited": ["waiting for pid" in b.output for b in builds],
+              "differing": compare(reference, artifacts),
               "cache_problems": cache_problems(artifacts), "leftovers": leftovers(artifacts)}
     result["ok"] = all(e == 0 for e in exits) and not result["differing"] and not result["cache_problems"]
     result["failed_output"] = [b.output[-2000:] for b, e in zip(builds, exits) if e != 0]
@@ -245,9 +269,9 @@ def concurrent_builds(reference: dict, artifacts: Path, name: str, first_args: t
 
 CONCURRENT = [
     ("doit -n 2, cold", ("-n", "2"), None),
-    ("two doit started together", (), Moment("at once", lambda build, artifacts, ref: True)),
+    ("two doit started together", (), Moment("at once", lambda build, artifacts, stages: True)),
     ("second doit while the first generates the checkpoint", (), when_exists("demo/.clip.tmp/model.safetensors")),
-    ("second doit while the first makes the template", (), when_exists("demo/clip")),
+    ("second doit while the first makes the template", (), into_stage(TEMPLATE, 0.5)),
     ("second doit while the first is in layers", (), when_exists("cache/params/*.bin")),
 ]
 
@@ -265,6 +289,7 @@ def print_tables(result: dict) -> None:
     print(f"reference: {ref['seconds']} s cold, {ref['bundle_files']} bundle files, "
           f"{ref['checkpoint_files']} checkpoint files, byte-reproducible: {ref['reproducible']}"
           + (f" (differs: {short(ref['differing'], 5)})" if ref["differing"] else ""))
+    print("  seconds per stage: " + ", ".join(f"{task} {t:.2f}" for task, t in ref["stages"].items()))
     print()
     print(f"{'#':>2} {'kill moment':<44} {'at s':>5} {'stage':<38} {'rerun':>5} {'same':>4} "
           f"{'cache':>5} {'3rd':>4}  left by the kill / after rerun")
@@ -275,9 +300,11 @@ def print_tables(result: dict) -> None:
               f"{'yes' if not r['differing'] else 'NO':>4} {cache:>5} {third:>4}  "
               f"{short(r['left_by_kill'])} / {short(r['leftovers'])}")
     print()
-    print(f"{'concurrent experiment':<56} {'exits':<8} {'same':>4} {'cache':>5}  leftovers")
+    print(f"{'concurrent experiment':<54} {'exits':<6} {'tasks run':<9} {'waited':<12} {'same':>4} {'cache':>5}"
+          "  leftovers")
     for r in result["concurrent"]:
-        print(f"{r['experiment']:<56} {','.join(map(str, r['exits'])):<8} "
+        print(f"{r['experiment']:<54} {','.join(map(str, r['exits'])):<6} "
+              f"{','.join(str(len(t)) for t in r['tasks']):<9} {','.join(map(str, r['waited'])):<12} "
               f"{'yes' if not r['differing'] else 'NO':>4} {'ok' if not r['cache_problems'] else 'BAD':>5}  "
               f"{short(r['leftovers'])}")
         for out in r["failed_output"]:
@@ -296,12 +323,12 @@ def main() -> None:
         print(f"reference build: {ref_report['seconds']} s", flush=True)
         kills = []
         for i, moment in enumerate(MOMENTS, 1):
-            kills.append(killed_build(reference, workdir / f"kill-{i}", moment, ref_report["seconds"]))
+            kills.append(killed_build(reference, workdir / f"kill-{i}", moment, ref_report["stages"]))
             print(f"kill {i}: {kills[-1]['stage']}: {'ok' if kills[-1]['ok'] else 'FAILED'}", flush=True)
         concurrent = []
         for i, (name, first_args, second) in enumerate(CONCURRENT, 1):
             concurrent.append(concurrent_builds(reference, workdir / f"concurrent-{i}", name, first_args, second,
-                                                ref_report["seconds"]))
+                                                ref_report["stages"]))
             print(f"{name}: {'ok' if concurrent[-1]['ok'] else 'FAILED'}", flush=True)
     finally:
         if not args.keep:

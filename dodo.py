@@ -21,7 +21,7 @@ from doit.tools import config_changed
 from prepare.compiler import CompilerError
 from prepare.demo_models import DEMO_VERSION
 from prepare.recipe import Recipe, RecipeError, load_recipe
-from prepare.store import ARTIFACTS, Store
+from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
 from runner.bundle import BundleError
 from runner.checkpoint import CheckpointError
 from runner.images import ImageError
@@ -31,7 +31,13 @@ from prepare.template_stage import (Toolchain, build_compiled, build_uncompiled,
 from prepare.templates import TemplateError
 from runner.flatbuf import FormatError
 
-ARTIFACTS.mkdir(parents=True, exist_ok=True)
+# One doit at a time per artifacts directory: a second one waits here, before doit opens
+# its dependency file, so it then sees the first one's work as done. Holding the lock,
+# every temporary file or directory there is a killed build's.
+BUILD_LOCK = lock_artifacts(ARTIFACTS)
+LEFTOVERS = remove_leftovers(ARTIFACTS)
+if LEFTOVERS:
+    print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
 EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, CheckpointError, ImageError, TokenizerError,
             BundleError, OSError)
 

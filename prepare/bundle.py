@@ -82,6 +82,8 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
     index = apply_placement(index, placement)
     checkpoint = model_weights(recipe, index, store, Checkpoint(recipe.checkpoint_dir))
     final = bundle_dir(recipe.name)
+    # A fixed name, so this removes what a killed build left; no other build is using it,
+    # since one build at a time holds the artifacts directory (store.lock_artifacts).
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

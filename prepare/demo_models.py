@@ -1,15 +1,16 @@
 """The built-in demo: a small CLIP in Hugging Face layout, generated offline and seeded.
 
 Every linear layer is 256x256 so that the one real compiled template (the 256x256
-fixture) serves all of them. The tokenizer is a CLIP-style byte-level BPE trained
-with the `tokenizers` library on a generated caption corpus; a few generated
-sample images come along for the runner's commands.
+fixture) serves all of them. The tokenizer is a CLIP-style byte-level BPE for the
+`tokenizers` library, trained here on a generated caption corpus (the same bytes every
+time); a few generated sample images come along for the runner's commands.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,23 +46,61 @@ def captions() -> list[str]:
 
 def make_tokenizer(vocab_size: int = 1024):
     """A CLIP-style BPE (lower-cased, byte-level, `</w>` word ends, start/end-of-text tokens)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    words = [w for text in captions() for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+    vocab, merges = train_bpe(words, pre_tokenizers.ByteLevel.alphabet(), vocab_size - 2, "</w>")
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(captions(), trainer)
-    tok = _canonical_ids(tok)
     # Start and end of text take the last two ids, as in CLIP (49406, 49407).
     tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
     return tok
+
+
+def train_bpe(words: list[str], alphabet: list[str], vocab_size: int, suffix: str
+              ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-pair encoding trained on pre-tokenized words: (vocabulary, merges).
+
+    Done here rather than by the `tokenizers` trainer, which breaks ties between equally
+    frequent pairs by ids it hands out in hash order: the same corpus gave one of two
+    tokenizer.json files ("cat</w>" and "car</w>" swapped ids), hence two different demo
+    models. Here a tie goes to the smaller pair, and the vocabulary is numbered the same way
+    every time: the symbols in sorted order, then each merge's result in merge order."""
+    counts = Counter(tuple(w[:-1]) + (w[-1] + suffix,) for w in words)  # a word's last symbol ends it
+    vocab = dict.fromkeys(sorted(set(alphabet) | {s for word in counts for s in word}))
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs = Counter()
+        for word, n in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break  # every word is one symbol
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault("".join(best))
+        counts = Counter({_merge(word, best): n for word, n in counts.items()})
+    return {symbol: i for i, symbol in enumerate(vocab)}, merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """`word` with every occurrence of `pair` joined, left to right."""
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
 
 def random_clip_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -104,21 +143,6 @@ def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generato
         _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
         _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
-
-
-def _canonical_ids(tok):
-    """The trainer's merges are deterministic but its alphabet's ids are not (hash order):
-    number the alphabet in sorted order, then each merge's result in merge order, so the
-    same corpus always gives the same tokenizer.json, byte for byte."""
-    from tokenizers import Tokenizer
-
-    data = json.loads(tok.to_str())
-    model = data["model"]
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-    merged = ["".join(m) for m in merges]
-    alphabet = sorted(set(model["vocab"]) - set(merged))
-    model["vocab"] = {t: i for i, t in enumerate(dict.fromkeys(alphabet + merged))}
-    return Tokenizer.from_str(json.dumps(data))
 
 
 def make_demo_clip(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
@@ -164,8 +188,8 @@ def _disc_image(path: Path, color: str, k: int, rng: np.random.Generator) -> Non
     disc = (xx - center[0]) ** 2 + (yy - center[1]) ** 2 < (min(size) / rng.uniform(2.5, 4)) ** 2
     img[disc] = np.array(ImageColor.getrgb(color), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(img).save(tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(img).save(tmp, format="PNG")
     tmp.replace(path)
 
 
@@ -200,7 +224,7 @@ def with_outliers(tensors: dict[str, np.ndarray], rng: np.random.Generator) -> d
 
 GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32}
 CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config}
-DEMO_VERSION = 2  # bump when a generator makes something different
+DEMO_VERSION = 3  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
 
 
 def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
@@ -209,6 +233,8 @@ def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
     import shutil
 
     final = Path(directory)
+    # A fixed name, so this removes what a killed build left; no other build is using it,
+    # since one build at a time holds the artifacts directory (store.lock_artifacts).
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

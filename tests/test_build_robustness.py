@@ -1,0 +1,96 @@
+"""Killed and concurrent builds end byte for byte where a clean build does (issue #9).
+
+A quick subset of bench/interrupted_builds.py, with its helpers: the reference is the
+session's clean demo build (conftest `demo`); each build here is a real `doit` in an
+artifacts directory of its own, killed with SIGKILL (its whole process group) when a
+given file appears, then rerun. The bundle and the generated checkpoint must equal the
+reference file by file (sha256), every cache entry must match its metadata, and nothing
+temporary may be left once the rerun is done.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.interrupted_builds import Build, cache_problems, compare, leftovers, outcome, wait_for, when_exists
+from prepare.store import Store, remove_leftovers
+
+
+@pytest.fixture(scope="module")
+def reference(demo):
+    return outcome(demo[0])
+
+
+@pytest.mark.parametrize("pattern, stage", [
+    ("demo/.clip.tmp/config.json", "checkpoint:demo-clip"),  # ~0.1 s of generation still to go
+    ("cache/params/*.bin", "layers"),                        # the first layer just stored
+    ("bundles/.demo-clip.tmp", "bundle"),                    # the bundle being assembled (or, late, doit saving its state)
+], ids=["checkpoint", "layers", "bundle"])
+def test_killed_build_reruns_to_the_clean_build(pattern, stage, reference, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    build = Build(artifacts)
+    wait_for(build, artifacts, when_exists(pattern), {})
+    if not build.kill():
+        pytest.fail(f"doit finished before the kill at {pattern!r}: nothing was tested")
+    assert build.tasks[-1] == stage, build.output  # the kill landed in the stage it was meant for
+    assert cache_problems(artifacts) == []  # what the kill left is whole or absent
+
+    rerun = Build(artifacts)
+    assert rerun.wait() == 0, rerun.output
+    assert compare(reference, artifacts) == []
+    assert cache_problems(artifacts) == []
+    assert leftovers(artifacts) == []
+
+
+def test_two_doit_at_once_build_the_clean_build(reference, tmp_path):
+    """The second waits for the first, then finds everything up to date."""
+    artifacts = tmp_path / "artifacts"
+    builds = [Build(artifacts), Build(artifacts)]
+    assert [b.wait() for b in builds] == [0, 0], [b.output for b in builds]
+    waited = [b for b in builds if "waiting for pid" in b.output]
+    assert len(waited) == 1 and waited[0].tasks == [], [b.output for b in builds]
+    assert compare(reference, artifacts) == []
+    assert cache_problems(artifacts) == [] and leftovers(artifacts) == []
+
+
+def test_demo_tokenizers_are_the_same_bytes_in_every_process():
+    """The tokenizers library's BPE trainer broke ties in hash order, which changes from one
+    process to the next: the same seed gave one of two demo CLIP tokenizers (and models)."""
+    code = ("import hashlib; from prepare.demo_models import make_tokenizer, make_gemma_tokenizer; "
+            "print(*(hashlib.sha256(t().to_str().encode()).hexdigest() for t in (make_tokenizer, make_gemma_tokenizer)))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(4)}
+    assert len(runs) == 1, runs
+
+
+def test_store_verify_names_entries_whose_data_does_not_match(tmp_path):
+    store = Store(tmp_path / "cache")
+    store.put("params", "a" * 64, "bin", b"layer a", {})
+    store.put("params", "b" * 64, "bin", b"layer b", {})
+    store.put("cpu", "c" * 64, "tflite", b"model c", {})
+    assert store.verify() == []
+    store.path("params", "a" * 64, "bin").write_bytes(b"layer A")  # same size, other bytes
+    store.path("cpu", "c" * 64, "tflite").write_bytes(b"model")  # truncated
+    store.path("params", "b" * 64, "bin").unlink()
+    problems = store.verify()
+    assert len(problems) == 3
+    assert f"{'a' * 64}.bin: 7 bytes that do not match its metadata" in problems[1]
+    assert "expected one data file beside it, found []" in problems[2] and f"{'b' * 64}.json" in problems[2]
+    assert f"{'c' * 64}.tflite: 5 bytes" in problems[0]
+
+
+def test_remove_leftovers_takes_only_temporary_names_of_this_artifacts_directory(tmp_path):
+    files = {"cache/params/.k.bin.x8y2.tmp", "work/demo/.layers.json.a1b2.tmp"}
+    directories = {"bundles/.demo.tmp", "bundles/.demo.old"}
+    kept = {"cache/params/k.bin", "bundles/demo/manifest.json", "build.lock",
+            "bench/cache/params/.k.bin.x8y2.tmp"}  # another artifacts directory, under its own lock
+    for rel in files | kept | {f"{d}/manifest.json" for d in directories}:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    removed = remove_leftovers(tmp_path)
+    assert {str(p.relative_to(tmp_path)) for p in removed} == files | directories
+    assert all((tmp_path / rel).exists() for rel in kept)
+    assert not any((tmp_path / rel).exists() for rel in files | directories)

@@ -27,6 +27,7 @@ from runner.gemma import Gemma, KVCache
 from runner.quant import QuantizedLinear
 
 from .recipe import Recipe
+from .smoothing import WeightsView
 from .store import Store
 
 IMAGE_BATCH = 8
@@ -168,31 +169,17 @@ class GemmaEvaluation:
         return "decoder"
 
 
-class Memo(Mapping):
+class Memo(WeightsView):
     """A checkpoint's tensors read once: evaluations run the same float layers many times."""
 
     def __init__(self, inner):
-        self.inner, self._cache = inner, {}
+        super().__init__(inner)
+        self._cache: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._cache:
             self._cache[name] = self.inner[name]
         return self._cache[name]
-
-    def get(self, name: str, default=None):
-        return self[name] if name in self.inner else default
-
-    def __contains__(self, name) -> bool:
-        return name in self.inner
-
-    def __iter__(self):
-        return iter(self.inner.keys())
-
-    def __len__(self) -> int:
-        return len(list(self.inner.keys()))
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
 
 
 def evaluation(recipe: Recipe, config, weights):

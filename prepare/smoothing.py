@@ -77,13 +77,42 @@ def smoothing_factors(groups: list[NormGroup], weights: Mapping[str, np.ndarray]
     return factors
 
 
-class SmoothedWeights(Mapping):
+class WeightsView(Mapping):
+    """A read-only view of a checkpoint's tensors by name; subclasses change `__getitem__`.
+    Everything else of the underlying checkpoint (`rows`, `config`, ...) stays available."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.inner[name]
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+    def __contains__(self, name) -> bool:
+        return name in self.inner
+
+    def __iter__(self):
+        return iter(self.inner.keys())
+
+    def __len__(self) -> int:
+        return len(list(self.inner.keys()))
+
+    def keys(self):
+        return self.inner.keys()
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+class SmoothedWeights(WeightsView):
     """A checkpoint seen through smoothing factors: the norms' weights and biases and their
-    readers' weights are replaced, everything else passes through unchanged (and `rows`,
-    `config`, ... of the underlying checkpoint stay available)."""
+    readers' weights are replaced, everything else passes through unchanged."""
 
     def __init__(self, inner, groups: list[NormGroup], factors: dict[str, np.ndarray]):
-        self.inner, self.factors = inner, factors
+        super().__init__(inner)
+        self.factors = factors
         self._changed: dict[str, tuple[str, NormGroup]] = {}
         for g in groups:
             if g.norm not in factors:
@@ -105,24 +134,6 @@ class SmoothedWeights(Mapping):
         if role == "norm" and g.kind == "rms":
             return (1.0 + value) / s - 1.0
         return value / s
-
-    def get(self, name: str, default=None):
-        return self[name] if name in self else default
-
-    def __contains__(self, name) -> bool:
-        return name in self.inner
-
-    def __iter__(self):
-        return iter(self.inner.keys())
-
-    def __len__(self) -> int:
-        return len(list(self.inner.keys()))
-
-    def keys(self):
-        return self.inner.keys()
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
 
 
 def smooth_rows(rows: dict[str, np.ndarray], groups: list[NormGroup], factors: dict[str, np.ndarray]

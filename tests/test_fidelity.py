@@ -45,13 +45,20 @@ def _clip_rows(checkpoint, config, pixels, ids):
     return recorder.inputs()
 
 
-def test_smoothing_leaves_the_float_clip_unchanged(clip_outliers):
+@pytest.fixture(scope="module")
+def clip_smoothing(clip_outliers):
+    """Calibration pixels and text, each linear's input rows, and the smoothing factors."""
     directory, checkpoint, config = clip_outliers
     pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "calibration").glob("*.png"))])
     ids = np.array([[config.text.vocab_size - 2, 5, 17, 42, config.text.vocab_size - 1]])
     groups = norm_groups("clip", config)
     rows = _clip_rows(checkpoint, config, pixels, ids)
-    factors = smoothing_factors(groups, checkpoint, rows, 0.5)
+    return pixels, ids, groups, rows, smoothing_factors(groups, checkpoint, rows, 0.5)
+
+
+def test_smoothing_leaves_the_float_clip_unchanged(clip_outliers, clip_smoothing):
+    _, checkpoint, config = clip_outliers
+    pixels, ids, groups, rows, factors = clip_smoothing
     assert len(factors) == len(groups) == 2 * (2 * 2 + 1)
     assert max(float(np.abs(np.log(f)).max()) for f in factors.values()) > 1  # it did move something
     smoothed = SmoothedWeights(checkpoint, groups, factors)
@@ -68,15 +75,11 @@ def test_smoothing_leaves_the_float_clip_unchanged(clip_outliers):
     assert relative(again[name], expected[name]) < 1e-5
 
 
-def test_smoothing_flattens_the_outlier_rows(clip_outliers):
+def test_smoothing_flattens_the_outlier_rows(clip_outliers, clip_smoothing):
     """The point of it: with outlier channels, a row's scale is set by them; after smoothing the
     same rows lose much less to 8-bit quantization."""
-    directory, checkpoint, config = clip_outliers
-    pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "calibration").glob("*.png"))])
-    ids = np.array([[config.text.vocab_size - 2, 5, 17, 42, config.text.vocab_size - 1]])
-    groups = norm_groups("clip", config)
-    rows = _clip_rows(checkpoint, config, pixels, ids)
-    factors = smoothing_factors(groups, checkpoint, rows, 0.5)
+    _, checkpoint, _ = clip_outliers
+    _, _, groups, rows, factors = clip_smoothing
     smoothed_rows = smooth_rows(rows, groups, factors)
     name = "vision_model.encoder.layers.0.self_attn.q_proj"
     smoothed = SmoothedWeights(checkpoint, groups, factors)

@@ -147,7 +147,7 @@ def _input_files(section: str) -> list[str]:
     files change with its generator, which the checkpoint task tracks)."""
     files = []
     for key in ("images", "captions", "prompts"):
-        path = RECIPE.calibration_path(key) if section == "calibration" else RECIPE.verify_path(key)
+        path = RECIPE.inputs(section)[1](key)
         if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
             continue
         files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]

@@ -67,19 +67,12 @@ def tokenizer_for(directory: Path, config: CLIPConfig) -> ClipTokenizer:
     return ClipTokenizer(directory / "tokenizer.json", config.text.max_position_embeddings)
 
 
-def _inputs(recipe: Recipe, section: str) -> tuple[dict, callable]:
-    """The recipe's `calibration` or `verify` inputs and how their paths resolve."""
-    if section == "verify":
-        return recipe.verify, recipe.verify_path
-    return recipe.calibration, recipe.calibration_path
-
-
 def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> np.ndarray:
     """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images
     (of `calibration`, or of `verify`: the held-out ones)."""
     size = config.vision.image_size
     images = []
-    inputs, path_of = _inputs(recipe, section)
+    inputs, path_of = recipe.inputs(section)
     folder = path_of("images")
     if folder is not None:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -98,7 +91,7 @@ def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calib
 def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> list[np.ndarray]:
     """Token-id rows: the recipe's captions (tokenized), then seeded synthetic ones."""
     rows: list[np.ndarray] = []
-    inputs, path_of = _inputs(recipe, section)
+    inputs, path_of = recipe.inputs(section)
     path = path_of("captions")
     if path is not None:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -203,10 +203,8 @@ class QuantizedLayers:
         self.layers: dict[str, QuantizedLinear] = {}
         for name, e in self.entries.items():
             q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
-            params = DenseParams.make(q["weights"], q["multipliers"])
-            self.layers[name] = QuantizedLinear(DenseEmulator(params, e["zp_in"], e["zp_out"]), q["weight_scale"],
-                                                q["multipliers"], weights.get(f"{name}.bias"), e["zp_in"],
-                                                e["zp_out"], e.get("input_scale"))
+            self.layers[name] = emulated(DenseParams.make(q["weights"], q["multipliers"]), q["weight_scale"],
+                                         weights.get(f"{name}.bias"), e["zp_in"], e["zp_out"], e.get("input_scale"))
 
     @property
     def names(self) -> list[str]:
@@ -214,25 +212,22 @@ class QuantizedLayers:
 
     def linear(self, int8: set[str] | None = None) -> Linear:
         """An executor running the layers in `int8` (default: all of them) in int8, the rest in float."""
-        on_float = float_linear(self.weights)
-        chosen = self.layers if int8 is None else {n: self.layers[n] for n in int8}
-
-        def run(name: str, x: np.ndarray) -> np.ndarray:
-            return chosen[name](x) if name in chosen else on_float(name, x)
-        return run
+        return mixed(self.layers if int8 is None else {n: self.layers[n] for n in int8}, self.weights)
 
 
-def quantized_from(layers: dict[str, tuple[DenseParams, np.ndarray, float | None, dict]], weights) -> Linear:
-    """An executor of layers quantized in memory ({name: (params, weight scales, input scale,
-    template)}), the rest float: what the comparisons of `verify` run."""
+def emulated(params: DenseParams, weight_scale: np.ndarray, bias, zp_in: int, zp_out: int,
+             input_scale: float | None) -> QuantizedLinear:
+    """One int8 linear, its parameters emulated exactly (as the runner's `emulate` runs them)."""
+    return QuantizedLinear(DenseEmulator(params, zp_in, zp_out), weight_scale, params.multipliers, bias, zp_in,
+                           zp_out, input_scale)
+
+
+def mixed(int8: dict[str, QuantizedLinear], weights: Mapping[str, np.ndarray]) -> Linear:
+    """An executor running the linears in `int8` through them and every other in float."""
     on_float = float_linear(weights)
-    run_layers = {name: QuantizedLinear(DenseEmulator(p, t["input_zero_point"], t["output_zero_point"]), s_w,
-                                        p.multipliers, weights.get(f"{name}.bias"), t["input_zero_point"],
-                                        t["output_zero_point"], s_in)
-                  for name, (p, s_w, s_in, t) in layers.items()}
 
     def run(name: str, x: np.ndarray) -> np.ndarray:
-        return run_layers[name](x) if name in run_layers else on_float(name, x)
+        return int8[name](x) if name in int8 else on_float(name, x)
     return run
 
 

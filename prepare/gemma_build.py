@@ -82,8 +82,7 @@ def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "cal
     """Token-id sequences: the recipe's prompts (tokenized), then seeded synthetic ones
     (of `calibration`, or of `verify`: the held-out ones)."""
     rows = []
-    inputs, path_of = (recipe.verify, recipe.verify_path) if section == "verify" else (recipe.calibration,
-                                                                                       recipe.calibration_path)
+    inputs, path_of = recipe.inputs(section)
     path = path_of("prompts")
     if path is not None:
         from tokenizers import Tokenizer

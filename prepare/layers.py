@@ -32,7 +32,7 @@ from runner.tflite_file import parse_tflite
 from .patch import patch_uncompiled, uncompiled_multipliers
 from .quantize import calibrated_multipliers, quantize_weights, static_input_scale
 from .recipe import Recipe, RecipeError
-from .smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
+from .smoothing import SmoothedWeights, norm_groups, smooth
 from .store import ARTIFACTS, Store, atomic_write, key_of
 from .template_stage import index_path as templates_index_path
 from .templates import TemplateError
@@ -101,11 +101,11 @@ def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template:
         store.put("quantized", qkey, "safetensors",
                   save({"weights": params.weights, "multipliers": params.multipliers, "weight_scale": s_w}), meta)
         store.put("params", qkey, "bin", encode_dense(params), meta)
+    meta = store.meta("params", qkey)
     entry = {"name": name, "in": weight.shape[1], "out": weight.shape[0], "placement": "tpu",
              "batch": template["batch"], "zp_in": template["input_zero_point"],
-             "zp_out": template["output_zero_point"], "quantized": qkey,
-             "input_scale": store.meta("params", qkey).get("input_scale"),
-             "error": {k: store.meta("params", qkey)[k] for k in ("relative_error", "clamped")}, "files": {}}
+             "zp_out": template["output_zero_point"], "quantized": qkey, "input_scale": meta.get("input_scale"),
+             "error": {k: meta[k] for k in ("relative_error", "clamped")}, "files": {}}
     entry["files"]["params"] = str(store.path("params", qkey, "bin").relative_to(store.root))
     blob = None
     for flavor in recipe.flavors:
@@ -130,13 +130,14 @@ def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template:
     return entry
 
 
-def smooth(recipe: Recipe, config, checkpoint, rows: dict, store: Store):
-    """Fold smoothing factors (from the calibration rows) into the model: (weights as the
-    smoothed model has them, the rows its linears would have seen, the index's record)."""
+def smooth_and_store(recipe: Recipe, config, checkpoint, rows: dict, store: Store):
+    """Fold smoothing factors (from the calibration rows) into the model and keep them in the
+    store: (weights as the smoothed model has them, the rows its linears would have seen,
+    the index's record)."""
     from safetensors.numpy import save
 
-    groups = norm_groups(recipe.family, config, recipe.towers)
-    factors = smoothing_factors(groups, checkpoint, rows, recipe.quantization["smoothing"])
+    weights, rows, factors = smooth(recipe.family, config, recipe.towers, checkpoint, rows,
+                                    recipe.quantization["smoothing"])
     data = save(dict(sorted(factors.items())))
     key = hashlib.sha256(data).hexdigest()
     if not store.has("smoothing", key, "safetensors"):
@@ -144,7 +145,7 @@ def smooth(recipe: Recipe, config, checkpoint, rows: dict, store: Store):
                                                           "norms": len(factors)})
     record = {"alpha": recipe.quantization["smoothing"], "norms": sorted(factors),
               "factors": str(store.path("smoothing", key, "safetensors").relative_to(store.root))}
-    return SmoothedWeights(checkpoint, groups, factors), smooth_rows(rows, groups, factors), record
+    return weights, rows, record
 
 
 def model_weights(recipe: Recipe, index: dict, store: Store, checkpoint=None):
@@ -196,7 +197,7 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
         rows = family.record_calibration(recipe, checkpoint, config, bar.update)
     smoothing = None
     if recipe.quantization["smoothing"]:
-        checkpoint, rows, smoothing = smooth(recipe, config, checkpoint, rows, store)
+        checkpoint, rows, smoothing = smooth_and_store(recipe, config, checkpoint, rows, store)
     entries = []
     for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
         if is_host_layer(spec, recipe):

@@ -146,6 +146,12 @@ class Recipe:
         """A held-out input of `verify`, resolved like the calibration inputs."""
         return calibration_path(self.verify[key], self.checkpoint)
 
+    def inputs(self, section: str):
+        """The `calibration` or `verify` inputs, and how their paths resolve."""
+        if section == "verify":
+            return self.verify, self.verify_path
+        return self.calibration, self.calibration_path
+
 
 _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
 _TYPES = {"name": str, "family": (str, type(None)), "checkpoint": (str, type(None)),

@@ -25,6 +25,15 @@ def placement_path(recipe: Recipe) -> Path:
     return ARTIFACTS / "work" / recipe.name / "placement.json"
 
 
+def curve_points(n: int) -> list[int]:
+    """0, 1, 2, 4, ... and n: the CPU-kept counts the search tries first (and `verify` plots)."""
+    points, k = [0], 1
+    while k < n:
+        points.append(k)
+        k *= 2
+    return points + [n]
+
+
 def meets(metrics: dict, target: dict) -> bool:
     return all(metrics[k] >= v for k, v in target.items())
 
@@ -41,12 +50,12 @@ def search(ev, layers, target: dict, sensitivities: dict[str, float], progress=l
             progress(1)
         return curve[k]
 
-    n, miss, hit, k = len(ranking), -1, None, 0
-    while k <= n:
+    n, miss, hit = len(ranking), -1, None
+    for k in curve_points(n):
         if meets(at(k), target):
             hit = k
             break
-        miss, k = k, (1 if k == 0 else min(2 * k, n) if k < n else n + 1)
+        miss = k
     if hit is not None:
         while hit - miss > 1:
             mid = (hit + miss) // 2

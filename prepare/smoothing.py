@@ -146,3 +146,12 @@ def smooth_rows(rows: dict[str, np.ndarray], groups: list[NormGroup], factors: d
             for name in g.linears:
                 out[name] = (rows[name] / factors[g.norm]).astype(np.float32)
     return out
+
+
+def smooth(family: str, config, towers, weights, rows: dict[str, np.ndarray], alpha: float
+           ) -> tuple[SmoothedWeights, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The model smoothed at strength `alpha` from its calibration rows: (its weights, the
+    rows its linears would have seen, the factors)."""
+    groups = norm_groups(family, config, towers)
+    factors = smoothing_factors(groups, weights, rows, alpha)
+    return SmoothedWeights(weights, groups, factors), smooth_rows(rows, groups, factors), factors

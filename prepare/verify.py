@@ -28,21 +28,13 @@ from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.executors import make_linear
 
-from .evaluate import ErrorProbe, Memo, QuantizedLayers, evaluation, quantized_from, sensitivity
+from .evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, evaluation, mixed, sensitivity
 from .families import family_module
 from .recipe import Recipe
 from .store import Store, atomic_write
 
 DEFAULT_SMOOTHING = 0.5  # the strength the "smoothing on" comparison uses when the build had none
 GREEDY_PROMPTS = 4
-
-
-def curve_points(n: int) -> list[int]:
-    points, k = [0], 1
-    while k < n:
-        points.append(k)
-        k *= 2
-    return points + [n]
 
 
 def variants(q: dict) -> list[tuple[str, dict]]:
@@ -59,7 +51,7 @@ def variants(q: dict) -> list[tuple[str, dict]]:
 def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, progress=print) -> list[dict]:
     """Each variant quantized in memory (the build's own `quantize`) and scored like the bundle."""
     from .layers import quantize, template_for
-    from .smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
+    from .smoothing import smooth
 
     family = family_module(recipe)
     rows = family.record_calibration(recipe, checkpoint, config)
@@ -71,16 +63,15 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
         t0 = time.perf_counter()
         weights, var_rows = checkpoint, rows
         if options["smoothing"]:
-            groups = norm_groups(recipe.family, config, recipe.towers)
-            factors = smoothing_factors(groups, checkpoint, rows, options["smoothing"])
-            weights, var_rows = SmoothedWeights(checkpoint, groups, factors), smooth_rows(rows, groups, factors)
+            weights, var_rows, _ = smooth(recipe.family, config, recipe.towers, checkpoint, rows, options["smoothing"])
         layers = {}
         for name in names:
             spec = specs[name]
             t = template_for(templates, spec.n_in, spec.n_out, recipe)
             params, s_w, s_in = quantize(spec.weight(weights), var_rows[name], t, options, store.root)
-            layers[name] = (params, s_w, s_in, t)
-        metrics = ev.score(weights, quantized_from(layers, weights))
+            layers[name] = emulated(params, s_w, weights.get(f"{name}.bias"), t["input_zero_point"],
+                                    t["output_zero_point"], s_in)
+        metrics = ev.score(weights, mixed(layers, weights))
         out.append({"variant": label, "quantization": options, **metrics, "seconds": time.perf_counter() - t0})
         progress(f"  compare {label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
     return out
@@ -126,7 +117,7 @@ def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], 
 def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     from .bundle import bundle_dir
     from .layers import layers_index_path, model_weights
-    from .select import apply_placement, placement_path
+    from .select import apply_placement, curve_points, placement_path
 
     t_start = time.perf_counter()
     index = json.loads(layers_index_path(recipe).read_text())
@@ -167,10 +158,9 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     report["curve_metrics"] = list(ev.primary)
     report["curve"] = curve
     held_out = probe.relative_errors()
+    calibration = {e["name"]: e.get("error", {}).get("relative_error") for e in index["layers"]}
     report["layers"] = [{"name": layer.name, "placement": layer.placement,
-                         "relative_error": held_out.get(layer.name),
-                         "calibration_error": next((e.get("error", {}).get("relative_error")
-                                                    for e in index["layers"] if e["name"] == layer.name), None),
+                         "relative_error": held_out.get(layer.name), "calibration_error": calibration.get(layer.name),
                          "sensitivity": sens.get(layer.name)}
                         for layer in bundle.layers]
 

@@ -201,9 +201,11 @@ def read_manifest(directory: str | Path) -> Manifest:
     _field(where, manifest, "config", dict)
     _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))
 
+    real_dirs: dict = {}
+
     def file(entry, what) -> BundleFile:
         w = f"{where}: {what}"
-        return BundleFile(safe_path(directory, _field(w, entry, "path", str), w),
+        return BundleFile(safe_path(directory, _field(w, entry, "path", str), w, real_dirs),
                           _field(w, entry, "sha256", str,
                                  lambda s: len(s) == 64 and all(c in "0123456789abcdef" for c in s)),
                           _field(w, entry, "bytes", int, lambda n: n >= 0))
@@ -265,14 +267,21 @@ def size_problem(f: BundleFile, what: str) -> str | None:
     return None
 
 
-def safe_path(directory: Path, rel: str, where: str) -> Path:
+def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = None) -> Path:
     """`directory / rel`, refused when it is absolute, climbs with `..`, or resolves
-    (through symlinks) outside the directory."""
+    (through symlinks) outside the directory. `real_dirs` caches each directory's real
+    path across one manifest's files: resolving every file in full was most of start-up."""
     p = Path(rel)
     if p.is_absolute() or not rel or ".." in p.parts or "\\" in rel:
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
     full = directory / p
-    root = directory.resolve()
-    if not full.resolve().is_relative_to(root):
+    real_dirs = {} if real_dirs is None else real_dirs
+    for d in (directory, full.parent):
+        if d not in real_dirs:
+            real_dirs[d] = d.resolve()
+    real = real_dirs[full.parent] / full.name
+    if real.is_symlink():
+        real = real.resolve()
+    if not real.is_relative_to(real_dirs[directory]):
         raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")
     return full

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, read_manifest, sha256_file, size_problem
-from .executors import BackendError, LazyEmulator, TemplateInterpreter, edgetpu_delegates, edgetpu_library
+from .executors import BackendError, LazyDense, TemplateInterpreter, edgetpu_delegates, edgetpu_library
 from .interpreter import INTERPRETER
 
 
@@ -104,7 +104,7 @@ def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int,
         device = {layer.name: TemplateInterpreter(layer.files["edgetpu"].path, layer, delegates) for layer in (a, b)}
         worst = 0
         for layer in (a, b, a):  # A, B, then A again: its parameters must be A's, not B's
-            expected = LazyEmulator(layer.files["params"].path, layer)(x).astype(int)
+            expected = LazyDense(layer.files["params"].path, layer, "emulate")(x).astype(int)
             worst = max(worst, int(np.abs(device[layer.name](x).astype(int) - expected).max()))
         verdict = "agrees" if worst <= 1 else "MISMATCH"
         status = status if worst <= 1 else 1

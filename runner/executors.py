@@ -34,18 +34,23 @@ class BackendError(RuntimeError):
     """A backend this machine cannot run; the message says what is missing."""
 
 
-class LazyEmulator:
-    """`emulate` for one layer: decodes the memory-mapped parameter bytes on first use."""
+class LazyDense:
+    """One layer's Dense backend, opened on its first call. Start-up then only maps files;
+    the first forward pays for decoding (emulate) or opening an interpreter (cpu, edgetpu),
+    and layers a run never reaches (LM-head tiles a shortlist skips) cost nothing."""
 
-    def __init__(self, path: Path, layer: Layer):
-        self.path, self.layer, self._emulator = path, layer, None
+    def __init__(self, path: Path, layer: Layer, backend: str, delegates=None):
+        self.path, self.layer, self.backend, self.delegates, self._dense = path, layer, backend, delegates, None
 
-    def load(self) -> DenseEmulator:
-        if self._emulator is None:
-            blob = np.memmap(self.path, np.uint8, mode="r")
-            params = decode_dense(blob, self.layer.n_in, self.layer.n_out, str(self.path))
-            self._emulator = DenseEmulator(params, self.layer.zp_in, self.layer.zp_out)
-        return self._emulator
+    def load(self):
+        if self._dense is None:
+            if self.backend == "emulate":
+                blob = np.memmap(self.path, np.uint8, mode="r")
+                params = decode_dense(blob, self.layer.n_in, self.layer.n_out, str(self.path))
+                self._dense = DenseEmulator(params, self.layer.zp_in, self.layer.zp_out)
+            else:
+                self._dense = TemplateInterpreter(self.path, self.layer, self.delegates)
+        return self._dense
 
     def __call__(self, x_u8: np.ndarray) -> np.ndarray:
         return self.load()(x_u8)
@@ -143,8 +148,8 @@ def check_flavor(bundle: Bundle, layers: list[Layer], backend: str) -> str:
 
 def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) -> QuantizedLinear:
     """One TPU layer of the bundle on `backend`: host quantization around its Dense artifact."""
-    path, host = layer.files[FLAVOR[backend]].path, bundle.host
-    dense = LazyEmulator(path, layer) if backend == "emulate" else TemplateInterpreter(path, layer, delegates)
+    dense = LazyDense(layer.files[FLAVOR[backend]].path, layer, backend, delegates)
+    host = bundle.host
     return QuantizedLinear(dense, host[f"{layer.name}.weight_scale"], host[f"{layer.name}.multipliers"],
                            host.get(f"{layer.name}.bias"), layer.zp_in, layer.zp_out, layer.input_scale)
 

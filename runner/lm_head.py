@@ -132,9 +132,7 @@ class TileHead:
 
     def _load(self, i: int):
         layer = quantized_layer(self.bundle, self.head.tiles[i], self.backend, self.delegates)
-        warm = getattr(layer.backend, "load", None)  # the emulator decodes its parameters now, not on first use
-        if warm is not None:
-            warm()
+        layer.backend.load()  # decoded or opened now: the tile is about to run, or preloaded on purpose
         return layer
 
     def tile(self, i: int):

@@ -13,7 +13,7 @@ import pytest
 
 from runner.bundle import Bundle
 from runner.edgetpu_codec import decode_dense, read_compiled
-from runner.executors import LazyEmulator, TemplateInterpreter, make_linear
+from runner.executors import LazyDense, TemplateInterpreter, make_linear
 
 from .conftest import doit, runner
 
@@ -62,7 +62,7 @@ def test_emulate_and_cpu_agree_on_every_linear(bundle_dir):
     rng = np.random.default_rng(0)
     for layer in bundle.layers:
         x = rng.integers(0, 256, (37, layer.n_in), dtype=np.uint8)
-        emulated = LazyEmulator(layer.files["params"].path, layer)(x)
+        emulated = LazyDense(layer.files["params"].path, layer, "emulate")(x)
         on_cpu = TemplateInterpreter(layer.files["cpu"].path, layer)(x)
         diff = np.abs(emulated.astype(int) - on_cpu.astype(int))
         assert diff.max() <= 1, (layer.name, diff.max())

@@ -12,7 +12,7 @@ from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.clip import float_linear
 from runner.edgetpu_codec import decode_dense
-from runner.executors import LazyEmulator, TemplateInterpreter
+from runner.executors import LazyDense, TemplateInterpreter
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.generate import Sampler, generate, load_gemma
 from runner.lm_head import HeadError, TileHead, make_head
@@ -85,7 +85,7 @@ def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
 def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle):
     x = np.random.default_rng(0).integers(0, 256, (19, 256), dtype=np.uint8)
     for layer in bundle.tpu_layers:
-        a = LazyEmulator(layer.files["params"].path, layer)(x).astype(int)
+        a = LazyDense(layer.files["params"].path, layer, "emulate")(x).astype(int)
         b = TemplateInterpreter(layer.files["cpu"].path, layer)(x).astype(int)
         assert np.abs(a - b).max() <= 1, layer.name
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import safetensors_layout
+
+SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 FORMAT = "coral-bundle"
 VERSION = 1
@@ -207,7 +211,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         w = f"{where}: {what}"
         return BundleFile(safe_path(directory, _field(w, entry, "path", str), w, real_dirs),
                           _field(w, entry, "sha256", str,
-                                 lambda s: len(s) == 64 and all(c in "0123456789abcdef" for c in s)),
+                                 lambda s: SHA256_HEX.fullmatch(s) is not None),
                           _field(w, entry, "bytes", int, lambda n: n >= 0))
 
     host = file(_field(where, manifest, "host", dict), "host")
@@ -276,12 +280,12 @@ def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = No
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
     full = directory / p
     real_dirs = {} if real_dirs is None else real_dirs
-    for d in (directory, full.parent):
+    for d in (str(directory), os.path.dirname(full)):  # strings: pathlib's overhead was most of the cost
         if d not in real_dirs:
-            real_dirs[d] = d.resolve()
-    real = real_dirs[full.parent] / full.name
-    if real.is_symlink():
-        real = real.resolve()
-    if not real.is_relative_to(real_dirs[directory]):
+            real_dirs[d] = os.path.realpath(d)
+    real = os.path.join(real_dirs[os.path.dirname(full)], full.name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    if not real.startswith(real_dirs[str(directory)] + os.sep):
         raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")
     return full

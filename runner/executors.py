@@ -137,6 +137,11 @@ def check_flavor(bundle: Bundle, layers: list[Layer], backend: str) -> str:
     if backend not in FLAVOR:
         raise BackendError(f"backend {backend!r} is not one of {', '.join(FLAVOR)} here")
     flavor = FLAVOR[backend]
+    if backend != "emulate":  # layers open their interpreters on first use: say now if there is none
+        try:
+            require_interpreter()
+        except RuntimeError as e:
+            raise BackendError(str(e)) from e
     missing = [layer.name for layer in layers if flavor not in layer.files]
     if missing:
         raise BackendError(f"{bundle.dir}: no {backend} artifacts for {len(missing)} layer(s), e.g. {missing[0]} "

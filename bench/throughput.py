@@ -1,0 +1,181 @@
+"""A throughput model of a Raspberry Pi 5 with a Coral USB Accelerator, applied to the
+work a run really does.
+
+The work is counted, not assumed: `Counter` wraps a model's `linear(name, x)` while it
+runs a forward pass on this machine and records, per linear, the rows of every call;
+the bundle's manifest gives each layer's template batch and parameter bytes. The
+family's attention products and the LM head are added by the bench script that knows
+their shapes. The device is `pi5_coral.yaml`: USB bandwidth, invoke overhead, TPU and
+CPU rates. The model is simple on purpose, and says what it assumes:
+
+- a TPU layer's parameters (under 8 MiB: cached on chip) cross USB once per call, since
+  other layers run between two calls of one layer; larger ones at every invoke;
+- each invoke pays the overhead, its rows' input and output bytes over USB, and
+  batch x in x out multiply-accumulates (padding rows included);
+- CPU work is matrix products (at the MAC rate or the memory rate, whichever is slower)
+  plus element-wise work; TPU and CPU do not overlap (the runner is sequential).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+PARAMETERS = Path(__file__).with_name("pi5_coral.yaml")
+BATCH_CANDIDATES = (1, 2, 4, 8, 16, 25, 32, 50, 64, 100, 128, 200, 256, 400)
+
+
+@dataclass(frozen=True)
+class Device:
+    usb_bytes_per_s: float
+    invoke_overhead_s: float
+    tpu_macs_per_s: float
+    sram_bytes: float
+    activation_budget_bytes: float
+    cpu_macs_per_s: float
+    cpu_bytes_per_s: float
+    cpu_elements_per_s: float
+    host_to_pi_cpu: float
+    storage_bytes_per_s: float
+    reference: dict
+
+    @classmethod
+    def load(cls, path: Path = PARAMETERS) -> "Device":
+        data = yaml.safe_load(path.read_text())
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise ValueError(f"{path}: needs exactly the keys {sorted(names)}")
+        for k, v in data.items():
+            if k != "reference" and not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{path}: {k} must be a positive number, got {v!r}")
+        return cls(**data)
+
+
+@dataclass
+class LinearWork:
+    """One linear's calls in a run: the rows of each call."""
+    name: str
+    n_in: int
+    n_out: int
+    batch: int  # its template's rows per invoke (0 for a layer kept on the host)
+    param_bytes: int  # what the TPU receives (the bundle's parameter file)
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def on_tpu(self) -> bool:
+        return self.batch > 0
+
+    def invocations(self, batch: int | None = None) -> int:
+        b = batch or self.batch
+        return sum(-(-rows // b) for rows in self.calls)
+
+    def tpu_s(self, device: Device, batch: int | None = None) -> float:
+        b = batch or self.batch
+        invokes = self.invocations(b)
+        uploads = len(self.calls) if self.param_bytes <= device.sram_bytes else invokes
+        per_invoke = (device.invoke_overhead_s + b * (self.n_in + self.n_out) / device.usb_bytes_per_s
+                      + b * self.n_in * self.n_out / device.tpu_macs_per_s)
+        host = sum(self.calls) * (self.n_in + self.n_out) / device.cpu_elements_per_s  # quantize, dequantize rows
+        return uploads * self.param_bytes / device.usb_bytes_per_s + invokes * per_invoke + host
+
+    def cpu_s(self, device: Device) -> float:
+        """In float32 on the CPU: each call streams the weights once."""
+        weights = self.n_in * self.n_out
+        return sum(max(rows * weights / device.cpu_macs_per_s, 4 * weights / device.cpu_bytes_per_s)
+                   for rows in self.calls)
+
+
+@dataclass
+class Work:
+    """Everything one run (a forward, a decode step) asked of the hardware."""
+    linears: dict[str, LinearWork] = field(default_factory=dict)
+    cpu_macs: float = 0.0  # matrix products on the CPU besides host linears (attention)
+    cpu_bytes: float = 0.0  # weights the CPU streams besides host linears (an int8 LM head)
+    cpu_elements: float = 0.0  # element-wise work besides quantizing rows
+    head_tiles: list[LinearWork] = field(default_factory=list)  # LM-head tiles run on the TPU
+
+    def tpu_layers(self) -> list[LinearWork]:
+        return [w for w in list(self.linears.values()) + self.head_tiles if w.on_tpu]
+
+    def summary(self) -> dict:
+        tpu = self.tpu_layers()
+        host = [w for w in self.linears.values() if not w.on_tpu]
+        return {"param_bytes_uploaded": sum(w.param_bytes * len(w.calls) for w in tpu),
+                "tpu_invocations": sum(w.invocations() for w in tpu),
+                "tpu_macs": sum(w.invocations() * w.batch * w.n_in * w.n_out for w in tpu),
+                "tpu_macs_useful": sum(sum(w.calls) * w.n_in * w.n_out for w in tpu),
+                "cpu_macs": self.cpu_macs + sum(sum(w.calls) * w.n_in * w.n_out for w in host),
+                "host_linears": len(host), "tpu_linears": len(tpu)}
+
+    def estimate(self, device: Device) -> dict:
+        """Seconds on the device: TPU side (USB, invokes, MACs, row quantization) and CPU side."""
+        tpu = sum(w.tpu_s(device) for w in self.tpu_layers())
+        usb = sum(w.param_bytes * len(w.calls) for w in self.tpu_layers()) / device.usb_bytes_per_s
+        cpu = (sum(w.cpu_s(device) for w in self.linears.values() if not w.on_tpu)
+               + max(self.cpu_macs / device.cpu_macs_per_s, self.cpu_bytes / device.cpu_bytes_per_s)
+               + self.cpu_elements / device.cpu_elements_per_s)
+        return {"total_s": tpu + cpu, "tpu_s": tpu, "of_which_parameter_upload_s": usb, "cpu_s": cpu}
+
+
+class Counter:
+    """Wraps `linear(name, x)` and records each call's rows against the bundle's layers."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.work = Work()
+
+    def reset(self) -> Work:
+        work, self.work = self.work, Work()
+        return work
+
+    def layer_work(self, layer) -> LinearWork:
+        tpu = layer.placement == "tpu"
+        return LinearWork(layer.name, layer.n_in, layer.n_out, layer.batch if tpu else 0,
+                          layer.files["params"].bytes if tpu else 0)
+
+    def wrap(self, linear):
+        layers = {layer.name: layer for layer in self.bundle.layers}
+
+        def counted(name, x):
+            if name not in self.work.linears:
+                self.work.linears[name] = self.layer_work(layers[name])
+            self.work.linears[name].calls.append(math.prod(x.shape[:-1]))
+            return linear(name, x)
+        return counted
+
+
+def best_batch(group: list[LinearWork], device: Device) -> tuple[int, float]:
+    """The template batch (rows per invoke) that runs these same-shape layers fastest, and its seconds."""
+    n_in, n_out = group[0].n_in, group[0].n_out
+    allowed = [b for b in BATCH_CANDIDATES if b * (n_in + n_out) <= device.activation_budget_bytes] or [1]
+    times = {b: sum(w.tpu_s(device, b) for w in group) for b in allowed}
+    best = min(times, key=lambda b: (round(times[b], 6), b))
+    return best, times[best]
+
+
+def recommend(work: Work, device: Device) -> dict:
+    """Template batch per shape, and which linears the CPU would run faster than the TPU."""
+    shapes: dict[tuple[int, int], list[LinearWork]] = {}
+    for w in work.linears.values():
+        if w.on_tpu:
+            shapes.setdefault((w.n_in, w.n_out), []).append(w)
+    batches = []
+    for (n_in, n_out), group in sorted(shapes.items()):
+        best, best_s = best_batch(group, device)
+        batches.append({"shape": f"{n_in}x{n_out}", "layers": len(group), "rows_per_call": group[0].calls[0],
+                        "batch_now": group[0].batch, "s_now": sum(w.tpu_s(device) for w in group),
+                        "batch_best": best, "s_best": best_s})
+    tpu = [w for w in work.linears.values() if w.on_tpu]
+    faster_on_cpu = [w.name for w in tpu if w.cpu_s(device) < w.tpu_s(device)]
+    saved = sum(w.tpu_s(device) - w.cpu_s(device) for w in tpu if w.name in faster_on_cpu)
+    head = None
+    if work.head_tiles:
+        tiles_s = sum(w.tpu_s(device) for w in work.head_tiles)
+        cpu_head_s = max(sum(sum(w.calls) * w.n_in * w.n_out for w in work.head_tiles) / device.cpu_macs_per_s,
+                         sum(w.n_in * w.n_out for w in work.head_tiles) / device.cpu_bytes_per_s)
+        head = {"tpu_tiles_s": tiles_s, "cpu_int8_s": cpu_head_s, "faster": "cpu" if cpu_head_s < tiles_s else "tpu"}
+    return {"batches": batches, "faster_on_cpu": faster_on_cpu, "of_tpu_linears": len(tpu),
+            "seconds_saved": saved, "head": head}

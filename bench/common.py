@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def use_artifacts(name: str) -> Path:
-    """artifacts/<name> (or CORAL_ARTIFACTS), for this process and the tools it starts."""
-    artifacts = Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts" / name)).resolve()
+    """The bench's own artifacts directory, <artifacts>/<name> (<artifacts> is CORAL_ARTIFACTS
+    when set, else ./artifacts), for this process and the tools it starts."""
+    artifacts = (Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / name).resolve()
     os.environ["CORAL_ARTIFACTS"] = str(artifacts)
     return artifacts
 
@@ -99,7 +100,7 @@ def startup_patching(recipe, head_on_tpu: bool) -> float:
         params = DenseParams.make(w_q, uncompiled_multipliers(models[shape]))
         encode_dense(params)  # the bytes a compiled template takes
         patch_uncompiled(models[shape], params)
-    if recipe.lm_head and not head_on_tpu:
+    if recipe.family == "gemma" and not head_on_tpu:
         quantize_weights(checkpoint["model.embed_tokens.weight"])
     return time.perf_counter() - t0
 

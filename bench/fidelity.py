@@ -4,8 +4,8 @@ outliers (a few norm channels scaled 20-50x), with and without smoothing, and wi
 
     .venv/bin/python bench/fidelity.py [clip] [gemma]
 
-Each configuration builds into its own bundle name in artifacts/bench-fidelity (or
-CORAL_ARTIFACTS); checkpoints and cached layers are reused between runs. Each bundle's
+Each configuration builds into its own bundle name in artifacts/bench-fidelity (under
+CORAL_ARTIFACTS when set); checkpoints and cached layers are reused between runs. Each bundle's
 report.json/png stays in its bundle directory; the summary goes to
 bench/results/fidelity-<date>.json and .md.
 """

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,8 @@ class HostTensors:
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise BundleError(f"{path}: not a valid safetensors file ({e})") from e
         self.path = path
-        self._map = np.memmap(path, np.uint8, mode="r")
+        # A plain ndarray view of the map: slices of an np.memmap are memmaps, slower to make.
+        self._map = np.memmap(path, np.uint8, mode="r").view(np.ndarray)
         self._specs = {}
         for name, (dtype, shape, begin, end) in layout.items():
             if dtype not in SAFETENSORS_DTYPES:
@@ -263,29 +265,35 @@ def _lm_head(where: str, head: dict, layer) -> "LMHead":
 
 
 def size_problem(f: BundleFile, what: str) -> str | None:
-    if not f.path.is_file():
+    try:
+        st = os.stat(f.path)  # one system call: this runs for every file at every start-up
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         return f"{f.path}: missing (named by {MANIFEST} as the {what})"
-    size = f.path.stat().st_size
-    if size != f.bytes:
-        return f"{f.path}: {size} bytes, {MANIFEST} says {f.bytes} ({what})"
+    if st.st_size != f.bytes:
+        return f"{f.path}: {st.st_size} bytes, {MANIFEST} says {f.bytes} ({what})"
     return None
 
 
 def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = None) -> Path:
     """`directory / rel`, refused when it is absolute, climbs with `..`, or resolves
     (through symlinks) outside the directory. `real_dirs` caches each directory's real
-    path across one manifest's files: resolving every file in full was most of start-up."""
-    p = Path(rel)
-    if p.is_absolute() or not rel or ".." in p.parts or "\\" in rel:
+    path across one manifest's files. Strings and os.path, not pathlib: this runs for
+    every file at every start-up, and resolving each in full was most of it."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or ".." in parts or "\\" in rel:
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
-    full = directory / p
+    base = str(directory)
+    full = os.path.join(base, rel)
+    parent = os.path.dirname(full)
     real_dirs = {} if real_dirs is None else real_dirs
-    for d in (str(directory), os.path.dirname(full)):  # strings: pathlib's overhead was most of the cost
+    for d in (base, parent):
         if d not in real_dirs:
             real_dirs[d] = os.path.realpath(d)
-    real = os.path.join(real_dirs[os.path.dirname(full)], full.name)
+    real = os.path.join(real_dirs[parent], parts[-1])
     if os.path.islink(real):
         real = os.path.realpath(real)
-    if not real.startswith(real_dirs[str(directory)] + os.sep):
+    if not real.startswith(real_dirs[base] + os.sep):
         raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")
-    return full
+    return Path(full)

@@ -239,3 +239,17 @@ def task_layer_check():
         print("\n".join(lines))
         return TaskFailed(failure) if failure else None
     return {"actions": [run], "task_dep": ["templates"], "file_dep": [index_path(RECIPE)]}
+
+
+def task_bench():
+    """Benchmarks at real model sizes (bench/run.py; `only=clip` or `only=gemma`): bench/results/<date>.json, .md, .png."""
+    import subprocess
+    from pathlib import Path
+
+    def run():
+        only = get_var("only")
+        command = [sys.executable, str(Path(__file__).parent / "bench" / "run.py")] + (["--only", only] if only else [])
+        if subprocess.run(command).returncode != 0:
+            return TaskFailed(f"{' '.join(command)} failed (its output is above)")
+        return None
+    return {"actions": [run], "uptodate": [False], "verbosity": 2}

@@ -31,7 +31,7 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .checkpoint import CheckpointError
 from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
-from .executors import BACKENDS, BackendError, make_linear
+from .executors import BACKENDS, FLAVOR, BackendError, make_linear
 from .images import ImageError, load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
 from .tokenize import ClipTokenizer, TokenizerError
@@ -41,7 +41,7 @@ ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError
 
 def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:
     """Open the bundle and build the model on `backend`: everything start-up does."""
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
     if bundle.family != "clip":
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a CLIP one")
     config = CLIPConfig.from_dict(bundle.config)

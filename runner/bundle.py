@@ -122,11 +122,12 @@ class Bundle:
         self.towers: list[str] = manifest["towers"]
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Bundle":
-        """Read and check the manifest, check every file's presence and size (not its
-        sha256: that is `runner check`), and memory-map the host tensors."""
+    def open(cls, directory: str | Path, flavor: str | None = None) -> "Bundle":
+        """Read and check the manifest, check the presence and size (not the sha256: that
+        is `runner check`) of every file, or with `flavor` of the files a backend running
+        that flavor opens, and memory-map the host tensors."""
         m = read_manifest(directory)
-        for what, f in m.files():
+        for what, f in m.files(flavor):
             problem = size_problem(f, what)
             if problem:
                 raise BundleError(problem)
@@ -166,11 +167,12 @@ class Manifest:
     def tpu_layers(self) -> list[Layer]:
         return tpu_layers(self.layers, self.lm_head)
 
-    def files(self) -> list[tuple[str, BundleFile]]:
-        """Every file the manifest names, with what it is for."""
+    def files(self, flavor: str | None = None) -> list[tuple[str, BundleFile]]:
+        """Every file the manifest names (with `flavor`, of the layers only that flavor's),
+        with what it is for."""
         out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
         for layer in self.tpu_layers:
-            out += [(f"layer {layer.name} {flavor}", f) for flavor, f in layer.files.items()]
+            out += [(f"layer {layer.name} {f}", file) for f, file in layer.files.items() if flavor in (None, f)]
         return out
 
 

@@ -166,9 +166,17 @@ def make_linear(bundle: Bundle, backend: str, delegates=None):
     check_flavor(bundle, tpu, backend)
     if backend == "edgetpu" and delegates is None:
         delegates = edgetpu_delegates()
-    layers = {layer.name: quantized_layer(bundle, layer, backend, delegates) for layer in tpu}
+    on_tpu = {layer.name: layer for layer in tpu}
+    missing = [f"{name}.{t}" for name in on_tpu for t in ("weight_scale", "multipliers") if f"{name}.{t}" not in bundle.host]
+    if missing:
+        raise BundleError(f"{bundle.host.path}: {len(missing)} tensor(s) the TPU layers need are missing, e.g. {missing[0]}")
+    layers: dict[str, QuantizedLinear] = {}  # each made on its first call, like its Dense backend
     on_host = float_linear(bundle.host)  # layers the recipe kept on the CPU: their float weights are in the bundle
 
     def linear(name: str, x: np.ndarray) -> np.ndarray:
-        return layers[name](x) if name in layers else on_host(name, x)
+        if name not in on_tpu:
+            return on_host(name, x)
+        if name not in layers:
+            layers[name] = quantized_layer(bundle, on_tpu[name], backend, delegates)
+        return layers[name](x)
     return linear

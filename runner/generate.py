@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .executors import BackendError, edgetpu_delegates, make_linear
+from .executors import FLAVOR, BackendError, edgetpu_delegates, make_linear
 from .gemma import Gemma, GemmaConfig, KVCache, tensor_shapes
 from .lm_head import FloatHead, HeadError, make_head
 from .tokenize import GemmaTokenizer, TokenizerError
@@ -55,7 +55,7 @@ class Loaded:
 def load_gemma(bundle_dir: str | Path, backend: str, lm_head: str = "cpu", capacity: int | None = None,
                shortlist: int | None = None, rescore: int | None = None, checkpoint: str | None = None) -> Loaded:
     """Everything start-up does: open the bundle, build the decoder and the head."""
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
     if bundle.family != "gemma":
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a Gemma one")
     try:

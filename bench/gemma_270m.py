@@ -16,6 +16,7 @@ measured in one run. Teacher-forced agreement with float is `bench/fidelity.py g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (ROOT, bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
                           rebuilds, recipe_of, runner, startup_patching, use_artifacts)
-from bench.throughput import Counter, Device, LinearWork, recommend  # noqa: E402
+from bench.throughput import Counter, Device, LinearWork, cpu_head_work, recommend  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-gemma-270m")
 NAME = "bench-gemma-270m"
@@ -109,15 +110,14 @@ def pi5(bundle: Path, setup_ms: dict, patching_ms: dict) -> dict:
         body = work.estimate(device)
         heads = {}
         for mode, n_tiles, rescore in (("cpu", 0, 0), ("tpu", len(tiles), 0), ("tpu-shortlist-8+rescore-64", 8, 64)):
-            head_work = type(work)(cpu_macs=(v * h if mode == "cpu" else rescore * h),
-                                   cpu_bytes=(v * h if mode == "cpu" else rescore * h),
-                                   cpu_elements=(v * h if mode == "cpu" else rescore * h),  # int8 -> float32
-                                   head_tiles=[LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes,
-                                                          [1]) for t in tiles[:n_tiles]])
+            head_work = dataclasses.replace(
+                cpu_head_work(v * h if mode == "cpu" else rescore * h),
+                head_tiles=[LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1])
+                            for t in tiles[:n_tiles]])
             heads[mode] = head_work.estimate(device)["total_s"]
-        work.head_tiles = [LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1]) for t in tiles]
+        all_tiles = [LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1]) for t in tiles]
         out[label] = {"work": work.summary(), "estimate": body, "head_s": heads,
-                      "recommend": recommend(work, device)}
+                      "recommend": recommend(dataclasses.replace(work, head_tiles=all_tiles), device)}
     out["setup_s"] = {k: {"ours": setup_ms[k] / 1e3 * device.host_to_pi_cpu,
                           "startup_patching": patching_ms[k] / 1e3 * device.host_to_pi_cpu} for k in setup_ms}
     out["reference"] = {k: device.reference[k] for k in ("gemma_setup_cpu_head_s", "gemma_setup_tpu_head_s")}

@@ -147,6 +147,12 @@ class Counter:
         return counted
 
 
+def cpu_head_work(table_elements: int) -> Work:
+    """One row through the int8 table as the runner's `cpu` head does it (and `--rescore`
+    for a few rows): each int8 row is read, widened to float32, and multiplied."""
+    return Work(cpu_macs=table_elements, cpu_bytes=table_elements, cpu_elements=table_elements)
+
+
 def best_batch(group: list[LinearWork], device: Device) -> tuple[int, float]:
     """The template batch (rows per invoke) that runs these same-shape layers fastest, and its seconds."""
     n_in, n_out = group[0].n_in, group[0].n_out
@@ -157,25 +163,26 @@ def best_batch(group: list[LinearWork], device: Device) -> tuple[int, float]:
 
 
 def recommend(work: Work, device: Device) -> dict:
-    """Template batch per shape, and which linears the CPU would run faster than the TPU."""
+    """Template batch per shape, then which linears the CPU would run faster than the TPU
+    even at those batches, and where the LM head is faster."""
     shapes: dict[tuple[int, int], list[LinearWork]] = {}
     for w in work.linears.values():
         if w.on_tpu:
             shapes.setdefault((w.n_in, w.n_out), []).append(w)
-    batches = []
+    batches, best = [], {}
     for (n_in, n_out), group in sorted(shapes.items()):
-        best, best_s = best_batch(group, device)
+        b, seconds = best_batch(group, device)
+        best.update({w.name: b for w in group})
         batches.append({"shape": f"{n_in}x{n_out}", "layers": len(group), "rows_per_call": group[0].calls[0],
                         "batch_now": group[0].batch, "s_now": sum(w.tpu_s(device) for w in group),
-                        "batch_best": best, "s_best": best_s})
+                        "batch_best": b, "s_best": seconds})
     tpu = [w for w in work.linears.values() if w.on_tpu]
-    faster_on_cpu = [w.name for w in tpu if w.cpu_s(device) < w.tpu_s(device)]
-    saved = sum(w.tpu_s(device) - w.cpu_s(device) for w in tpu if w.name in faster_on_cpu)
+    faster_on_cpu = [w.name for w in tpu if w.cpu_s(device) < w.tpu_s(device, best[w.name])]
+    saved = sum(w.tpu_s(device, best[w.name]) - w.cpu_s(device) for w in tpu if w.name in faster_on_cpu)
     head = None
     if work.head_tiles:
         tiles_s = sum(w.tpu_s(device) for w in work.head_tiles)
-        cpu_head_s = max(sum(sum(w.calls) * w.n_in * w.n_out for w in work.head_tiles) / device.cpu_macs_per_s,
-                         sum(w.n_in * w.n_out for w in work.head_tiles) / device.cpu_bytes_per_s)
+        cpu_head_s = cpu_head_work(sum(w.n_in * w.n_out for w in work.head_tiles)).estimate(device)["total_s"]
         head = {"tpu_tiles_s": tiles_s, "cpu_int8_s": cpu_head_s, "faster": "cpu" if cpu_head_s < tiles_s else "tpu"}
     return {"batches": batches, "faster_on_cpu": faster_on_cpu, "of_tpu_linears": len(tpu),
             "seconds_saved": saved, "head": head}

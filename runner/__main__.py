@@ -42,7 +42,7 @@ def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CL
     bundle = Bundle.open(bundle_dir)
     if bundle.family != "clip":
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a CLIP one")
-    config = CLIPConfig.from_dict(bundle.config)
+    config = bundle.model_config()
     if backend == "fp32":
         if checkpoint is None:
             raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "

@@ -10,10 +10,12 @@ here in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, Mapping
 
 import numpy as np
+
+from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
 
 Linear = Callable[[str, np.ndarray], np.ndarray]  # (layer name, x [..., in]) -> [..., out]
 
@@ -36,9 +38,26 @@ class TowerConfig:
     eos_token_id: int = 2
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TowerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: Mapping, where: str = "") -> "TowerConfig":
+        """One tower's config, every value checked (a `ConfigError` names the bad key)."""
+        f = ConfigFields(d, where)
+        defaults = {x.name: x.default for x in fields(cls) if x.default is not MISSING}
+        ints = {k: f.integer(k, defaults.get(k, REQUIRED)) for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
+            "max_position_embeddings")}
+        config = cls(**ints, num_hidden_layers=f.integer("num_hidden_layers", low=0, high=MAX_LAYERS),
+                     hidden_act=f.choice("hidden_act", defaults["hidden_act"], tuple(ACTIVATIONS)),
+                     layer_norm_eps=f.number("layer_norm_eps", defaults["layer_norm_eps"], high=1.0),
+                     num_channels=f.integer("num_channels", defaults["num_channels"], high=16),
+                     vocab_size=f.integer("vocab_size", defaults["vocab_size"], high=MAX_VOCAB),
+                     eos_token_id=f.integer("eos_token_id", defaults["eos_token_id"], low=0, high=MAX_VOCAB))
+        if config.hidden_size % config.num_attention_heads:
+            raise ConfigError(f"config: {f.name('hidden_size')} {config.hidden_size} is not a multiple of "
+                              f"{f.name('num_attention_heads')} {config.num_attention_heads}")
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"config: {f.name('image_size')} {config.image_size} is not a multiple of "
+                              f"{f.name('patch_size')} {config.patch_size}")
+        return config
 
     @property
     def head_dim(self) -> int:
@@ -53,8 +72,10 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPConfig":
-        return cls(TowerConfig.from_dict(d["vision_config"]), TowerConfig.from_dict(d["text_config"]),
-                   int(d.get("projection_dim", 512)))
+        """A Hugging Face CLIP config.json; `ConfigError` (a ValueError) names a missing or bad key."""
+        f = ConfigFields(d)
+        return cls(TowerConfig.from_dict(f.raw("vision_config"), "vision_config"),
+                   TowerConfig.from_dict(f.raw("text_config"), "text_config"), f.integer("projection_dim", 512))
 
 
 ACTIVATIONS = {

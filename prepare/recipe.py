@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import reprlib
 import sys
 from dataclasses import dataclass, field
@@ -112,6 +113,32 @@ def _shown(value) -> str:
     return _SHOWN.repr(value)
 
 
+def _path_problem(value: str) -> str | None:
+    """Why a string cannot name a file (os functions would raise ValueError), or None."""
+    if "\0" in value:
+        return "holds a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return "holds characters no file name can have"
+    return None
+
+
+MAX_NESTING = 64  # brackets: PyYAML scans nested flow sequences in quadratic time (seconds at 2000)
+
+
+def _parse_yaml(text: str | bytes):
+    """yaml.safe_load, after refusing bracket nesting no recipe needs (counted over the whole
+    text, strings included: a conservative bound)."""
+    brackets = re.sub(r"[^\[\]{}]", "", text.decode("latin-1") if isinstance(text, bytes) else text)
+    depth = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        if depth > MAX_NESTING:
+            raise yaml.YAMLError(f"brackets nest deeper than {MAX_NESTING}")
+    return yaml.safe_load(text)
+
+
 @dataclass
 class Recipe:
     name: str
@@ -201,8 +228,8 @@ def _sub_keys(recipe: str, key: str, values: dict, spec: dict) -> dict:
         value = values.get(sub, default)
         if not _is(value, want):
             raise RecipeError(f"{recipe}: key {key}.{sub} must be {_type_names(want)}, got {_shown(value)}")
-        if isinstance(value, str) and "\0" in value:
-            raise RecipeError(f"{recipe}: key {key}.{sub} holds a NUL character")
+        if isinstance(value, str) and _path_problem(value):
+            raise RecipeError(f"{recipe}: key {key}.{sub} {_path_problem(value)}")
         if allowed and value not in allowed:
             raise RecipeError(f"{recipe}: key {key}.{sub} must be one of {', '.join(allowed)}, got {_shown(value)}")
         out[sub] = float(value) if want is float else value
@@ -218,7 +245,8 @@ def _check(recipe: str, values: dict) -> None:
                               f"got {type(value).__name__} {_shown(value)}")
     if "name" not in values:
         raise RecipeError(f"{recipe}: missing key 'name'")
-    if not values["name"] or any(c in values["name"] for c in "/\\\0") or values["name"].startswith("."):
+    if not values["name"] or any(c in values["name"] for c in "/\\") or values["name"].startswith(".") \
+            or _path_problem(values["name"]):
         raise RecipeError(f"{recipe}: key 'name' must be a plain file name, got {_shown(values['name'])}")
     for i, s in enumerate(values.get("shapes", [])):
         if not (isinstance(s, list) and len(s) == 2 and all(_is(d, int) and d > 0 for d in s)):
@@ -321,7 +349,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise RecipeError(f"{path}: {path.stat().st_size} bytes is more than a recipe may have "
                               f"({MAX_RECIPE_BYTES})")
-        values = yaml.safe_load(path.read_bytes())  # bytes: PyYAML decodes (and refuses) what is not UTF-8/16
+        values = _parse_yaml(path.read_bytes())  # bytes: PyYAML decodes (and refuses) what is not UTF-8/16
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from e
     except _YAML_ERRORS as e:
@@ -330,13 +358,13 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
     for key, text in (overrides or {}).items():
         try:
-            values[key] = yaml.safe_load(text) if isinstance(text, str) else text
+            values[key] = _parse_yaml(text) if isinstance(text, str) else text
         except _YAML_ERRORS as e:
             raise RecipeError(f"{path}: override {key}={_shown(text)} is not a YAML value") from e
     for key in ("templates", "checkpoint"):
         if isinstance(values.get(key), str):
-            if "\0" in values[key]:
-                raise RecipeError(f"{path}: key {key!r} holds a NUL character")
+            if _path_problem(values[key]):
+                raise RecipeError(f"{path}: key {key!r} {_path_problem(values[key])}")
             values[key] = str(resolve(values[key]))
     _check(str(path), values)
     return Recipe(**values, source=str(path))

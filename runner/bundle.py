@@ -288,8 +288,12 @@ def safe_path(directory: Path, rel: str, where: str) -> Path:
     """`directory / rel`, refused when it is absolute, climbs with `..`, or resolves
     (through symlinks) outside the directory."""
     p = Path(rel)
-    if "\0" in rel:
-        raise BundleError(f"{where}: path {rel!r} holds a NUL character")
+    try:
+        if "\0" in rel:
+            raise ValueError("a NUL character")
+        os.fsencode(rel)
+    except (ValueError, UnicodeEncodeError) as e:  # os functions would raise these
+        raise BundleError(f"{where}: path {rel[:300]!r} is not a file name ({e})") from e
     if p.is_absolute() or not rel or ".." in p.parts or "\\" in rel:
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
     full = directory / p

@@ -30,11 +30,13 @@ from .bundle import Bundle, BundleError
 from .checkpoint import CheckpointError
 from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
 from .executors import BACKENDS, BackendError, make_linear
+from .finite import NonFiniteError
 from .images import ImageError, load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
 from .tokenize import ClipTokenizer, TokenizerError
 
-ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, OSError)
+ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, NonFiniteError,
+          OSError)
 
 
 def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:

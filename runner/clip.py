@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
+from .finite import check_finite
 
 Linear = Callable[[str, np.ndarray], np.ndarray]  # (layer name, x [..., in]) -> [..., out]
 
@@ -93,7 +94,10 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    # An overflowed variance would turn the row into zeros, silently (runner/finite.py).
+    check_finite(var, "hidden states entering a layer norm")
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
@@ -148,6 +152,7 @@ class CLIP:
         if (c, hgt, wid) != (cfg.num_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"expected pixels [B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
                              f"got {list(pixels.shape)}")
+        check_finite(pixels, "pixels")
         g = hgt // p
         # The patch convolution (stride = kernel = patch) is a matmul over flattened patches.
         patches = pixels.reshape(b, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
@@ -160,7 +165,7 @@ class CLIP:
         h = self._encoder("vision_model", h.astype(np.float32), cfg, None)
         pooled = layer_norm(h[:, 0], w["vision_model.post_layernorm.weight"],
                             w["vision_model.post_layernorm.bias"], cfg.layer_norm_eps)
-        return self.linear("visual_projection", pooled)
+        return check_finite(self.linear("visual_projection", pooled), "image embeddings")
 
     # -- text tower --------------------------------------------------------------------
     def text_features(self, input_ids: np.ndarray) -> np.ndarray:
@@ -184,7 +189,7 @@ class CLIP:
             eos = ids.argmax(-1)
         else:
             eos = (ids == cfg.eos_token_id).argmax(-1)
-        return self.linear("text_projection", h[np.arange(b), eos])
+        return check_finite(self.linear("text_projection", h[np.arange(b), eos]), "text embeddings")
 
     @property
     def logit_scale(self) -> float:

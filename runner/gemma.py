@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, ConfigError, ConfigFields
+from .finite import check_finite
 
 Linear = Callable[[str, np.ndarray], np.ndarray]
 
@@ -96,7 +97,11 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps)) * (1.0 + weight)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean_square = (x * x).mean(-1, keepdims=True)
+    # An overflowed mean square would turn the row into zeros, silently (runner/finite.py).
+    check_finite(mean_square, "hidden states entering an RMS norm")
+    return x / np.sqrt(mean_square + np.float32(eps)) * (1.0 + weight)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -188,7 +193,7 @@ class Gemma:
             mlp = self.linear(f"{p}.mlp.down_proj",
                               gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x)) * self.linear(f"{p}.mlp.up_proj", x))
             h = h + rms_norm(mlp, w[f"{p}.post_feedforward_layernorm.weight"], eps)
-        return rms_norm(h, w["model.norm.weight"], eps)
+        return check_finite(rms_norm(h, w["model.norm.weight"], eps), "the decoder's final hidden states")
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""

@@ -18,13 +18,15 @@ offsets, shapes and dtypes, manifest paths that are absolute, climb out or lead 
 symlinks) or plain bytes (flips, truncations, random files). Anything but the documented
 error counts as undocumented; a case over `--time-limit-ms` is stopped (SIGALRM) and counted
 as a hang; every `--memory-every`th case runs under tracemalloc and its peak is compared
-with the input's size. Results: bench/results/fuzz-<date>.json (merged per parser), the
+with the input's size (`memory.worst_ratio`: the largest (peak - 8 MiB) / input bytes, 0 when
+every peak stayed under 8 MiB; `over_limit`: cases above 8 MiB + 32 x input). Results: bench/results/fuzz-<date>.json (merged per parser), the
 first few undocumented errors with a reproducer under bench/results/fuzz-cases/ (git-ignored).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -88,6 +90,8 @@ def byte_mutation(data: bytes, rng: np.random.Generator, hot: list[tuple[int, in
         return int(rng.integers(len(buf)))
 
     for _ in range(int(rng.integers(1, 5))):
+        if not buf:  # deletions emptied it
+            break
         pos = min(where(), len(buf) - 1)
         if kind in (2, 3):
             buf[pos] ^= 1 << int(rng.integers(8)) if kind == 2 else int(rng.integers(1, 256))
@@ -111,8 +115,8 @@ HOSTILE_VALUES = [None, True, False, 0, -1, 1, 2**31, 2**63, 10**30, -10**30, 10
 def hostile_value(rng: np.random.Generator, depth: int = 0):
     """A value of any JSON/YAML type, often of the wrong one, sometimes huge or deeply nested."""
     r = rng.random()
-    if r < 0.55:
-        return HOSTILE_VALUES[rng.integers(len(HOSTILE_VALUES))]
+    if r < 0.55:  # a copy: mutations append to lists in place, and these are shared across cases
+        return copy.deepcopy(HOSTILE_VALUES[rng.integers(len(HOSTILE_VALUES))])
     if r < 0.7:
         return int(rng.integers(-2**62, 2**62)) >> int(rng.integers(0, 62))
     if r < 0.78:

@@ -81,22 +81,31 @@ DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "
 
 
 def task_checkpoint():
-    """The built-in checkpoint a recipe names with `generate:` (seeded, no network)."""
-    if RECIPE.generate is None:
+    """The built-in checkpoint a recipe names with `generate:` (seeded, no network); then every
+    tensor the build reads checked (present, shape, float dtype, finite), before any template."""
+    if not RECIPE.family:
         return
-    from prepare.demo_models import generate
     directory = RECIPE.checkpoint_dir
-    yield {"name": RECIPE.generate,
-           "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
-           "targets": [directory / f for f in GENERATED_FILES],
-           "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
-                                        "version": DEMO_VERSION})]}
+    if RECIPE.generate is not None:
+        from prepare.demo_models import generate
+        yield {"name": RECIPE.generate,
+               "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
+               "targets": [directory / f for f in GENERATED_FILES],
+               "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
+                                            "version": DEMO_VERSION})]}
+    from prepare.families import family_module
+    yield {"name": "check",
+           "actions": [step(family_module(RECIPE).open_checkpoint, RECIPE)],
+           "task_dep": [f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else [],
+           "file_dep": _checkpoint_files(inputs=False),
+           "uptodate": [config_changed({"towers": RECIPE.towers})]}
 
 
 def task_template():
     """Uncompiled Dense templates (TensorFlow), one per shape and batch."""
     for p in PLANS:
         yield {"name": str(p.shape),
+               "task_dep": ["checkpoint"] if RECIPE.family else [],
                "actions": [step(build_uncompiled, p, RECIPE.seed, STORE)],
                "file_dep": [str(p.prebuilt.uncompiled)] if p.prebuilt else [],
                "targets": [STORE.path("uncompiled", p.uncompiled_key, "tflite"),
@@ -130,8 +139,9 @@ def task_templates():
             "targets": [index_path(RECIPE)], "uptodate": [config_changed(repr(summary))]}
 
 
-def _checkpoint_files() -> list[str]:
-    """What the layer stage reads from the checkpoint (a generated one exists only later)."""
+def _checkpoint_files(inputs: bool = True) -> list[str]:
+    """What the layer stage reads from the checkpoint (a generated one exists only later),
+    with the recipe's calibration inputs unless `inputs` is False."""
     d = RECIPE.checkpoint_dir
     if RECIPE.generate is not None:
         files = [d / f for f in GENERATED_FILES]
@@ -139,7 +149,7 @@ def _checkpoint_files() -> list[str]:
         files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
         if (d / "tokenizer.json").is_file():
             files.append(d / "tokenizer.json")
-    return [str(f) for f in files] + _input_files("calibration")
+    return [str(f) for f in files] + (_input_files("calibration") if inputs else [])
 
 
 def _input_files(section: str) -> list[str]:

@@ -5,12 +5,12 @@ float model while each linear's inputs are recorded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from runner.checkpoint import Checkpoint, CheckpointError
+from runner.checkpoint import Checkpoint, CheckpointError, read_config
+from runner.config_values import ConfigError
 from runner.clip import CLIP, CLIPConfig, float_linear, linear_names, tensor_shapes
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.tokenize import ClipTokenizer
@@ -23,8 +23,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
 
 
-def config_of(checkpoint_config: dict) -> CLIPConfig:
-    return CLIPConfig.from_dict(checkpoint_config)
+def config_of(checkpoint_config: dict, directory: Path) -> CLIPConfig:
+    try:
+        return CLIPConfig.from_dict(checkpoint_config)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory / 'config.json'}: not a usable CLIP config ({e})") from e
 
 
 def linear_specs(config: CLIPConfig, towers) -> list[LinearSpec]:
@@ -35,14 +38,11 @@ def linear_specs(config: CLIPConfig, towers) -> list[LinearSpec]:
 def model_config(recipe: Recipe) -> CLIPConfig:
     """The model's config: the checkpoint's, or, before a generated checkpoint exists, the
     generator's (its layer shapes do not depend on anything generated)."""
-    path = recipe.checkpoint_dir / "config.json"
-    if path.is_file() or recipe.generate is None:
-        try:
-            return config_of(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a usable CLIP config ({e})") from e
+    directory = recipe.checkpoint_dir
+    if (directory / "config.json").is_file() or recipe.generate is None:
+        return config_of(read_config(directory), directory)
     from .demo_models import CONFIGS
-    return config_of(CONFIGS[recipe.generate]())
+    return config_of(CONFIGS[recipe.generate](), directory)
 
 
 def specs(recipe: Recipe, config: CLIPConfig) -> list[LinearSpec]:
@@ -56,7 +56,7 @@ def required_shapes(recipe: Recipe, config: CLIPConfig) -> dict[str, tuple[int, 
 def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:
     """Open and check every tensor the recipe's towers need, before any long work."""
     checkpoint = Checkpoint(recipe.checkpoint_dir)
-    config = config_of(checkpoint.config)
+    config = config_of(checkpoint.config, recipe.checkpoint_dir)
     checkpoint.require(tensor_shapes(config, recipe.towers))
     if "text" in recipe.towers and not (recipe.checkpoint_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json (the text tower needs it)")

@@ -5,11 +5,12 @@ the float model while each linear's inputs are recorded.
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import numpy as np
 
-from runner.checkpoint import Checkpoint, CheckpointError
+from runner.checkpoint import Checkpoint, CheckpointError, read_config
+from runner.config_values import ConfigError
 from runner.clip import float_linear
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
 
@@ -28,15 +29,19 @@ EMBEDDING = "model.embed_tokens"
 INT8_TABLES = (EMBEDDING,)
 
 
+def config_of(checkpoint_config: dict, directory: Path) -> GemmaConfig:
+    try:
+        return GemmaConfig.from_dict(checkpoint_config)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory / 'config.json'}: not a usable Gemma-3 config ({e})") from e
+
+
 def model_config(recipe: Recipe) -> GemmaConfig:
-    path = recipe.checkpoint_dir / "config.json"
-    if path.is_file() or recipe.generate is None:
-        try:
-            return GemmaConfig.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a usable Gemma-3 config ({e})") from e
+    directory = recipe.checkpoint_dir
+    if (directory / "config.json").is_file() or recipe.generate is None:
+        return config_of(read_config(directory), directory)
     from .demo_models import CONFIGS
-    return GemmaConfig.from_dict(CONFIGS[recipe.generate]())
+    return config_of(CONFIGS[recipe.generate](), directory)
 
 
 def tile_rows(recipe: Recipe, config: GemmaConfig) -> int:
@@ -67,10 +72,7 @@ def required_shapes(recipe: Recipe, config: GemmaConfig) -> dict[str, tuple[int,
 
 def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, GemmaConfig]:
     checkpoint = Checkpoint(recipe.checkpoint_dir)
-    try:
-        config = GemmaConfig.from_dict(checkpoint.config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{recipe.checkpoint_dir / 'config.json'}: not a usable Gemma-3 config ({e})") from e
+    config = config_of(checkpoint.config, recipe.checkpoint_dir)
     checkpoint.require(tensor_shapes(config))
     if not (recipe.checkpoint_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json")

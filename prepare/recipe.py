@@ -12,6 +12,10 @@ inputs, which are relative to the checkpoint directory unless they start with
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import reprlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ GENERATORS = {f"{g}{stress}": family for g, family in (("demo-clip", "clip"), ("
                                                         ("demo-gemma", "gemma"), ("random-gemma-270m", "gemma"))
               for stress in ("", "-outliers")}
 FLAVORS = ("edgetpu", "cpu")
+MAX_INPUTS = 1 << 20  # synthetic calibration or verify inputs
 
 # Sub-keys of the mapping-valued keys: name -> (type, default, allowed values or None).
 QUANTIZATION = {
@@ -75,11 +80,12 @@ LM_HEAD = {
 
 def resolve(path: str) -> Path:
     """A recipe path: `artifacts/...` lives in the artifacts directory (which CORAL_ARTIFACTS
-    may move), anything else relative is relative to the project root."""
+    may move), anything else relative is relative to the project root. (os.path.realpath,
+    not Path.resolve: a symlink loop must read as a missing path, not raise RuntimeError.)"""
     parts = Path(path).parts
     if parts and parts[0] == "artifacts":
-        return ARTIFACTS.joinpath(*parts[1:]).resolve()
-    return (ROOT / path).resolve()
+        return Path(os.path.realpath(ARTIFACTS.joinpath(*parts[1:])))
+    return Path(os.path.realpath(ROOT / path))
 
 
 def calibration_path(value: str | None, checkpoint: str) -> Path | None:
@@ -94,6 +100,43 @@ def calibration_path(value: str | None, checkpoint: str) -> Path | None:
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the recipe, the key and the problem."""
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML
+MAX_DIM = 1 << 20  # a Dense side, as the bundle's manifest allows
+MAX_SEED = 2**63 - 1  # numpy's generators take non-negative seeds
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 300  # paths are shown whole, a hostile alias tree is not
+
+
+def _shown(value) -> str:
+    return _SHOWN.repr(value)
+
+
+def _path_problem(value: str) -> str | None:
+    """Why a string cannot name a file (os functions would raise ValueError), or None."""
+    if "\0" in value:
+        return "holds a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return "holds characters no file name can have"
+    return None
+
+
+MAX_NESTING = 64  # brackets: PyYAML scans nested flow sequences in quadratic time (seconds at 2000)
+
+
+def _parse_yaml(text: str | bytes):
+    """yaml.safe_load, after refusing bracket nesting no recipe needs (counted over the whole
+    text, strings included: a conservative bound)."""
+    brackets = re.sub(r"[^\[\]{}]", "", text.decode("latin-1") if isinstance(text, bytes) else text)
+    depth = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        if depth > MAX_NESTING:
+            raise yaml.YAMLError(f"brackets nest deeper than {MAX_NESTING}")
+    return yaml.safe_load(text)
 
 
 @dataclass
@@ -170,8 +213,8 @@ def _is(value, want) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):  # YAML's yes/no are never numbers here
         return False
-    if want is float:
-        return isinstance(value, (int, float))
+    if want is float:  # an integer too large for a float is not a number here
+        return isinstance(value, float) or (isinstance(value, int) and abs(value) <= sys.float_info.max)
     return isinstance(value, want)
 
 
@@ -184,9 +227,11 @@ def _sub_keys(recipe: str, key: str, values: dict, spec: dict) -> dict:
     for sub, (want, default, allowed) in spec.items():
         value = values.get(sub, default)
         if not _is(value, want):
-            raise RecipeError(f"{recipe}: key {key}.{sub} must be {_type_names(want)}, got {value!r}")
+            raise RecipeError(f"{recipe}: key {key}.{sub} must be {_type_names(want)}, got {_shown(value)}")
+        if isinstance(value, str) and _path_problem(value):
+            raise RecipeError(f"{recipe}: key {key}.{sub} {_path_problem(value)}")
         if allowed and value not in allowed:
-            raise RecipeError(f"{recipe}: key {key}.{sub} must be one of {', '.join(allowed)}, got {value!r}")
+            raise RecipeError(f"{recipe}: key {key}.{sub} must be one of {', '.join(allowed)}, got {_shown(value)}")
         out[sub] = float(value) if want is float else value
     return out
 
@@ -194,27 +239,32 @@ def _sub_keys(recipe: str, key: str, values: dict, spec: dict) -> dict:
 def _check(recipe: str, values: dict) -> None:
     for key, value in values.items():
         if key not in _KEYS:
-            raise RecipeError(f"{recipe}: unknown key {key!r} (known: {', '.join(sorted(_KEYS))})")
+            raise RecipeError(f"{recipe}: unknown key {_shown(key)} (known: {', '.join(sorted(_KEYS))})")
         if not _is(value, _TYPES[key]):
-            raise RecipeError(f"{recipe}: key {key!r} must be {_type_names(_TYPES[key])}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise RecipeError(f"{recipe}: key {_shown(key)} must be {_type_names(_TYPES[key])}, "
+                              f"got {type(value).__name__} {_shown(value)}")
     if "name" not in values:
         raise RecipeError(f"{recipe}: missing key 'name'")
-    if not values["name"] or any(c in values["name"] for c in "/\\") or values["name"].startswith("."):
-        raise RecipeError(f"{recipe}: key 'name' must be a plain file name, got {values['name']!r}")
+    if not values["name"] or any(c in values["name"] for c in "/\\") or values["name"].startswith(".") \
+            or _path_problem(values["name"]):
+        raise RecipeError(f"{recipe}: key 'name' must be a plain file name, got {_shown(values['name'])}")
     for i, s in enumerate(values.get("shapes", [])):
-        if not (isinstance(s, list) and len(s) == 2 and all(isinstance(d, int) and d > 0 for d in s)):
-            raise RecipeError(f"{recipe}: shapes[{i}] must be [in, out] with positive integers, got {s!r}")
-    batches = [("batch", values.get("batch", 1))] + [(f"batch_per_shape[{k!r}]", v)
+        if not (isinstance(s, list) and len(s) == 2 and all(_is(d, int) and d > 0 for d in s)):
+            raise RecipeError(f"{recipe}: shapes[{i}] must be [in, out] with positive integers, got {_shown(s)}")
+        if max(s) > MAX_DIM:
+            raise RecipeError(f"{recipe}: shapes[{i}] {s} has a side beyond {MAX_DIM}")
+    if not 0 <= values.get("seed", 0) <= MAX_SEED:
+        raise RecipeError(f"{recipe}: key 'seed' must be from 0 to {MAX_SEED}, got {values['seed']}")
+    batches = [("batch", values.get("batch", 1))] + [(f"batch_per_shape[{_shown(k)}]", v)
                                                       for k, v in values.get("batch_per_shape", {}).items()]
     for key, b in batches:
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 4096:
-            raise RecipeError(f"{recipe}: {key} must be an integer from 1 to 4096, got {b!r}")
+            raise RecipeError(f"{recipe}: {key} must be an integer from 1 to 4096, got {_shown(b)}")
     for k in values.get("batch_per_shape", {}):
         if not (isinstance(k, str) and len(k.split("x")) == 2 and all(p.isdigit() for p in k.split("x"))):
-            raise RecipeError(f"{recipe}: batch_per_shape key {k!r} must look like '768x3072'")
-    if values.get("templates") is not None and not Path(values["templates"]).is_dir():
-        raise RecipeError(f"{recipe}: key 'templates': directory {values['templates']!r} does not exist")
+            raise RecipeError(f"{recipe}: batch_per_shape key {_shown(k)} must look like '768x3072'")
+    if values.get("templates") is not None and not os.path.isdir(values["templates"]):
+        raise RecipeError(f"{recipe}: key 'templates': directory {_shown(values['templates'])} does not exist")
     _check_model(recipe, values)
 
 
@@ -224,27 +274,27 @@ def _check_model(recipe: str, values: dict) -> None:
         for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head",
                     "verify", "target"):
             if values.get(key):
-                raise RecipeError(f"{recipe}: key {key!r} needs a model: set 'family' ({', '.join(FAMILIES)})")
+                raise RecipeError(f"{recipe}: key {_shown(key)} needs a model: set 'family' ({', '.join(FAMILIES)})")
         return
     if family not in FAMILIES:
-        raise RecipeError(f"{recipe}: key 'family' must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise RecipeError(f"{recipe}: key 'family' must be one of {', '.join(FAMILIES)}, got {_shown(family)}")
     generate = values.get("generate")
     if generate is not None and GENERATORS.get(generate) != family:
         known = ", ".join(g for g, f in GENERATORS.items() if f == family) or "none"
         raise RecipeError(f"{recipe}: key 'generate' must name a built-in {family} generator ({known}), "
-                          f"got {generate!r}")
+                          f"got {_shown(generate)}")
     checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise RecipeError(f"{recipe}: key 'checkpoint' is missing (a Hugging Face model directory)")
-    if generate is None and not (Path(checkpoint) / "config.json").is_file():
-        raise RecipeError(f"{recipe}: key 'checkpoint': {checkpoint!r} is not a model directory "
+    if generate is None and not os.path.isfile(Path(checkpoint) / "config.json"):
+        raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} is not a model directory "
                           "(no config.json there)")
     towers = values.setdefault("towers", list(FAMILIES[family]))
     if not towers or any(t not in FAMILIES[family] for t in towers) or len(set(towers)) != len(towers):
-        raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(FAMILIES[family])}, got {towers!r}")
+        raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(FAMILIES[family])}, got {_shown(towers)}")
     flavors = values.get("flavors", list(FLAVORS))
     if any(f not in FLAVORS for f in flavors) or len(set(flavors)) != len(flavors):
-        raise RecipeError(f"{recipe}: key 'flavors' must list some of {', '.join(FLAVORS)}, got {flavors!r}")
+        raise RecipeError(f"{recipe}: key 'flavors' must list some of {', '.join(FLAVORS)}, got {_shown(flavors)}")
     if any(not isinstance(p, str) or not p for p in values.get("cpu_layers", [])):
         raise RecipeError(f"{recipe}: key 'cpu_layers' must be a list of layer-name patterns")
     q = values["quantization"] = _sub_keys(recipe, "quantization", values.get("quantization", {}), QUANTIZATION)
@@ -260,16 +310,21 @@ def _check_model(recipe: str, values: dict) -> None:
     if not 0 <= head["peak_sigmas"] <= 100:
         raise RecipeError(f"{recipe}: key lm_head.peak_sigmas must be from 0 to 100, got {head['peak_sigmas']}")
     c = values["calibration"] = _sub_keys(recipe, "calibration", values.get("calibration", {}), CALIBRATION)
-    if c["synthetic"] < 0 or c["max_rows"] < 1:
-        raise RecipeError(f"{recipe}: keys calibration.synthetic and calibration.max_rows must be positive")
+    if not 0 <= c["synthetic"] <= MAX_INPUTS or not 1 <= c["max_rows"] <= 1 << 24:
+        raise RecipeError(f"{recipe}: keys calibration.synthetic (0 to {MAX_INPUTS}) and calibration.max_rows "
+                          f"(1 to {1 << 24}) out of range")
     if not (c["images"] or c["captions"] or c["prompts"] or c["synthetic"]):
         raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts or synthetic inputs")
     v = values["verify"] = _sub_keys(recipe, "verify", values.get("verify", {}), VERIFY)
-    if v["synthetic"] < 0 or not 1 <= v["tokens"] <= 4096 or not 0 <= v["greedy_steps"] <= 4096:
-        raise RecipeError(f"{recipe}: keys verify.synthetic >= 0, verify.tokens and verify.greedy_steps "
-                          "from 1 (0 for greedy_steps) to 4096")
+    if not 0 <= v["synthetic"] <= MAX_INPUTS or not 1 <= v["tokens"] <= 4096 or not 0 <= v["greedy_steps"] <= 4096 \
+            or not 0 <= v["rescore"] <= 1 << 24:
+        raise RecipeError(f"{recipe}: keys verify.synthetic (0 to {MAX_INPUTS}), verify.tokens and "
+                          "verify.greedy_steps (from 1, 0 for greedy_steps, to 4096), verify.rescore (>= 0)")
     for key, mapping in (("calibration", c), ("verify", v)):
-        for sub, test in (("images", Path.is_dir), ("captions", Path.is_file), ("prompts", Path.is_file)):
+        if not 0 <= mapping["seed"] <= MAX_SEED:
+            raise RecipeError(f"{recipe}: key {key}.seed must be from 0 to {MAX_SEED}, got {mapping['seed']}")
+    for key, mapping in (("calibration", c), ("verify", v)):
+        for sub, test in (("images", os.path.isdir), ("captions", os.path.isfile), ("prompts", os.path.isfile)):
             path = calibration_path(mapping[sub], checkpoint)
             # A generated checkpoint brings its own input files, made after this check.
             if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
@@ -279,27 +334,37 @@ def _check_model(recipe: str, values: dict) -> None:
         if metric not in known:
             raise RecipeError(f"{recipe}: unknown key target.{metric} (known for {family}: {', '.join(known)})")
         if not _is(value, float) or not 0 < value <= 1:
-            raise RecipeError(f"{recipe}: key target.{metric} must be a number in (0, 1], got {value!r}")
+            raise RecipeError(f"{recipe}: key target.{metric} must be a number in (0, 1], got {_shown(value)}")
+
+
+# What safe_load raises besides YAMLError: RecursionError for nesting deeper than Python's
+# stack, ValueError for an integer of more than 4300 digits or a timestamp like 2001-13-45.
+_YAML_ERRORS = (yaml.YAMLError, RecursionError, ValueError)
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -> Recipe:
     """Read, override and validate a recipe."""
     path = Path(path) if path else DEFAULT_RECIPE
     try:
-        values = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {path.stat().st_size} bytes is more than a recipe may have "
+                              f"({MAX_RECIPE_BYTES})")
+        values = _parse_yaml(path.read_bytes())  # bytes: PyYAML decodes (and refuses) what is not UTF-8/16
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from e
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from e
+    except _YAML_ERRORS as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e)[:300]})") from e
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values")
     for key, text in (overrides or {}).items():
         try:
-            values[key] = yaml.safe_load(text) if isinstance(text, str) else text
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: override {key}={text!r} is not a YAML value") from e
+            values[key] = _parse_yaml(text) if isinstance(text, str) else text
+        except _YAML_ERRORS as e:
+            raise RecipeError(f"{path}: override {key}={_shown(text)} is not a YAML value") from e
     for key in ("templates", "checkpoint"):
         if isinstance(values.get(key), str):
+            if _path_problem(values[key]):
+                raise RecipeError(f"{path}: key {key!r} {_path_problem(values[key])}")
             values[key] = str(resolve(values[key]))
     _check(str(path), values)
     return Recipe(**values, source=str(path))

@@ -83,9 +83,15 @@ def describe(model: TFLiteModel) -> dict:
     inp, out = model.tensors[model.inputs[0]], model.tensors[model.outputs[0]]
     _, w, _ = dense_tensors(model)
     for t in (inp, out):
-        if t.dtype != "uint8" or len(t.scale) != 1:
+        if t.dtype != "uint8" or len(t.scale) != 1 or len(t.zero_point) != 1:
             raise FormatError(f"{model.path}: template {'input' if t is inp else 'output'} {t.name!r} "
-                              f"must be uint8 with one scale, is {t.dtype}")
+                              f"must be uint8 with one scale and zero point, is {t.dtype} with "
+                              f"{len(t.scale)} and {len(t.zero_point)}")
+        if not (np.isfinite(t.scale[0]) and t.scale[0] > 0 and 0 <= t.zero_point[0] <= 255):
+            raise FormatError(f"{model.path}: template {t.name!r} has scale {t.scale[0]} and zero point "
+                              f"{t.zero_point[0]}; a uint8 tensor needs a positive scale and a zero point in 0..255")
+    if not np.all(np.isfinite(w.scale)) or np.any(w.scale <= 0):
+        raise FormatError(f"{model.path}: weights {w.name!r} have a scale that is not finite and positive")
     return {"in": shape.n_in, "out": shape.n_out, "batch": shape.batch,
             "input_scale": float(inp.scale[0]), "input_zero_point": int(inp.zero_point[0]),
             "output_scale": float(out.scale[0]), "output_zero_point": int(out.zero_point[0]),

@@ -32,11 +32,13 @@ from .bundle import Bundle, BundleError
 from .checkpoint import CheckpointError
 from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
 from .executors import BACKENDS, FLAVOR, BackendError, make_linear
+from .finite import NonFiniteError
 from .images import ImageError, load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
 from .tokenize import ClipTokenizer, TokenizerError
 
-ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, OSError)
+ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, NonFiniteError,
+          OSError)
 
 
 def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:
@@ -44,7 +46,7 @@ def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CL
     bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
     if bundle.family != "clip":
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a CLIP one")
-    config = CLIPConfig.from_dict(bundle.config)
+    config = bundle.model_config()
     if backend == "fp32":
         if checkpoint is None:
             raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "

@@ -10,16 +10,18 @@ leave the bundle directory (absolute, `..`, or a symlink pointing out).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import safetensors_layout
+from .config_values import ConfigError
+from .jsonfile import read_json
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
 
@@ -137,6 +139,10 @@ class Bundle:
     def tpu_layers(self) -> list[Layer]:
         return tpu_layers(self.layers, self.lm_head)
 
+    def model_config(self):
+        """The model's config (CLIPConfig or GemmaConfig), checked as `read_manifest` checked it."""
+        return model_config(self.family, self.config, str(self.dir / MANIFEST))
+
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
             if layer.name == name:
@@ -185,17 +191,9 @@ def read_manifest(directory: str | Path) -> Manifest:
     """Parse and check `manifest.json`: schema, version, every field's type, every path inside."""
     directory = Path(directory)
     path = directory / MANIFEST
-    try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path}: {size} bytes is too large for a manifest")
-        manifest = json.loads(path.read_bytes())
-    except FileNotFoundError as e:
-        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)") from e
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read ({e.strerror})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from e
+    if not os.path.lexists(path):
+        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)")
+    manifest = read_json(path, BundleError, MAX_MANIFEST_BYTES)
     where = str(path)
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: a manifest is a JSON object")
@@ -205,8 +203,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     if version != VERSION:
         raise BundleError(f"{path}: bundle version {version}, this runner reads version {VERSION} "
                           "(rebuild the bundle, or update the runner)")
-    _field(where, manifest, "family", str)
-    _field(where, manifest, "config", dict)
+    family = _field(where, manifest, "family", str)
+    model_config(family, _field(where, manifest, "config", dict), where)
     _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))
 
     real_dirs: dict = {}
@@ -236,7 +234,7 @@ def read_manifest(directory: str | Path) -> Manifest:
             raise BundleError(f"{w}: layer {name} has no parameter file")
         input_scale = None
         if e.get("input_scale") is not None:
-            input_scale = float(_field(w, e, "input_scale", (int, float), lambda v: 0 < v < float("inf")))
+            input_scale = float(_field(w, e, "input_scale", (int, float), lambda v: 0 < v <= sys.float_info.max))
         return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
                      _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
                      _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale)
@@ -266,15 +264,31 @@ def _lm_head(where: str, head: dict, layer) -> "LMHead":
     return LMHead(rows, vocab, tiles)
 
 
+def model_config(family: str, config: dict, where: str):
+    """The manifest's `config` as the family's config (CLIPConfig, GemmaConfig), every value checked."""
+    from .clip import CLIPConfig
+    from .gemma import GemmaConfig
+    parse = {"clip": CLIPConfig.from_dict, "gemma": GemmaConfig.from_dict}.get(family)
+    if parse is None:
+        raise BundleError(f"{where}: family {family!r} is not one this runner reads (clip, gemma)")
+    try:
+        return parse(config)
+    except ConfigError as e:
+        raise BundleError(f"{where}: {e}") from e
+
+
 def size_problem(f: BundleFile, what: str) -> str | None:
     try:
-        st = os.stat(f.path)  # one system call: this runs for every file at every start-up
-    except OSError:
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):
+        st = f.path.stat()
+    except FileNotFoundError:
         return f"{f.path}: missing (named by {MANIFEST} as the {what})"
-    if st.st_size != f.bytes:
-        return f"{f.path}: {st.st_size} bytes, {MANIFEST} says {f.bytes} ({what})"
+    except OSError as e:  # e.g. a name longer than the file system allows
+        return f"{f.path}: cannot be read ({e.strerror}) (named by {MANIFEST} as the {what})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{f.path}: not a regular file (named by {MANIFEST} as the {what})"
+    size = st.st_size
+    if size != f.bytes:
+        return f"{f.path}: {size} bytes, {MANIFEST} says {f.bytes} ({what})"
     return None
 
 
@@ -283,6 +297,12 @@ def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = No
     (through symlinks) outside the directory. `real_dirs` caches each directory's real
     path across one manifest's files. Strings and os.path, not pathlib: this runs for
     every file at every start-up, and resolving each in full was most of it."""
+    try:
+        if "\0" in rel:
+            raise ValueError("a NUL character")
+        os.fsencode(rel)
+    except (ValueError, UnicodeEncodeError) as e:  # os functions would raise these
+        raise BundleError(f"{where}: path {rel[:300]!r} is not a file name ({e})") from e
     parts = rel.split("/")
     if not rel or rel.startswith("/") or ".." in parts or "\\" in rel:
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
@@ -294,7 +314,7 @@ def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = No
         if d not in real_dirs:
             real_dirs[d] = os.path.realpath(d)
     real = os.path.join(real_dirs[parent], parts[-1])
-    if os.path.islink(real):
+    if os.path.islink(real):  # os.path, not pathlib: a symlink loop stays inside, then reads as missing
         real = os.path.realpath(real)
     if not real.startswith(real_dirs[base] + os.sep):
         raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")

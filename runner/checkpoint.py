@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .jsonfile import read_json
+
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 STORED = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # how each float type is viewed in the file
 
@@ -39,18 +41,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the tensor."""
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a Hugging Face config.json is a few kB
+
+
+def read_config(directory: str | Path) -> dict:
+    """A checkpoint's config.json as a dict; anything else is a CheckpointError naming it."""
+    path = Path(directory) / "config.json"
+    config = read_json(path, CheckpointError, MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
 class Checkpoint:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        config_path = self.dir / "config.json"
-        try:
-            self.config = json.loads(config_path.read_text())
-        except OSError as e:
-            raise CheckpointError(f"{config_path}: cannot read ({e.strerror})") from e
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
-        if not isinstance(self.config, dict):
-            raise CheckpointError(f"{config_path}: expected a JSON object")
+        self.config = read_config(self.dir)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.dir}: no *.safetensors files")

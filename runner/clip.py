@@ -10,10 +10,13 @@ here in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, Mapping
 
 import numpy as np
+
+from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
+from .finite import check_finite
 
 Linear = Callable[[str, np.ndarray], np.ndarray]  # (layer name, x [..., in]) -> [..., out]
 
@@ -36,9 +39,26 @@ class TowerConfig:
     eos_token_id: int = 2
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TowerConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: Mapping, where: str = "") -> "TowerConfig":
+        """One tower's config, every value checked (a `ConfigError` names the bad key)."""
+        f = ConfigFields(d, where)
+        defaults = {x.name: x.default for x in fields(cls) if x.default is not MISSING}
+        ints = {k: f.integer(k, defaults.get(k, REQUIRED)) for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
+            "max_position_embeddings")}
+        config = cls(**ints, num_hidden_layers=f.integer("num_hidden_layers", low=0, high=MAX_LAYERS),
+                     hidden_act=f.choice("hidden_act", defaults["hidden_act"], tuple(ACTIVATIONS)),
+                     layer_norm_eps=f.number("layer_norm_eps", defaults["layer_norm_eps"], high=1.0),
+                     num_channels=f.integer("num_channels", defaults["num_channels"], high=16),
+                     vocab_size=f.integer("vocab_size", defaults["vocab_size"], high=MAX_VOCAB),
+                     eos_token_id=f.integer("eos_token_id", defaults["eos_token_id"], low=0, high=MAX_VOCAB))
+        if config.hidden_size % config.num_attention_heads:
+            raise ConfigError(f"config: {f.name('hidden_size')} {config.hidden_size} is not a multiple of "
+                              f"{f.name('num_attention_heads')} {config.num_attention_heads}")
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"config: {f.name('image_size')} {config.image_size} is not a multiple of "
+                              f"{f.name('patch_size')} {config.patch_size}")
+        return config
 
     @property
     def head_dim(self) -> int:
@@ -53,8 +73,10 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPConfig":
-        return cls(TowerConfig.from_dict(d["vision_config"]), TowerConfig.from_dict(d["text_config"]),
-                   int(d.get("projection_dim", 512)))
+        """A Hugging Face CLIP config.json; `ConfigError` (a ValueError) names a missing or bad key."""
+        f = ConfigFields(d)
+        return cls(TowerConfig.from_dict(f.raw("vision_config"), "vision_config"),
+                   TowerConfig.from_dict(f.raw("text_config"), "text_config"), f.integer("projection_dim", 512))
 
 
 ACTIVATIONS = {
@@ -72,7 +94,10 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    # An overflowed variance would turn the row into zeros, silently (runner/finite.py).
+    check_finite(var, "hidden states entering a layer norm")
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
@@ -127,6 +152,7 @@ class CLIP:
         if (c, hgt, wid) != (cfg.num_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"expected pixels [B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
                              f"got {list(pixels.shape)}")
+        check_finite(pixels, "pixels")
         g = hgt // p
         # The patch convolution (stride = kernel = patch) is a matmul over flattened patches.
         patches = pixels.reshape(b, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
@@ -139,7 +165,7 @@ class CLIP:
         h = self._encoder("vision_model", h.astype(np.float32), cfg, None)
         pooled = layer_norm(h[:, 0], w["vision_model.post_layernorm.weight"],
                             w["vision_model.post_layernorm.bias"], cfg.layer_norm_eps)
-        return self.linear("visual_projection", pooled)
+        return check_finite(self.linear("visual_projection", pooled), "image embeddings")
 
     # -- text tower --------------------------------------------------------------------
     def text_features(self, input_ids: np.ndarray) -> np.ndarray:
@@ -163,7 +189,7 @@ class CLIP:
             eos = ids.argmax(-1)
         else:
             eos = (ids == cfg.eos_token_id).argmax(-1)
-        return self.linear("text_projection", h[np.arange(b), eos])
+        return check_finite(self.linear("text_projection", h[np.arange(b), eos]), "text embeddings")
 
     @property
     def logit_scale(self) -> float:

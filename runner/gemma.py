@@ -19,6 +19,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .config_values import MAX_LAYERS, MAX_VOCAB, ConfigError, ConfigFields
+from .finite import check_finite
+
 Linear = Callable[[str, np.ndarray], np.ndarray]
 
 
@@ -48,38 +51,57 @@ class GemmaConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "GemmaConfig":
         """Both config formats: `rope_parameters`/`layer_types` (transformers 5) and
-        `rope_theta`/`rope_local_base_freq`/`rope_scaling`/`sliding_window_pattern` (older)."""
-        d = dict(d.get("text_config", d))
-        n = int(d["num_hidden_layers"])
-        layer_types = d.get("layer_types") or [
-            "sliding_attention" if (i + 1) % int(d.get("sliding_window_pattern", 6)) else "full_attention"
-            for i in range(n)]
-        rope = d.get("rope_parameters") or {}
-        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-        scaling = d.get("rope_scaling") or full
-        if scaling.get("rope_type", "default") not in ("default", "linear"):
-            raise ValueError(f"RoPE type {scaling.get('rope_type')!r} is not supported (default, linear)")
+        `rope_theta`/`rope_local_base_freq`/`rope_scaling`/`sliding_window_pattern` (older).
+        Every value is checked: `ConfigError` (a ValueError) names a missing or bad key."""
+        top = ConfigFields(d)
+        f = top.mapping("text_config") if "text_config" in d else top
+        n = f.integer("num_hidden_layers", high=MAX_LAYERS)
+        layer_types = f.raw("layer_types", None)
+        if layer_types is None:
+            pattern = f.integer("sliding_window_pattern", 6)
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+        if not isinstance(layer_types, list) or len(layer_types) != n or any(t not in LAYER_TYPES for t in layer_types):
+            raise ConfigError(f"config key 'layer_types' must list {n} of {', '.join(LAYER_TYPES)}")
+        rope = f.mapping("rope_parameters")
+        full, local = rope.mapping("full_attention"), rope.mapping("sliding_attention")
+        scaling = f.mapping("rope_scaling") if f.raw("rope_scaling", None) else full
+        rope_type = scaling.choice("rope_type", "default", ("default", "linear"))
+        heads = f.integer("num_attention_heads")
+        kv_heads = f.integer("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ConfigError(f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        cap = f.raw("final_logit_softcapping", None)
+        eos = f.raw("eos_token_id", 1)
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if not eos_ids or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < MAX_VOCAB for t in eos_ids):
+            raise ConfigError(f"config key 'eos_token_id' must be a token id or a list of them, got {eos_ids!r:.80}")
         return cls(
-            hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=n, num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
-            head_dim=int(d.get("head_dim", 256)), vocab_size=int(d["vocab_size"]), layer_types=list(layer_types),
-            sliding_window=int(d.get("sliding_window") or 4096),
-            rope_global=float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
-            rope_local=float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
-            rope_global_factor=float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0,
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            final_logit_softcapping=d.get("final_logit_softcapping"),
-            hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
-            bos_token_id=int(d.get("bos_token_id", 2)), eos_token_id=d.get("eos_token_id", 1),
-            pad_token_id=int(d.get("pad_token_id", 0)))
+            hidden_size=f.integer("hidden_size"), intermediate_size=f.integer("intermediate_size"),
+            num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            head_dim=f.integer("head_dim", 256), vocab_size=f.integer("vocab_size", high=MAX_VOCAB),
+            layer_types=list(layer_types), sliding_window=f.integer("sliding_window", 4096, high=1 << 30),
+            rope_global=full.number("rope_theta", f.number("rope_theta", 1_000_000.0)),
+            rope_local=local.number("rope_theta", f.number("rope_local_base_freq", 10_000.0)),
+            rope_global_factor=scaling.number("factor", 1.0) if rope_type == "linear" else 1.0,
+            query_pre_attn_scalar=f.number("query_pre_attn_scalar", 256),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6, high=1.0),
+            max_position_embeddings=f.integer("max_position_embeddings", 32768, high=1 << 24),
+            final_logit_softcapping=None if cap is None else f.number("final_logit_softcapping"),
+            hidden_activation=f.choice("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+            bos_token_id=f.integer("bos_token_id", 2, low=0, high=MAX_VOCAB), eos_token_id=eos,
+            pad_token_id=f.integer("pad_token_id", 0, low=0, high=MAX_VOCAB))
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps)) * (1.0 + weight)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean_square = (x * x).mean(-1, keepdims=True)
+    # An overflowed mean square would turn the row into zeros, silently (runner/finite.py).
+    check_finite(mean_square, "hidden states entering an RMS norm")
+    return x / np.sqrt(mean_square + np.float32(eps)) * (1.0 + weight)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -171,7 +193,7 @@ class Gemma:
             mlp = self.linear(f"{p}.mlp.down_proj",
                               gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x)) * self.linear(f"{p}.mlp.up_proj", x))
             h = h + rms_norm(mlp, w[f"{p}.post_feedforward_layernorm.weight"], eps)
-        return rms_norm(h, w["model.norm.weight"], eps)
+        return check_finite(rms_norm(h, w["model.norm.weight"], eps), "the decoder's final hidden states")
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""

@@ -58,10 +58,7 @@ def load_gemma(bundle_dir: str | Path, backend: str, lm_head: str = "cpu", capac
     bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
     if bundle.family != "gemma":
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a Gemma one")
-    try:
-        config = GemmaConfig.from_dict(bundle.config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"{bundle.dir / 'manifest.json'}: config is not a usable Gemma-3 config ({e})") from e
+    config = bundle.model_config()
     tokenizer = GemmaTokenizer(bundle.tokenizer.path, config.bos_token_id) if bundle.tokenizer else None
     if backend == "fp32":
         if checkpoint is None:

@@ -33,6 +33,15 @@ def load_tokenizer(path: str | Path):
         raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`. A tokenizer whose vocabulary lacks a character the text has, and
+    lacks its unknown token too, raises a bare Exception: that is a TokenizerError here."""
+    try:
+        return tokenizer.encode(text).ids
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise TokenizerError(f"cannot tokenize {text[:60]!r} ({e})") from e
+
+
 class ClipTokenizer:
     def __init__(self, path: str | Path, context: int):
         self.tokenizer = load_tokenizer(path)
@@ -48,7 +57,7 @@ class ClipTokenizer:
             raise TokenizerError("no text given")
         rows = []
         for text in texts:
-            ids = self.tokenizer.encode(text).ids
+            ids = encode(self.tokenizer, text)
             if len(ids) > self.context:
                 ids = ids[: self.context - 1] + [self.eos_id]
             if self.eos_id not in ids:
@@ -68,7 +77,7 @@ class GemmaTokenizer:
     def encode(self, text: str) -> list[int]:
         if not text.strip():
             raise TokenizerError("the prompt is empty")
-        ids = self.tokenizer.encode(text).ids
+        ids = encode(self.tokenizer, text)
         return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
 
     def decode(self, ids: list[int]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -68,18 +69,51 @@ def _broken_checkpoint(tmp_path, checkpoint_dir, change):
     return broken
 
 
+def _lying_offsets(broken):
+    """The header says one tensor ends 4 bytes later than it does (safetensors must see the overlap)."""
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["vision_model.post_layernorm.bias"]["data_offsets"][1] += 4
+    body = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(body) == n
+    path.write_bytes(data[:8] + body + data[8 + n :])
+
+
+def _config_value(broken, key, value):
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"][key] = value
+    (broken / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("change, needle", [
     (lambda t: t.pop("text_model.encoder.layers.1.mlp.fc2.weight"), "'text_model.encoder.layers.1.mlp.fc2.weight' is missing"),
     (lambda t: t.__setitem__("vision_model.encoder.layers.0.self_attn.q_proj.weight", np.zeros((256, 128), np.float32)),
      "has shape [256, 128], the config implies [256, 256]"),
     (lambda t: t["vision_model.post_layernorm.bias"].__setitem__(3, np.nan), "holds NaN or Inf"),
+    (lambda t: t["text_model.encoder.layers.0.mlp.fc1.weight"].__setitem__((5, 7), -np.inf), "holds NaN or Inf"),
+    (lambda t: t.__setitem__("visual_projection.weight", np.ones((256, 256), np.int32)), "is I32, expected a float type"),
+    (lambda t: t.__setitem__("logit_scale", np.array(np.inf, np.float16)), "'logit_scale' holds NaN or Inf"),
+    ("lying offsets", "not a valid safetensors file"),
+    ("config: hidden_act", "text_config.hidden_act' must be one of"),
+    ("config: num_hidden_layers", "text_config.num_hidden_layers' must be from 0 to 1024"),
 ])
 def test_doit_refuses_a_broken_checkpoint_before_long_work(tmp_path, checkpoint_dir, change, needle):
-    broken = _broken_checkpoint(tmp_path, checkpoint_dir, change)
+    broken = _broken_checkpoint(tmp_path, checkpoint_dir, change if callable(change) else lambda t: None)
+    if change == "lying offsets":
+        _lying_offsets(broken)
+    elif change == "config: hidden_act":
+        _config_value(broken, "hidden_act", "relu6")
+    elif change == "config: num_hidden_layers":
+        _config_value(broken, "num_hidden_layers", 10**9)
     run = doit(tmp_path / "artifacts", f"checkpoint={broken}", "generate=null", "name=broken", check=False)
     assert run.returncode != 0, run.stdout
     assert needle in run.stdout + run.stderr and str(broken) in run.stdout + run.stderr
-    assert "calibrate" not in run.stderr  # it stopped before calibration started
+    assert "Traceback" not in run.stdout + run.stderr
+    # Refused by the first stage that reads it: no template was made, nothing calibrated.
+    assert "template:" not in run.stdout and "calibrate" not in run.stderr
+    assert not list((tmp_path / "artifacts").glob("cache/uncompiled/*"))
     assert not (tmp_path / "artifacts" / "bundles" / "broken").exists()
 
 

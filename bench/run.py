@@ -49,6 +49,8 @@ def main() -> int:
                        cwd=ROOT, env=env)
         results[model] = json.loads(path.read_text())
     out = results_dir / f"{date}.json"
+    if args.only and out.exists():  # --only updates that model's part of today's results
+        results = {**json.loads(out.read_text()), **results}
     write_atomic(out, json.dumps(results, indent=2) + "\n")
     text = markdown(results)
     write_atomic(out.with_suffix(".md"), f"# Benchmarks, {date}\n\n" + text)

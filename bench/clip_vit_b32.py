@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (ROOT, bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
-                          rebuilds, recipe_of, runner, startup_patching, use_artifacts)
+from bench.common import (bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
+                          rebuilds, recipe_of, runner, startup_patching, use_artifacts, write_result)
 from bench.throughput import Counter, Device, recommend  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-clip-vit-b32")
@@ -160,12 +160,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="results file (default bench/results/clip-vit-b32-<date>.json)")
     args = ap.parse_args()
     result = run(args.images)
-    out = args.out or ROOT / "bench" / "results" / f"clip-vit-b32-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    from bench.report import markdown
-    print(markdown({"clip": result}))
-    print(f"written to {out}")
+    write_result(result, "clip", "clip-vit-b32", args.out)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,15 @@ def rebuilds(variables: list[str], artifacts: Path, knob: str, tensor: str) -> d
     out["tensor_layers_redone"] = len(stored_params(artifacts) - before)
     doit(variables)
     return out
+
+
+def write_result(result: dict, model: str, stem: str, out: Path | None) -> None:
+    """Write one model's results (default bench/results/<stem>-<date>.json) and print its tables."""
+    from bench.report import markdown
+    out = out or ROOT / "bench" / "results" / f"{stem}-{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(markdown({model: result}))
+    print(f"written to {out}")

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (ROOT, bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
-                          rebuilds, recipe_of, runner, startup_patching, use_artifacts)
+from bench.common import (bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
+                          rebuilds, recipe_of, runner, startup_patching, use_artifacts, write_result)
 from bench.throughput import Counter, Device, LinearWork, cpu_head_work, recommend  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-gemma-270m")
@@ -157,12 +157,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="results file (default bench/results/gemma-270m-<date>.json)")
     args = ap.parse_args()
     result = run(args.steps)
-    out = args.out or ROOT / "bench" / "results" / f"gemma-270m-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    from bench.report import markdown
-    print(markdown({"gemma": result}))
-    print(f"written to {out}")
+    write_result(result, "gemma", "gemma-270m", args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
+from bench.fuzz_parsers import tiny_clip_config, tiny_gemma_config  # one tiny config per family, shared with the long run
 from prepare import clip_build, gemma_build
 from prepare.recipe import RecipeError, load_recipe
 from prepare.templates import describe
@@ -66,22 +67,6 @@ def mutated(draw, tree):
 
 def json_bytes(tree) -> bytes:
     return json.dumps(tree).encode("utf-8", "surrogatepass")
-
-
-def tiny_clip_config() -> dict:
-    tower = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    return {"projection_dim": 8, "vision_config": dict(tower, image_size=4, patch_size=2, num_channels=3),
-            "text_config": dict(tower, vocab_size=16, max_position_embeddings=8, eos_token_id=15)}
-
-
-def tiny_gemma_config() -> dict:
-    return {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 16, "sliding_window": 4,
-            "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 32,
-            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-            "eos_token_id": [1, 3], "bos_token_id": 2, "pad_token_id": 0, "final_logit_softcapping": None}
 
 
 FAMILIES = {"clip": (tiny_clip_config, CLIPConfig, clip_shapes, clip_build),

@@ -201,7 +201,7 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
                        "head": head, "steps": [{"token": s.token, "ms": round(s.ms, 2), **s.head} for s in steps]})
         if r == 0 and not args.json:
             out.write("\n")
-    # With several rounds the first is a warm-up (the emulator decodes each layer on first use):
+    # With several rounds the first is a warm-up (it opens each layer: decodes it, or opens its interpreter):
     # the summary is the median of the others.
     timed = rounds[1:] or rounds
     middle = sorted(timed, key=lambda r: r["ms_per_token"] or r["prefill_ms"])[(len(timed) - 1) // 2]

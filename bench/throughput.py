@@ -39,7 +39,6 @@ class Device:
     cpu_bytes_per_s: float
     cpu_elements_per_s: float
     host_to_pi_cpu: float
-    storage_bytes_per_s: float
     reference: dict
 
     @classmethod

@@ -30,11 +30,17 @@ def reference(demo):
     ("bundles/.demo-clip.tmp", "bundle"),                    # the bundle being assembled (or, late, doit saving its state)
 ], ids=["checkpoint", "layers", "bundle"])
 def test_killed_build_reruns_to_the_clean_build(pattern, stage, reference, tmp_path):
-    artifacts = tmp_path / "artifacts"
-    build = Build(artifacts)
-    wait_for(build, artifacts, when_exists(pattern), {})
-    if not build.kill():
-        pytest.fail(f"doit finished before the kill at {pattern!r}: nothing was tested")
+    # The kill must land in the stage it is meant for. On a loaded machine the watcher can
+    # see the file late, after a short stage has ended: then the experiment is run again in
+    # a fresh directory (up to three times) rather than testing another moment.
+    for attempt in range(3):
+        artifacts = tmp_path / f"artifacts-{attempt}"
+        build = Build(artifacts)
+        wait_for(build, artifacts, when_exists(pattern), {})
+        if not build.kill():
+            pytest.fail(f"doit finished before the kill at {pattern!r}: nothing was tested")
+        if build.tasks[-1] == stage:
+            break
     assert build.tasks[-1] == stage, build.output  # the kill landed in the stage it was meant for
     assert cache_problems(artifacts) == []  # what the kill left is whole or absent
 

@@ -152,10 +152,8 @@ def rebuilds(variables: list[str], artifacts: Path, knob: str, tensor: str) -> d
 def write_result(result: dict, model: str, stem: str, out: Path | None) -> None:
     """Write one model's results (default bench/results/<stem>-<date>.json) and print its tables."""
     from bench.report import markdown
+    from prepare.store import atomic_write
     out = out or ROOT / "bench" / "results" / f"{stem}-{result['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
     print(markdown({model: result}))
     print(f"written to {out}")

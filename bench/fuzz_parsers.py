@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from prepare import clip_build, gemma_build  # noqa: E402
 from prepare.inspect import inspect  # noqa: E402
 from prepare.recipe import RecipeError, load_recipe  # noqa: E402
+from prepare.store import atomic_write  # noqa: E402
 from prepare.templates import describe  # noqa: E402
 from runner.bundle import Bundle, BundleError  # noqa: E402
 from runner.checkpoint import CheckpointError  # noqa: E402
@@ -590,18 +591,12 @@ def main(argv=None) -> int:
         results["parsers"][name] = r
         results.update(date=datetime.date.today().isoformat(), python=sys.version.split()[0],
                        peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-        _write_atomic(args.out, json.dumps(results, indent=1, default=_json_default))
+        atomic_write(args.out, json.dumps(results, indent=1, default=_json_default))
     return 1 if failed else 0
 
 
 def _json_default(o):
     return None if isinstance(o, float) and not math.isfinite(o) else str(o)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

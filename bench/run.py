@@ -22,15 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.report import markdown, plot  # noqa: E402
+from prepare.store import atomic_write  # noqa: E402
 
 SCRIPTS = {"clip": "clip_vit_b32.py", "gemma": "gemma_270m.py"}
 RESULTS = {"clip": "clip-vit-b32-{date}.json", "gemma": "gemma-270m-{date}.json"}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -51,9 +46,9 @@ def main() -> int:
     out = results_dir / f"{date}.json"
     if args.only and out.exists():  # --only updates that model's part of today's results
         results = {**json.loads(out.read_text()), **results}
-    write_atomic(out, json.dumps(results, indent=2) + "\n")
+    atomic_write(out, json.dumps(results, indent=2) + "\n")
     text = markdown(results)
-    write_atomic(out.with_suffix(".md"), f"# Benchmarks, {date}\n\n" + text)
+    atomic_write(out.with_suffix(".md"), f"# Benchmarks, {date}\n\n" + text)
     plot(results, out.with_suffix(".png"))
     print(text)
     print(f"written: {out.relative_to(ROOT)}, .md, .png")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
-from bench.fuzz_parsers import tiny_clip_config, tiny_gemma_config  # one tiny config per family, shared with the long run
+from bench.fuzz_parsers import tiny_clip_config, tiny_gemma_config, tree_paths  # one tiny config per family, shared with the long run
 from prepare import clip_build, gemma_build
 from prepare.recipe import RecipeError, load_recipe
 from prepare.templates import describe
@@ -38,21 +38,11 @@ json_values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
 
-def paths_of(tree, prefix=()):
-    yield prefix
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from paths_of(v, prefix + (k,))
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            yield from paths_of(v, prefix + (i,))
-
-
 @st.composite
 def mutated(draw, tree):
     """`tree` with one node replaced by any JSON value, or deleted."""
     tree = copy.deepcopy(tree)
-    path = draw(st.sampled_from(list(paths_of(tree))))
+    path = draw(st.sampled_from([p for p, _ in tree_paths(tree)]))
     if not path:
         return draw(json_values)
     parent = tree

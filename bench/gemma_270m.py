@@ -101,7 +101,7 @@ def pi5(bundle: Path, setup_ms: dict, patching_ms: dict) -> dict:
     model.forward(np.asarray([PROMPT[-1]]), cache)
     decode = counter.reset()
     v, h = c.vocab_size, c.hidden_size
-    tiles = b.lm_head.tiles
+    tiles = [LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1]) for t in b.lm_head.tiles]
     out = {}
     for label, work, rows, context in (("prefill_16", prefill, len(PROMPT), len(PROMPT)),
                                        ("decode", decode, 1, len(PROMPT) + 1)):
@@ -111,14 +111,11 @@ def pi5(bundle: Path, setup_ms: dict, patching_ms: dict) -> dict:
         body = work.estimate(device)
         heads = {}
         for mode, n_tiles, rescore in (("cpu", 0, 0), ("tpu", len(tiles), 0), ("tpu-shortlist-8+rescore-64", 8, 64)):
-            head_work = dataclasses.replace(
-                cpu_head_work(v * h if mode == "cpu" else rescore * h),
-                head_tiles=[LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1])
-                            for t in tiles[:n_tiles]])
+            head_work = dataclasses.replace(cpu_head_work(v * h if mode == "cpu" else rescore * h),
+                                            head_tiles=tiles[:n_tiles])
             heads[mode] = head_work.estimate(device)["total_s"]
-        all_tiles = [LinearWork(t.name, t.n_in, t.n_out, t.batch, t.files["params"].bytes, [1]) for t in tiles]
         out[label] = {"work": work.summary(), "estimate": body, "head_s": heads,
-                      "recommend": recommend(dataclasses.replace(work, head_tiles=all_tiles), device)}
+                      "recommend": recommend(dataclasses.replace(work, head_tiles=tiles), device)}
     out["setup_s"] = {k: {"ours": setup_ms[k] / 1e3 * device.host_to_pi_cpu,
                           "startup_patching": patching_ms[k] / 1e3 * device.host_to_pi_cpu} for k in setup_ms}
     out["reference"] = {k: device.reference[k] for k in ("gemma_setup_cpu_head_s", "gemma_setup_tpu_head_s")}

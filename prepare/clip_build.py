@@ -91,12 +91,9 @@ def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calib
 def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> list[np.ndarray]:
     """Token-id rows: the recipe's captions (tokenized), then seeded synthetic ones."""
     rows: list[np.ndarray] = []
-    inputs, path_of = recipe.inputs(section)
-    path = path_of("captions")
-    if path is not None:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise RecipeError(f"{recipe.source}: key {section}.captions: {path} has no captions")
+    inputs = recipe.inputs(section)[0]
+    lines = recipe.input_lines(section, "captions")
+    if lines:
         tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
         rows += [tokenizer([line])[0] for line in lines]
     t = config.text
@@ -139,7 +136,5 @@ def calibration_count(recipe: Recipe) -> int:
         n += recipe.calibration["synthetic"] + (len([p for p in folder.iterdir()
                                                      if p.suffix.lower() in IMAGE_SUFFIXES]) if folder else 0)
     if "text" in recipe.towers:
-        path = recipe.calibration_path("captions")
-        n += recipe.calibration["synthetic"] + (sum(1 for line in path.read_text().splitlines() if line.strip())
-                                                if path else 0)
+        n += recipe.calibration["synthetic"] + len(recipe.input_lines("calibration", "captions"))
     return n

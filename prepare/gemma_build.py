@@ -16,7 +16,7 @@ from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shape
 
 from .calibrate import InputRecorder
 from .families import LinearSpec
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
 
 MAX_CALIBRATION_TOKENS = 128  # per prompt: calibration needs ranges, not long contexts
 # The Edge TPU has about 8 MiB of on-chip parameter memory (edgetpu-format.md); a head tile's
@@ -84,13 +84,10 @@ def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "cal
     """Token-id sequences: the recipe's prompts (tokenized), then seeded synthetic ones
     (of `calibration`, or of `verify`: the held-out ones)."""
     rows = []
-    inputs, path_of = recipe.inputs(section)
-    path = path_of("prompts")
-    if path is not None:
+    inputs = recipe.inputs(section)[0]
+    lines = recipe.input_lines(section, "prompts")
+    if lines:
         from tokenizers import Tokenizer
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise RecipeError(f"{recipe.source}: key {section}.prompts: {path} has no prompts")
         tokenizer = Tokenizer.from_file(str(recipe.checkpoint_dir / "tokenizer.json"))
         rows += [np.array(tokenizer.encode(line).ids[:max_tokens], np.int64) for line in lines]
     rng = np.random.default_rng(inputs["seed"])
@@ -101,9 +98,7 @@ def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "cal
 
 
 def calibration_count(recipe: Recipe) -> int:
-    path = recipe.calibration_path("prompts")
-    lines = sum(1 for line in path.read_text().splitlines() if line.strip()) if path else 0
-    return lines + recipe.calibration["synthetic"]
+    return len(recipe.input_lines("calibration", "prompts")) + recipe.calibration["synthetic"]
 
 
 def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: GemmaConfig,

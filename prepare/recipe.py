@@ -195,6 +195,17 @@ class Recipe:
             return self.verify, self.verify_path
         return self.calibration, self.calibration_path
 
+    def input_lines(self, section: str, key: str) -> list[str]:
+        """The non-empty lines of a text input (captions, prompts) of `calibration` or
+        `verify`; none when the key is null. A file without any is a RecipeError."""
+        path = self.inputs(section)[1](key)
+        if path is None:
+            return []
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise RecipeError(f"{self.source}: key {section}.{key}: {path} has no {key}")
+        return lines
+
 
 _KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
 _TYPES = {"name": str, "family": (str, type(None)), "checkpoint": (str, type(None)),

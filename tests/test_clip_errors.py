@@ -53,6 +53,16 @@ def test_override_is_validated_too(tmp_path, checkpoint_dir):
         load_recipe(path, {"batch": "[1, 2]"})
 
 
+@pytest.mark.parametrize("recipe, section, key", [("recipes/demo-clip.yaml", "calibration", "captions"),
+                                                  ("recipes/demo-gemma.yaml", "verify", "prompts")])
+def test_a_text_input_without_lines_is_a_recipe_error(tmp_path, recipe, section, key):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    loaded = load_recipe(recipe, {section: f"{{{key}: {empty}}}"})
+    with pytest.raises(RecipeError, match=f"key {section}.{key}: {empty} has no {key}"):
+        loaded.input_lines(section, key)
+
+
 def test_doit_refuses_a_bad_recipe_at_once(tmp_path):
     run = doit(tmp_path / "artifacts", f"recipe={recipe_file(tmp_path, 'name: r' + chr(10) + 'bogus: 1')}",
                check=False)

@@ -18,18 +18,21 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from prepare.compiler import CompilerError
 from prepare.demo_models import DEMO_VERSION
 from prepare.recipe import Recipe, RecipeError, load_recipe
 from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
-from runner.bundle import BundleError
-from runner.checkpoint import CheckpointError
-from runner.images import ImageError
-from runner.tokenize import TokenizerError
-from prepare.template_stage import (Toolchain, build_compiled, build_uncompiled, check_prebuilt, index_path,
-                                    missing_message, plan, recipe_shapes, write_index)
-from prepare.templates import TemplateError
-from runner.flatbuf import FormatError
+from prepare.template_stage import (
+    Toolchain,
+    build_compiled,
+    build_uncompiled,
+    check_prebuilt,
+    index_path,
+    missing_message,
+    plan,
+    recipe_shapes,
+    write_index,
+)
+from runner.errors import UserError
 
 # One doit at a time per artifacts directory: a second one waits here, before doit opens
 # its dependency file, so it then sees the first one's work as done. Holding the lock,
@@ -38,8 +41,7 @@ BUILD_LOCK = lock_artifacts(ARTIFACTS)
 LEFTOVERS = remove_leftovers(ARTIFACTS)
 if LEFTOVERS:
     print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
-EXPECTED = (TemplateError, CompilerError, FormatError, RecipeError, CheckpointError, ImageError, TokenizerError,
-            BundleError, OSError)
+EXPECTED = (UserError, OSError)
 
 
 def step(fn, *args):
@@ -66,7 +68,7 @@ def _load() -> Recipe:
 def _plans():
     try:
         return plan(RECIPE, recipe_shapes(RECIPE), Toolchain.find(RECIPE))
-    except (CheckpointError, TemplateError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -228,12 +230,12 @@ def task_verify():
 def task_deploy():
     """Copy a bundle and the runner with rsync: doit deploy bundle=NAME to=user@host:/path (`to`, not `target`: that is the recipe key)."""
     from prepare.bundle import bundle_dir
-    from prepare.deploy import DeployError, deploy
+    from prepare.deploy import deploy
 
     def run():
         try:
             report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("to", ""))
-        except DeployError as e:
+        except UserError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")
         print(f"on the Pi: {report['on_the_pi']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner.flatbuf import FormatError
+from runner.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             from .inspect import main as run
             return run(args)
         return check_templates(args)
-    except (FormatError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         # Bad input is the user's to fix: one line naming the file and the problem.
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
+
 from .families import family_module
 from .quantize import quantize_weights
 from .recipe import Recipe

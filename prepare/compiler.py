@@ -18,12 +18,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.errors import UserError
+
 DEFAULT_COMPILER = "edgetpu_compiler"
 TIMEOUT_S = 600
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
-class CompilerError(Exception):
+class CompilerError(UserError):
     """The compiler is missing, failed, or left the Dense layer off the TPU."""
 
 

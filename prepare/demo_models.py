@@ -46,7 +46,14 @@ def captions() -> list[str]:
 
 def make_tokenizer(vocab_size: int = 1024):
     """A CLIP-style BPE (lower-cased, byte-level, `</w>` word ends, start/end-of-text tokens)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
@@ -276,7 +283,14 @@ def gemma_corpus() -> list[str]:
 
 def make_gemma_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE with Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and a bos prefix."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -320,7 +334,8 @@ def gemma_270m_config() -> dict:
 
 
 def random_gemma_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes
+    from runner.gemma import GemmaConfig
+    from runner.gemma import tensor_shapes as gemma_shapes
 
     tensors = {}
     for name, shape in gemma_shapes(GemmaConfig.from_dict(config)).items():

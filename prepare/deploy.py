@@ -17,13 +17,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from runner.errors import UserError
+
 from .store import ROOT
 
 RSYNC_FLAGS = ["--archive", "--checksum", "--partial", "--delete", "--mkpath", "--stats",
                "--exclude=__pycache__", "--exclude=*.pyc"]
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError):
     """A deploy that cannot go on; the message says why and what to do."""
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError, read_config
-from runner.config_values import ConfigError
 from runner.clip import float_linear
+from runner.config_values import ConfigError
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
 
 from .calibrate import InputRecorder

@@ -9,7 +9,7 @@ import numpy as np
 
 from runner.edgetpu_codec import EDGETPU_OP, CompiledModel, parse_compiled
 from runner.flatbuf import FormatError
-from runner.tflite_file import TFLiteModel, Tensor, read_tflite
+from runner.tflite_file import Tensor, TFLiteModel, read_tflite
 
 from .patch import dense_tensors, uncompiled_multipliers
 

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.edgetpu_codec import DenseParams, decode_dense, encode_dense, parse_compiled, patch, token_from_digest
+from runner.edgetpu_codec import (
+    DenseParams,
+    decode_dense,
+    encode_dense,
+    parse_compiled,
+    patch,
+    token_from_digest,
+)
 from runner.emulate import DenseEmulator
 from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite

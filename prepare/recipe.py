@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from runner.errors import UserError
+
 from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
@@ -98,7 +100,7 @@ def calibration_path(value: str | None, checkpoint: str) -> Path | None:
     return Path(checkpoint) / value
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used; the message names the recipe, the key and the problem."""
 
 

@@ -25,8 +25,17 @@ from runner.tflite_file import parse_tflite
 from .compiler import compile_model, compiler_version, find_compiler
 from .recipe import Recipe
 from .store import ARTIFACTS, Store, atomic_write, key_of
-from .templates import (PrebuiltPair, Shape, TemplateError, check_pair, describe, find_pairs,
-                        make_uncompiled, self_check, uncompiled_key_inputs)
+from .templates import (
+    PrebuiltPair,
+    Shape,
+    TemplateError,
+    check_pair,
+    describe,
+    find_pairs,
+    make_uncompiled,
+    self_check,
+    uncompiled_key_inputs,
+)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.edgetpu_codec import EDGETPU_OP, CompiledModel, read_compiled
+from runner.errors import UserError
 from runner.flatbuf import FormatError
 from runner.tflite_file import TFLiteModel, parse_tflite, read_tflite
 
@@ -36,7 +37,7 @@ GENERATOR_VERSION = 1
 MULTIPLIER_RTOL = 1e-6
 
 
-class TemplateError(Exception):
+class TemplateError(UserError):
     """A template that must not be used; the message names shape, batch and what differs."""
 
 

@@ -28,7 +28,15 @@ from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.executors import make_linear
 
-from .evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, evaluation, mixed, sensitivity
+from .evaluate import (
+    ErrorProbe,
+    Memo,
+    QuantizedLayers,
+    emulated,
+    evaluation,
+    mixed,
+    sensitivity,
+)
 from .families import family_module
 from .recipe import Recipe
 from .store import Store, atomic_write

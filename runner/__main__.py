@@ -29,16 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .checkpoint import CheckpointError
 from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
+from .errors import UserError
 from .executors import BACKENDS, FLAVOR, BackendError, make_linear
-from .finite import NonFiniteError
-from .images import ImageError, load_f32le, load_image
+from .images import load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
 from .tokenize import ClipTokenizer, TokenizerError
 
-ERRORS = (BundleError, BackendError, CheckpointError, ImageError, TokenizerError, HeadError, NonFiniteError,
-          OSError)
+ERRORS = (UserError, OSError)
 
 
 def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:

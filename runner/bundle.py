@@ -21,6 +21,7 @@ import numpy as np
 
 from .checkpoint import safetensors_layout
 from .config_values import ConfigError
+from .errors import UserError
 from .jsonfile import read_json
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
@@ -42,7 +43,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A bundle that cannot be used; the message names the file and the problem."""
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, read_manifest, sha256_file, size_problem
-from .executors import BackendError, LazyDense, TemplateInterpreter, edgetpu_delegates, edgetpu_library
+from .executors import (
+    BackendError,
+    LazyDense,
+    TemplateInterpreter,
+    edgetpu_delegates,
+    edgetpu_library,
+)
 from .interpreter import INTERPRETER
 
 

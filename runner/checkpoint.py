@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .jsonfile import read_json
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -26,7 +27,9 @@ def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
     overlap). A bad file raises whatever safetensors raises: callers name the file."""
     import struct
 
-    from safetensors import safe_open  # the runner needs it only for bundles and the fp32 backend
+    from safetensors import (
+        safe_open,  # the runner needs it only for bundles and the fp32 backend
+    )
     with safe_open(str(path), framework="numpy"):
         pass
     with open(path, "rb") as f:
@@ -37,7 +40,7 @@ def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
             for name, spec in header.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the tensor."""
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from .errors import UserError
+
 MAX_WIDTH = 1 << 20  # hidden, intermediate, head sizes, positions, image sizes
 MAX_LAYERS = 1024
 MAX_VOCAB = 1 << 24
 REQUIRED = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config value that cannot be used; the message names the key and the problem."""
 
 

@@ -13,9 +13,9 @@ tokens. Nothing else in the file changes, which `patch` asserts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

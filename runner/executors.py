@@ -23,6 +23,7 @@ from .bundle import Bundle, BundleError, Layer
 from .clip import float_linear
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
+from .errors import UserError
 from .interpreter import load_delegate, require_interpreter
 from .quant import QuantizedLinear
 
@@ -30,7 +31,7 @@ BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")
 EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError):
     """A backend this machine cannot run; the message says what is missing."""
 
 

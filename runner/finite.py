@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UserError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(UserError):
     """An input holds NaN or Inf, or the model's hidden states overflowed float32."""
 
 

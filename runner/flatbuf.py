@@ -13,12 +13,14 @@ window's start, positions returned are absolute in the outer file.
 
 from __future__ import annotations
 
-import struct
 import dataclasses
+import struct
 from dataclasses import dataclass
 
+from .errors import UserError
 
-class FormatError(ValueError):
+
+class FormatError(UserError):
     """The bytes are not the structure they claim to be. The message says where and why."""
 
 

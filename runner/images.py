@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used; the message names the file."""
 
 

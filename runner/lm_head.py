@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .errors import UserError
 from .executors import check_flavor, quantized_layer
 
 HEAD_MODES = ("cpu", "tpu-preload", "tpu-lazy")
@@ -36,7 +37,7 @@ EMBEDDING = "model.embed_tokens"
 CHUNK_ROWS = 16384  # rows of the int8 table turned into float32 at a time (16384 x 640 x 4 = 40 MB)
 
 
-class HeadError(ValueError):
+class HeadError(UserError):
     """Head options that do not fit together or do not fit the bundle."""
 
 

@@ -6,8 +6,8 @@ read: every template (compiled or not) has exactly one.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 

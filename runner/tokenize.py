@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 
 EOS = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file that cannot be used, or text it cannot encode."""
 
 

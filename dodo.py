@@ -12,26 +12,40 @@ templates -> layers (calibrate, quantize, patch) -> bundle.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from prepare.demo_models import DEMO_VERSION
+from prepare.demo_models import DEMO_VERSION, generate
+from prepare.deploy import deploy
+from prepare.families import family_of
+from prepare.paths import (
+    bundle_dir,
+    layers_index_path,
+    placement_path,
+    templates_index_path,
+)
 from prepare.recipe import Recipe, RecipeError, load_recipe
-from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
-from prepare.template_stage import (
+from prepare.stages.bundle import write_bundle
+from prepare.stages.layer_check import check_templates_index
+from prepare.stages.layers import LAYER_VERSION, build_layers
+from prepare.stages.placement import select_cpu_layers
+from prepare.stages.templates import (
     Toolchain,
     build_compiled,
     build_uncompiled,
     check_prebuilt,
-    index_path,
     missing_message,
     plan,
     recipe_shapes,
     write_index,
 )
+from prepare.stages.verify import verify
+from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
 from runner.errors import UserError
 
 # One doit at a time per artifacts directory: a second one waits here, before doit opens
@@ -89,18 +103,16 @@ def task_checkpoint():
         return
     directory = RECIPE.checkpoint_dir
     if RECIPE.generate is not None:
-        from prepare.demo_models import generate
         yield {"name": RECIPE.generate,
                "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
                "targets": [directory / f for f in GENERATED_FILES],
                "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
                                             "version": DEMO_VERSION})]}
-    from prepare.families import family_module
     yield {"name": "check",
-           "actions": [step(family_module(RECIPE).open_checkpoint, RECIPE)],
+           "actions": [step(family_of(RECIPE.family).open_checkpoint, RECIPE)],
            "task_dep": [f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else [],
            "file_dep": _checkpoint_files(inputs=False),
-           "uptodate": [config_changed({"towers": RECIPE.towers})]}
+           "uptodate": [config_changed(RECIPE.settings("towers"))]}
 
 
 def task_template():
@@ -138,7 +150,7 @@ def task_templates():
     summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in PLANS]
     deps = [f"template:{p.shape}" for p in PLANS] + [f"compile:{p.shape}" for p in PLANS if p.compiled_key]
     return {"actions": [step(run)], "task_dep": deps,
-            "targets": [index_path(RECIPE)], "uptodate": [config_changed(repr(summary))]}
+            "targets": [templates_index_path(RECIPE.name)], "uptodate": [config_changed(repr(summary))]}
 
 
 def _checkpoint_files(inputs: bool = True) -> list[str]:
@@ -159,7 +171,7 @@ def _input_files(section: str) -> list[str]:
     files change with its generator, which the checkpoint task tracks)."""
     files = []
     for key in ("images", "captions", "prompts"):
-        path = RECIPE.inputs(section)[1](key)
+        path = RECIPE.input_path(section, key)
         if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
             continue
         files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
@@ -170,13 +182,12 @@ def task_layers():
     """Calibrate on the float model, then quantize and patch every linear (cached per layer)."""
     if not RECIPE.family:
         return
-    from prepare.layers import LAYER_VERSION, build_layers, layers_index_path
-    settings = {k: getattr(RECIPE, k) for k in ("towers", "quantization", "calibration", "flavors", "cpu_layers",
-                                                "lm_head", "checkpoint")}
+    settings = RECIPE.settings("towers", "quantization", "calibration", "flavors", "cpu_layers", "lm_head",
+                               "checkpoint")
     return {"actions": [step(build_layers, RECIPE, STORE)],
             "task_dep": ["templates"] + ([f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else []),
-            "file_dep": [str(index_path(RECIPE))] + _checkpoint_files(),
-            "targets": [layers_index_path(RECIPE)],
+            "file_dep": [str(templates_index_path(RECIPE.name))] + _checkpoint_files(),
+            "targets": [layers_index_path(RECIPE.name)],
             "uptodate": [config_changed({"settings": settings, "version": LAYER_VERSION})]}
 
 
@@ -184,30 +195,24 @@ def task_select():
     """With a recipe `target`: the fewest linears kept on the CPU that reach it (sensitivity on held-out inputs)."""
     if not RECIPE.family or not RECIPE.target:
         return
-    from prepare.layers import layers_index_path
-    from prepare.select import placement_path, select_cpu_layers
     return {"actions": [step(select_cpu_layers, RECIPE, STORE)], "task_dep": ["layers"],
-            "file_dep": [str(layers_index_path(RECIPE))] + _input_files("verify"),
-            "targets": [placement_path(RECIPE)],
-            "uptodate": [config_changed({"target": RECIPE.target, "verify": RECIPE.verify})]}
+            "file_dep": [str(layers_index_path(RECIPE.name))] + _input_files("verify"),
+            "targets": [placement_path(RECIPE.name)],
+            "uptodate": [config_changed(RECIPE.settings("target", "verify"))]}
 
 
 def task_bundle():
     """Gather the layer artifacts and host tensors into artifacts/bundles/<name>/."""
     if not RECIPE.family:
         return
-    from prepare.bundle import bundle_dir, write_bundle
-    from prepare.layers import layers_index_path
-    from prepare.select import placement_path
-
-    placement = placement_path(RECIPE) if RECIPE.target else None
+    placement = placement_path(RECIPE.name) if RECIPE.target else None
 
     def run():
-        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE).read_text()), STORE,
+        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE.name).read_text()), STORE,
                      json.loads(placement.read_text()) if placement else None)
         print(f"bundle: {bundle_dir(RECIPE.name)}")
     return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
-            "file_dep": [str(layers_index_path(RECIPE))] + ([str(placement)] if placement else []),
+            "file_dep": [str(layers_index_path(RECIPE.name))] + ([str(placement)] if placement else []),
             "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
 
 
@@ -215,23 +220,15 @@ def task_verify():
     """Float against int8 (emulate) on held-out inputs: report.json, report.png and a summary in the bundle."""
     if not RECIPE.family:
         return
-    from prepare.bundle import bundle_dir
-
-    def run():
-        from prepare.verify import verify
-        verify(RECIPE, STORE)
     directory = bundle_dir(RECIPE.name)
-    return {"actions": [step(run)], "task_dep": ["bundle"],
+    return {"actions": [step(verify, RECIPE, STORE)], "task_dep": ["bundle"],
             "file_dep": [str(directory / "manifest.json")] + _input_files("verify"),
             "targets": [directory / "report.json", directory / "report.png"],
-            "uptodate": [config_changed({"verify": RECIPE.verify})]}
+            "uptodate": [config_changed(RECIPE.settings("verify"))]}
 
 
 def task_deploy():
     """Copy a bundle and the runner with rsync: doit deploy bundle=NAME to=user@host:/path (`to`, not `target`: that is the recipe key)."""
-    from prepare.bundle import bundle_dir
-    from prepare.deploy import deploy
-
     def run():
         try:
             report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("to", ""))
@@ -246,18 +243,14 @@ def task_deploy():
 def task_layer_check():
     """Patch a random layer into every template; emulate and TFLite (cpu) must agree."""
     def run():
-        from prepare.layer_check import check_templates_index
-        lines, failure = check_templates_index(json.loads(index_path(RECIPE).read_text()), STORE.root)
+        lines, failure = check_templates_index(json.loads(templates_index_path(RECIPE.name).read_text()), STORE.root)
         print("\n".join(lines))
         return TaskFailed(failure) if failure else None
-    return {"actions": [run], "task_dep": ["templates"], "file_dep": [index_path(RECIPE)]}
+    return {"actions": [run], "task_dep": ["templates"], "file_dep": [templates_index_path(RECIPE.name)]}
 
 
 def task_bench():
     """Benchmarks at real model sizes (bench/run.py; `only=clip` or `only=gemma`): bench/results/<date>.json, .md, .png."""
-    import subprocess
-    from pathlib import Path
-
     def run():
         only = get_var("only")
         command = [sys.executable, str(Path(__file__).parent / "bench" / "run.py")] + (["--only", only] if only else [])

@@ -76,17 +76,17 @@ def startup_patching(recipe, head_on_tpu: bool) -> float:
     the head on the CPU, quantize the embedding table for it instead. Templates' own
     multipliers, no calibration: a lower bound of start-up patching. Interpreters are not
     opened: the runner opens each one on first use, either way."""
-    from prepare.families import family_module
+    from prepare.families import family_of
     from prepare.patch import patch_uncompiled, uncompiled_multipliers
+    from prepare.paths import templates_index_path
     from prepare.quantize import quantize_weights
     from prepare.store import Store
-    from prepare.template_stage import index_path
     from runner.checkpoint import Checkpoint
     from runner.edgetpu_codec import DenseParams, encode_dense
     from runner.tflite_file import parse_tflite
 
-    family = family_module(recipe)
-    templates = {(t["in"], t["out"]): t for t in json.loads(index_path(recipe).read_text())["templates"]}
+    family = family_of(recipe.family)
+    templates = {(t["in"], t["out"]): t for t in json.loads(templates_index_path(recipe.name).read_text())["templates"]}
     t0 = time.perf_counter()
     checkpoint = Checkpoint(recipe.checkpoint_dir)
     models = {}

@@ -6,7 +6,7 @@ Parsers, each called in process the way the project calls it, each with its docu
 
 | parser | entry point | documented error |
 | --- | --- | --- |
-| tflite | `prepare.inspect.inspect` and `prepare.templates.describe` of an uncompiled template | FormatError |
+| tflite | `prepare.inspection.inspect` and `prepare.dense_templates.describe` of an uncompiled template | FormatError |
 | edgetpu | `inspect(compiled, uncompiled)` and `parse_compiled(...).dense_params()` (TFLite, FlexBuffer, DWN1) | FormatError |
 | checkpoint | the build's `open_checkpoint` (config.json, safetensors headers, every tensor), CLIP and Gemma | CheckpointError |
 | recipe | `prepare.recipe.load_recipe` | RecipeError |
@@ -45,17 +45,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prepare import clip_build, gemma_build  # noqa: E402
-from prepare.inspect import inspect  # noqa: E402
+from prepare.dense_templates import describe  # noqa: E402
+from prepare.families import clip as clip_build  # noqa: E402
+from prepare.families import gemma as gemma_build  # noqa: E402
+from prepare.inspection import inspect  # noqa: E402
 from prepare.recipe import RecipeError, load_recipe  # noqa: E402
 from prepare.store import atomic_write  # noqa: E402
-from prepare.templates import describe  # noqa: E402
 from runner.bundle import Bundle, BundleError  # noqa: E402
 from runner.checkpoint import CheckpointError  # noqa: E402
-from runner.clip import CLIPConfig, tensor_shapes as clip_shapes  # noqa: E402
+from runner.clip import CLIPConfig  # noqa: E402
+from runner.clip import tensor_shapes as clip_shapes
 from runner.edgetpu_codec import parse_compiled  # noqa: E402
 from runner.flatbuf import FormatError  # noqa: E402
-from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes  # noqa: E402
+from runner.gemma import GemmaConfig  # noqa: E402
+from runner.gemma import tensor_shapes as gemma_shapes
 from runner.tflite_file import parse_tflite  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "edgetpu"

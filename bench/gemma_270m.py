@@ -25,8 +25,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (bundle_size, doit as _doit, empty_but_checkpoint, median_ms,  # noqa: E402
-                          rebuilds, recipe_of, runner, startup_patching, use_artifacts, write_result)
+from bench.common import (  # noqa: E402
+    bundle_size,
+    empty_but_checkpoint,
+    median_ms,
+    rebuilds,
+    recipe_of,
+    runner,
+    startup_patching,
+    use_artifacts,
+    write_result,
+)
+from bench.common import doit as _doit
 from bench.throughput import Counter, Device, LinearWork, cpu_head_work, recommend  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-gemma-270m")

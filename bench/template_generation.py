@@ -16,7 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prepare.templates import Shape, _import_tensorflow, make_uncompiled, quiet_output  # noqa: E402
+from prepare.dense_templates import (  # noqa: E402
+    Shape,
+    _import_tensorflow,
+    make_uncompiled,
+    quiet_output,
+)
 
 SHAPES = [Shape(256, 256, 1), Shape(768, 768, 4), Shape(768, 3072, 4), Shape(3072, 768, 4),
           Shape(512, 2048, 4), Shape(640, 2048, 1), Shape(2048, 640, 1), Shape(640, 8192, 1)]

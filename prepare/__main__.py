@@ -1,32 +1,24 @@
-"""Command line of the build host: `python -m prepare COMMAND ...`."""
+"""Command line of the build host: `python -m prepare COMMAND ...`.
+
+    inspect FILE [--uncompiled FILE] [--json]     what a compiled or uncompiled Dense template holds
+    check-templates DIR [--json]                  self-check a directory of (X.tflite, X_edgetpu.tflite) pairs
+
+Bad input is one line naming the file and the problem, exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from runner.errors import UserError
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("inspect", help="show what a compiled or uncompiled Dense template holds")
-    p.add_argument("file")
-    p.add_argument("--uncompiled", help="the same layer before edgetpu_compiler: compare weights and multipliers")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
-
-    p = sub.add_parser("check-templates", help="self-check a directory of (X.tflite, X_edgetpu.tflite) pairs")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true", help="a JSON list, one object per pair or lone file")
-    return parser
+from .dense_templates import check_pair, find_pairs
+from .inspection import inspect_main
 
 
 def check_templates(args) -> int:
-    import json
-
-    from .templates import check_pair, find_pairs
     pairs, alone = find_pairs(args.dir)
     rows = []
     for pair in pairs:
@@ -50,13 +42,27 @@ def check_templates(args) -> int:
     return 0 if all(r["ok"] for r in rows if "file" not in r) else 1
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="show what a compiled or uncompiled Dense template holds")
+    p.add_argument("file")
+    p.add_argument("--uncompiled", help="the same layer before edgetpu_compiler: compare weights and multipliers")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=inspect_main)
+
+    p = sub.add_parser("check-templates", help="self-check a directory of (X.tflite, X_edgetpu.tflite) pairs")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per pair or lone file")
+    p.set_defaults(func=check_templates)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "inspect":
-            from .inspect import main as run
-            return run(args)
-        return check_templates(args)
+        return args.func(args)
     except (UserError, OSError) as e:
         # Bad input is the user's to fix: one line naming the file and the problem.
         print(f"error: {e}", file=sys.stderr)

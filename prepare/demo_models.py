@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from runner.clip import CLIPConfig, tensor_shapes
+from runner.gemma import GemmaConfig
+from runner.gemma import tensor_shapes as gemma_shapes
 
 from .store import atomic_write, replace_dir
 
@@ -334,9 +336,6 @@ def gemma_270m_config() -> dict:
 
 
 def random_gemma_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    from runner.gemma import GemmaConfig
-    from runner.gemma import tensor_shapes as gemma_shapes
-
     tensors = {}
     for name, shape in gemma_shapes(GemmaConfig.from_dict(config)).items():
         scale = 0.1 if name.endswith("norm.weight") else 1 / np.sqrt(shape[-1])  # norms scale by (1 + w)

@@ -12,11 +12,15 @@ The runner side of the same scheme (rows in, rows out) is `runner/quant.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from runner.edgetpu_codec import DenseParams
 from runner.quant import quantize_rows, symmetric_scales
+from runner.tflite_file import parse_tflite
+
+from .patch import uncompiled_multipliers
 
 
 @dataclass
@@ -65,3 +69,24 @@ def quantize_layer(w: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, zp_
     mult = calibrated_multipliers(w_q, rows, zp_in, zp_out, headroom)
     return QuantizedLayer(DenseParams.make(w_q, mult), s_w,
                           None if bias is None else np.asarray(bias, np.float32))
+
+
+def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options, cache_root: Path,
+             peak_sigmas: float | None = None) -> tuple[DenseParams, np.ndarray, float | None]:
+    """(TPU parameters, weight scales, static input scale or None) of one layer, as the
+    recipe's quantization `options` (prepare/recipe.py `Quantization`) say; `peak_sigmas`
+    for an LM-head tile (see `calibrated_multipliers`)."""
+    if options.weights == "per-tensor":
+        scale = np.float32(max(np.abs(weight).max() / 127.0, np.finfo(np.float32).tiny))
+        w_q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        s_w = np.full(weight.shape[0], scale, np.float32)
+    else:
+        w_q, s_w = quantize_weights(weight)
+    input_scale = static_input_scale(rows) if options.activations == "static" else None
+    if options.multipliers == "template":
+        mult = uncompiled_multipliers(parse_tflite((cache_root / template["uncompiled"]).read_bytes(),
+                                                   template["uncompiled"]))
+    else:
+        mult = calibrated_multipliers(w_q, rows, template["input_zero_point"], template["output_zero_point"],
+                                      options.headroom, peak_sigmas, input_scale)
+    return DenseParams.make(w_q, mult), s_w, input_scale

@@ -12,8 +12,8 @@ by s (a LayerNorm's `weight`, `bias`; Gemma's RMSNorm scales by (1 + weight), so
 (1 + weight) / s - 1), and every reader's weight columns multiplied by s. In float nothing
 changes; the int8 path gets flatter rows at the price of wider weight columns.
 
-Which norm feeds which linears is the model's structure (`norm_groups`). Gemma's final norm
-feeds the tied LM head, whose weight is also the input embedding: it is left alone.
+Which norm feeds which linears is the model's structure: each family's `norm_groups`
+(prepare/families/).
 """
 
 from __future__ import annotations
@@ -29,33 +29,6 @@ class NormGroup:
     norm: str  # the norm's module path: "<norm>.weight" (and "<norm>.bias" for a LayerNorm)
     kind: str  # "layer" (LayerNorm: y = n(x) * w + b) or "rms" (Gemma: y = n(x) * (1 + w))
     linears: tuple[str, ...]  # the linears that read its output, and nothing else does
-
-
-def norm_groups(family: str, config, towers=("image", "text")) -> list[NormGroup]:
-    groups = []
-    if family == "clip":
-        for tower, prefix, cfg, last, proj in (("image", "vision_model", config.vision, "post_layernorm",
-                                                "visual_projection"),
-                                               ("text", "text_model", config.text, "final_layer_norm",
-                                                "text_projection")):
-            if tower not in towers:
-                continue
-            for i in range(cfg.num_hidden_layers):
-                p = f"{prefix}.encoder.layers.{i}"
-                groups.append(NormGroup(f"{p}.layer_norm1", "layer",
-                                        tuple(f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))))
-                groups.append(NormGroup(f"{p}.layer_norm2", "layer", (f"{p}.mlp.fc1",)))
-            groups.append(NormGroup(f"{prefix}.{last}", "layer", (proj,)))
-    elif family == "gemma":
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}"
-            groups.append(NormGroup(f"{p}.input_layernorm", "rms",
-                                    tuple(f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))))
-            groups.append(NormGroup(f"{p}.pre_feedforward_layernorm", "rms",
-                                    (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")))
-    else:
-        raise ValueError(f"no norm groups for family {family!r}")
-    return groups
 
 
 def smoothing_factors(groups: list[NormGroup], weights: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray],
@@ -148,10 +121,9 @@ def smooth_rows(rows: dict[str, np.ndarray], groups: list[NormGroup], factors: d
     return out
 
 
-def smooth(family: str, config, towers, weights, rows: dict[str, np.ndarray], alpha: float
+def smooth(groups: list[NormGroup], weights, rows: dict[str, np.ndarray], alpha: float
            ) -> tuple[SmoothedWeights, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The model smoothed at strength `alpha` from its calibration rows: (its weights, the
     rows its linears would have seen, the factors)."""
-    groups = norm_groups(family, config, towers)
     factors = smoothing_factors(groups, weights, rows, alpha)
     return SmoothedWeights(weights, groups, factors), smooth_rows(rows, groups, factors), factors

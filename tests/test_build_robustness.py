@@ -15,7 +15,15 @@ import sys
 
 import pytest
 
-from bench.interrupted_builds import Build, cache_problems, compare, leftovers, outcome, wait_for, when_exists
+from bench.interrupted_builds import (
+    Build,
+    cache_problems,
+    compare,
+    leftovers,
+    outcome,
+    wait_for,
+    when_exists,
+)
 from prepare.store import Store, remove_leftovers
 
 

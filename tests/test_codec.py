@@ -8,8 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prepare.patch import dense_tensors, uncompiled_multipliers
-from runner.edgetpu_codec import (DenseParams, decode_dense, encode_dense, parse_compiled, patch,
-                                  token_from_digest)
+from runner.edgetpu_codec import (
+    DenseParams,
+    decode_dense,
+    encode_dense,
+    parse_compiled,
+    patch,
+    token_from_digest,
+)
 from runner.flatbuf import FormatError
 from runner.tflite_file import parse_tflite
 

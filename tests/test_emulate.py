@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prepare.layer_check import run_tflite
 from prepare.patch import patch_uncompiled
+from prepare.stages.layer_check import run_tflite
 from runner.edgetpu_codec import DenseParams, parse_compiled
 from runner.emulate import DenseEmulator, round_half_away
 from runner.tflite_file import parse_tflite

@@ -10,7 +10,9 @@ import pytest
 
 from prepare.calibrate import InputRecorder
 from prepare.demo_models import make_demo_clip, make_demo_gemma
-from prepare.smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
+from prepare.families import clip as clip_family
+from prepare.families import gemma as gemma_family
+from prepare.smoothing import SmoothedWeights, smooth_rows, smoothing_factors
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.clip import CLIP, CLIPConfig, float_linear
@@ -51,7 +53,7 @@ def clip_smoothing(clip_outliers):
     directory, checkpoint, config = clip_outliers
     pixels = np.stack([load_image(p, config.vision.image_size) for p in sorted((directory / "calibration").glob("*.png"))])
     ids = np.array([[config.text.vocab_size - 2, 5, 17, 42, config.text.vocab_size - 1]])
-    groups = norm_groups("clip", config)
+    groups = clip_family.norm_groups(config)
     rows = _clip_rows(checkpoint, config, pixels, ids)
     return pixels, ids, groups, rows, smoothing_factors(groups, checkpoint, rows, 0.5)
 
@@ -99,7 +101,7 @@ def test_smoothing_leaves_the_float_gemma_unchanged(tmp_path):
     ids = np.array([2, 10, 200, 33, 47, 5, 900, 12])
     recorder = InputRecorder(float_linear(checkpoint))
     reference = Gemma(config, checkpoint, recorder).forward(ids, KVCache(config))
-    groups = norm_groups("gemma", config)
+    groups = gemma_family.norm_groups(config)
     factors = smoothing_factors(groups, checkpoint, recorder.inputs(), 0.5)
     assert len(factors) == 2 * config.num_hidden_layers
     smoothed = SmoothedWeights(checkpoint, groups, factors)

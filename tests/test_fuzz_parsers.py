@@ -16,16 +16,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
-from bench.fuzz_parsers import tiny_clip_config, tiny_gemma_config, tree_paths  # one tiny config per family, shared with the long run
-from prepare import clip_build, gemma_build
+from bench.fuzz_parsers import (  # one tiny config per family, shared with the long run
+    tiny_clip_config,
+    tiny_gemma_config,
+    tree_paths,
+)
+from prepare.dense_templates import describe
+from prepare.families import clip as clip_build
+from prepare.families import gemma as gemma_build
 from prepare.recipe import RecipeError, load_recipe
-from prepare.templates import describe
 from runner.bundle import Bundle, BundleError, read_manifest
 from runner.checkpoint import Checkpoint, CheckpointError
-from runner.clip import CLIPConfig, tensor_shapes as clip_shapes
+from runner.clip import CLIPConfig
+from runner.clip import tensor_shapes as clip_shapes
 from runner.config_values import ConfigError
 from runner.flatbuf import FormatError
-from runner.gemma import GemmaConfig, tensor_shapes as gemma_shapes
+from runner.gemma import GemmaConfig
+from runner.gemma import tensor_shapes as gemma_shapes
 from runner.tflite_file import parse_tflite
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
@@ -219,7 +226,7 @@ def expect_recipe_error_or_recipe(path):
 def test_valid_recipe_loads(recipe_dir):
     path = recipe_dir / "r.yaml"
     path.write_text(yaml.safe_dump(valid_recipe(recipe_dir)))
-    assert load_recipe(path).quantization["smoothing"] == 0.5
+    assert load_recipe(path).quantization.smoothing == 0.5
 
 
 @FUZZ

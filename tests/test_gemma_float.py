@@ -165,12 +165,12 @@ def test_functiongemma_recipe_layout():
     """recipes/functiongemma-270m.yaml on a checkpoint of that layout: the linear shapes of
     Gemma-3 270M and its head as 32 tiles of 8192 rows; transformers reads the same layer types."""
     from prepare.demo_models import gemma_270m_config
-    from prepare.families import family_module
+    from prepare.families import family_of
     from prepare.recipe import load_recipe
 
     recipe = load_recipe("recipes/functiongemma-270m.yaml", {"checkpoint": "artifacts/bench/x",
                                                               "generate": "random-gemma-270m"})
-    family = family_module(recipe)
+    family = family_of(recipe.family)
     specs = family.specs(recipe, family.model_config(recipe))
     tiles = [s for s in specs if s.is_head_tile]
     assert len(specs) - len(tiles) == 18 * 7 and len(tiles) == 32

@@ -11,7 +11,8 @@ import pytest
 
 from runner.clip import CLIP, CLIPConfig, float_linear
 from runner.finite import NonFiniteError
-from runner.gemma import Gemma, GemmaConfig, tensor_shapes as gemma_shapes
+from runner.gemma import Gemma, GemmaConfig
+from runner.gemma import tensor_shapes as gemma_shapes
 from runner.generate import Sampler, generate
 from runner.lm_head import HeadStats
 from runner.tokenize import ClipTokenizer, TokenizerError

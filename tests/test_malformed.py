@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prepare.inspect import inspect
+from prepare.inspection import inspect
 from runner.edgetpu_codec import parse_compiled
 from runner.flatbuf import FormatError
 

@@ -12,9 +12,21 @@ import sys
 import numpy as np
 import pytest
 
-from prepare.compiler import CompilerError, StreamingWarning, compile_model, compiler_version
+from prepare.compiler import (
+    CompilerError,
+    StreamingWarning,
+    compile_model,
+    compiler_version,
+)
+from prepare.dense_templates import (
+    Shape,
+    TemplateError,
+    describe,
+    make_uncompiled,
+    self_check,
+    uncompiled_key_inputs,
+)
 from prepare.store import Store, key_of
-from prepare.templates import Shape, TemplateError, describe, make_uncompiled, self_check, uncompiled_key_inputs
 from runner.edgetpu_codec import parse_compiled
 from runner.interpreter import require_interpreter
 from runner.tflite_file import parse_tflite
@@ -214,7 +226,7 @@ def test_check_templates(tmp_path, fixture_dir, compiled_bytes, uncompiled_bytes
 def test_patched_generated_templates_agree_with_emulator(generated):
     """Every generated shape and batch, patched with new weights and multipliers, computes on
     TFLite's kernels what the emulator computes: within one step, at least 99 % identical."""
-    from prepare.layer_check import check_layer, random_layer
+    from prepare.stages.layer_check import check_layer, random_layer
     for k, (shape, (data, _)) in enumerate(generated.items()):
         report = check_layer(data, None, random_layer(shape.n_in, shape.n_out, k), rows=2 * shape.batch + 1)
         assert report["max_step_diff"] <= 1 and report["identical"] >= 0.99, (shape, report)

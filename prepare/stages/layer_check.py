@@ -17,7 +17,7 @@ from runner.emulate import DenseEmulator
 from runner.executors import TemplateInterpreter
 from runner.tflite_file import parse_tflite
 
-from .patch import patch_uncompiled
+from ..patch import patch_uncompiled
 
 
 def run_tflite(model_bytes: bytes, rows: np.ndarray) -> np.ndarray:

@@ -20,22 +20,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load, save_file
 
 from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
+from runner.checkpoint import Checkpoint
 
-from .families import family_module
-from .quantize import quantize_weights
-from .recipe import Recipe
-from .store import ARTIFACTS, Store, replace_dir
+from ..families import family_of
+from ..paths import bundle_dir
+from ..quantize import quantize_weights
+from ..recipe import Recipe
+from ..store import Store, replace_dir
+from .layers import model_weights
+from .placement import apply_placement
 
 SUFFIX = {"params": ".params.bin", "cpu": ".cpu.tflite", "edgetpu": ".edgetpu.tflite"}
-
-
-def bundle_dir(name: str) -> Path:
-    return ARTIFACTS / "bundles" / name
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -53,12 +55,10 @@ def _file_entry(root: Path, rel: str) -> dict:
 
 def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[str, np.ndarray]:
     """The tensors the host needs, by name."""
-    from safetensors.numpy import load
-
-    family = family_module(recipe)
+    family = family_of(recipe.family)
     shapes = family.required_shapes(recipe, family.model_config(recipe))
     tpu = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu"}
-    int8 = set(getattr(family, "INT8_TABLES", ()))
+    int8 = set(family.INT8_TABLES)
     tensors = {name: checkpoint[name] for name in shapes
                if not (name.endswith(".weight") and name[: -len(".weight")] in tpu.keys() | int8)}
     for name in int8:  # a large table (Gemma's tied embedding): int8 rows, a float32 scale per row
@@ -71,15 +71,8 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
 
 
 def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | None = None) -> Path:
-    """The bundle of the layers `index` names; with a target's `placement` (prepare/select.py),
+    """The bundle of the layers `index` names; with a target's `placement` (prepare/stages/placement.py),
     its chosen linears run in float on the host."""
-    from safetensors.numpy import save_file
-
-    from runner.checkpoint import Checkpoint
-
-    from .layers import model_weights
-    from .select import apply_placement
-
     index = apply_placement(index, placement)
     checkpoint = model_weights(recipe, index, store, Checkpoint(recipe.checkpoint_dir))
     final = bundle_dir(recipe.name)
@@ -92,7 +85,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
         save_file(host_tensors(recipe, index, checkpoint, store), str(tmp / HOST_FILE), metadata={"format": "np"})
         (tmp / HOST_FILE).chmod(0o644)  # it is written 0600; bundles are copied and read by others
         tokenizer = None
-        if recipe.family == "gemma" or "text" in recipe.towers:
+        if family_of(recipe.family).needs_tokenizer(recipe):
             shutil.copyfile(recipe.checkpoint_dir / "tokenizer.json", tmp / "tokenizer.json")
             tokenizer = _file_entry(tmp, "tokenizer.json")
         layers, tiles = [], []
@@ -117,7 +110,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
         manifest = {
             "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
             "towers": recipe.towers, "config": checkpoint.config,
-            "quantization": recipe.quantization, "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")},
+            "quantization": asdict(recipe.quantization), "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")},
             "flavors": recipe.flavors, "cpu_layers": recipe.cpu_layers,
             "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",
                                             "output_scale", "output_zero_point", "source")}

@@ -1,28 +1,29 @@
 """The recipe's `target`: keep the fewest linears on the CPU that make the int8 model reach it.
 
 1. Sensitivity: each linear's own contribution to the error, measured on the held-out
-   inputs with that layer alone in int8 (prepare/evaluate.py).
+   inputs with that layer alone in int8 (prepare/evaluate.py, each family's Evaluation).
 2. Keep the k most sensitive in float, the rest in int8, and find the smallest k that meets
    every target metric: k = 0, 1, 2, 4, ... until one meets it, then bisection between the
    last miss and the first hit. This is the smallest prefix of the sensitivity ranking,
    not a search over every subset; the error of a set is close to the sum of its layers'
    errors, which is what makes the ranking a good order.
 
-The choice goes to `artifacts/work/<name>/placement.json`; the bundle stage keeps those
+The choice goes to `artifacts/work/<name>/placement.json` (prepare/paths.py); the bundle stage keeps those
 layers' float weights on the host, and the manifest records the target and what was reached.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .recipe import Recipe
-from .store import ARTIFACTS, Store, atomic_write
+from tqdm import tqdm
 
-
-def placement_path(recipe: Recipe) -> Path:
-    return ARTIFACTS / "work" / recipe.name / "placement.json"
+from ..evaluate import Memo, QuantizedLayers, sensitivity
+from ..families import family_of
+from ..paths import layers_index_path, placement_path
+from ..recipe import Recipe
+from ..store import Store, atomic_write
+from .layers import model_weights
 
 
 def curve_points(n: int) -> list[int]:
@@ -71,15 +72,10 @@ def search(ev, layers, target: dict, sensitivities: dict[str, float], progress=l
 
 def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
     """Measure every TPU linear's sensitivity and choose the CPU-kept set; write placement.json."""
-    from tqdm import tqdm
-
-    from .evaluate import Memo, QuantizedLayers, evaluation, sensitivity
-    from .families import family_module
-    from .layers import layers_index_path, model_weights
-
-    index = json.loads(layers_index_path(recipe).read_text())
+    family = family_of(recipe.family)
+    index = json.loads(layers_index_path(recipe.name).read_text())
     weights = Memo(model_weights(recipe, index, store))
-    ev = evaluation(recipe, family_module(recipe).model_config(recipe), weights)
+    ev = family.Evaluation(recipe, family.model_config(recipe), weights)
     layers = QuantizedLayers(index, store, weights)
     with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
         sens = sensitivity(ev, layers, bar.update)
@@ -87,7 +83,7 @@ def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
         result = search(ev, layers, recipe.target, sens, bar.update)
     result["sensitivity"] = sens
     result["sensitivity_metric"] = list(ev.sensitivity_keys)
-    atomic_write(placement_path(recipe), json.dumps(result, indent=1))
+    atomic_write(placement_path(recipe.name), json.dumps(result, indent=1))
     status = "reached" if result["reached"] else "NOT reached (every linear on the CPU)"
     print(f"target {recipe.target}: {status} with {len(result['cpu_layers'])} of {len(layers.names)} "
           f"linears on the CPU: " + ", ".join(f"{k} {result['metrics'][k]:.5f}" for k in recipe.target))

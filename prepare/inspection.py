@@ -90,7 +90,7 @@ def format_text(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def inspect_main(args) -> int:
     info = inspect(args.file, args.uncompiled)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0

@@ -12,18 +12,21 @@ Layers named in the recipe's `cpu_layers` stay in float on the host and get noth
 
 Every entry is stored once under its key, so a rebuild redoes only the layers whose
 weights, settings or calibration rows changed. The stage ends with
-`artifacts/work/<name>/layers.json`, the index the bundle stage reads.
+`artifacts/work/<name>/layers.json` (prepare/paths.py), the index the bundle stage reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from fnmatch import fnmatch
-from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load, save
+from tqdm import tqdm
 
+from runner.checkpoint import Checkpoint
 from runner.edgetpu_codec import (
     DenseParams,
     decode_dense,
@@ -36,44 +39,22 @@ from runner.emulate import DenseEmulator
 from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite
 
-from .patch import patch_uncompiled, uncompiled_multipliers
-from .quantize import calibrated_multipliers, quantize_weights, static_input_scale
-from .recipe import Recipe, RecipeError
-from .smoothing import SmoothedWeights, norm_groups, smooth
-from .store import ARTIFACTS, Store, atomic_write, key_of
-from .template_stage import index_path as templates_index_path
-from .templates import TemplateError
+from ..dense_templates import TemplateError
+from ..families import family_of
+from ..families.base import is_host_layer
+from ..patch import patch_uncompiled
+from ..paths import layers_index_path, templates_index_path
+from ..quantize import quantize
+from ..recipe import Recipe, RecipeError
+from ..smoothing import SmoothedWeights, smooth
+from ..store import Store, atomic_write, key_of
 
 LAYER_VERSION = 2  # bump when the quantization code changes what it makes
 ERROR_ROWS = 256  # calibration rows each layer's int8 error is measured on
 
 
-def layers_index_path(recipe: Recipe) -> Path:
-    return ARTIFACTS / "work" / recipe.name / "layers.json"
-
-
 def _sha(a: np.ndarray | None) -> str | None:
     return None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options: dict, cache_root: Path
-             ) -> tuple[DenseParams, np.ndarray, float | None]:
-    """(TPU parameters, weight scales, static input scale or None) of one layer, as the
-    quantization options say."""
-    if options["weights"] == "per-tensor":
-        scale = np.float32(max(np.abs(weight).max() / 127.0, np.finfo(np.float32).tiny))
-        w_q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-        s_w = np.full(weight.shape[0], scale, np.float32)
-    else:
-        w_q, s_w = quantize_weights(weight)
-    input_scale = static_input_scale(rows) if options.get("activations") == "static" else None
-    if options["multipliers"] == "template":
-        mult = uncompiled_multipliers(parse_tflite((cache_root / template["uncompiled"]).read_bytes(),
-                                                   template["uncompiled"]))
-    else:
-        mult = calibrated_multipliers(w_q, rows, template["input_zero_point"], template["output_zero_point"],
-                                      options["headroom"], options.get("peak_sigmas"), input_scale)
-    return DenseParams.make(w_q, mult), s_w, input_scale
 
 
 def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, rows: np.ndarray,
@@ -91,18 +72,19 @@ def layer_error(params: DenseParams, s_w: np.ndarray, weight: np.ndarray, bias, 
 
 
 def build_layer(name: str, weight: np.ndarray, bias, rows: np.ndarray, template: dict, recipe: Recipe,
-                store: Store, options: dict | None = None) -> dict:
-    """Quantize and patch one linear (with `options`, default the recipe's quantization);
-    return its entry of the layers index."""
-    options = options or recipe.quantization
+                store: Store, peak_sigmas: float | None = None) -> dict:
+    """Quantize and patch one linear as the recipe's quantization says (with `peak_sigmas`
+    for an LM-head tile); return its entry of the layers index."""
+    options = recipe.quantization
+    # The key's quantization settings: the recipe's, and a head tile's peak_sigmas.
+    settings = asdict(options) | ({"peak_sigmas": peak_sigmas} if peak_sigmas is not None else {})
     qkey = key_of({"artifact": "quantized-layer", "version": LAYER_VERSION, "weight": _sha(weight),
                    "shape": list(weight.shape), "bias": _sha(bias), "rows": _sha(rows),
-                   "quantization": options, "template_io": [template["input_zero_point"],
+                   "quantization": settings, "template_io": [template["input_zero_point"],
                                                             template["output_zero_point"]],
-                   "template": template["uncompiled"] if options["multipliers"] == "template" else None})
+                   "template": template["uncompiled"] if options.multipliers == "template" else None})
     if not store.has("params", qkey, "bin"):
-        from safetensors.numpy import save
-        params, s_w, input_scale = quantize(weight, rows, template, options, store.root)
+        params, s_w, input_scale = quantize(weight, rows, template, options, store.root, peak_sigmas)
         meta = {"layer": name, "in": weight.shape[1], "out": weight.shape[0], "rows": len(rows),
                 "input_scale": input_scale, **layer_error(params, s_w, weight, bias, rows, template, input_scale)}
         store.put("quantized", qkey, "safetensors",
@@ -141,16 +123,14 @@ def smooth_and_store(recipe: Recipe, config, checkpoint, rows: dict, store: Stor
     """Fold smoothing factors (from the calibration rows) into the model and keep them in the
     store: (weights as the smoothed model has them, the rows its linears would have seen,
     the index's record)."""
-    from safetensors.numpy import save
-
-    weights, rows, factors = smooth(recipe.family, config, recipe.towers, checkpoint, rows,
-                                    recipe.quantization["smoothing"])
+    groups = family_of(recipe.family).norm_groups(config, recipe.towers)
+    weights, rows, factors = smooth(groups, checkpoint, rows, recipe.quantization.smoothing)
     data = save(dict(sorted(factors.items())))
     key = hashlib.sha256(data).hexdigest()
     if not store.has("smoothing", key, "safetensors"):
-        store.put("smoothing", key, "safetensors", data, {"alpha": recipe.quantization["smoothing"],
+        store.put("smoothing", key, "safetensors", data, {"alpha": recipe.quantization.smoothing,
                                                           "norms": len(factors)})
-    record = {"alpha": recipe.quantization["smoothing"], "norms": sorted(factors),
+    record = {"alpha": recipe.quantization.smoothing, "norms": sorted(factors),
               "factors": str(store.path("smoothing", key, "safetensors").relative_to(store.root))}
     return weights, rows, record
 
@@ -159,42 +139,28 @@ def model_weights(recipe: Recipe, index: dict, store: Store, checkpoint=None):
     """The float weights the built layers were quantized from: the checkpoint, seen through
     the smoothing factors the index records (the bundle's host tensors and `verify` need
     exactly these)."""
-    from runner.checkpoint import Checkpoint
-
     checkpoint = checkpoint or Checkpoint(recipe.checkpoint_dir)
     record = index.get("smoothing")
     if not record:
         return checkpoint
-    from safetensors.numpy import load
-
-    from .families import family_module
+    family = family_of(recipe.family)
     factors = load((store.root / record["factors"]).read_bytes())
-    config = family_module(recipe).model_config(recipe)
-    return SmoothedWeights(checkpoint, norm_groups(recipe.family, config, index["towers"]), factors)
+    groups = family.norm_groups(family.model_config(recipe), index["towers"])
+    return SmoothedWeights(checkpoint, groups, factors)
 
 
 def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict:
     for t in templates["templates"]:
         if (t["in"], t["out"], t["batch"]) == (n_in, n_out, recipe.batch_for(n_in, n_out)):
             return t
-    raise TemplateError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe)}; run `doit templates`")
-
-
-def is_host_layer(spec, recipe: Recipe) -> bool:
-    """Kept in float on the host by the recipe's `cpu_layers` (an LM-head tile never is:
-    the runner's `--lm-head cpu` is the host's head)."""
-    return not spec.is_head_tile and any(fnmatch(spec.name, p) for p in recipe.cpu_layers)
+    raise TemplateError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe.name)}; run `doit templates`")
 
 
 def build_layers(recipe: Recipe, store: Store) -> dict:
     """Calibrate, then quantize and patch every linear; write and return the layers index."""
-    from tqdm import tqdm
-
-    from .families import family_module
-
-    family = family_module(recipe)
+    family = family_of(recipe.family)
     checkpoint, config = family.open_checkpoint(recipe)
-    templates = json.loads(templates_index_path(recipe).read_text())
+    templates = json.loads(templates_index_path(recipe.name).read_text())
     specs = family.specs(recipe, config)
     unmatched = [p for p in recipe.cpu_layers if not any(fnmatch(s.name, p) for s in specs)]
     if unmatched:
@@ -203,7 +169,7 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
     with tqdm(total=family.calibration_count(recipe), desc="calibrate", unit="input") as bar:
         rows = family.record_calibration(recipe, checkpoint, config, bar.update)
     smoothing = None
-    if recipe.quantization["smoothing"]:
+    if recipe.quantization.smoothing:
         checkpoint, rows, smoothing = smooth_and_store(recipe, config, checkpoint, rows, store)
     entries = []
     for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
@@ -212,14 +178,14 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
             continue
         template = template_for(templates, spec.n_in, spec.n_out, recipe)
         bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
-        options = {**recipe.quantization, "peak_sigmas": recipe.lm_head["peak_sigmas"]} if spec.is_head_tile else None
+        peak_sigmas = recipe.lm_head.peak_sigmas if spec.is_head_tile else None
         entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
-                            recipe, store, options)
+                            recipe, store, peak_sigmas)
         if spec.is_head_tile:
             entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
         entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
              "checkpoint": str(recipe.checkpoint_dir), "smoothing": smoothing, "templates": templates["templates"],
              "layers": entries}
-    atomic_write(layers_index_path(recipe), json.dumps(index, indent=2))
+    atomic_write(layers_index_path(recipe.name), json.dumps(index, indent=2))
     return index

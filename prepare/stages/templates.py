@@ -22,10 +22,8 @@ from runner.bundle import sha256_file
 from runner.edgetpu_codec import parse_compiled
 from runner.tflite_file import parse_tflite
 
-from .compiler import compile_model, compiler_version, find_compiler
-from .recipe import Recipe
-from .store import ARTIFACTS, Store, atomic_write, key_of
-from .templates import (
+from ..compiler import compile_model, compiler_version, find_compiler
+from ..dense_templates import (
     PrebuiltPair,
     Shape,
     TemplateError,
@@ -36,6 +34,11 @@ from .templates import (
     self_check,
     uncompiled_key_inputs,
 )
+from ..families import family_of
+from ..families.base import is_host_layer
+from ..paths import templates_index_path
+from ..recipe import Recipe
+from ..store import Store, atomic_write, key_of
 
 
 @dataclass
@@ -64,8 +67,9 @@ def recipe_shapes(recipe: Recipe) -> list[Shape]:
     """The recipe's own shapes and those of its model's TPU layers, each at its batch."""
     dims = {tuple(s) for s in recipe.shapes}
     if recipe.family:
-        from .families import model_shapes
-        dims |= model_shapes(recipe)
+        family = family_of(recipe.family)
+        dims |= {(s.n_in, s.n_out) for s in family.specs(recipe, family.model_config(recipe))
+                 if not is_host_layer(s, recipe)}
     return sorted({Shape(i, o, recipe.batch_for(i, o)) for i, o in dims})
 
 
@@ -131,10 +135,6 @@ def check_prebuilt(p: TemplatePlan) -> None:
         raise TemplateError(p.prebuilt.reason)
 
 
-def index_path(recipe: Recipe) -> Path:
-    return ARTIFACTS / "work" / recipe.name / "templates.json"
-
-
 def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict:
     """The recipe's templates, one entry per shape, for the stages after this one."""
     entries = []
@@ -150,7 +150,7 @@ def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict
         })
     index = {"recipe": recipe.name, "templates": entries,
              "missing_compiled": [str(p.shape) for p in plans if not p.compiled_key]}
-    atomic_write(index_path(recipe), json.dumps(index, indent=2))
+    atomic_write(templates_index_path(recipe.name), json.dumps(index, indent=2))
     return index
 
 

@@ -3,7 +3,7 @@
 On held-out inputs (the recipe's `verify`, never the calibration inputs):
 
 1. the bundle itself, run by the runner's `emulate` backend (the exact bytes the TPU gets),
-   against the float checkpoint: the family's metrics (prepare/evaluate.py), and each
+   against the float checkpoint: the family's metrics (each family's Evaluation, prepare/families/), and each
    linear's relative output error on the same inputs as float;
    Gemma also: the TPU head's top-1 (plain and with `--rescore`), and greedy decoding
    against float's (tokens until the first difference);
@@ -21,47 +21,47 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import asdict, replace
 
+import matplotlib
 import numpy as np
+from tqdm import tqdm
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.executors import make_linear
 
-from .evaluate import (
-    ErrorProbe,
-    Memo,
-    QuantizedLayers,
-    emulated,
-    evaluation,
-    mixed,
-    sensitivity,
-)
-from .families import family_module
-from .recipe import Recipe
-from .store import Store, atomic_write
+from ..evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, mixed, sensitivity
+from ..families import family_of
+from ..paths import bundle_dir, layers_index_path, placement_path
+from ..quantize import quantize
+from ..recipe import Quantization, Recipe
+from ..smoothing import smooth
+from ..store import Store, atomic_write
+from .layers import model_weights, template_for
+from .placement import apply_placement, curve_points
+
+matplotlib.use("Agg")  # report.png is drawn without a screen
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 DEFAULT_SMOOTHING = 0.5  # the strength the "smoothing on" comparison uses when the build had none
-GREEDY_PROMPTS = 4
 
 
-def variants(q: dict) -> list[tuple[str, dict]]:
+def variants(q: Quantization) -> list[tuple[str, Quantization]]:
     """The built quantization with one choice flipped at a time."""
     flip = {"multipliers": {"calibrated": "template", "template": "calibrated"},
             "weights": {"per-channel": "per-tensor", "per-tensor": "per-channel"},
             "activations": {"dynamic": "static", "static": "dynamic"}}
-    out = [(f"{key} {table[q[key]]}", {**q, key: table[q[key]]}) for key, table in flip.items()]
-    smoothing = None if q["smoothing"] else DEFAULT_SMOOTHING
-    out.append((f"smoothing {'off' if smoothing is None else smoothing}", {**q, "smoothing": smoothing}))
+    out = [(f"{key} {table[getattr(q, key)]}", replace(q, **{key: table[getattr(q, key)]}))
+           for key, table in flip.items()]
+    smoothing = None if q.smoothing else DEFAULT_SMOOTHING
+    out.append((f"smoothing {'off' if smoothing is None else smoothing}", replace(q, smoothing=smoothing)))
     return out
 
 
 def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, progress=print) -> list[dict]:
     """Each variant quantized in memory (the build's own `quantize`) and scored like the bundle."""
-    from .layers import quantize, template_for
-    from .smoothing import smooth
-
-    family = family_module(recipe)
+    family = family_of(recipe.family)
     rows = family.record_calibration(recipe, checkpoint, config)
     names = [e["name"] for e in index["layers"] if e["placement"] == "tpu" and "rows" not in e]
     specs = {s.name: s for s in family.specs(recipe, config)}
@@ -70,8 +70,9 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
     for label, options in variants(recipe.quantization):
         t0 = time.perf_counter()
         weights, var_rows = checkpoint, rows
-        if options["smoothing"]:
-            weights, var_rows, _ = smooth(recipe.family, config, recipe.towers, checkpoint, rows, options["smoothing"])
+        if options.smoothing:
+            groups = family.norm_groups(config, recipe.towers)
+            weights, var_rows, _ = smooth(groups, checkpoint, rows, options.smoothing)
         layers = {}
         for name in names:
             spec = specs[name]
@@ -80,74 +81,29 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
             layers[name] = emulated(params, s_w, weights.get(f"{name}.bias"), t["input_zero_point"],
                                     t["output_zero_point"], s_in)
         metrics = ev.score(weights, mixed(layers, weights))
-        out.append({"variant": label, "quantization": options, **metrics, "seconds": time.perf_counter() - t0})
+        out.append({"variant": label, "quantization": asdict(options), **metrics, "seconds": time.perf_counter() - t0})
         progress(f"  compare {label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
     return out
 
 
-def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], checkpoint, config) -> dict:
-    """The TPU head's top-1 (plain, with --rescore) on the bundle's hidden states, and greedy
-    decoding against float's."""
-    from runner.clip import float_linear
-    from runner.gemma import Gemma
-    from runner.generate import Sampler, generate, load_gemma
-    from runner.lm_head import FloatHead, make_head
-
-    out = {}
-    k = recipe.verify["rescore"]
-    if bundle.lm_head is not None:
-        for label, rescore in (("top1_agreement_tpu_head", None), ("top1_agreement_rescore", k)):
-            head, _ = make_head(bundle, "emulate", "tpu-preload", rescore=rescore)
-            agree = [int(np.argmax(ev.softcap(head(h[i]))) == ref[i])
-                     for h, ref in zip(hidden, ev.reference_top1) for i in range(len(h))]
-            out[label] = float(np.mean(agree))
-        out["rescore"] = k
-    steps = recipe.verify["greedy_steps"]
-    if steps:
-        float_model = Gemma(config, checkpoint, float_linear(checkpoint))
-        float_head = FloatHead(checkpoint, config.vocab_size)
-        prompts = [list(s[: max(1, len(s) // 2)]) for s in ev.sequences[:GREEDY_PROMPTS]]
-        heads = {"cpu": {}, "tpu-preload": {"rescore": k}} if bundle.lm_head is not None else {"cpu": {}}
-        for mode, options in heads.items():
-            loaded = load_gemma(bundle.dir, "emulate", mode, **options)
-            lengths = []
-            for prompt in prompts:
-                ref = [s.token for s in generate(float_model, float_head, prompt, steps, Sampler())]
-                got = [s.token for s in generate(loaded.model, loaded.head, prompt, steps, Sampler())]
-                same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-                lengths.append(same)
-            key = "greedy_match" if mode == "cpu" else "greedy_match_rescore"
-            out[key] = {"mean": float(np.mean(lengths)), "min": int(min(lengths)), "steps": steps,
-                        "prompts": len(prompts)}
-    return out
-
-
 def verify(recipe: Recipe, store: Store, progress=print) -> dict:
-    from .bundle import bundle_dir
-    from .layers import layers_index_path, model_weights
-    from .select import apply_placement, curve_points, placement_path
-
+    family = family_of(recipe.family)
     t_start = time.perf_counter()
-    index = json.loads(layers_index_path(recipe).read_text())
-    placement = json.loads(placement_path(recipe).read_text()) if recipe.target else None
+    index = json.loads(layers_index_path(recipe.name).read_text())
+    placement = json.loads(placement_path(recipe.name).read_text()) if recipe.target else None
     bundle = Bundle.open(bundle_dir(recipe.name))
     checkpoint = Memo(Checkpoint(recipe.checkpoint_dir))
     weights = Memo(model_weights(recipe, index, store, checkpoint))  # what the layers were quantized from
-    config = family_module(recipe).model_config(recipe)
+    config = family.model_config(recipe)
     progress("verify: float reference on held-out inputs")
-    ev = evaluation(recipe, config, checkpoint)
+    ev = family.Evaluation(recipe, config, checkpoint)
 
     # 1. The bundle itself on the emulate backend.
     probe = ErrorProbe(make_linear(bundle, "emulate"), weights)
     report: dict = {"recipe": recipe.name, "family": recipe.family, "backend": "emulate",
-                    "inputs": ev.inputs_summary(), "quantization": recipe.quantization,
+                    "inputs": ev.inputs_summary(), "quantization": asdict(recipe.quantization),
                     "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
-    if recipe.family == "gemma":
-        hidden = ev.hidden(bundle.host, probe)
-        report["metrics"] = ev.metrics(ev.logits(hidden))
-        report["metrics"].update(_gemma_extras(recipe, bundle, ev, hidden, checkpoint, config))
-    else:
-        report["metrics"] = ev.metrics(ev.outputs(bundle.host, probe))
+    report["metrics"] = ev.bundle_metrics(bundle, probe, recipe, checkpoint, config)
     progress("verify: bundle (emulate) " + _line(report["metrics"]))
 
     # 2. Sensitivity and the curve of CPU-kept linears.
@@ -156,7 +112,6 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
         sens, curve = placement["sensitivity"], placement["curve"]
         report["target"] = {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")}
     else:
-        from tqdm import tqdm
         with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
             sens = sensitivity(ev, layers, bar.update)
         ranking = sorted(layers.names, key=lambda n: -sens[n])
@@ -173,7 +128,7 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
                         for layer in bundle.layers]
 
     # 3. Comparisons.
-    if recipe.verify["compare"]:
+    if recipe.verify.compare:
         progress("verify: comparisons (each quantized in memory)")
         report["comparisons"] = compare(recipe, apply_placement(index, placement), store, ev, checkpoint, config,
                                         progress)
@@ -215,10 +170,6 @@ def summary(report: dict, directory) -> str:
 
 def plot(report: dict) -> bytes:
     """Four panels: per-layer error, per-layer sensitivity, the CPU-kept curve, the comparisons."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(2, 2, figsize=(14, 9))
     layers = report["layers"]
     x = np.arange(len(layers))

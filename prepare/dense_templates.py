@@ -29,7 +29,7 @@ from runner.errors import UserError
 from runner.flatbuf import FormatError
 from runner.tflite_file import TFLiteModel, parse_tflite, read_tflite
 
-from .inspect import compare_dense
+from .inspection import compare_dense
 from .patch import dense_tensors
 
 # Bump when the generator writes different bytes for the same shape: it is part of the key.

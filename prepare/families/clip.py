@@ -1,0 +1,236 @@
+"""The CLIP family: what the build needs to know about CLIP.
+
+Its linear layers and the tensors the host keeps; the calibration inputs (images,
+captions, seeded synthetic ones) run through the float model while each linear's inputs
+are recorded; which norms feed which linears (for smoothing); and the evaluation on
+held-out inputs: cosine of the normalized image and text embeddings (mean, min), and
+zero-shot agreement, each image's best text among the held-out texts, float against int8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from runner.checkpoint import Checkpoint, CheckpointError
+from runner.clip import (
+    CLIP,
+    CLIPConfig,
+    Linear,
+    float_linear,
+    linear_names,
+    tensor_shapes,
+)
+from runner.images import CLIP_MEAN, CLIP_STD, load_image
+from runner.tokenize import ClipTokenizer
+
+from ..calibrate import InputRecorder
+from ..evaluate import cosines, normalize
+from ..recipe import Recipe, RecipeError
+from ..smoothing import NormGroup
+from .base import LinearSpec, parse_config, read_model_config
+
+TOWERS = ("image", "text")
+GENERATORS = ("demo-clip", "demo-clip-outliers", "random-clip-vit-b32", "random-clip-vit-b32-outliers")
+TARGET_METRICS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min",
+                  "zero_shot_agreement")
+INT8_TABLES = ()
+LM_HEAD = False
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
+EVALUATION_BATCH = 8
+
+
+def model_config(recipe: Recipe) -> CLIPConfig:
+    return read_model_config(recipe, CLIPConfig.from_dict, "CLIP")
+
+
+def specs(recipe: Recipe, config: CLIPConfig) -> list[LinearSpec]:
+    shapes = tensor_shapes(config, recipe.towers)
+    return [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0])
+            for n in linear_names(config, recipe.towers)]
+
+
+def required_shapes(recipe: Recipe, config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(config, recipe.towers)
+
+
+def needs_tokenizer(recipe: Recipe) -> bool:
+    return "text" in recipe.towers
+
+
+def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:
+    """Open and check every tensor the recipe's towers need, before any long work."""
+    checkpoint = Checkpoint(recipe.checkpoint_dir)
+    config = parse_config(checkpoint.config, CLIPConfig.from_dict, recipe, "CLIP")
+    checkpoint.require(tensor_shapes(config, recipe.towers))
+    if "text" in recipe.towers and not (recipe.checkpoint_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json (the text tower needs it)")
+    return checkpoint, config
+
+
+def norm_groups(config: CLIPConfig, towers=TOWERS) -> list[NormGroup]:
+    """Each encoder layer's two LayerNorms (q/k/v read the first, fc1 the second) and the
+    final norm before the projection."""
+    groups = []
+    for tower, prefix, cfg, last, proj in (("image", "vision_model", config.vision, "post_layernorm",
+                                            "visual_projection"),
+                                           ("text", "text_model", config.text, "final_layer_norm",
+                                            "text_projection")):
+        if tower not in towers:
+            continue
+        for i in range(cfg.num_hidden_layers):
+            p = f"{prefix}.encoder.layers.{i}"
+            groups.append(NormGroup(f"{p}.layer_norm1", "layer",
+                                    tuple(f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))))
+            groups.append(NormGroup(f"{p}.layer_norm2", "layer", (f"{p}.mlp.fc1",)))
+        groups.append(NormGroup(f"{prefix}.{last}", "layer", (proj,)))
+    return groups
+
+
+def tokenizer_for(directory: Path, config: CLIPConfig) -> ClipTokenizer:
+    return ClipTokenizer(directory / "tokenizer.json", config.text.max_position_embeddings)
+
+
+def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> np.ndarray:
+    """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images
+    (of `calibration`, or of `verify`: the held-out ones)."""
+    size = config.vision.image_size
+    images = []
+    inputs = getattr(recipe, section)
+    folder = recipe.input_path(section, "images")
+    if folder is not None:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RecipeError(f"{recipe.source}: key {section}.images: {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to use")
+        images += [load_image(p, size) for p in files]
+    rng = np.random.default_rng(inputs.seed)
+    for _ in range(inputs.synthetic):
+        # Smooth colored noise in [0, 1], normalized as CLIP's processor does.
+        coarse = rng.uniform(0, 1, (3, 8, 8)).astype(np.float32)
+        up = np.kron(coarse, np.ones((1, -(-size // 8), -(-size // 8)), np.float32))[:, :size, :size]
+        images.append((up - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None])
+    return np.stack(images).astype(np.float32)
+
+
+def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> list[np.ndarray]:
+    """Token-id rows: the recipe's captions (tokenized), then seeded synthetic ones."""
+    rows: list[np.ndarray] = []
+    inputs = getattr(recipe, section)
+    lines = recipe.input_lines(section, "captions")
+    if lines:
+        tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
+        rows += [tokenizer([line])[0] for line in lines]
+    t = config.text
+    rng = np.random.default_rng(inputs.seed + 1)
+    # CLIP's start and end of text are the last two ids (the original configs say eos 2,
+    # and pooling then takes the highest id, which is the real end of text).
+    eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
+    bos = eos - 1
+    for _ in range(inputs.synthetic):
+        n = int(rng.integers(3, t.max_position_embeddings - 1))
+        body = rng.integers(0, bos, n)
+        rows.append(np.concatenate([[bos], body, [eos]]).astype(np.int64))
+    return rows
+
+
+def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: CLIPConfig,
+                       progress=lambda n: None) -> dict[str, np.ndarray]:
+    """Each linear's input rows over the calibration inputs, through the float model."""
+    recorder = InputRecorder(float_linear(checkpoint), recipe.calibration.max_rows, recipe.calibration.seed)
+    model = CLIP(config, checkpoint, recorder)
+    if "image" in recipe.towers:
+        pixels = calibration_images(recipe, config)
+        for k in range(0, len(pixels), CALIBRATION_BATCH):
+            model.image_features(pixels[k : k + CALIBRATION_BATCH])
+            progress(min(CALIBRATION_BATCH, len(pixels) - k))
+    if "text" in recipe.towers:
+        # One text at a time: rows after end-of-text would be padding, which CLIP computes
+        # but never uses, and which would only skew the recorded ranges.
+        for ids in calibration_texts(recipe, config):
+            model.text_features(ids[None])
+            progress(1)
+    return recorder.inputs()
+
+
+def calibration_count(recipe: Recipe) -> int:
+    """How many forward inputs calibration runs (for the progress bar)."""
+    n = 0
+    if "image" in recipe.towers:
+        folder = recipe.input_path("calibration", "images")
+        n += recipe.calibration.synthetic + (len([p for p in folder.iterdir()
+                                                     if p.suffix.lower() in IMAGE_SUFFIXES]) if folder else 0)
+    if "text" in recipe.towers:
+        n += recipe.calibration.synthetic + len(recipe.input_lines("calibration", "captions"))
+    return n
+
+
+class Evaluation:
+    """Held-out images and texts, and the float model's embeddings of them."""
+
+    primary = ("image_cosine_mean", "text_cosine_mean")  # what the curve shows
+    sensitivity_keys = primary  # what the sensitivity ranks by
+
+    def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
+        self.config, self.towers = config, recipe.towers
+        self.pixels = calibration_images(recipe, config, "verify") if "image" in self.towers else None
+        self.texts = calibration_texts(recipe, config, "verify") if "text" in self.towers else None
+        self.reference = self.outputs(weights, float_linear(weights))
+
+    def outputs(self, weights, linear: Linear, towers=None) -> dict[str, np.ndarray]:
+        """Normalized embeddings of the towers asked for (default: the recipe's)."""
+        model, out = CLIP(self.config, weights, linear), {}
+        towers = self.towers if towers is None else towers
+        if "image" in towers:
+            out["image"] = normalize(np.concatenate([model.image_features(self.pixels[k : k + EVALUATION_BATCH])
+                                                      for k in range(0, len(self.pixels), EVALUATION_BATCH)]))
+        if "text" in towers:
+            out["text"] = normalize(self._text_features(model))
+        return out
+
+    def _text_features(self, model: CLIP) -> np.ndarray:
+        """Texts in batches of similar length, each padded with its own end-of-text id: the
+        causal mask keeps padding out of every real position, and pooling takes the first
+        end-of-text, so each embedding is the one the text alone would give."""
+        order = sorted(range(len(self.texts)), key=lambda i: len(self.texts[i]))
+        out = np.zeros((len(self.texts), self.config.projection_dim), np.float32)
+        for k in range(0, len(order), EVALUATION_BATCH):
+            chunk = order[k : k + EVALUATION_BATCH]
+            n = max(len(self.texts[i]) for i in chunk)
+            ids = np.stack([np.pad(self.texts[i], (0, n - len(self.texts[i])), constant_values=self.texts[i][-1])
+                            for i in chunk])
+            out[chunk] = model.text_features(ids)
+        return out
+
+    def metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        """Scores of `outputs` (towers not in it count as float's own)."""
+        out = {**self.reference, **outputs}
+        m = {}
+        for tower in self.towers:
+            c = cosines(out[tower], self.reference[tower])
+            m[f"{tower}_cosine_mean"], m[f"{tower}_cosine_min"] = float(c.mean()), float(c.min())
+        if len(self.towers) == 2:
+            best = (out["image"] @ out["text"].T).argmax(1)
+            m["zero_shot_agreement"] = float(np.mean(best == (self.reference["image"] @ self.reference["text"].T).argmax(1)))
+        return m
+
+    def score(self, weights, linear: Linear, towers=None) -> dict[str, float]:
+        return self.metrics(self.outputs(weights, linear, towers))
+
+    def sensitivity_metrics(self, weights, linear: Linear, layer: str) -> dict[str, float]:
+        """The metrics with `layer` changed: only its tower is rerun."""
+        return self.score(weights, linear, towers=[self.tower_of(layer)])
+
+    def bundle_metrics(self, bundle, linear: Linear, recipe: Recipe, checkpoint, config) -> dict[str, float]:
+        """The metrics of a bundle's int8 path (`linear` runs its layers; its host tensors are the rest)."""
+        return self.metrics(self.outputs(bundle.host, linear))
+
+    def inputs_summary(self) -> dict:
+        return {"images": 0 if self.pixels is None else len(self.pixels),
+                "texts": 0 if self.texts is None else len(self.texts)}
+
+    @staticmethod
+    def tower_of(layer: str) -> str:
+        return "image" if layer.startswith(("vision_model", "visual_projection")) else "text"

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from runner.clip import Linear
+from runner.nn import Linear
 
 
 class InputRecorder:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError, read_config
-from runner.clip import CLIP, CLIPConfig, float_linear, linear_names, tensor_shapes
+from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.config_values import ConfigError
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
+from runner.nn import float_linear
 from runner.tokenize import ClipTokenizer
 
 from .calibrate import InputRecorder

@@ -20,10 +20,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from runner.clip import CLIP, Linear, float_linear
+from runner.clip import CLIP
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
 from runner.gemma import Gemma, KVCache
+from runner.nn import Linear, float_linear
 from runner.quant import QuantizedLinear
 
 from .recipe import Recipe

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError, read_config
-from runner.clip import float_linear
 from runner.config_values import ConfigError
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
+from runner.nn import float_linear
 
 from .calibrate import InputRecorder
 from .families import LinearSpec

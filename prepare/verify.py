@@ -88,10 +88,10 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
 def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], checkpoint, config) -> dict:
     """The TPU head's top-1 (plain, with --rescore) on the bundle's hidden states, and greedy
     decoding against float's."""
-    from runner.clip import float_linear
     from runner.gemma import Gemma
     from runner.generate import Sampler, generate, load_gemma
     from runner.lm_head import FloatHead, make_head
+    from runner.nn import float_linear
 
     out = {}
     k = recipe.verify["rescore"]

@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
+from .clip import CLIP, CLIPConfig, tensor_shapes
 from .errors import UserError
 from .executors import BACKENDS, FLAVOR, BackendError, make_linear
 from .images import load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
+from .nn import float_linear, softmax
 from .tokenize import ClipTokenizer, TokenizerError
 
 ERRORS = (UserError, OSError)

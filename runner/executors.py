@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, Layer
-from .clip import float_linear
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
 from .interpreter import load_delegate, require_interpreter
+from .nn import float_linear
 from .quant import QuantizedLinear
 
 BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")

@@ -65,7 +65,7 @@ def load_gemma(bundle_dir: str | Path, backend: str, lm_head: str = "cpu", capac
             raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "
                                "no float weights for layers that run on the TPU)")
         from .checkpoint import Checkpoint
-        from .clip import float_linear
+        from .nn import float_linear
         weights = Checkpoint(checkpoint)
         weights.require(tensor_shapes(config))
         model = Gemma(config, weights, float_linear(weights))

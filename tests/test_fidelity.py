@@ -13,10 +13,11 @@ from prepare.demo_models import make_demo_clip, make_demo_gemma
 from prepare.smoothing import SmoothedWeights, norm_groups, smooth_rows, smoothing_factors
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
-from runner.clip import CLIP, CLIPConfig, float_linear
+from runner.clip import CLIP, CLIPConfig
 from runner.executors import make_linear
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.images import load_image
+from runner.nn import float_linear
 from runner.quant import quantize_rows
 
 from .conftest import doit

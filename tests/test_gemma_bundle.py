@@ -10,12 +10,12 @@ import pytest
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
-from runner.clip import float_linear
 from runner.edgetpu_codec import decode_dense
 from runner.executors import LazyDense, TemplateInterpreter
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.generate import Sampler, generate, load_gemma
 from runner.lm_head import HeadError, TileHead, make_head
+from runner.nn import float_linear
 
 from .conftest import FIXTURES, doit, runner
 

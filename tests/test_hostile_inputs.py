@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from runner.clip import CLIP, CLIPConfig, float_linear
-from runner.finite import NonFiniteError
+from runner.clip import CLIP, CLIPConfig
 from runner.gemma import Gemma, GemmaConfig, tensor_shapes as gemma_shapes
 from runner.generate import Sampler, generate
 from runner.lm_head import HeadStats
+from runner.nn import NonFiniteError, float_linear
 from runner.tokenize import ClipTokenizer, TokenizerError
 
 from .conftest import runner

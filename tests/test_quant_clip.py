@@ -7,8 +7,9 @@ import pytest
 
 from prepare.calibrate import record_inputs
 from prepare.quantize import quantize_layer, quantize_weights
-from runner.clip import CLIP, CLIPConfig, float_linear
+from runner.clip import CLIP, CLIPConfig
 from runner.emulate import DenseEmulator
+from runner.nn import float_linear
 from runner.quant import QuantizedLinear, quantize_rows
 
 from .test_clip_float import make_hf

@@ -14,7 +14,7 @@ from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.config_values import ConfigError
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.nn import float_linear
-from runner.tokenize import ClipTokenizer
+from runner.tokenizer import ClipTokenizer
 
 from .calibrate import InputRecorder
 from .families import LinearSpec

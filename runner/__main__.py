@@ -35,7 +35,7 @@ from .executors import BACKENDS, FLAVOR, BackendError, make_linear
 from .images import load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
 from .nn import float_linear, softmax
-from .tokenize import ClipTokenizer, TokenizerError
+from .tokenizer import ClipTokenizer, TokenizerError
 
 ERRORS = (UserError, OSError)
 

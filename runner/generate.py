@@ -19,7 +19,7 @@ from .bundle import Bundle, BundleError
 from .executors import FLAVOR, BackendError, edgetpu_delegates, make_linear
 from .gemma import Gemma, GemmaConfig, KVCache, tensor_shapes
 from .lm_head import FloatHead, HeadError, make_head
-from .tokenize import GemmaTokenizer, TokenizerError
+from .tokenizer import GemmaTokenizer, TokenizerError
 
 
 @dataclass

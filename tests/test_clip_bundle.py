@@ -101,7 +101,7 @@ def test_int8_against_float_on_the_demo(bundle_dir, checkpoint_dir, samples):
     the floors leave room for the tokenizer's training, which is not byte-reproducible."""
     from runner.__main__ import load_clip
     from runner.images import load_image
-    from runner.tokenize import ClipTokenizer
+    from runner.tokenizer import ClipTokenizer
 
     fp32, _ = load_clip(bundle_dir, "fp32", checkpoint_dir)
     int8, bundle = load_clip(bundle_dir, "emulate", None)

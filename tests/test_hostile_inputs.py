@@ -14,7 +14,7 @@ from runner.gemma import Gemma, GemmaConfig, tensor_shapes as gemma_shapes
 from runner.generate import Sampler, generate
 from runner.lm_head import HeadStats
 from runner.nn import NonFiniteError, float_linear
-from runner.tokenize import ClipTokenizer, TokenizerError
+from runner.tokenizer import ClipTokenizer, TokenizerError
 
 from .conftest import runner
 

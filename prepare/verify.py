@@ -88,9 +88,11 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
 def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], checkpoint, config) -> dict:
     """The TPU head's top-1 (plain, with --rescore) on the bundle's hidden states, and greedy
     decoding against float's."""
+    from runner.families import GEMMA_FAMILY
     from runner.gemma import Gemma
-    from runner.generate import Sampler, generate, load_gemma
+    from runner.generate import Sampler, generate
     from runner.lm_head import FloatHead, make_head
+    from runner.load import load
     from runner.nn import float_linear
 
     out = {}
@@ -109,7 +111,7 @@ def _gemma_extras(recipe: Recipe, bundle: Bundle, ev, hidden: list[np.ndarray], 
         prompts = [list(s[: max(1, len(s) // 2)]) for s in ev.sequences[:GREEDY_PROMPTS]]
         heads = {"cpu": {}, "tpu-preload": {"rescore": k}} if bundle.lm_head is not None else {"cpu": {}}
         for mode, options in heads.items():
-            loaded = load_gemma(bundle.dir, "emulate", mode, **options)
+            loaded = load(bundle.dir, GEMMA_FAMILY, "emulate", lm_head=mode, **options)
             lengths = []
             for prompt in prompts:
                 ref = [s.token for s in generate(float_model, float_head, prompt, steps, Sampler())]

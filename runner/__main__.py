@@ -29,38 +29,17 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .clip import CLIP, CLIPConfig, tensor_shapes
+from .clip import CLIPConfig
 from .errors import UserError
-from .executors import BACKENDS, FLAVOR, BackendError, make_linear
+from .executors import BACKENDS
+from .families import CLIP_FAMILY, GEMMA_FAMILY
 from .images import load_f32le, load_image
 from .lm_head import HEAD_MODES, HeadError
-from .nn import float_linear, softmax
-from .tokenizer import ClipTokenizer, TokenizerError
+from .load import clip_tokenizer, load
+from .nn import softmax
+from .tokenizer import TokenizerError
 
 ERRORS = (UserError, OSError)
-
-
-def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:
-    """Open the bundle and build the model on `backend`: everything start-up does."""
-    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
-    if bundle.family != "clip":
-        raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a CLIP one")
-    config = bundle.model_config()
-    if backend == "fp32":
-        if checkpoint is None:
-            raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "
-                               "no float weights for layers that run on the TPU)")
-        from .checkpoint import Checkpoint
-        weights = Checkpoint(checkpoint)
-        weights.require(tensor_shapes(config, bundle.towers))
-        return CLIP(config, weights, float_linear(weights)), bundle
-    return CLIP(config, bundle.host, make_linear(bundle, backend)), bundle
-
-
-def _tokenizer(bundle: Bundle, config: CLIPConfig) -> ClipTokenizer:
-    if "text" not in bundle.towers or bundle.tokenizer is None:
-        raise BundleError(f"{bundle.dir}: built without the text tower (towers: {', '.join(bundle.towers)})")
-    return ClipTokenizer(bundle.tokenizer.path, config.text.max_position_embeddings)
 
 
 def _images(bundle: Bundle, config: CLIPConfig, files: list[str], f32le: bool) -> np.ndarray:
@@ -85,12 +64,12 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    model, bundle = load_clip(args.bundle, args.backend, args.checkpoint)
+    loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint)
     setup_ms = (time.perf_counter() - t0) * 1e3
-    config = model.config
+    model, bundle, config = loaded.model, loaded.bundle, loaded.model.config
     # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
     if args.command == "clip-text":
-        ids = _tokenizer(bundle, config)(args.texts)
+        ids = clip_tokenizer(loaded)(args.texts)
     else:
         pixels = _images(bundle, config, args.images, args.image_f32le)
     if args.command == "zero-shot":
@@ -99,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
             raise TokenizerError("--labels needs at least one label")
         if "{}" not in args.prompt:
             raise TokenizerError(f"--prompt {args.prompt!r} needs a {{}} where the label goes")
-        ids = _tokenizer(bundle, config)([args.prompt.format(label) for label in labels])
+        ids = clip_tokenizer(loaded)([args.prompt.format(label) for label in labels])
 
     def forward() -> np.ndarray:
         if args.command == "clip-image":
@@ -163,13 +142,13 @@ def parse_token_ids(text: str) -> list[int]:
 def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     """Load, then generate `--rounds` times; the first round streams its text to `out`
     unless --json. Timings of every round, and a summary (see below)."""
-    from .generate import Sampler, generate, load_gemma, stop_ids
+    from .generate import Sampler, generate, stop_ids
 
     if args.steps < 1:
         raise HeadError("--steps must be at least 1")
     t0 = time.perf_counter()
-    loaded = load_gemma(args.bundle, args.backend, args.lm_head, args.lm_cache_capacity, args.shortlist,
-                        args.rescore, args.checkpoint)
+    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head,
+                  capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore)
     setup_ms = (time.perf_counter() - t0) * 1e3
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.prompt is not None:

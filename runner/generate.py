@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .gemma import Gemma, GemmaConfig, KVCache
-from .lm_head import HeadError
 from .tokenizer import TokenizerError
 
 
@@ -27,7 +26,7 @@ class Sampler:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0:
-            raise HeadError("--temperature and --top-k must not be negative")
+            raise ValueError("temperature and top_k must not be negative")  # the command line checks its own
         self.rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:

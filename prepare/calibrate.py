@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
 
 import numpy as np
 
@@ -40,10 +39,3 @@ class InputRecorder:
             out[name] = rows
         return out
 
-
-def record_inputs(forward: Callable[[Linear], None], float_executor: Linear, max_rows: int = 4096
-                  ) -> dict[str, np.ndarray]:
-    """Run `forward(linear)` once with a recording executor; return each linear's input rows."""
-    recorder = InputRecorder(float_executor, max_rows)
-    forward(recorder)
-    return recorder.inputs()

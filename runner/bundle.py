@@ -145,13 +145,6 @@ class Bundle:
         """The model's config (its family's config class), checked as `read_manifest` checked it."""
         return model_config(self.family, self.config, str(self.dir / MANIFEST))
 
-    def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise BundleError(f"{self.dir}: no layer {name!r}")
-
-
 
 @dataclass(frozen=True)
 class LMHead:

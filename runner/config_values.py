@@ -9,6 +9,7 @@ leaves, so a bad one is a `ConfigError` naming its key; callers add the file's n
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Mapping
 
 from .errors import UserError
@@ -81,5 +82,4 @@ class ConfigFields:
 
 def _shown(value) -> str:
     """A short repr: a hostile config's value may be a huge or deeply nested structure."""
-    import reprlib
     return reprlib.repr(value)

@@ -108,7 +108,7 @@ def edgetpu_library() -> str | None:
 def edgetpu_delegates() -> list:
     """The libedgetpu delegate (pycoral's helper where it is installed), or a clear error."""
     library = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
-    try:
+    try:  # pycoral is optional (few platforms have a wheel): without it, the delegate is loaded by name
         from pycoral.utils.edgetpu import list_edge_tpus, load_edgetpu_delegate
     except ImportError:
         list_edge_tpus = load_edgetpu_delegate = None

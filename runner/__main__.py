@@ -211,8 +211,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     first = rounds[0]
     stopped = ("eos" if first["tokens"][-1] in stop else "steps" if len(first["tokens"]) == args.steps
                else "context")
-    return {"command": args.command, "backend": args.backend, "lm_head": loaded.head.mode, "bundle": str(loaded.bundle.dir),
-            "prompt_tokens": prompt, "tokens": first["tokens"],
+    return {"command": args.command, "backend": args.backend, "lm_head": loaded.head.mode,
+            "bundle": str(loaded.bundle.dir), "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
             "ms_per_token": middle["ms_per_token"], "head": first["head"], "peak_rss_mib": peak_rss_mib(),

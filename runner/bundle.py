@@ -264,7 +264,7 @@ def model_config(family: str, config: dict, where: str):
     if family not in FAMILIES:
         raise BundleError(f"{where}: family {family!r} is not one this runner reads ({', '.join(FAMILIES)})")
     try:
-        return FAMILIES[family].config.from_dict(config)
+        return FAMILIES[family].config_class.from_dict(config)
     except ConfigError as e:
         raise BundleError(f"{where}: {e}") from e
 

@@ -19,8 +19,8 @@ from . import clip, gemma
 class Family:
     name: str  # as a manifest writes it
     title: str  # as a message writes it
-    config: type  # its config class; `config.from_dict(mapping)` checks every value
-    model: type  # its model class, `model(config, weights, linear)`
+    config_class: type  # `config_class.from_dict(mapping)` checks every value
+    model_class: type  # `model_class(config, weights, linear)`
     tensor_shapes: Callable[..., dict[str, tuple[int, ...]]]  # (config, towers) -> every tensor the model reads
     decoder: bool = False  # generates text: a tied LM head (runner/lm_head.py) and a tokenizer at start-up
 

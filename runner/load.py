@@ -54,13 +54,13 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
     if backend == "fp32":
         weights = float_checkpoint(checkpoint, family.tensor_shapes(config, bundle.towers))
         head = FloatHead(weights, config.vocab_size) if family.decoder else None
-        return Loaded(bundle, family.model(config, weights, float_linear(weights)), head, tokenizer)
+        return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), head, tokenizer)
     if not family.decoder:
-        return Loaded(bundle, family.model(config, bundle.host, make_linear(bundle, backend)))
+        return Loaded(bundle, family.model_class(config, bundle.host, make_linear(bundle, backend)))
     delegates = edgetpu_delegates() if backend == "edgetpu" else None  # one for the decoder and its head
     head, table = make_head(bundle, backend, lm_head, capacity, shortlist, rescore, delegates)
     check_head_fits(bundle, config, table)
-    model = family.model(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
+    model = family.model_class(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
     return Loaded(bundle, model, head, tokenizer)
 
 

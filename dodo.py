@@ -23,12 +23,7 @@ from doit.tools import config_changed
 from prepare.demo_models import DEMO_VERSION, generate
 from prepare.deploy import deploy
 from prepare.families import family_of
-from prepare.paths import (
-    bundle_dir,
-    layers_index_path,
-    placement_path,
-    templates_index_path,
-)
+from prepare.paths import bundle_dir, layers_index_path, placement_path, templates_index_path
 from prepare.recipe import Recipe, RecipeError, load_recipe
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
 
 import numpy as np
 
-from runner.clip import Linear
+from runner.nn import Linear
 
 
 class InputRecorder:
@@ -40,10 +39,3 @@ class InputRecorder:
             out[name] = rows
         return out
 
-
-def record_inputs(forward: Callable[[Linear], None], float_executor: Linear, max_rows: int = 4096
-                  ) -> dict[str, np.ndarray]:
-    """Run `forward(linear)` once with a recording executor; return each linear's input rows."""
-    recorder = InputRecorder(float_executor, max_rows)
-    forward(recorder)
-    return recorder.inputs()

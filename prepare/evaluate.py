@@ -22,9 +22,9 @@ from typing import Callable, Mapping
 import numpy as np
 from safetensors.numpy import load
 
-from runner.clip import Linear, float_linear
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
+from runner.nn import Linear, float_linear
 from runner.quant import QuantizedLinear
 
 from .smoothing import WeightsView

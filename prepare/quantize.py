@@ -11,7 +11,6 @@ The runner side of the same scheme (rows in, rows out) is `runner/quant.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,6 @@ from runner.quant import quantize_rows, symmetric_scales
 from runner.tflite_file import parse_tflite
 
 from .patch import uncompiled_multipliers
-
-
-@dataclass
-class QuantizedLayer:
-    params: DenseParams  # int8 weights [out, in] and float32 multipliers [out]
-    weight_scale: np.ndarray  # float32 [out]
-    bias: np.ndarray | None
 
 
 def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,13 +54,6 @@ def calibrated_multipliers(w_q: np.ndarray, rows: np.ndarray, zp_in: int, zp_out
     typical = np.median(peak[peak > 0]) if np.any(peak > 0) else 1.0
     return (steps / np.where(peak > 0, peak, typical)).astype(np.float32)
 
-
-def quantize_layer(w: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, zp_in: int, zp_out: int,
-                   headroom: float = 0.95) -> QuantizedLayer:
-    w_q, s_w = quantize_weights(w)
-    mult = calibrated_multipliers(w_q, rows, zp_in, zp_out, headroom)
-    return QuantizedLayer(DenseParams.make(w_q, mult), s_w,
-                          None if bias is None else np.asarray(bias, np.float32))
 
 
 def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options, cache_root: Path,

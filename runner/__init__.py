@@ -1,0 +1,33 @@
+"""The Pi side: run a bundle with numpy and a TFLite interpreter (README, "The runner").
+
+Where things are, from the command line down:
+
+    __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, check, selftest
+    load.py           start-up for either family: open a bundle, build its model on a backend
+    families.py       the model families by the name a manifest gives them (the one place that names them)
+    bundle.py         a bundle's manifest read and checked; its host tensors memory-mapped
+    check.py          `check` and `selftest`: is a bundle whole, what runs here, does the TPU agree
+
+    clip.py           CLIP's two towers in numpy
+    gemma.py          Gemma-3's decoder in numpy
+    nn.py             what both models share: the executor type, float_linear, softmax, finite checks
+    generate.py       Gemma decoding: sampling, prefill, one token at a time
+    lm_head.py        Gemma's tied LM head: cpu, tpu-preload, tpu-lazy, fp32
+    tokenizer.py      text to token ids and back
+    images.py         images to CLIP pixels
+
+    executors.py      the backends behind `linear(name, x)`: emulate, cpu, edgetpu, fp32
+    quant.py          the host side of an int8 linear: rows quantized in, dequantized out
+    emulate.py        the Edge TPU's integer arithmetic for a Dense template
+    interpreter.py    whichever TFLite interpreter this machine has
+    edgetpu_codec.py  the compiled Edge TPU Dense template: parse, decode, encode, patch
+    tflite_file.py    the parts of a TFLite file the templates use
+    flatbuf.py        a bounds-checked FlatBuffers reader
+
+    checkpoint.py     Hugging Face checkpoints (the fp32 backend), opened lazily
+    config_values.py  typed, bounded reads of a model config
+    jsonfile.py       JSON files from outside, every failure one error naming the file
+    errors.py         UserError, the base of every error a user can cause and fix
+
+The runner imports nothing from prepare/: it is copied to the Pi on its own.
+"""

@@ -13,7 +13,8 @@ Every command takes `--backend emulate|cpu|edgetpu|fp32` (fp32 needs `--checkpoi
 bundles carry no float weights for layers that run on the TPU), `--json`, and `--rounds R`
 (run R times after one start-up; timings are the median after the first, which also
 opens each layer).
-Errors are one line naming the file and the problem, exit status 2.
+Errors are one line naming the file and the problem, exit status 2; so are arguments of the
+wrong form (argparse's usage, then the argument and what is wrong with it).
 """
 
 from __future__ import annotations
@@ -25,116 +26,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .clip import CLIP, CLIPConfig, float_linear, softmax, tensor_shapes
+from .bundle import BundleError
+from .check import check_bundle, selftest
 from .errors import UserError
-from .executors import BACKENDS, FLAVOR, BackendError, make_linear
+from .executors import BACKENDS
+from .families import CLIP_FAMILY, GEMMA_FAMILY
+from .generate import Sampler, generate, stop_ids
 from .images import load_f32le, load_image
-from .lm_head import HEAD_MODES, HeadError
-from .tokenize import ClipTokenizer, TokenizerError
+from .lm_head import HEAD_MODES
+from .load import Loaded, clip_tokenizer, load
+from .nn import softmax
 
 ERRORS = (UserError, OSError)
-
-
-def load_clip(bundle_dir: str, backend: str, checkpoint: str | None) -> tuple[CLIP, Bundle]:
-    """Open the bundle and build the model on `backend`: everything start-up does."""
-    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
-    if bundle.family != "clip":
-        raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a CLIP one")
-    config = bundle.model_config()
-    if backend == "fp32":
-        if checkpoint is None:
-            raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "
-                               "no float weights for layers that run on the TPU)")
-        from .checkpoint import Checkpoint
-        weights = Checkpoint(checkpoint)
-        weights.require(tensor_shapes(config, bundle.towers))
-        return CLIP(config, weights, float_linear(weights)), bundle
-    return CLIP(config, bundle.host, make_linear(bundle, backend)), bundle
-
-
-def _tokenizer(bundle: Bundle, config: CLIPConfig) -> ClipTokenizer:
-    if "text" not in bundle.towers or bundle.tokenizer is None:
-        raise BundleError(f"{bundle.dir}: built without the text tower (towers: {', '.join(bundle.towers)})")
-    return ClipTokenizer(bundle.tokenizer.path, config.text.max_position_embeddings)
-
-
-def _images(bundle: Bundle, config: CLIPConfig, files: list[str], f32le: bool) -> np.ndarray:
-    if "image" not in bundle.towers:
-        raise BundleError(f"{bundle.dir}: built without the image tower (towers: {', '.join(bundle.towers)})")
-    size = config.vision.image_size
-    return np.stack([(load_f32le if f32le else load_image)(f, size) for f in files])
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename: never half a file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def run(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    model, bundle = load_clip(args.bundle, args.backend, args.checkpoint)
-    setup_ms = (time.perf_counter() - t0) * 1e3
-    config = model.config
-    # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
-    if args.command == "clip-text":
-        ids = _tokenizer(bundle, config)(args.texts)
-    else:
-        pixels = _images(bundle, config, args.images, args.image_f32le)
-    if args.command == "zero-shot":
-        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-        if not labels:
-            raise TokenizerError("--labels needs at least one label")
-        if "{}" not in args.prompt:
-            raise TokenizerError(f"--prompt {args.prompt!r} needs a {{}} where the label goes")
-        ids = _tokenizer(bundle, config)([args.prompt.format(label) for label in labels])
-
-    def forward() -> np.ndarray:
-        if args.command == "clip-image":
-            return model.image_features(pixels)
-        if args.command == "clip-text":
-            return model.text_features(ids)
-        image = model.image_features(pixels)
-        text = model.text_features(ids)
-        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / np.linalg.norm(text, axis=-1, keepdims=True)
-        return softmax(model.logit_scale * image @ text.T)
-
-    # The first forward also opens each layer (decodes it, or opens its interpreter); with
-    # --rounds R, forward_ms is the median of the R - 1 after it.
-    forward_ms = []
-    for _ in range(args.rounds):
-        t1 = time.perf_counter()
-        out = forward()
-        forward_ms.append((time.perf_counter() - t1) * 1e3)
-    timed = forward_ms[1:] or forward_ms
-    steady = sorted(timed)[(len(timed) - 1) // 2]
-    result = {"command": args.command, "backend": args.backend, "bundle": str(bundle.dir),
-              "setup_ms": round(setup_ms, 2), "first_forward_ms": round(forward_ms[0], 2),
-              "forward_ms": round(steady, 2), "shape": list(out.shape)}
-    if args.command == "zero-shot":
-        result["labels"] = labels
-        result["results"] = [{"image": f, "probs": dict(zip(labels, map(float, p))),
-                              "best": labels[int(np.argmax(p))]} for f, p in zip(args.images, out)]
-    else:
-        inputs = args.texts if args.command == "clip-text" else args.images
-        result["results"] = [{"input": s, "norm": float(np.linalg.norm(e))} for s, e in zip(inputs, out)]
-    result["peak_rss_mib"] = peak_rss_mib()
-    if args.out:
-        _save_npy(args.out, out.astype(np.float32))
-        result["out"] = args.out
-    return result
 
 
 def peak_rss_mib() -> float | None:
@@ -149,26 +56,124 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def parse_token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as e:
-        raise TokenizerError(f"--token-ids {text!r}: expected comma-separated integers like 2,818,5279") from e
-    if not ids:
-        raise TokenizerError("--token-ids is empty")
-    return ids
+# -- CLIP: clip-image, clip-text, zero-shot ------------------------------------------------
+# Each command reads its inputs and returns the forward pass to time, and what to report of
+# its output; `run_clip` does the rest, the same for the three.
 
+Forward = Callable[[], np.ndarray]
+Report = Callable[[np.ndarray], dict]
+
+
+def clip_images(loaded: Loaded, files: list[str], f32le: bool) -> np.ndarray:
+    bundle = loaded.bundle
+    if "image" not in bundle.towers:
+        raise BundleError(f"{bundle.dir}: built without the image tower (towers: {', '.join(bundle.towers)})")
+    size = loaded.model.config.vision.image_size
+    return np.stack([(load_f32le if f32le else load_image)(f, size) for f in files])
+
+
+def norms(inputs: list[str], embeddings: np.ndarray) -> dict:
+    return {"results": [{"input": s, "norm": float(np.linalg.norm(e))} for s, e in zip(inputs, embeddings)]}
+
+
+def image_embeddings(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
+    pixels = clip_images(loaded, args.images, args.image_f32le)
+    return lambda: loaded.model.image_features(pixels), lambda out: norms(args.images, out)
+
+
+def text_embeddings(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
+    ids = clip_tokenizer(loaded)(args.texts)
+    return lambda: loaded.model.text_features(ids), lambda out: norms(args.texts, out)
+
+
+def zero_shot(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
+    model, labels = loaded.model, args.labels
+    pixels = clip_images(loaded, args.images, args.image_f32le)
+    ids = clip_tokenizer(loaded)([args.prompt.format(label) for label in labels])
+
+    def forward() -> np.ndarray:
+        image = model.image_features(pixels)
+        text = model.text_features(ids)
+        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
+        text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+        return softmax(model.logit_scale * image @ text.T)
+
+    def report(probs: np.ndarray) -> dict:
+        return {"labels": labels, "results": [{"image": f, "probs": dict(zip(labels, map(float, p))),
+                                               "best": labels[int(np.argmax(p))]} for f, p in zip(args.images, probs)]}
+    return forward, report
+
+
+def run_clip(args: argparse.Namespace) -> dict:
+    """Load, read the inputs (`args.inputs`: one of the three above), then run the forward
+    pass `--rounds` times; timings, and what the command reports of the output."""
+    t0 = time.perf_counter()
+    loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
+    forward, report = args.inputs(args, loaded)
+    # The first forward also opens each layer (decodes it, or opens its interpreter); with
+    # --rounds R, forward_ms is the median of the R - 1 after it.
+    forward_ms = []
+    for _ in range(args.rounds):
+        t1 = time.perf_counter()
+        out = forward()
+        forward_ms.append((time.perf_counter() - t1) * 1e3)
+    timed = forward_ms[1:] or forward_ms
+    steady = sorted(timed)[(len(timed) - 1) // 2]
+    result = {"command": args.command, "backend": args.backend, "bundle": str(loaded.bundle.dir),
+              "setup_ms": round(setup_ms, 2), "first_forward_ms": round(forward_ms[0], 2),
+              "forward_ms": round(steady, 2), "shape": list(out.shape), **report(out),
+              "peak_rss_mib": peak_rss_mib()}
+    if args.out:
+        save_npy(args.out, out.astype(np.float32))
+        result["out"] = args.out
+    return result
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """np.save through a temporary file and a rename: never half a file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def print_clip(result: dict) -> None:
+    print(f"{result['command']} on {result['backend']}: setup {result['setup_ms']:.1f} ms, "
+          f"forward {result['forward_ms']:.1f} ms, output {result['shape']}")
+    for r in result["results"]:
+        if "probs" in r:
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: -kv[1]))
+            print(f"  {r['image']}: {probs}")
+        else:
+            print(f"  {r['input']}: norm {r['norm']:.4f}")
+    if "out" in result:
+        print(f"embeddings written to {result['out']}")
+
+
+def clip_command(args: argparse.Namespace) -> int:
+    result = run_clip(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_clip(result)
+    return 0
+
+
+# -- Gemma ---------------------------------------------------------------------------------
 
 def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     """Load, then generate `--rounds` times; the first round streams its text to `out`
     unless --json. Timings of every round, and a summary (see below)."""
-    from .generate import Sampler, generate, load_gemma, stop_ids
-
-    if args.steps < 1:
-        raise HeadError("--steps must be at least 1")
     t0 = time.perf_counter()
-    loaded = load_gemma(args.bundle, args.backend, args.lm_head, args.lm_cache_capacity, args.shortlist,
-                        args.rescore, args.checkpoint)
+    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head,
+                  capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore)
     setup_ms = (time.perf_counter() - t0) * 1e3
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.prompt is not None:
@@ -176,7 +181,7 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
             raise BundleError(f"{loaded.bundle.dir}: no tokenizer in the bundle; give --token-ids")
         prompt = tokenizer.encode(args.prompt)
     else:
-        prompt = parse_token_ids(args.token_ids)
+        prompt = args.token_ids
     sampler = Sampler(args.temperature, args.top_k, args.seed)
     stop = set() if args.ignore_eos else stop_ids(model.config)
     rounds = []
@@ -206,8 +211,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     first = rounds[0]
     stopped = ("eos" if first["tokens"][-1] in stop else "steps" if len(first["tokens"]) == args.steps
                else "context")
-    return {"command": "gemma", "backend": args.backend, "lm_head": loaded.head.mode, "bundle": str(loaded.bundle.dir),
-            "prompt_tokens": prompt, "tokens": first["tokens"],
+    return {"command": args.command, "backend": args.backend, "lm_head": loaded.head.mode,
+            "bundle": str(loaded.bundle.dir), "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
             "ms_per_token": middle["ms_per_token"], "head": first["head"], "peak_rss_mib": peak_rss_mib(),
@@ -231,68 +236,18 @@ def print_gemma(result: dict) -> None:
         print("  tokens: " + ",".join(map(str, result["tokens"])))
 
 
-def print_text(result: dict) -> None:
-    print(f"{result['command']} on {result['backend']}: setup {result['setup_ms']:.1f} ms, "
-          f"forward {result['forward_ms']:.1f} ms, output {result['shape']}")
-    for r in result["results"]:
-        if "probs" in r:
-            probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: -kv[1]))
-            print(f"  {r['image']}: {probs}")
-        else:
-            print(f"  {r['input']}: norm {r['norm']:.4f}")
-    if "out" in result:
-        print(f"embeddings written to {result['out']}")
+def gemma_command(args: argparse.Namespace) -> int:
+    result = run_gemma(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_gemma(result)
+    return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runner", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("bundle", help="bundle directory (artifacts/bundles/NAME)")
-    common.add_argument("--backend", choices=BACKENDS, default="emulate")
-    common.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
-    common.add_argument("--rounds", type=int, default=1, help="run R times after one start-up (timing)")
-    image = sub.add_parser("clip-image", parents=[common], help="image embeddings")
-    image.add_argument("images", nargs="+", metavar="IMAGE")
-    image.add_argument("--image-f32le", action="store_true", help="inputs are raw float32 [3, S, S] files")
-    image.add_argument("--out", metavar="FILE.npy")
-    text = sub.add_parser("clip-text", parents=[common], help="text embeddings")
-    text.add_argument("texts", nargs="+", metavar="TEXT")
-    text.add_argument("--out", metavar="FILE.npy")
-    zero = sub.add_parser("zero-shot", parents=[common], help="label probabilities per image")
-    zero.add_argument("images", nargs="+", metavar="IMAGE")
-    zero.add_argument("--labels", required=True, help='comma-separated, e.g. "a cat,a dog"')
-    zero.add_argument("--prompt", default="{}", help='label template, e.g. "a photo of {}"')
-    zero.add_argument("--image-f32le", action="store_true")
-    zero.set_defaults(out=None)
-    gemma = sub.add_parser("gemma", parents=[common], help="generate text with a Gemma bundle, streamed")
-    source = gemma.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text (the bundle's tokenizer adds <bos>)")
-    source.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 2,818,5279")
-    gemma.add_argument("--steps", type=int, default=32, help="tokens to generate at most (default 32)")
-    gemma.add_argument("--lm-head", choices=HEAD_MODES, default="cpu",
-                       help="cpu: int8 table on the host; tpu-preload: every tile ready at start; "
-                            "tpu-lazy: tiles opened when needed, kept in an LRU")
-    gemma.add_argument("--lm-cache-capacity", type=int, help="tiles tpu-lazy keeps open")
-    gemma.add_argument("--shortlist", type=int, metavar="N", help="run only N tiles per step (approximate)")
-    gemma.add_argument("--rescore", type=int, metavar="K",
-                       help="exact logits on the CPU for the TPU's K best tokens")
-    gemma.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gemma.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest (0: all)")
-    gemma.add_argument("--seed", type=int, default=0)
-    gemma.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
-    check = sub.add_parser("check", help="is the bundle whole (sha256 of every file); which backends run here")
-    check.add_argument("bundle")
-    check.add_argument("--quick", action="store_true", help="sizes only, no sha256")
-    check.add_argument("--json", action="store_true")
-    selftest = sub.add_parser("selftest", help="run patched layers on the Edge TPU and compare with emulate")
-    selftest.add_argument("bundle")
-    return p
+# -- check, selftest -----------------------------------------------------------------------
 
-
-def check_main(args) -> int:
-    from .check import check_bundle
+def check_command(args: argparse.Namespace) -> int:
     report = check_bundle(args.bundle, args.quick)
     if args.json:
         print(json.dumps(report))
@@ -308,35 +263,131 @@ def check_main(args) -> int:
     return 0 if report["ok"] else 1
 
 
-def selftest_main(args) -> int:
-    from .check import selftest
-    try:
-        status, lines = selftest(args.bundle)
-    except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def selftest_command(args: argparse.Namespace) -> int:
+    status, lines = selftest(args.bundle)
     print("\n".join(lines))
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if getattr(args, "rounds", 1) < 1:
-        parser().error("--rounds must be at least 1")
-    if args.command == "check":
-        return check_main(args)
-    if args.command == "selftest":
-        return selftest_main(args)
+# -- the command line ----------------------------------------------------------------------
+# argparse checks every argument's form (exit 2, naming the argument); what only the bundle
+# can tell (a --shortlist beyond the head's tiles, a token id beyond the vocabulary) is
+# checked where the bundle is known.
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low`."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return integer
+
+
+def non_negative_number(text: str) -> float:
+    """An argparse type: a number of at least 0."""
     try:
-        result = run_gemma(args) if args.command == "gemma" else run(args)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
+def label_list(text: str) -> list[str]:
+    """--labels "a cat,a dog" -> ["a cat", "a dog"]."""
+    found = [s.strip() for s in text.split(",") if s.strip()]
+    if not found:
+        raise argparse.ArgumentTypeError(f"needs at least one label, got {text!r}")
+    return found
+
+
+def label_template(text: str) -> str:
+    """--prompt "a photo of {}": the label goes where {} is."""
+    try:
+        text.format("label")
+    except (AttributeError, IndexError, KeyError, ValueError) as e:  # what str.format raises
+        raise argparse.ArgumentTypeError(f"{text!r} is not a template with one {{}} where the label goes "
+                                         f"({e})") from None
+    if "{}" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a {{}} where the label goes")
+    return text
+
+
+def token_id_list(text: str) -> list[int]:
+    """--token-ids 2,818,5279 -> [2, 818, 5279]."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers like 2,818,5279") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("is empty")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runner", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("bundle", help="bundle directory (artifacts/bundles/NAME)")
+    common.add_argument("--backend", choices=BACKENDS, default="emulate")
+    common.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--rounds", type=at_least(1), default=1, help="run R times after one start-up (timing)")
+    image = sub.add_parser("clip-image", parents=[common], help="image embeddings")
+    image.add_argument("images", nargs="+", metavar="IMAGE")
+    image.add_argument("--image-f32le", action="store_true", help="inputs are raw float32 [3, S, S] files")
+    image.add_argument("--out", metavar="FILE.npy")
+    image.set_defaults(func=clip_command, inputs=image_embeddings)
+    text = sub.add_parser("clip-text", parents=[common], help="text embeddings")
+    text.add_argument("texts", nargs="+", metavar="TEXT")
+    text.add_argument("--out", metavar="FILE.npy")
+    text.set_defaults(func=clip_command, inputs=text_embeddings)
+    zero = sub.add_parser("zero-shot", parents=[common], help="label probabilities per image")
+    zero.add_argument("images", nargs="+", metavar="IMAGE")
+    zero.add_argument("--labels", type=label_list, required=True, help='comma-separated, e.g. "a cat,a dog"')
+    zero.add_argument("--prompt", type=label_template, default="{}", help='label template, e.g. "a photo of {}"')
+    zero.add_argument("--image-f32le", action="store_true")
+    zero.set_defaults(func=clip_command, inputs=zero_shot, out=None)
+    gemma = sub.add_parser("gemma", parents=[common], help="generate text with a Gemma bundle, streamed")
+    source = gemma.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (the bundle's tokenizer adds <bos>)")
+    source.add_argument("--token-ids", type=token_id_list, help="prompt as comma-separated token ids, e.g. 2,818,5279")
+    gemma.add_argument("--steps", type=at_least(1), default=32, help="tokens to generate at most (default 32)")
+    gemma.add_argument("--lm-head", choices=HEAD_MODES, default="cpu",
+                       help="cpu: int8 table on the host; tpu-preload: every tile ready at start; "
+                            "tpu-lazy: tiles opened when needed, kept in an LRU")
+    gemma.add_argument("--lm-cache-capacity", type=at_least(1), help="tiles tpu-lazy keeps open")
+    gemma.add_argument("--shortlist", type=at_least(1), metavar="N", help="run only N tiles per step (approximate)")
+    gemma.add_argument("--rescore", type=at_least(1), metavar="K",
+                       help="exact logits on the CPU for the TPU's K best tokens")
+    gemma.add_argument("--temperature", type=non_negative_number, default=0.0, help="0: greedy (default)")
+    gemma.add_argument("--top-k", type=at_least(0), default=0, help="sample among the K likeliest (0: all)")
+    gemma.add_argument("--seed", type=at_least(0), default=0)
+    gemma.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    gemma.set_defaults(func=gemma_command)
+    check_parser = sub.add_parser("check", help="is the bundle whole (sha256 of every file); which backends run here")
+    check_parser.add_argument("bundle")
+    check_parser.add_argument("--quick", action="store_true", help="sizes only, no sha256")
+    check_parser.add_argument("--json", action="store_true")
+    check_parser.set_defaults(func=check_command)
+    selftest_parser = sub.add_parser("selftest", help="run patched layers on the Edge TPU and compare with emulate")
+    selftest_parser.add_argument("bundle")
+    selftest_parser.set_defaults(func=selftest_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        (print_gemma if args.command == "gemma" else print_text)(result)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 from .checkpoint import safetensors_layout
 from .config_values import ConfigError
 from .errors import UserError
+from .families import FAMILIES
 from .jsonfile import read_json
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
@@ -141,15 +142,8 @@ class Bundle:
         return tpu_layers(self.layers, self.lm_head)
 
     def model_config(self):
-        """The model's config (CLIPConfig or GemmaConfig), checked as `read_manifest` checked it."""
+        """The model's config (its family's config class), checked as `read_manifest` checked it."""
         return model_config(self.family, self.config, str(self.dir / MANIFEST))
-
-    def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise BundleError(f"{self.dir}: no layer {name!r}")
-
 
 
 @dataclass(frozen=True)
@@ -266,14 +260,11 @@ def _lm_head(where: str, head: dict, layer) -> "LMHead":
 
 
 def model_config(family: str, config: dict, where: str):
-    """The manifest's `config` as the family's config (CLIPConfig, GemmaConfig), every value checked."""
-    from .clip import CLIPConfig
-    from .gemma import GemmaConfig
-    parse = {"clip": CLIPConfig.from_dict, "gemma": GemmaConfig.from_dict}.get(family)
-    if parse is None:
-        raise BundleError(f"{where}: family {family!r} is not one this runner reads (clip, gemma)")
+    """The manifest's `config` as the family's config (runner/families.py), every value checked."""
+    if family not in FAMILIES:
+        raise BundleError(f"{where}: family {family!r} is not one this runner reads ({', '.join(FAMILIES)})")
     try:
-        return parse(config)
+        return FAMILIES[family].config_class.from_dict(config)
     except ConfigError as e:
         raise BundleError(f"{where}: {e}") from e
 

@@ -14,18 +14,13 @@ step, 1 on a mismatch, 2 when there is no device or library.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle, BundleError, read_manifest, sha256_file, size_problem
-from .executors import (
-    BackendError,
-    LazyDense,
-    TemplateInterpreter,
-    edgetpu_delegates,
-    edgetpu_library,
-)
+from .executors import BackendError, LazyDense, TemplateInterpreter, edgetpu_delegates, edgetpu_library
 from .interpreter import INTERPRETER
 
 
@@ -45,7 +40,6 @@ def edgetpu_devices() -> list[str]:
 
 def machine() -> dict:
     """What this machine has for running bundles."""
-    import importlib.util
     has_safetensors = importlib.util.find_spec("safetensors") is not None
     return {"numpy": np.__version__, "interpreter": INTERPRETER, "safetensors": has_safetensors,
             "libedgetpu": edgetpu_library(), "edgetpu_devices": edgetpu_devices()}

@@ -10,6 +10,7 @@ file and tensor named.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,9 @@ def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
     """Each tensor's (dtype, shape, absolute begin, end) in a safetensors file, read once the
     safetensors library has validated the header (offsets inside the file, contiguous, no
     overlap). A bad file raises whatever safetensors raises: callers name the file."""
-    import struct
-
-    from safetensors import (
-        safe_open,  # the runner needs it only for bundles and the fp32 backend
-    )
+    # An optional dependency (the runner extra), imported where it is used: the runner starts
+    # without it, and `runner check` reports it missing.
+    from safetensors import safe_open
     with safe_open(str(path), framework="numpy"):
         pass
     with open(path, "rb") as f:

@@ -11,14 +11,13 @@ here in float32.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
-from typing import Callable, Mapping
+from math import erf
+from typing import Mapping
 
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
-from .finite import check_finite
-
-Linear = Callable[[str, np.ndarray], np.ndarray]  # (layer name, x [..., in]) -> [..., out]
+from .nn import Linear, check_finite, softmax
 
 
 @dataclass
@@ -88,7 +87,6 @@ ACTIVATIONS = {
 
 def _erf(x: np.ndarray) -> np.ndarray:
     # Abramowitz-Stegun 7.1.26 is too coarse for parity; use math.erf elementwise via vectorize.
-    from math import erf
     return np.vectorize(erf, otypes=[np.float32])(x)
 
 
@@ -96,14 +94,9 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     mean = x.mean(-1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    # An overflowed variance would turn the row into zeros, silently (runner/finite.py).
+    # An overflowed variance would turn the row into zeros, silently (runner/nn.py).
     check_finite(var, "hidden states entering a layer norm")
     return (x - mean) / np.sqrt(var + eps) * weight + bias
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 class CLIP:
@@ -194,15 +187,6 @@ class CLIP:
     @property
     def logit_scale(self) -> float:
         return float(np.exp(self.w["logit_scale"]))
-
-
-def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
-    """The fp32 executor: the checkpoint's own weights and biases."""
-    def linear(name: str, x: np.ndarray) -> np.ndarray:
-        y = x @ weights[f"{name}.weight"].T
-        bias = weights.get(f"{name}.bias") if hasattr(weights, "get") else None
-        return y + bias if bias is not None else y
-    return linear
 
 
 TOWERS = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}

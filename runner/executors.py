@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError, Layer
-from .clip import float_linear
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
 from .interpreter import load_delegate, require_interpreter
+from .nn import float_linear
 from .quant import QuantizedLinear
 
 BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")
@@ -108,7 +108,7 @@ def edgetpu_library() -> str | None:
 def edgetpu_delegates() -> list:
     """The libedgetpu delegate (pycoral's helper where it is installed), or a clear error."""
     library = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
-    try:
+    try:  # pycoral is optional (few platforms have a wheel): without it, the delegate is loaded by name
         from pycoral.utils.edgetpu import list_edge_tpus, load_edgetpu_delegate
     except ImportError:
         list_edge_tpus = load_edgetpu_delegate = None

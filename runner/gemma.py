@@ -20,9 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, ConfigError, ConfigFields
-from .finite import check_finite
-
-Linear = Callable[[str, np.ndarray], np.ndarray]
+from .nn import Linear, check_finite, softmax
 
 
 @dataclass
@@ -99,7 +97,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         mean_square = (x * x).mean(-1, keepdims=True)
-    # An overflowed mean square would turn the row into zeros, silently (runner/finite.py).
+    # An overflowed mean square would turn the row into zeros, silently (runner/nn.py).
     check_finite(mean_square, "hidden states entering an RMS norm")
     return x / np.sqrt(mean_square + np.float32(eps)) * (1.0 + weight)
 
@@ -165,8 +163,7 @@ class Gemma:
         if sliding:
             visible &= kv_pos[None, :] > positions[:, None] - c.sliding_window
         scores = np.where(visible[None], scores, np.float32(-np.inf))
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        probs = scores / scores.sum(-1, keepdims=True)
+        probs = softmax(scores)
         out = (probs.reshape(c.num_key_value_heads, group * n, -1) @ values).reshape(c.num_attention_heads, n, hd)
         return self.linear(f"{p}.o_proj", out.transpose(1, 0, 2).reshape(n, -1))
 

@@ -5,6 +5,9 @@ scale to [0, 1], normalize with CLIP's mean and std, channels first. Any Pillow
 mode is converted to RGB first: grayscale, palette, RGBA (alpha dropped, as
 CLIP's processor does) and 16-bit images. Raw float32 CHW files, already
 normalized, are read as they are (`--image-f32le`, as the reference project).
+
+Pillow is an optional dependency (the runner extra), imported where it is used: text
+inputs and raw float32 files run without it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class ImageError(UserError):
 
 
 def to_rgb(img):
-    from PIL import Image
+    from PIL import Image  # optional: see the module docstring
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16- and 32-bit integer grayscale: scale the used range to 8 bits, then RGB.
@@ -36,7 +39,7 @@ def to_rgb(img):
 
 def preprocess(img, size: int) -> np.ndarray:
     """A Pillow image -> float32 [3, size, size], as CLIPImageProcessor."""
-    from PIL import Image
+    from PIL import Image  # optional: see the module docstring
 
     img = to_rgb(img)
     w, h = img.size
@@ -51,7 +54,7 @@ def preprocess(img, size: int) -> np.ndarray:
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional: see the module docstring
 
     try:
         with Image.open(path) as img:

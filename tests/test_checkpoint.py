@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 
 from prepare.demo_models import make_demo_clip
 from runner.checkpoint import Checkpoint, CheckpointError
-from runner.clip import CLIP, CLIPConfig, float_linear, linear_names, tensor_shapes
+from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
+from runner.nn import float_linear
 
 
 @pytest.fixture(scope="module")

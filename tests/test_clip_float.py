@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from runner.clip import CLIP, CLIPConfig, float_linear, tensor_shapes  # noqa: E402
+from runner.clip import CLIP, CLIPConfig, tensor_shapes  # noqa: E402
+from runner.nn import float_linear  # noqa: E402
 
 CONFIGS = [
     # (vision layers, heads, hidden, image, patch, text layers, heads, hidden, projection, act, eos)

@@ -15,10 +15,11 @@ from prepare.families import gemma as gemma_family
 from prepare.smoothing import SmoothedWeights, smooth_rows, smoothing_factors
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
-from runner.clip import CLIP, CLIPConfig, float_linear
+from runner.clip import CLIP, CLIPConfig
 from runner.executors import make_linear
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.images import load_image
+from runner.nn import float_linear
 from runner.quant import quantize_rows
 
 from .conftest import doit

@@ -10,12 +10,14 @@ import pytest
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
-from runner.clip import float_linear
 from runner.edgetpu_codec import decode_dense
 from runner.executors import LazyDense, TemplateInterpreter
+from runner.families import GEMMA_FAMILY
 from runner.gemma import Gemma, GemmaConfig, KVCache
-from runner.generate import Sampler, generate, load_gemma
+from runner.generate import Sampler, generate
 from runner.lm_head import HeadError, TileHead, make_head
+from runner.load import load
+from runner.nn import float_linear
 
 from .conftest import FIXTURES, doit, runner
 
@@ -103,7 +105,7 @@ def _teacher_forced(gemma_demo, backend, mode, **options):
     """Logits of the int8 path and the float model at every position of PROMPT."""
     from tokenizers import Tokenizer
     bundle_dir, checkpoint_dir = gemma_demo
-    loaded = load_gemma(bundle_dir, backend, mode, **options)
+    loaded = load(bundle_dir, GEMMA_FAMILY, backend, lm_head=mode, **options)
     checkpoint = Checkpoint(checkpoint_dir)
     config = GemmaConfig.from_dict(loaded.bundle.config)
     ids = np.array(Tokenizer.from_file(str(loaded.bundle.tokenizer.path)).encode(PROMPT).ids)
@@ -129,7 +131,7 @@ def test_int8_model_against_float(gemma_demo, backend, mode):
 def test_rescore_gives_the_cpu_heads_logits(gemma_demo):
     """--rescore K: the candidates' logits are exactly the cpu head's, everything else -inf; so
     the argmax equals the cpu head's whenever the cpu head's best token is a candidate."""
-    loaded = load_gemma(gemma_demo[0], "emulate", "tpu-lazy", capacity=2, rescore=8)
+    loaded = load(gemma_demo[0], GEMMA_FAMILY, "emulate", lm_head="tpu-lazy", capacity=2, rescore=8)
     cpu_head, _ = make_head(loaded.bundle, "emulate", "cpu")
     h = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)
     among = 0
@@ -148,7 +150,7 @@ def test_rescore_decodes_as_the_cpu_head(gemma_demo):
     prompt = [2] + list(range(40, 60))
     tokens = {}
     for mode, options in (("cpu", {}), ("tpu-lazy", {"capacity": 2, "rescore": 16})):
-        loaded = load_gemma(gemma_demo[0], "emulate", mode, **options)
+        loaded = load(gemma_demo[0], GEMMA_FAMILY, "emulate", lm_head=mode, **options)
         tokens[mode] = [s.token for s in generate(loaded.model, loaded.head, prompt, 24, Sampler())]
     assert tokens["cpu"] == tokens["tpu-lazy"] and len(tokens["cpu"]) == 24
 

@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from runner.clip import float_linear  # noqa: E402
 from runner.gemma import Gemma, GemmaConfig, KVCache, tensor_shapes  # noqa: E402
+from runner.nn import float_linear  # noqa: E402
 
 CONFIGS = [
     # one key-value head; a sliding window (4) shorter than the prompt; both layer types

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from runner.clip import CLIP, CLIPConfig, float_linear
-from runner.finite import NonFiniteError
+from runner.clip import CLIP, CLIPConfig
 from runner.gemma import Gemma, GemmaConfig
 from runner.gemma import tensor_shapes as gemma_shapes
 from runner.generate import Sampler, generate
 from runner.lm_head import HeadStats
-from runner.tokenize import ClipTokenizer, TokenizerError
+from runner.nn import NonFiniteError, float_linear
+from runner.tokenizer import ClipTokenizer, TokenizerError
 
 from .conftest import runner
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
-from prepare.calibrate import record_inputs
-from prepare.quantize import quantize_layer, quantize_weights
-from runner.clip import CLIP, CLIPConfig, float_linear
+from prepare.calibrate import InputRecorder
+from prepare.quantize import calibrated_multipliers, quantize_weights
+from runner.clip import CLIP, CLIPConfig
+from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
+from runner.nn import Linear, float_linear
 from runner.quant import QuantizedLinear, quantize_rows
 
 from .test_clip_float import make_hf
@@ -20,6 +24,29 @@ ZP_IN, ZP_OUT = 127, 128  # a template's input and output zero points
 
 def cosine(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def record_inputs(forward, float_executor: Linear, max_rows: int = 4096) -> dict[str, np.ndarray]:
+    """Run `forward(linear)` once with a recording executor; return each linear's input rows."""
+    recorder = InputRecorder(float_executor, max_rows)
+    forward(recorder)
+    return recorder.inputs()
+
+
+@dataclass
+class QuantizedLayer:
+    params: DenseParams  # int8 weights [out, in] and float32 multipliers [out]
+    weight_scale: np.ndarray  # float32 [out]
+    bias: np.ndarray | None
+
+
+def quantize_layer(w: np.ndarray, bias: np.ndarray | None, rows: np.ndarray, zp_in: int, zp_out: int,
+                   headroom: float = 0.95) -> QuantizedLayer:
+    """One layer as the build quantizes it, without the template: int8 weights, calibrated multipliers."""
+    w_q, s_w = quantize_weights(w)
+    mult = calibrated_multipliers(w_q, rows, zp_in, zp_out, headroom)
+    return QuantizedLayer(DenseParams.make(w_q, mult), s_w,
+                          None if bias is None else np.asarray(bias, np.float32))
 
 
 def test_quantize_rows_zero_row_and_range():

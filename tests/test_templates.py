@@ -12,20 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from prepare.compiler import (
-    CompilerError,
-    StreamingWarning,
-    compile_model,
-    compiler_version,
-)
-from prepare.dense_templates import (
-    Shape,
-    TemplateError,
-    describe,
-    make_uncompiled,
-    self_check,
-    uncompiled_key_inputs,
-)
+from prepare.compiler import CompilerError, StreamingWarning, compile_model, compiler_version
+from prepare.dense_templates import Shape, TemplateError, describe, make_uncompiled, self_check, uncompiled_key_inputs
 from prepare.store import Store, key_of
 from runner.edgetpu_codec import parse_compiled
 from runner.interpreter import require_interpreter

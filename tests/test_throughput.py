@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from bench.throughput import Counter, Device, LinearWork, best_batch, recommend
-from runner.__main__ import load_clip
+from runner.families import CLIP_FAMILY
+from runner.load import load
 
 
 def test_counter_records_the_rows_every_linear_sees(bundle_dir):
-    model, bundle = load_clip(bundle_dir, "emulate", None)
+    loaded = load(bundle_dir, CLIP_FAMILY, "emulate")
+    model, bundle = loaded.model, loaded.bundle
     counter = Counter(bundle)
     model.linear = counter.wrap(model.linear)
     v = model.config.vision

@@ -15,16 +15,10 @@ from typing import Mapping
 import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError
-from runner.clip import (
-    CLIP,
-    CLIPConfig,
-    Linear,
-    float_linear,
-    linear_names,
-    tensor_shapes,
-)
+from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
-from runner.tokenize import ClipTokenizer
+from runner.nn import Linear, float_linear
+from runner.tokenizer import ClipTokenizer
 
 from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize

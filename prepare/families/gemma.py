@@ -18,10 +18,12 @@ from tokenizers import Tokenizer
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint, CheckpointError
-from runner.clip import Linear, float_linear
+from runner.families import GEMMA_FAMILY
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
-from runner.generate import Sampler, generate, load_gemma
+from runner.generate import Sampler, generate
 from runner.lm_head import FloatHead, make_head
+from runner.load import load
+from runner.nn import Linear, float_linear
 
 from ..calibrate import InputRecorder
 from ..evaluate import cosines
@@ -206,7 +208,7 @@ class Evaluation:
             prompts = [list(s[: max(1, len(s) // 2)]) for s in self.sequences[:GREEDY_PROMPTS]]
             heads = {"cpu": {}, "tpu-preload": {"rescore": k}} if bundle.lm_head is not None else {"cpu": {}}
             for mode, options in heads.items():
-                loaded = load_gemma(bundle.dir, "emulate", mode, **options)
+                loaded = load(bundle.dir, GEMMA_FAMILY, "emulate", lm_head=mode, **options)
                 lengths = []
                 for prompt in prompts:
                     ref = [s.token for s in generate(float_model, float_head, prompt, steps, Sampler())]

@@ -24,7 +24,7 @@ class TokenizerError(UserError):
 
 
 def load_tokenizer(path: str | Path):
-    try:
+    try:  # optional (the runner extra), imported where it is used: image-only runs need no tokenizers
         from tokenizers import Tokenizer
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e

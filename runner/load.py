@@ -1,0 +1,93 @@
+"""Start-up, for either family: open a bundle and build its model on a backend.
+
+Everything a command does before its first input: read and check the manifest (the
+bundle must be of the family the command runs), memory-map the host tensors, and make
+the model's executor on the backend (runner/executors.py). Nothing is quantized, patched
+or decoded here: each layer decodes its parameters or opens its interpreter on first use.
+A decoder (runner/families.py) also gets its LM head in the mode asked for
+(runner/lm_head.py) and the bundle's tokenizer.
+
+The fp32 backend runs the float checkpoint instead (`--checkpoint DIR`: bundles carry no
+float weights for the layers that run on the TPU), its tensors checked against the shapes
+the bundle's config implies before the model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import Bundle, BundleError
+from .checkpoint import Checkpoint
+from .clip import CLIP
+from .executors import FLAVOR, BackendError, edgetpu_delegates, make_linear
+from .families import Family
+from .gemma import Gemma, GemmaConfig
+from .lm_head import CpuHead, FloatHead, Int8Table, TileHead, make_head
+from .nn import float_linear
+from .tokenizer import ClipTokenizer, GemmaTokenizer
+
+
+@dataclass
+class Loaded:
+    """What start-up gives a command."""
+
+    bundle: Bundle
+    model: CLIP | Gemma
+    head: CpuHead | TileHead | FloatHead | None = None  # a decoder's LM head
+    tokenizer: GemmaTokenizer | None = None  # a decoder's, when the bundle has one
+
+
+def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str | Path | None = None, *,
+         lm_head: str = "cpu", capacity: int | None = None, shortlist: int | None = None,
+         rescore: int | None = None) -> Loaded:
+    """Open the bundle, check it is `family`'s, build the model on `backend`; for a decoder
+    also the LM head (`lm_head` mode, with the tpu heads' `capacity`, `shortlist`, `rescore`)
+    and the tokenizer. `checkpoint` is the float model directory the fp32 backend runs."""
+    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
+    if bundle.family != family.name:
+        raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a {family.title} one")
+    config = bundle.model_config()
+    tokenizer = None
+    if family.decoder and bundle.tokenizer is not None:
+        tokenizer = GemmaTokenizer(bundle.tokenizer.path, config.bos_token_id)
+    if backend == "fp32":
+        weights = float_checkpoint(checkpoint, family.tensor_shapes(config, bundle.towers))
+        head = FloatHead(weights, config.vocab_size) if family.decoder else None
+        return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), head, tokenizer)
+    if not family.decoder:
+        return Loaded(bundle, family.model_class(config, bundle.host, make_linear(bundle, backend)))
+    delegates = edgetpu_delegates() if backend == "edgetpu" else None  # one for the decoder and its head
+    head, table = make_head(bundle, backend, lm_head, capacity, shortlist, rescore, delegates)
+    check_head_fits(bundle, config, table)
+    model = family.model_class(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
+    return Loaded(bundle, model, head, tokenizer)
+
+
+def float_checkpoint(directory: str | Path | None, shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
+    """The checkpoint the fp32 backend runs, with every tensor in `shapes` checked."""
+    if directory is None:
+        raise BackendError("--backend fp32 needs --checkpoint DIR (the float model; bundles carry "
+                           "no float weights for layers that run on the TPU)")
+    weights = Checkpoint(directory)
+    weights.require(shapes)
+    return weights
+
+
+def check_head_fits(bundle: Bundle, config: GemmaConfig, table: Int8Table) -> None:
+    """The int8 embedding table and the LM-head tiles cover the vocabulary at the hidden size the config says."""
+    if table.q.shape != (config.vocab_size, config.hidden_size):
+        raise BundleError(f"{bundle.host.path}: the int8 embedding is {list(table.q.shape)}, the config says "
+                          f"[{config.vocab_size}, {config.hidden_size}]")
+    head_shape = bundle.lm_head and (bundle.lm_head.vocab_size, bundle.lm_head.tiles[0].n_in)
+    if head_shape and head_shape != (config.vocab_size, config.hidden_size):
+        raise BundleError(f"{bundle.dir / 'manifest.json'}: lm_head covers {head_shape[0]} tokens of width "
+                          f"{head_shape[1]}, the config says {config.vocab_size} of {config.hidden_size}")
+
+
+def clip_tokenizer(loaded: Loaded) -> ClipTokenizer:
+    """CLIP's tokenizer, opened only by what takes text: an image-only run needs no tokenizers package."""
+    bundle = loaded.bundle
+    if "text" not in bundle.towers or bundle.tokenizer is None:
+        raise BundleError(f"{bundle.dir}: built without the text tower (towers: {', '.join(bundle.towers)})")
+    return ClipTokenizer(bundle.tokenizer.path, loaded.model.config.text.max_position_embeddings)

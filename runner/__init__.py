@@ -2,7 +2,8 @@
 
 Where things are, from the command line down:
 
-    __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, check, selftest
+    __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, check, selftest,
+                      index, search
     load.py           start-up for either family: open a bundle, build its model on a backend
     families.py       the model families by the name a manifest gives them (the one place that names them)
     bundle.py         a bundle's manifest read and checked; its host tensors memory-mapped
@@ -15,6 +16,7 @@ Where things are, from the command line down:
     lm_head.py        Gemma's tied LM head: cpu, tpu-preload, tpu-lazy, fp32
     tokenizer.py      text to token ids and back
     images.py         images to CLIP pixels
+    photos.py         `index` and `search`: a directory of photos embedded once, searched by text or image
 
     executors.py      the backends behind `linear(name, x)`: emulate, cpu, edgetpu, fp32
     quant.py          the host side of an int8 linear: rows quantized in, dequantized out

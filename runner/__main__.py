@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import photos
 from .bundle import BundleError
 from .check import check_bundle, selftest
 from .errors import UserError
@@ -269,6 +270,25 @@ def selftest_command(args: argparse.Namespace) -> int:
     return status
 
 
+# -- photo search: index, search (runner/photos.py) ---------------------------------------
+
+def index_command(args: argparse.Namespace) -> int:
+    try:
+        result = photos.build_index(args.bundle, args.photos, args.out, args.backend, args.checkpoint, args.batch,
+                                    args.dtype)
+    except KeyboardInterrupt:
+        print(f"interrupted: what was embedded is saved in {args.out}; run again to go on", file=sys.stderr)
+        return 130
+    print(json.dumps(result) if args.json else photos.format_index(result))
+    return 0
+
+
+def search_command(args: argparse.Namespace) -> int:
+    result = photos.search(args.index, args.text, args.image, args.top, args.backend, args.checkpoint, args.bundle)
+    print(json.dumps(result) if args.json else photos.format_search(result))
+    return 0
+
+
 # -- the command line ----------------------------------------------------------------------
 # argparse checks every argument's form (exit 2, naming the argument); what only the bundle
 # can tell (a --shortlist beyond the head's tiles, a token id beyond the vocabulary) is
@@ -378,6 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
     selftest_parser = sub.add_parser("selftest", help="run patched layers on the Edge TPU and compare with emulate")
     selftest_parser.add_argument("bundle")
     selftest_parser.set_defaults(func=selftest_command)
+    index = sub.add_parser("index", help="embed every photo under a directory (again: only new or changed ones)")
+    index.add_argument("bundle", help="a CLIP bundle directory (artifacts/bundles/NAME)")
+    index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, TIFF")
+    index.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index (made, or brought up to date)")
+    index.add_argument("--backend", choices=BACKENDS, default="emulate")
+    index.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
+    index.add_argument("--batch", type=at_least(1), help=f"images per forward (default {photos.DEFAULT_BATCH}; "
+                       "rounded up so the image tower's templates run full)")
+    index.add_argument("--dtype", choices=photos.DTYPES, default="float16", help="of the stored embeddings")
+    index.add_argument("--json", action="store_true", help="print one JSON object")
+    index.set_defaults(func=index_command)
+    search = sub.add_parser("search", help="the photos of an index that best match a text or an image")
+    search.add_argument("index", metavar="INDEX_DIR")
+    search.add_argument("text", nargs="?", metavar="TEXT", help='e.g. "a dog on a beach"')
+    search.add_argument("--image", metavar="FILE", help="find photos like this one (instead of TEXT)")
+    search.add_argument("--top", type=at_least(1), default=5, help="how many matches (default 5)")
+    search.add_argument("--bundle", help="the bundle, if it moved since indexing (it must be the same bundle)")
+    search.add_argument("--backend", choices=BACKENDS, help="default: the one the index was made with")
+    search.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
+    search.add_argument("--json", action="store_true", help="print one JSON object")
+    search.set_defaults(func=search_command)
     return p
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import stat
 import sys
 import time
@@ -415,7 +414,7 @@ class Writer:
     def commit(self) -> None:
         order = sorted(self.rows)
         rows = [self.rows[p][1] for p in order]
-        name = f"embeddings-{secrets.token_hex(8)}.npy" if order else None
+        name = f"embeddings-{os.urandom(8).hex()}.npy" if order else None
         if name:
             atomic_write(self.out / name, lambda f: write_rows(f, rows, self.file, self.dims, self.dtype))
         doc = dict(self.base, embeddings=name, entries=[self.rows[p][0].to_json() for p in order],

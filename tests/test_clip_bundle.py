@@ -15,7 +15,7 @@ from runner.bundle import Bundle
 from runner.edgetpu_codec import decode_dense, read_compiled
 from runner.executors import LazyDense, TemplateInterpreter, make_linear
 
-from .conftest import doit, runner
+from .conftest import DEMO_CLIP, doit, runner
 
 LABELS = "red,green,blue,yellow"
 
@@ -136,7 +136,7 @@ def test_fixture_templates_give_edgetpu_artifacts(tmp_path, fixture_dir):
     assert len(tokens) == len(bundle.layers) and template_token not in tokens
     # This machine has no Coral: the edgetpu backend says so and stops.
     failed = runner("clip-image", artifacts / "bundles" / "demo-clip",
-                    artifacts / "demo" / "clip" / "samples" / "red.png", "--backend", "edgetpu")
+                    sorted((DEMO_CLIP / "samples").glob("*.png"))[0], "--backend", "edgetpu")
     assert failed.returncode == 2 and "Edge TPU" in failed.stderr and "Traceback" not in failed.stderr
 
 

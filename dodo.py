@@ -165,7 +165,8 @@ def _input_files(section: str) -> list[str]:
     """The recipe's own `calibration` or `verify` input files (a generated checkpoint's own
     files change with its generator, which the checkpoint task tracks)."""
     files = []
-    for key in ("images", "captions", "prompts"):
+    keys = ("images", "captions", "prompts") + (("labels",) if section == "verify" else ())
+    for key in keys:
         path = RECIPE.input_path(section, key)
         if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
             continue

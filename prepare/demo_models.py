@@ -152,6 +152,9 @@ def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generato
         _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
     for k, color in enumerate(["red", "green", "blue", "yellow"]):
         _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+    # What each sample shows, as a trained demo's samples/labels.json says it (doit verify's labels).
+    atomic_write(directory / "samples" / "labels.json",
+                 json.dumps({f"{c}.png": f"a {c} circle" for c in ["red", "green", "blue", "yellow"]}, indent=1))
 
 
 def make_demo_clip(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
@@ -233,7 +236,7 @@ def with_outliers(tensors: dict[str, np.ndarray], rng: np.random.Generator) -> d
 
 GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32}
 CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config}
-DEMO_VERSION = 3  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
+DEMO_VERSION = 4  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
 
 
 def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:

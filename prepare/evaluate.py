@@ -25,7 +25,8 @@ from safetensors.numpy import load
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
 from runner.nn import Linear, float_linear
-from runner.quant import QuantizedLinear
+from runner.bundle import Bundle
+from runner.quant import QuantizedLinear, quantize_rows
 
 from .smoothing import WeightsView
 from .store import Store
@@ -98,22 +99,45 @@ def mixed(int8: dict[str, QuantizedLinear], weights: Mapping[str, np.ndarray]) -
 
 class ErrorProbe:
     """Wraps an int8 executor: each linear's output against float on the same input, summed
-    over the run (relative error = ||int8 - float|| / ||float||)."""
+    over the run (relative error = ||int8 - float|| / ||float||); with the bundle, also the
+    share of each TPU layer's uint8 outputs that hit 0 or 255 (clamped), on these inputs."""
 
-    def __init__(self, inner: Linear, weights: Mapping[str, np.ndarray]):
+    def __init__(self, inner: Linear, weights: Mapping[str, np.ndarray], bundle: Bundle | None = None):
         self.inner, self.float = inner, float_linear(weights)
+        self.tpu = {layer.name: layer for layer in bundle.tpu_layers} if bundle is not None else {}
+        self.host = bundle.host if bundle is not None else None
         self.err: dict[str, float] = {}
         self.ref: dict[str, float] = {}
+        self.clamped: dict[str, list[int]] = {}  # name -> [outputs clamped, outputs]
 
     def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
         y = self.inner(name, x)
         r = self.float(name, x)
         self.err[name] = self.err.get(name, 0.0) + float(np.sum((y - r).astype(np.float64) ** 2))
         self.ref[name] = self.ref.get(name, 0.0) + float(np.sum(r.astype(np.float64) ** 2))
+        if name in self.tpu:
+            codes = self.output_codes(name, x, y)
+            seen = self.clamped.setdefault(name, [0, 0])
+            seen[0] += int(np.sum((codes <= 0) | (codes >= 255)))
+            seen[1] += codes.size
         return y
+
+    def output_codes(self, name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The uint8 outputs the Dense template gave, recovered from the dequantized `y`
+        (runner/quant.py: y = (y_u8 - zp_out) * s_r * s_w / mult + bias)."""
+        layer, host = self.tpu[name], self.host
+        rows = x.reshape(-1, x.shape[-1])
+        _, s_r = quantize_rows(rows, layer.zp_in, layer.input_scale)
+        out_scale = host[f"{name}.weight_scale"].astype(np.float64) / host[f"{name}.multipliers"]
+        bias = host.get(f"{name}.bias")
+        y = y.reshape(len(rows), -1).astype(np.float64) - (0 if bias is None else bias)
+        return np.rint(y / (s_r[:, None] * out_scale)) + layer.zp_out
 
     def relative_errors(self) -> dict[str, float]:
         return {n: float(np.sqrt(self.err[n] / max(self.ref[n], 1e-30))) for n in self.err}
+
+    def clamped_shares(self) -> dict[str, float]:
+        return {n: c / max(total, 1) for n, (c, total) in self.clamped.items()}
 
 
 def sensitivity(ev, layers: QuantizedLayers, progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:

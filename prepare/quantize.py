@@ -60,7 +60,10 @@ def quantize(weight: np.ndarray, rows: np.ndarray, template: dict, options, cach
              peak_sigmas: float | None = None) -> tuple[DenseParams, np.ndarray, float | None]:
     """(TPU parameters, weight scales, static input scale or None) of one layer, as the
     recipe's quantization `options` (prepare/recipe.py `Quantization`) say; `peak_sigmas`
-    for an LM-head tile (see `calibrated_multipliers`)."""
+    for an LM-head tile (see `calibrated_multipliers`), else the options' floor for a layer
+    calibrated on few rows."""
+    if peak_sigmas is None and len(rows) < options.floor_rows:
+        peak_sigmas = options.floor_sigmas
     if options.weights == "per-tensor":
         scale = np.float32(max(np.abs(weight).max() / 127.0, np.finfo(np.float32).tiny))
         w_q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)

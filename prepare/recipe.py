@@ -51,6 +51,13 @@ class Quantization:
     # SmoothQuant strength alpha in (0, 1] for linears fed by a norm (prepare/smoothing.py);
     # null: off. Outlier channels of the norm's output move into the linear's weight columns.
     smoothing: float | None = option(None, low=0, high=1, open_low=True)
+    # A layer calibrated on fewer input rows than `floor_rows` (CLIP's projections see one row
+    # per image or text) gets an output range of at least `floor_sigmas` root-mean-squares of
+    # its calibration accumulators, as the LM head's tiles do (`lm_head.peak_sigmas`): the
+    # largest of a few rows underestimates what held-out inputs bring, and beyond it the TPU
+    # output clamps. 0 rows: off.
+    floor_rows: int = option(256, low=0, high=1 << 24)
+    floor_sigmas: float = option(5.0, low=0, high=100)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,11 @@ class Verify:
     greedy_steps: int = option(16, low=0, high=4096)  # Gemma: greedy tokens compared with float's
     rescore: int = option(64, low=0, high=1 << 24)  # Gemma: the --rescore candidates of the TPU head's check
     compare: bool = option(True)  # rebuild other quantization choices in memory and compare
+    # CLIP: what each held-out image shows, a JSON file (relative like `images`) mapping an image's
+    # file name to its label ("a red circle") or to an object with a "label": zero-shot top-1
+    # over `candidates` (default: every label the file names) and text-to-image recall at 1.
+    labels: str | None = option(None, path=True)
+    candidates: list | None = option(None)
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,6 @@ class LMHead:
 
 
 SECTIONS = {"quantization": Quantization, "calibration": Calibration, "verify": Verify, "lm_head": LMHead}
-INPUT_KEYS = ("images", "captions", "prompts")  # the paths of Calibration and Verify
 
 
 def resolve(path: str) -> Path:
@@ -309,6 +320,11 @@ def _check_model(recipe: str, values: dict) -> None:
             # A generated checkpoint brings its own input files, made after this check.
             if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
                 raise RecipeError(f"{recipe}: key {key}.{sub}: {path} does not exist")
+    labels = calibration_path(v.labels, checkpoint)
+    if labels is not None and not os.path.isfile(labels) and not (generate and labels.is_relative_to(Path(checkpoint))):
+        raise RecipeError(f"{recipe}: key verify.labels: {labels} does not exist")
+    if v.candidates is not None and (not v.candidates or not all(isinstance(c, str) and c.strip() for c in v.candidates)):
+        raise RecipeError(f"{recipe}: key verify.candidates must be a list of label texts, got {_shown(v.candidates)}")
     for metric, value in values.get("target", {}).items():
         if metric not in model.TARGET_METRICS:
             raise RecipeError(f"{recipe}: unknown key target.{metric} "

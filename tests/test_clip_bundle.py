@@ -14,8 +14,9 @@ import pytest
 from runner.bundle import Bundle
 from runner.edgetpu_codec import decode_dense, read_compiled
 from runner.executors import LazyDense, TemplateInterpreter, make_linear
+from runner.images import load_image
 
-from .conftest import doit, runner
+from .conftest import DEMO_CLIP, doit, runner
 
 LABELS = "red,green,blue,yellow"
 
@@ -26,12 +27,14 @@ def cosine(a, b):
 
 def test_default_doit_builds_the_demo_bundle_then_is_up_to_date(demo, bundle_dir):
     artifacts, out = demo
-    for task in ("checkpoint:demo-clip", "template:256x256b1", "templates", "layers", "bundle"):
+    for task in ("checkpoint:check", "template:256x256b1", "templates", "layers", "bundle"):
         assert f".  {task}" in out, out
     assert "No compiled Edge TPU template for 256x256b1" in out
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["family"] == "clip" and manifest["towers"] == ["image", "text"]
-    assert len(manifest["layers"]) == 2 * (2 * 6 + 1)
+    config = json.loads((DEMO_CLIP / "config.json").read_text())
+    layers = config["vision_config"]["num_hidden_layers"] + config["text_config"]["num_hidden_layers"]
+    assert len(manifest["layers"]) == 6 * layers + 2  # q, k, v, out, fc1, fc2 per layer, two projections
     again = doit(artifacts).stdout
     assert ".  " not in again and "-- bundle" in again, again
 
@@ -100,7 +103,6 @@ def test_int8_against_float_on_the_demo(bundle_dir, checkpoint_dir, samples):
     Measured on the demo: image cosine 0.99971 mean / 0.99967 min, text 0.99895 / 0.99851;
     the floors leave room for the tokenizer's training, which is not byte-reproducible."""
     from runner.families import CLIP_FAMILY
-    from runner.images import load_image
     from runner.load import load
     from runner.tokenizer import ClipTokenizer
 
@@ -109,7 +111,8 @@ def test_int8_against_float_on_the_demo(bundle_dir, checkpoint_dir, samples):
     int8, bundle = loaded.model, loaded.bundle
     pixels = np.stack([load_image(p, 64) for p in samples])
     image = cosine(int8.image_features(pixels), fp32.image_features(pixels))
-    texts = ["a green boat", "a close-up of a purple horse", "two chairs in the snow", "a drawing of a cup"]
+    texts = ["a green circle", "a photo of a purple star", "a small yellow square on a black background",
+             "a red triangle and a blue circle"]
     ids = ClipTokenizer(bundle.tokenizer.path, 32)(texts)
     text = cosine(int8.text_features(ids), fp32.text_features(ids))
     print(f"image cosine mean {image.mean():.5f} min {image.min():.5f}; "
@@ -136,11 +139,11 @@ def test_fixture_templates_give_edgetpu_artifacts(tmp_path, fixture_dir):
     assert len(tokens) == len(bundle.layers) and template_token not in tokens
     # This machine has no Coral: the edgetpu backend says so and stops.
     failed = runner("clip-image", artifacts / "bundles" / "demo-clip",
-                    artifacts / "demo" / "clip" / "samples" / "red.png", "--backend", "edgetpu")
+                    sorted((DEMO_CLIP / "samples").glob("*.png"))[0], "--backend", "edgetpu")
     assert failed.returncode == 2 and "Edge TPU" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def test_batch_larger_than_rows_is_split_and_padded(tmp_path):
+def test_batch_larger_than_rows_is_split_and_padded(tmp_path, samples):
     """Batch-3 templates: 17 image tokens and short texts are split into chunks of 3, the last
     one padded; emulate (all rows at once) and cpu (chunk by chunk) still agree."""
     artifacts = tmp_path / "artifacts"
@@ -149,7 +152,7 @@ def test_batch_larger_than_rows_is_split_and_padded(tmp_path):
     assert {layer.batch for layer in bundle.layers} == {3}
     from runner.clip import CLIP, CLIPConfig
     config = CLIPConfig.from_dict(bundle.config)
-    pixels = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    pixels = np.stack([load_image(p, 64) for p in samples[:2]])  # held-out drawn images
     emulate = CLIP(config, bundle.host, make_linear(bundle, "emulate")).image_features(pixels)
     cpu = CLIP(config, bundle.host, make_linear(bundle, "cpu")).image_features(pixels)
     assert cosine(emulate, cpu).min() > 0.9999

@@ -99,7 +99,7 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     ev = family.Evaluation(recipe, config, checkpoint)
 
     # 1. The bundle itself on the emulate backend.
-    probe = ErrorProbe(make_linear(bundle, "emulate"), weights)
+    probe = ErrorProbe(make_linear(bundle, "emulate"), weights, bundle)
     report: dict = {"recipe": recipe.name, "family": recipe.family, "backend": "emulate",
                     "inputs": ev.inputs_summary(), "quantization": asdict(recipe.quantization),
                     "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
@@ -120,10 +120,12 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     report["sensitivity_metric"] = list(ev.sensitivity_keys)
     report["curve_metrics"] = list(ev.primary)
     report["curve"] = curve
-    held_out = probe.relative_errors()
-    calibration = {e["name"]: e.get("error", {}).get("relative_error") for e in index["layers"]}
+    held_out, clamped = probe.relative_errors(), probe.clamped_shares()
+    calibration = {e["name"]: e.get("error", {}) for e in index["layers"]}
     report["layers"] = [{"name": layer.name, "placement": layer.placement,
-                         "relative_error": held_out.get(layer.name), "calibration_error": calibration.get(layer.name),
+                         "relative_error": held_out.get(layer.name), "clamped": clamped.get(layer.name),
+                         "calibration_error": calibration.get(layer.name, {}).get("relative_error"),
+                         "calibration_clamped": calibration.get(layer.name, {}).get("clamped"),
                          "sensitivity": sens.get(layer.name)}
                         for layer in bundle.layers]
 
@@ -153,8 +155,8 @@ def summary(report: dict, directory) -> str:
               for k, v in m.items() if isinstance(v, dict)]
     worst = sorted((e for e in report["layers"] if e["relative_error"] is not None),
                    key=lambda e: -e["relative_error"])[:3]
-    lines.append("  worst linears (relative error): " + ", ".join(f"{e['name']} {e['relative_error']:.4f}"
-                                                                  for e in worst))
+    lines.append("  worst linears on held-out inputs (relative error, outputs clamped): "
+                 + ", ".join(f"{e['name']} {e['relative_error']:.4f} {e['clamped'] or 0:.2%}" for e in worst))
     key = report["curve_metrics"][0]
     lines.append(f"  {key} with k linears on the CPU: " + ", ".join(f"{p['cpu_layers']}: {p[key]:.5f}"
                                                                       for p in report["curve"]))

@@ -30,6 +30,9 @@ from runner.photos import INDEX_FILE, PhotoIndexError, build_index, read_index, 
 from .conftest import ROOT, runner
 
 COLORS = ["red", "green", "blue", "yellow"]
+# One held-out sample of the trained demo per color (recipes/demo-clip/samples/labels.json).
+SAMPLE_OF = {"red": "07-red-square.png", "green": "04-green-circle.png", "blue": "19-blue-square.png",
+             "yellow": "00-yellow-triangle.png"}
 
 
 def make_tree(root: Path, checkpoint_dir: Path) -> Path:
@@ -38,7 +41,7 @@ def make_tree(root: Path, checkpoint_dir: Path) -> Path:
     photo_dir = root / "photos"
     (photo_dir / "sub" / "deeper").mkdir(parents=True)
     for c in COLORS:
-        shutil.copy(checkpoint_dir / "samples" / f"{c}.png", photo_dir / f"{c}.png")
+        shutil.copy(checkpoint_dir / "samples" / SAMPLE_OF[c], photo_dir / f"{c}.png")
     calibration = checkpoint_dir / "calibration"
     Image.open(calibration / "04.png").convert("RGB").save(photo_dir / "sub" / "deeper" / "04.jpg", quality=95)
     Image.open(calibration / "05.png").save(photo_dir / "sub" / "05.webp", lossless=True)
@@ -177,7 +180,7 @@ def test_search_by_text_ranks_as_the_bundle_does(indexed, bundle_dir, checkpoint
     samples = np.stack([load_image(photo_dir / f"{c}.png", 64) for c in COLORS])
     float_images = unit(fp32.model.image_features(samples))
     for color in COLORS:
-        prompt = f"a photo of a {color} thing"
+        prompt = f"a photo of a {color} object"
         text = tmp_path / "text.npy"
         assert runner("clip-text", bundle_dir, prompt, "--out", text).returncode == 0
         reference = dict(zip(paths, unit(np.load(images)) @ unit(np.load(text))[0]))

@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from .packages import missing
+
+try:
+    import numpy as np
+except ModuleNotFoundError:  # every module needs it: one line saying how to install it, not a traceback
+    print(f"error: {missing('numpy', 'every command needs it')}", file=sys.stderr)
+    sys.exit(2)
 
 from .bundle import BundleError
 from .check import check_bundle, selftest
@@ -252,11 +258,14 @@ def check_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.bundle}: {'ok' if report['ok'] else 'NOT OK'} ({report['files']} files, "
-              f"{report['checked']} checked)")
+        verdict = "ok" if report["ok"] else "NOT OK" if report["problems"] else "whole, but it cannot be opened here"
+        print(f"{args.bundle}: {verdict} ({report['files']} files, {report['checked']} checked)")
         for problem in report["problems"]:
             print(f"  problem: {problem}")
-        print("  backends here: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["backends"].items()))
+        for line in report["machine"]["missing"]:
+            print(f"  missing: {line}")
+        print("  backends here: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["backends"].items()
+                                              if k != "fp32") + " (fp32 runs a float checkpoint: --checkpoint DIR)")
         m = report["machine"]
         print(f"  interpreter {m['interpreter'] or 'none'}, libedgetpu {m['libedgetpu'] or 'none'}, "
               f"devices {', '.join(m['edgetpu_devices']) or 'none'}")

@@ -24,6 +24,7 @@ from .config_values import ConfigError
 from .errors import UserError
 from .families import FAMILIES
 from .jsonfile import read_json
+from .packages import MissingPackageError
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
 
@@ -89,6 +90,8 @@ class HostTensors:
     def __init__(self, path: Path):
         try:
             layout = safetensors_layout(path)
+        except MissingPackageError:
+            raise  # not the file's fault
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise BundleError(f"{path}: not a valid safetensors file ({e})") from e
         self.path = path
@@ -278,6 +281,8 @@ def size_problem(f: BundleFile, what: str) -> str | None:
         return f"{f.path}: cannot be read ({e.strerror}) (named by {MANIFEST} as the {what})"
     if not stat.S_ISREG(st.st_mode):
         return f"{f.path}: not a regular file (named by {MANIFEST} as the {what})"
+    if not os.access(f.path, os.R_OK):
+        return f"{f.path}: cannot be read (permission denied) (named by {MANIFEST} as the {what})"
     size = st.st_size
     if size != f.bytes:
         return f"{f.path}: {size} bytes, {MANIFEST} says {f.bytes} ({what})"

@@ -117,8 +117,7 @@ def edgetpu_delegates() -> list:
             raise BackendError("pycoral finds no Edge TPU: is the Coral plugged in, and may this user use it "
                                "(udev rules; see the README's guide)?")
         return [load_edgetpu_delegate()]
-    if load_delegate is None:
-        raise BackendError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime with numpy < 2)")
+    require_interpreter()
     if edgetpu_library() is None:
         raise BackendError(f"the Edge TPU library {library} is not installed (package libedgetpu1-std; "
                            "see the README's guide)")
@@ -139,10 +138,7 @@ def check_flavor(bundle: Bundle, layers: list[Layer], backend: str) -> str:
         raise BackendError(f"backend {backend!r} is not one of {', '.join(FLAVOR)} here")
     flavor = FLAVOR[backend]
     if backend != "emulate":  # layers open their interpreters on first use: say now if there is none
-        try:
-            require_interpreter()
-        except RuntimeError as e:
-            raise BackendError(str(e)) from e
+        require_interpreter()
     missing = [layer.name for layer in layers if flavor not in layer.files]
     if missing:
         raise BackendError(f"{bundle.dir}: no {backend} artifacts for {len(missing)} layer(s), e.g. {missing[0]} "

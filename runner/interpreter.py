@@ -6,6 +6,8 @@ and works with numpy 2, tflite-runtime 2.14 needs numpy < 2 (common on older Pis
 
 from __future__ import annotations
 
+from .packages import missing
+
 try:
     from ai_edge_litert.interpreter import Interpreter, load_delegate
     INTERPRETER = "ai-edge-litert"
@@ -18,8 +20,12 @@ except ImportError:  # pragma: no cover - depends on what the machine has
         INTERPRETER = None
 
 
+INTERPRETER_PURPOSE = ("the cpu and edgetpu backends run TFLite with it; where it has no wheel, "
+                       "tflite-runtime with numpy<2 does too")
+
+
 def require_interpreter():
+    """The Interpreter class, or MissingPackageError saying how to install one."""
     if Interpreter is None:
-        raise RuntimeError("no TFLite interpreter: pip install ai-edge-litert "
-                           "(or tflite-runtime with numpy < 2)")
+        raise missing("ai_edge_litert", INTERPRETER_PURPOSE)
     return Interpreter

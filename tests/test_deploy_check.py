@@ -98,7 +98,10 @@ def test_deploy_to_a_local_directory_twice(demo, tmp_path):
     assert "files sent: runner " in first and "bundle 0" not in first
     second = doit(artifacts, "deploy", "bundle=demo-clip", f"to={target}").stdout
     assert "files sent: runner 0, bundle 0" in second, second
-    assert f"cd {target} && python3 -m pip install -r runner/requirements.txt" in second
+    # A virtual environment: Raspberry Pi OS Bookworm refuses pip into its system Python.
+    assert (f"cd {target} && python3 -m venv ~/coral-venv && ~/coral-venv/bin/pip install -r runner/requirements.txt"
+            in second and f"cd {target} && ~/coral-venv/bin/python -m runner check bundles/demo-clip" in second)
+    assert "python3 -m pip" not in second and "--system-site-packages" in second
     # What arrived is a whole bundle, and the copied runner (not this checkout's) checks it.
     run = subprocess.run([sys.executable, "-m", "runner", "check", "bundles/demo-clip", "--json"], cwd=target,
                          capture_output=True, text=True, timeout=120)

@@ -138,16 +138,23 @@ def run_clip(args: argparse.Namespace) -> dict:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename: never half a file."""
+    """np.save through a temporary file and a rename: never half a file. A failure names
+    `path`, not the temporary file."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".npy.tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write ({e.strerror or e})") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def print_clip(result: dict) -> None:
@@ -296,6 +303,19 @@ def at_least(low: int) -> Callable[[str], int]:
     return integer
 
 
+class OutputError(UserError):
+    """An output file that cannot be written; the message names it."""
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write, in a directory that exists (checked before the
+    model runs, so a typo costs no forward pass)."""
+    parent = Path(text).parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the directory {parent} does not exist")
+    return text
+
+
 def non_negative_number(text: str) -> float:
     """An argparse type: a number of at least 0."""
     try:
@@ -350,11 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     image = sub.add_parser("clip-image", parents=[common], help="image embeddings")
     image.add_argument("images", nargs="+", metavar="IMAGE")
     image.add_argument("--image-f32le", action="store_true", help="inputs are raw float32 [3, S, S] files")
-    image.add_argument("--out", metavar="FILE.npy")
+    image.add_argument("--out", metavar="FILE.npy", type=output_file)
     image.set_defaults(func=clip_command, inputs=image_embeddings)
     text = sub.add_parser("clip-text", parents=[common], help="text embeddings")
     text.add_argument("texts", nargs="+", metavar="TEXT")
-    text.add_argument("--out", metavar="FILE.npy")
+    text.add_argument("--out", metavar="FILE.npy", type=output_file)
     text.set_defaults(func=clip_command, inputs=text_embeddings)
     zero = sub.add_parser("zero-shot", parents=[common], help="label probabilities per image")
     zero.add_argument("images", nargs="+", metavar="IMAGE")

@@ -185,12 +185,24 @@ def tpu_layers(layers: list[Layer], lm_head: LMHead | None) -> list[Layer]:
     return [layer for layer in layers if layer.placement == "tpu"] + (lm_head.tiles if lm_head else [])
 
 
+def bundle_guesses(directory: Path) -> list[Path]:
+    """Where a bundle given by its name (or another relative path) may be: under the build
+    host's artifacts directory (`artifacts/`, or CORAL_ARTIFACTS where set), and under
+    `bundles/`, where `doit deploy` puts it on a Pi."""
+    if directory.is_absolute():
+        return []
+    roots = [Path(os.environ["CORAL_ARTIFACTS"]) / "bundles"] if os.environ.get("CORAL_ARTIFACTS") else []
+    return [root / directory for root in (*roots, Path("artifacts") / "bundles", Path("bundles"))]
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse and check `manifest.json`: schema, version, every field's type, every path inside."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not os.path.lexists(path):
-        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)")
+        found = [d for d in bundle_guesses(directory) if (d / MANIFEST).is_file()]
+        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}" + (f"); did you mean {found[0]}?" if found else
+                                                                         "; build one with doit)"))
     manifest = read_json(path, BundleError, MAX_MANIFEST_BYTES)
     where = str(path)
     if not isinstance(manifest, dict):

@@ -23,7 +23,7 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import load_delegate, require_interpreter
+from .interpreter import load_delegate, quiet_info, require_interpreter
 from .nn import float_linear
 from .quant import QuantizedLinear
 
@@ -68,8 +68,9 @@ class TemplateInterpreter:
         where = "model bytes" if isinstance(model, bytes) else str(model)
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         try:
-            self.interpreter = Interpreter(**source, experimental_delegates=delegates)
-            self.interpreter.allocate_tensors()
+            with quiet_info():
+                self.interpreter = Interpreter(**source, experimental_delegates=delegates)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e
         inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]

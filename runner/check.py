@@ -103,22 +103,26 @@ def sha256_problem(directory: str | Path, f, what: str) -> str | None:
     return None
 
 
-def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int, list[str]]:
-    """(exit status, report lines); see the module docstring."""
-
+def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> dict:
+    """{"ok", "status" (the exit status), "templates": one entry per template tested, "error"
+    (why nothing could be tested, or None)}; see the module docstring."""
     bundle = Bundle.open(directory)
+
+    def untested(error: str) -> dict:
+        return {"ok": False, "status": 2, "templates": [], "error": error}
+
     try:
         delegates = edgetpu_delegates()
-    except BackendError as e:
-        return 2, [f"no Edge TPU to test here: {e}"]
+    except (BackendError, MissingPackageError) as e:
+        return untested(f"no Edge TPU to test here: {e}")
     by_template: dict[tuple, list] = {}
     for layer in bundle.tpu_layers:
         if "edgetpu" in layer.files:
             by_template.setdefault((layer.n_in, layer.n_out, layer.batch), []).append(layer)
     if not by_template:
-        return 2, [f"{bundle.dir}: no edgetpu artifacts to test (built without a compiled template)"]
+        return untested(f"{bundle.dir}: no edgetpu artifacts to test (built without a compiled template)")
     rng = np.random.default_rng(seed)
-    status, lines = 0, []
+    templates = []
     for (n_in, n_out, batch), layers in sorted(by_template.items()):
         a, b = layers[0], layers[1] if len(layers) > 1 else layers[0]
         x = rng.integers(0, 256, (rows, n_in), dtype=np.uint8)
@@ -127,7 +131,7 @@ def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int,
         for layer in (a, b, a):  # A, B, then A again: its parameters must be A's, not B's
             expected = LazyDense(layer.files["params"].path, layer, "emulate")(x).astype(int)
             worst = max(worst, int(np.abs(device[layer.name](x).astype(int) - expected).max()))
-        verdict = "agrees" if worst <= 1 else "MISMATCH"
-        status = status if worst <= 1 else 1
-        lines.append(f"{n_in}x{n_out}b{batch}: {a.name} / {b.name}: max difference {worst} step(s): {verdict}")
-    return status, lines
+        templates.append({"template": f"{n_in}x{n_out}b{batch}", "layers": [a.name, b.name],
+                          "max_difference": worst, "agrees": worst <= 1})
+    ok = all(t["agrees"] for t in templates)
+    return {"ok": ok, "status": 0 if ok else 1, "templates": templates, "error": None}

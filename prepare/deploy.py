@@ -76,6 +76,6 @@ def on_the_pi(place: str, bundle: str, host: str | None) -> str:
         (f"ssh {host}, then " if host else "") + "once (a virtual environment: Raspberry Pi OS refuses pip "
         "into its system Python):",
         f"  cd {where} && {PI_SETUP}",
-        f"  (add --system-site-packages after `venv` to use a tflite-runtime or pycoral installed system-wide)",
+        "  (add --system-site-packages after `venv` to use a tflite-runtime or pycoral installed system-wide)",
         "and each time:",
         f"  cd {where} && {VENV}/bin/python -m runner check bundles/{bundle}"])

@@ -1,7 +1,8 @@
 """Long prompts in the numpy Gemma: the prefill's attention goes in blocks of queries (no
-n x n score tensor), sliding-window layers keep only their window, and the outputs are
-those of the plain implementation it replaced (kept here as the reference: every key in
-the cache, one full mask). transformers is the reference in tests/test_gemma_float.py."""
+n x n score tensor), sliding-window layers keep only their window, `generate` feeds the
+prompt in chunks, and the outputs are those of the plain implementation it replaced (kept
+here as the reference: every key in the cache, one full mask). transformers is the
+reference in tests/test_gemma_float.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 
 from runner import gemma as gemma_module
+from runner import generate as generate_module
 from runner.gemma import Gemma, GemmaConfig, KVCache, rms_norm, rotary, tensor_shapes
+from runner.generate import Sampler, generate
+from runner.lm_head import HeadStats
 from runner.nn import float_linear, softmax
 
 CONFIG = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -141,3 +145,32 @@ def test_a_long_prefill_makes_no_prompt_by_prompt_tensor(models):
     finally:
         tracemalloc.stop()
     assert peak < 40 << 20, peak / 2**20
+
+
+class LogitsHead:
+    """A float head for `generate`: the model's own tied logits, with the counters it reports."""
+
+    def __init__(self, model: Gemma):
+        self.model, self.stats = model, HeadStats()
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        return self.model.w["model.embed_tokens.weight"] @ h
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 512])
+def test_generate_prefills_in_chunks_with_the_same_tokens(models, monkeypatch, chunk):
+    """A 150-token prompt through the decoder `chunk` tokens at a time, then 20 greedy steps:
+    the tokens of the plain implementation run on the whole prompt at once."""
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", chunk)
+    model, plain = models
+    prompt = np.random.default_rng(4).integers(0, 96, 150).tolist()
+    passes = []
+    monkeypatch.setattr(model, "forward", lambda ids, cache: passes.append(len(ids)) or Gemma.forward(model, ids, cache))
+    tokens = [step.token for step in generate(model, LogitsHead(model), prompt, 20, Sampler())]
+    assert max(passes) == min(chunk, 150) and sum(passes) == 150 + 19
+    cache, expected = PlainCache(plain.config), []
+    h = plain.forward(np.array(prompt), cache)
+    for _ in range(20):
+        expected.append(int(np.argmax(plain.logits(h[-1:])[0])))
+        h = plain.forward(np.array(expected[-1:]), cache)
+    assert tokens == expected

@@ -2,6 +2,7 @@
 
     inspect FILE [--uncompiled FILE] [--json]     what a compiled or uncompiled Dense template holds
     check-templates DIR [--json]                  self-check a directory of (X.tflite, X_edgetpu.tflite) pairs
+                                                  (--json: {"command", "dir", "ok", "pairs", "lone_files"})
 
 Bad input is one line naming the file and the problem, exit status 2.
 """
@@ -28,8 +29,11 @@ def check_templates(args) -> int:
                      "in": s.n_in if s else None, "out": s.n_out if s else None,
                      "batch": s.batch if s else None, "ok": pair.ok, **({"reason": pair.reason} if not pair.ok else {})})
     rows += [{"file": str(p), "ok": None, "reason": "no partner (X.tflite needs X_edgetpu.tflite)"} for p in alone]
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    ok = all(r["ok"] for r in rows if "file" not in r)
+    if args.json:  # one object, as inspect --json gives
+        print(json.dumps({"command": "check-templates", "dir": str(args.dir), "ok": ok,
+                          "pairs": [r for r in rows if "file" not in r],
+                          "lone_files": [r for r in rows if "file" in r]}, indent=2))
     else:
         for r in rows:
             if "file" in r:
@@ -39,7 +43,7 @@ def check_templates(args) -> int:
                       f"{r['compiled']}" + ("" if r["ok"] else f": {r['reason']}"))
         if not rows:
             print(f"{args.dir}: no .tflite files")
-    return 0 if all(r["ok"] for r in rows if "file" not in r) else 1
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-templates", help="self-check a directory of (X.tflite, X_edgetpu.tflite) pairs")
     p.add_argument("dir")
-    p.add_argument("--json", action="store_true", help="a JSON list, one object per pair or lone file")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: dir, ok, pairs (one object each), lone_files")
     p.set_defaults(func=check_templates)
     return parser
 

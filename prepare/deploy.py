@@ -1,5 +1,7 @@
 """`doit deploy bundle=NAME to=DEST`: copy a bundle and the runner to a Pi (or a local
-directory) with rsync, then print the command to run there.
+directory) with rsync, then print the commands to run there: the runner's packages into a
+virtual environment (`PI_SETUP`, runner/packages.py: Raspberry Pi OS Bookworm refuses pip
+into its system Python), then `runner check` with that environment's Python.
 
 rsync compares checksums (`--checksum`), sends only what changed, keeps partly sent
 files to resume (`--partial`), and removes files the bundle no longer has (`--delete`).
@@ -18,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from runner.errors import UserError
+from runner.packages import PI_SETUP, VENV
 
 from .store import ROOT
 
@@ -61,6 +64,18 @@ def deploy(bundle: Path, target: str) -> dict:
         stats = _rsync(source, where)
         counts[name] = transferred(stats)
     place = dest.split(":", 1)[1] if remote else str(Path(dest).resolve())
-    command = (f"cd {shlex.quote(place)} && python3 -m pip install -r runner/requirements.txt && "
-               f"python3 -m runner check bundles/{bundle.name}")
-    return {"files_sent": counts, "on_the_pi": (f"ssh {target.split(':', 1)[0]}, then: " if remote else "") + command}
+    return {"files_sent": counts, "on_the_pi": on_the_pi(place, bundle.name, target.split(":", 1)[0] if remote else None)}
+
+
+def on_the_pi(place: str, bundle: str, host: str | None) -> str:
+    """What to run at the destination: once, the runner's packages into a virtual environment
+    (Raspberry Pi OS Bookworm refuses `pip install` into its system Python:
+    externally-managed-environment); then the runner with that environment's Python."""
+    where = shlex.quote(place)
+    return "\n".join([
+        (f"ssh {host}, then " if host else "") + "once (a virtual environment: Raspberry Pi OS refuses pip "
+        "into its system Python):",
+        f"  cd {where} && {PI_SETUP}",
+        "  (add --system-site-packages after `venv` to use a tflite-runtime or pycoral installed system-wide)",
+        "and each time:",
+        f"  cd {where} && {VENV}/bin/python -m runner check bundles/{bundle}"])

@@ -30,6 +30,7 @@ Where things are, from the command line down:
     config_values.py  typed, bounded reads of a model config
     jsonfile.py       JSON files from outside, every failure one error naming the file
     errors.py         UserError, the base of every error a user can cause and fix
+    packages.py       the optional packages: imported when needed, a missing one named with its install command
 
 The runner imports nothing from prepare/: it is copied to the Pi on its own.
 """

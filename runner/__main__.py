@@ -7,14 +7,18 @@
                [--lm-cache-capacity N] [--shortlist N] [--rescore K]
                [--temperature T --top-k K --seed S] [--ignore-eos]   text, streamed
     check      BUNDLE [--quick] [--json]                           is the bundle whole; what runs here
-    selftest   BUNDLE                                              the Edge TPU against emulate
+    selftest   BUNDLE [--json]                                     the Edge TPU against emulate
 
-Every command takes `--backend emulate|cpu|edgetpu|fp32` (fp32 needs `--checkpoint DIR`:
-bundles carry no float weights for layers that run on the TPU), `--json`, and `--rounds R`
-(run R times after one start-up; timings are the median after the first, which also
-opens each layer).
-Errors are one line naming the file and the problem, exit status 2; so are arguments of the
-wrong form (argparse's usage, then the argument and what is wrong with it).
+The model commands take `--backend auto|emulate|cpu|edgetpu|fp32` (auto, the default: the
+best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint DIR`: bundles
+carry no float weights for layers that run on the TPU), `--json`, and `--rounds R` (run R
+times after one start-up; timings are the median after the first, which also opens each
+layer). `--help` shows every option's default, and an example.
+
+`--json` is one object from every command, with `command` and `bundle`, and `input` for
+each input. Errors are one line naming the file and the problem, exit status 2; so are
+arguments of the wrong form (argparse's usage, then the argument and what is wrong with
+it); with `--json`, an error is an object with `error` instead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from .packages import missing
+
+try:
+    import numpy as np
+except ModuleNotFoundError:  # every module needs it: one line saying how to install it, not a traceback
+    print(f"error: {missing('numpy', 'every command needs it')}", file=sys.stderr)
+    sys.exit(2)
 
 from . import photos
 from .bundle import BundleError
@@ -38,7 +48,7 @@ from .executors import BACKENDS
 from .families import CLIP_FAMILY, GEMMA_FAMILY
 from .generate import Sampler, generate, stop_ids
 from .images import load_f32le, load_image
-from .lm_head import HEAD_MODES
+from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
 from .load import Loaded, clip_tokenizer, load
 from .nn import softmax
 
@@ -100,9 +110,16 @@ def zero_shot(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report
         return softmax(model.logit_scale * image @ text.T)
 
     def report(probs: np.ndarray) -> dict:
-        return {"labels": labels, "results": [{"image": f, "probs": dict(zip(labels, map(float, p))),
+        return {"labels": labels, "results": [{"input": f, "probs": dict(zip(labels, map(float, p))),
                                                "best": labels[int(np.argmax(p))]} for f, p in zip(args.images, probs)]}
     return forward, report
+
+
+def say_backend(args: argparse.Namespace, loaded: Loaded) -> None:
+    """With --backend auto, one line on stderr: the backend chosen, and why not a better one."""
+    if args.backend == "auto":
+        print(f"backend: {loaded.backend} (--backend auto{'; not ' + loaded.why if loaded.why else ''})",
+              file=sys.stderr)
 
 
 def run_clip(args: argparse.Namespace) -> dict:
@@ -111,6 +128,7 @@ def run_clip(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint)
     setup_ms = (time.perf_counter() - t0) * 1e3
+    say_backend(args, loaded)
     # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
     forward, report = args.inputs(args, loaded)
     # The first forward also opens each layer (decodes it, or opens its interpreter); with
@@ -122,7 +140,7 @@ def run_clip(args: argparse.Namespace) -> dict:
         forward_ms.append((time.perf_counter() - t1) * 1e3)
     timed = forward_ms[1:] or forward_ms
     steady = sorted(timed)[(len(timed) - 1) // 2]
-    result = {"command": args.command, "backend": args.backend, "bundle": str(loaded.bundle.dir),
+    result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend,
               "setup_ms": round(setup_ms, 2), "first_forward_ms": round(forward_ms[0], 2),
               "forward_ms": round(steady, 2), "shape": list(out.shape), **report(out),
               "peak_rss_mib": peak_rss_mib()}
@@ -133,16 +151,23 @@ def run_clip(args: argparse.Namespace) -> dict:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename: never half a file."""
+    """np.save through a temporary file and a rename: never half a file. A failure names
+    `path`, not the temporary file."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", suffix=".npy.tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write ({e.strerror or e})") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def print_clip(result: dict) -> None:
@@ -151,7 +176,7 @@ def print_clip(result: dict) -> None:
     for r in result["results"]:
         if "probs" in r:
             probs = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: -kv[1]))
-            print(f"  {r['image']}: {probs}")
+            print(f"  {r['input']}: {probs}")
         else:
             print(f"  {r['input']}: norm {r['norm']:.4f}")
     if "out" in result:
@@ -176,6 +201,7 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head,
                   capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore)
     setup_ms = (time.perf_counter() - t0) * 1e3
+    say_backend(args, loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
     if args.prompt is not None:
         if tokenizer is None:
@@ -212,8 +238,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     first = rounds[0]
     stopped = ("eos" if first["tokens"][-1] in stop else "steps" if len(first["tokens"]) == args.steps
                else "context")
-    return {"command": args.command, "backend": args.backend, "lm_head": loaded.head.mode,
-            "bundle": str(loaded.bundle.dir), "prompt_tokens": prompt, "tokens": first["tokens"],
+    return {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "lm_head": loaded.head.mode,
+            "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
             "ms_per_token": middle["ms_per_token"], "head": first["head"], "peak_rss_mib": peak_rss_mib(),
@@ -249,15 +275,18 @@ def gemma_command(args: argparse.Namespace) -> int:
 # -- check, selftest -----------------------------------------------------------------------
 
 def check_command(args: argparse.Namespace) -> int:
-    report = check_bundle(args.bundle, args.quick)
+    report = {"command": args.command, "bundle": args.bundle, **check_bundle(args.bundle, args.quick)}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.bundle}: {'ok' if report['ok'] else 'NOT OK'} ({report['files']} files, "
-              f"{report['checked']} checked)")
+        verdict = "ok" if report["ok"] else "NOT OK" if report["problems"] else "whole, but it cannot be opened here"
+        print(f"{args.bundle}: {verdict} ({report['files']} files, {report['checked']} checked)")
         for problem in report["problems"]:
             print(f"  problem: {problem}")
-        print("  backends here: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["backends"].items()))
+        for line in report["machine"]["missing"]:
+            print(f"  missing: {line}")
+        print("  backends here: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["backends"].items()
+                                              if k != "fp32") + " (fp32 runs a float checkpoint: --checkpoint DIR)")
         m = report["machine"]
         print(f"  interpreter {m['interpreter'] or 'none'}, libedgetpu {m['libedgetpu'] or 'none'}, "
               f"devices {', '.join(m['edgetpu_devices']) or 'none'}")
@@ -265,9 +294,16 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def selftest_command(args: argparse.Namespace) -> int:
-    status, lines = selftest(args.bundle)
-    print("\n".join(lines))
-    return status
+    report = {"command": args.command, "bundle": args.bundle, **selftest(args.bundle)}
+    if args.json:
+        print(json.dumps(report))
+    elif report["error"]:
+        print(report["error"])
+    else:
+        for t in report["templates"]:
+            print(f"{t['template']}: {' / '.join(t['layers'])}: max difference {t['max_difference']} step(s): "
+                  f"{'agrees' if t['agrees'] else 'MISMATCH'}")
+    return report["status"]
 
 
 # -- photo search: index, search (runner/photos.py) ---------------------------------------
@@ -305,6 +341,19 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
     return integer
+
+
+class OutputError(UserError):
+    """An output file that cannot be written; the message names it."""
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file to write, in a directory that exists (checked before the
+    model runs, so a typo costs no forward pass)."""
+    parent = Path(text).parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the directory {parent} does not exist")
+    return text
 
 
 def non_negative_number(text: str) -> float:
@@ -349,68 +398,133 @@ def token_id_list(text: str) -> list[int]:
     return ids
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default where it has one (not for flags and unset options),
+    and the examples' lines kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not action.option_strings or unset or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser; with --json on the command line, its errors are a JSON object too."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if Parser.json_errors:
+            print(json.dumps({"command": self.prog.split()[-1], "error": message}))
+            sys.exit(2)
+        super().error(message)
+
+
+def examples(*lines: str) -> str:
+    return ("examples:" if len(lines) > 1 else "example:") + "".join(f"\n  python -m runner {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runner", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="python -m runner", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+               epilog="Each command's --help has an example. Errors are one line naming the file and the problem "
+                      "(exit status 2); with --json, a JSON object with `error`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, *example_lines: str, parents=()) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=list(parents), help=help, description=help,
+                              epilog=examples(*example_lines), formatter_class=HelpFormatter)
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("bundle", help="bundle directory (artifacts/bundles/NAME)")
-    common.add_argument("--backend", choices=BACKENDS, default="emulate")
-    common.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
-    common.add_argument("--rounds", type=at_least(1), default=1, help="run R times after one start-up (timing)")
-    image = sub.add_parser("clip-image", parents=[common], help="image embeddings")
-    image.add_argument("images", nargs="+", metavar="IMAGE")
-    image.add_argument("--image-f32le", action="store_true", help="inputs are raw float32 [3, S, S] files")
-    image.add_argument("--out", metavar="FILE.npy")
+    common.add_argument("bundle", help="the bundle directory (artifacts/bundles/NAME; bundles/NAME on a Pi)")
+    common.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="where the linear layers run; auto: edgetpu where a Coral works, else cpu where "
+                             "a TFLite interpreter is installed, else emulate (it says which on stderr)")
+    common.add_argument("--checkpoint", metavar="DIR",
+                        help="the float checkpoint, for --backend fp32 (bundles carry no float weights)")
+    common.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
+    common.add_argument("--rounds", type=at_least(1), default=1, metavar="R",
+                        help="run R times after one start-up; timings are the median after the first")
+
+    image = command("clip-image", "image embeddings", "clip-image artifacts/bundles/demo-clip cat.jpg dog.png "
+                    "--out embeddings.npy", parents=[common])
+    image.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    image.add_argument("--image-f32le", action="store_true",
+                       help="the inputs are raw little-endian float32 [3, S, S] files, already normalized")
+    image.add_argument("--out", metavar="FILE.npy", type=output_file, help="also write the embeddings here")
     image.set_defaults(func=clip_command, inputs=image_embeddings)
-    text = sub.add_parser("clip-text", parents=[common], help="text embeddings")
-    text.add_argument("texts", nargs="+", metavar="TEXT")
-    text.add_argument("--out", metavar="FILE.npy")
+
+    text = command("clip-text", "text embeddings", 'clip-text artifacts/bundles/demo-clip "a red cat" "two dogs"',
+                   parents=[common])
+    text.add_argument("texts", nargs="+", metavar="TEXT", help="texts, each one argument (quote them)")
+    text.add_argument("--out", metavar="FILE.npy", type=output_file, help="also write the embeddings here")
     text.set_defaults(func=clip_command, inputs=text_embeddings)
-    zero = sub.add_parser("zero-shot", parents=[common], help="label probabilities per image")
-    zero.add_argument("images", nargs="+", metavar="IMAGE")
+
+    zero = command("zero-shot", "label probabilities per image",
+                   'zero-shot artifacts/bundles/demo-clip cat.jpg --labels "cat,dog" --prompt "a photo of a {}"',
+                   parents=[common])
+    zero.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     zero.add_argument("--labels", type=label_list, required=True, help='comma-separated, e.g. "a cat,a dog"')
     zero.add_argument("--prompt", type=label_template, default="{}", help='label template, e.g. "a photo of {}"')
-    zero.add_argument("--image-f32le", action="store_true")
+    zero.add_argument("--image-f32le", action="store_true",
+                      help="the inputs are raw little-endian float32 [3, S, S] files, already normalized")
     zero.set_defaults(func=clip_command, inputs=zero_shot, out=None)
-    gemma = sub.add_parser("gemma", parents=[common], help="generate text with a Gemma bundle, streamed")
+
+    gemma = command("gemma", "generate text with a Gemma bundle, streamed",
+                    'gemma artifacts/bundles/demo-gemma --prompt "please set timer" --steps 16',
+                    "gemma bundles/functiongemma-270m --token-ids 2,818,5279 --lm-head tpu-lazy --shortlist 8 "
+                    "--rescore 64", parents=[common])
     source = gemma.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (the bundle's tokenizer adds <bos>)")
     source.add_argument("--token-ids", type=token_id_list, help="prompt as comma-separated token ids, e.g. 2,818,5279")
-    gemma.add_argument("--steps", type=at_least(1), default=32, help="tokens to generate at most (default 32)")
+    gemma.add_argument("--steps", type=at_least(1), default=32, metavar="N", help="tokens to generate at most")
     gemma.add_argument("--lm-head", choices=HEAD_MODES, default="cpu",
                        help="cpu: int8 table on the host; tpu-preload: every tile ready at start; "
                             "tpu-lazy: tiles opened when needed, kept in an LRU")
-    gemma.add_argument("--lm-cache-capacity", type=at_least(1), help="tiles tpu-lazy keeps open")
-    gemma.add_argument("--shortlist", type=at_least(1), metavar="N", help="run only N tiles per step (approximate)")
+    gemma.add_argument("--lm-cache-capacity", type=at_least(1), metavar="N",
+                       help=f"tiles tpu-lazy keeps open (default: {DEFAULT_CAPACITY}, or every tile of a "
+                            "smaller head)")
+    gemma.add_argument("--shortlist", type=at_least(1), metavar="N",
+                       help="run only the N tiles that scored best when they last ran (approximate; default: all)")
     gemma.add_argument("--rescore", type=at_least(1), metavar="K",
-                       help="exact logits on the CPU for the TPU's K best tokens")
-    gemma.add_argument("--temperature", type=non_negative_number, default=0.0, help="0: greedy (default)")
-    gemma.add_argument("--top-k", type=at_least(0), default=0, help="sample among the K likeliest (0: all)")
-    gemma.add_argument("--seed", type=at_least(0), default=0)
+                       help="exact logits on the CPU for the TPU head's K best tokens (default: none)")
+    gemma.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T",
+                       help="sampling temperature; 0 is greedy")
+    gemma.add_argument("--top-k", type=at_least(0), default=0, metavar="K", help="sample among the K likeliest; 0: all")
+    gemma.add_argument("--seed", type=at_least(0), default=0, help="the sampler's random seed")
     gemma.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     gemma.set_defaults(func=gemma_command)
-    check_parser = sub.add_parser("check", help="is the bundle whole (sha256 of every file); which backends run here")
-    check_parser.add_argument("bundle")
-    check_parser.add_argument("--quick", action="store_true", help="sizes only, no sha256")
-    check_parser.add_argument("--json", action="store_true")
-    check_parser.set_defaults(func=check_command)
-    selftest_parser = sub.add_parser("selftest", help="run patched layers on the Edge TPU and compare with emulate")
-    selftest_parser.add_argument("bundle")
-    selftest_parser.set_defaults(func=selftest_command)
-    index = sub.add_parser("index", help="embed every photo under a directory (again: only new or changed ones)")
+
+    check = command("check", "is the bundle whole (sha256 of every file); which backends run here",
+                    "check artifacts/bundles/demo-clip", "check bundles/demo-clip --quick --json")
+    check.add_argument("bundle", help="the bundle directory (artifacts/bundles/NAME; bundles/NAME on a Pi)")
+    check.add_argument("--quick", action="store_true", help="sizes only, no sha256")
+    check.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
+    check.set_defaults(func=check_command)
+
+    test = command("selftest", "run patched layers on the Edge TPU and compare them with emulate",
+                   "selftest bundles/clip-vit-b32")
+    test.add_argument("bundle", help="the bundle directory (artifacts/bundles/NAME; bundles/NAME on a Pi)")
+    test.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
+    test.set_defaults(func=selftest_command)
+
+    index = command("index", "embed every photo under a directory (again: only new or changed ones)",
+                    "index artifacts/bundles/demo-clip ~/Pictures --out ~/pictures-index")
     index.add_argument("bundle", metavar="BUNDLE", help="a CLIP bundle directory (artifacts/bundles/NAME)")
     index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, TIFF")
     index.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index (made, or brought up to date)")
-    index.add_argument("--backend", choices=BACKENDS, default="emulate")
+    index.add_argument("--backend", choices=BACKENDS, default="emulate", help="where the linear layers run")
     index.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
     index.add_argument("--batch", type=at_least(1), metavar="N", help=f"images per forward (default {photos.DEFAULT_BATCH}; "
                        "rounded up so the image tower's templates run full)")
     index.add_argument("--dtype", choices=photos.DTYPES, default="float16", help="of the stored embeddings")
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=index_command)
-    search = sub.add_parser("search", help="the photos of an index that best match a text or an image")
-    search.add_argument("index", metavar="INDEX_DIR")
+
+    search = command("search", "the photos of an index that best match a text or an image",
+                     'search ~/pictures-index "a red circle" --top 5', "search ~/pictures-index --image query.jpg")
+    search.add_argument("index", metavar="INDEX_DIR", help="made by `index`")
     search.add_argument("text", nargs="?", metavar="TEXT", help='e.g. "a dog on a beach"')
     search.add_argument("--image", metavar="FILE", help="find photos like this one (instead of TEXT)")
     search.add_argument("--top", type=at_least(1), default=5, metavar="N", help="how many matches (default 5)")
@@ -423,11 +537,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to say, and nowhere to say it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"command": args.command, "bundle": args.bundle, "error": str(e)}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 

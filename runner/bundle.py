@@ -24,6 +24,7 @@ from .config_values import ConfigError
 from .errors import UserError
 from .families import FAMILIES
 from .jsonfile import read_json
+from .packages import MissingPackageError
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
 
@@ -89,6 +90,8 @@ class HostTensors:
     def __init__(self, path: Path):
         try:
             layout = safetensors_layout(path)
+        except MissingPackageError:
+            raise  # not the file's fault
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise BundleError(f"{path}: not a valid safetensors file ({e})") from e
         self.path = path
@@ -182,12 +185,24 @@ def tpu_layers(layers: list[Layer], lm_head: LMHead | None) -> list[Layer]:
     return [layer for layer in layers if layer.placement == "tpu"] + (lm_head.tiles if lm_head else [])
 
 
+def bundle_guesses(directory: Path) -> list[Path]:
+    """Where a bundle given by its name (or another relative path) may be: under the build
+    host's artifacts directory (`artifacts/`, or CORAL_ARTIFACTS where set), and under
+    `bundles/`, where `doit deploy` puts it on a Pi."""
+    if directory.is_absolute():
+        return []
+    roots = [Path(os.environ["CORAL_ARTIFACTS"]) / "bundles"] if os.environ.get("CORAL_ARTIFACTS") else []
+    return [root / directory for root in (*roots, Path("artifacts") / "bundles", Path("bundles"))]
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse and check `manifest.json`: schema, version, every field's type, every path inside."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not os.path.lexists(path):
-        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}; build one with doit)")
+        found = [d for d in bundle_guesses(directory) if (d / MANIFEST).is_file()]
+        raise BundleError(f"{directory}: not a bundle (no {MANIFEST}" + (f"); did you mean {found[0]}?" if found else
+                                                                         "; build one with doit)"))
     manifest = read_json(path, BundleError, MAX_MANIFEST_BYTES)
     where = str(path)
     if not isinstance(manifest, dict):
@@ -278,6 +293,8 @@ def size_problem(f: BundleFile, what: str) -> str | None:
         return f"{f.path}: cannot be read ({e.strerror}) (named by {MANIFEST} as the {what})"
     if not stat.S_ISREG(st.st_mode):
         return f"{f.path}: not a regular file (named by {MANIFEST} as the {what})"
+    if not os.access(f.path, os.R_OK):
+        return f"{f.path}: cannot be read (permission denied) (named by {MANIFEST} as the {what})"
     size = st.st_size
     if size != f.bytes:
         return f"{f.path}: {size} bytes, {MANIFEST} says {f.bytes} ({what})"

@@ -14,14 +14,14 @@ step, 1 on a mismatch, 2 when there is no device or library.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, read_manifest, sha256_file, size_problem
+from .bundle import MANIFEST, Bundle, BundleError, read_manifest, sha256_file, size_problem
 from .executors import BackendError, LazyDense, TemplateInterpreter, edgetpu_delegates, edgetpu_library
-from .interpreter import INTERPRETER
+from .interpreter import INTERPRETER, INTERPRETER_PURPOSE
+from .packages import PIP_NAMES, MissingPackageError, available, missing
 
 
 def edgetpu_devices() -> list[str]:
@@ -38,15 +38,26 @@ def edgetpu_devices() -> list[str]:
     return found
 
 
+# The packages of runner/requirements.txt besides numpy and the interpreter: module -> what needs it.
+PACKAGES = {"safetensors": "it reads host.safetensors: every command needs it", "PIL": "it reads images",
+            "tokenizers": "it turns text into token ids"}
+
+
 def machine() -> dict:
-    """What this machine has for running bundles."""
-    has_safetensors = importlib.util.find_spec("safetensors") is not None
-    return {"numpy": np.__version__, "interpreter": INTERPRETER, "safetensors": has_safetensors,
+    """What this machine has for running bundles; `missing`: a line per package it lacks,
+    saying what needs it and how to install it."""
+    have = {module: available(module) for module in PACKAGES}
+    return {"numpy": np.__version__, "interpreter": INTERPRETER,
+            "packages": {PIP_NAMES.get(m, m): present for m, present in have.items()},
+            "missing": [str(missing(m, purpose)) for m, purpose in PACKAGES.items() if not have[m]]
+                       + ([] if INTERPRETER else [str(missing("ai_edge_litert", INTERPRETER_PURPOSE))]),
             "libedgetpu": edgetpu_library(), "edgetpu_devices": edgetpu_devices()}
 
 
 def check_bundle(directory: str | Path, quick: bool = False) -> dict:
-    """{"ok", "problems", "backends", "machine", "files"}: every problem found, not just the first."""
+    """{"ok", "problems", "backends", "machine", "files"}: every problem found, not just the first.
+    A file that cannot be read is a problem naming it; a package this Python lacks is in
+    `machine.missing`, and without safetensors the bundle cannot be opened here (not `ok`)."""
     problems, files = [], 0
     flavors: set[str] = set()
     try:
@@ -57,9 +68,7 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
     if m is not None:
         for what, f in m.files():
             files += 1
-            problem = size_problem(f, what)
-            if problem is None and not quick and sha256_file(f.path) != f.sha256:
-                problem = f"{f.path}: sha256 differs from {Path(directory) / 'manifest.json'} ({what})"
+            problem = size_problem(f, what) or (None if quick else sha256_problem(directory, f, what))
             if problem:
                 problems.append(problem)
         if not problems:
@@ -67,37 +76,53 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
                 Bundle.open(directory)  # the host tensors' header too
             except BundleError as e:
                 problems.append(str(e))
+            except MissingPackageError:
+                pass  # machine()["missing"] says which, and how to install it
         tpu = m.tpu_layers
         flavors = set.intersection(*(set(layer.files) for layer in tpu)) if tpu else {"params", "cpu", "edgetpu"}
     have = machine()
-    ok = not problems
+    ok = not problems and have["packages"]["safetensors"]
     backends = {
         "emulate": ok and "params" in flavors,
         "cpu": ok and "cpu" in flavors and have["interpreter"] is not None,
         "edgetpu": ok and "edgetpu" in flavors and have["interpreter"] is not None
                    and have["libedgetpu"] is not None and bool(have["edgetpu_devices"]),
-        "fp32": have["safetensors"],  # with the checkpoint, given by --checkpoint
+        "fp32": False,  # runs the float checkpoint (--checkpoint DIR): a bundle carries no float weights for it
     }
     return {"ok": ok, "problems": problems, "backends": backends, "machine": have, "files": files,
             "checked": "sizes" if quick else "sha256"}
 
 
-def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int, list[str]]:
-    """(exit status, report lines); see the module docstring."""
+def sha256_problem(directory: str | Path, f, what: str) -> str | None:
+    try:
+        digest = sha256_file(f.path)
+    except OSError as e:  # e.g. permission denied
+        return f"{f.path}: cannot be read ({e.strerror or e}) (named by {MANIFEST} as the {what})"
+    if digest != f.sha256:
+        return f"{f.path}: sha256 differs from {Path(directory) / MANIFEST} ({what})"
+    return None
 
+
+def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> dict:
+    """{"ok", "status" (the exit status), "templates": one entry per template tested, "error"
+    (why nothing could be tested, or None)}; see the module docstring."""
     bundle = Bundle.open(directory)
+
+    def untested(error: str) -> dict:
+        return {"ok": False, "status": 2, "templates": [], "error": error}
+
     try:
         delegates = edgetpu_delegates()
-    except BackendError as e:
-        return 2, [f"no Edge TPU to test here: {e}"]
+    except (BackendError, MissingPackageError) as e:
+        return untested(f"no Edge TPU to test here: {e}")
     by_template: dict[tuple, list] = {}
     for layer in bundle.tpu_layers:
         if "edgetpu" in layer.files:
             by_template.setdefault((layer.n_in, layer.n_out, layer.batch), []).append(layer)
     if not by_template:
-        return 2, [f"{bundle.dir}: no edgetpu artifacts to test (built without a compiled template)"]
+        return untested(f"{bundle.dir}: no edgetpu artifacts to test (built without a compiled template)")
     rng = np.random.default_rng(seed)
-    status, lines = 0, []
+    templates = []
     for (n_in, n_out, batch), layers in sorted(by_template.items()):
         a, b = layers[0], layers[1] if len(layers) > 1 else layers[0]
         x = rng.integers(0, 256, (rows, n_in), dtype=np.uint8)
@@ -106,7 +131,7 @@ def selftest(directory: str | Path, rows: int = 16, seed: int = 0) -> tuple[int,
         for layer in (a, b, a):  # A, B, then A again: its parameters must be A's, not B's
             expected = LazyDense(layer.files["params"].path, layer, "emulate")(x).astype(int)
             worst = max(worst, int(np.abs(device[layer.name](x).astype(int) - expected).max()))
-        verdict = "agrees" if worst <= 1 else "MISMATCH"
-        status = status if worst <= 1 else 1
-        lines.append(f"{n_in}x{n_out}b{batch}: {a.name} / {b.name}: max difference {worst} step(s): {verdict}")
-    return status, lines
+        templates.append({"template": f"{n_in}x{n_out}b{batch}", "layers": [a.name, b.name],
+                          "max_difference": worst, "agrees": worst <= 1})
+    ok = all(t["agrees"] for t in templates)
+    return {"ok": ok, "status": 0 if ok else 1, "templates": templates, "error": None}

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import UserError
 from .jsonfile import read_json
+from .packages import MissingPackageError, require
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 STORED = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # how each float type is viewed in the file
@@ -27,9 +28,9 @@ def safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
     safetensors library has validated the header (offsets inside the file, contiguous, no
     overlap). A bad file raises whatever safetensors raises: callers name the file."""
     # An optional dependency (the runner extra), imported where it is used: the runner starts
-    # without it, and `runner check` reports it missing.
-    from safetensors import safe_open
-    with safe_open(str(path), framework="numpy"):
+    # without it, and a missing one is MissingPackageError, which callers let through.
+    safetensors = require("safetensors", "it reads host.safetensors and checkpoints")
+    with safetensors.safe_open(str(path), framework="numpy"):
         pass
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -66,6 +67,8 @@ class Checkpoint:
         for path in files:
             try:
                 layout = safetensors_layout(path)
+            except MissingPackageError:
+                raise
             except Exception as e:  # safetensors raises its own SafetensorError for bad headers
                 raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
             for name, spec in layout.items():

@@ -23,7 +23,7 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import load_delegate, require_interpreter
+from .interpreter import load_delegate, quiet_info, require_interpreter
 from .nn import float_linear
 from .quant import QuantizedLinear
 
@@ -68,8 +68,9 @@ class TemplateInterpreter:
         where = "model bytes" if isinstance(model, bytes) else str(model)
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         try:
-            self.interpreter = Interpreter(**source, experimental_delegates=delegates)
-            self.interpreter.allocate_tensors()
+            with quiet_info():
+                self.interpreter = Interpreter(**source, experimental_delegates=delegates)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e
         inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
@@ -117,8 +118,7 @@ def edgetpu_delegates() -> list:
             raise BackendError("pycoral finds no Edge TPU: is the Coral plugged in, and may this user use it "
                                "(udev rules; see the README's guide)?")
         return [load_edgetpu_delegate()]
-    if load_delegate is None:
-        raise BackendError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime with numpy < 2)")
+    require_interpreter()
     if edgetpu_library() is None:
         raise BackendError(f"the Edge TPU library {library} is not installed (package libedgetpu1-std; "
                            "see the README's guide)")
@@ -139,10 +139,7 @@ def check_flavor(bundle: Bundle, layers: list[Layer], backend: str) -> str:
         raise BackendError(f"backend {backend!r} is not one of {', '.join(FLAVOR)} here")
     flavor = FLAVOR[backend]
     if backend != "emulate":  # layers open their interpreters on first use: say now if there is none
-        try:
-            require_interpreter()
-        except RuntimeError as e:
-            raise BackendError(str(e)) from e
+        require_interpreter()
     missing = [layer.name for layer in layers if flavor not in layer.files]
     if missing:
         raise BackendError(f"{bundle.dir}: no {backend} artifacts for {len(missing)} layer(s), e.g. {missing[0]} "

@@ -10,6 +10,11 @@ with the local base on sliding layers and the global base on full ones; grouped-
 attention over a KV cache; sliding window on sliding layers) -> o -> post-attention norm
 -> residual; pre-feedforward norm -> gated GELU-tanh MLP -> post-feedforward norm -> residual.
 RMSNorm scales by (1 + weight).
+
+Long prompts: attention runs in blocks of queries (`attend`), so a prefill of n tokens never
+holds an n x n score tensor, and a sliding layer's cache (`LayerCache`) keeps only its
+window, so a decode step costs O(window) there and O(context) only on the full layers.
+The outputs are those of one full mask over the whole cache (tests/test_long_prompts.py).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, ConfigError, ConfigFields
-from .nn import Linear, check_finite, softmax
+from .nn import Linear, check_finite
 
 
 @dataclass
@@ -117,17 +122,103 @@ def rotary(x: np.ndarray, positions: np.ndarray, base: float, factor: float = 1.
     return x * cos + rotated * sin
 
 
+class LayerCache:
+    """One layer's keys and values, [kv_heads, slots, head_dim], for positions
+    [start, start + used): rotary embeddings already applied, so a key's slot need not be
+    its position.
+
+    A full-attention layer keeps every position; its buffer doubles when full, so appending
+    a token costs O(1) amortized instead of a copy of the whole cache. A sliding layer keeps
+    only the `window - 1` positions the next query can still see (position p sees
+    (p - window, p]): when its buffer is full, those move to the front and the buffer
+    shrinks back to a few windows, whatever the prompt's length was."""
+
+    def __init__(self, kv_heads: int, head_dim: int, window: int | None = None):
+        self.window = window  # None: full attention
+        self.k = np.zeros((kv_heads, 0, head_dim), np.float32)
+        self.v = np.zeros((kv_heads, 0, head_dim), np.float32)
+        self.start, self.used = 0, 0
+
+    @property
+    def end(self) -> int:
+        """The position the next token gets."""
+        return self.start + self.used
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Add n positions' keys and values [kv_heads, n, head_dim]; return the keys and values
+        the new positions may attend to (views, in position order) and the first one's position."""
+        n = k.shape[1]
+        if self.used + n > self.k.shape[1]:
+            self._make_room(n)
+        self.k[:, self.used : self.used + n] = k
+        self.v[:, self.used : self.used + n] = v
+        self.used += n
+        first = 0 if self.window is None else max(0, self.used - n - (self.window - 1))
+        return self.k[:, first : self.used], self.v[:, first : self.used], self.start + first
+
+    def _make_room(self, n: int) -> None:
+        """A buffer with room for n more: a sliding layer first drops what no query sees again."""
+        drop = 0 if self.window is None else max(0, self.used - (self.window - 1))
+        live = self.used - drop
+        if self.window is None:
+            slots = max(live + n, 2 * self.k.shape[1])
+        else:
+            slots = max(live + n, 2 * self.window)
+        k = np.empty((self.k.shape[0], slots, self.k.shape[2]), np.float32)
+        v = np.empty_like(k)
+        k[:, :live], v[:, :live] = self.k[:, drop : self.used], self.v[:, drop : self.used]
+        self.k, self.v, self.start, self.used = k, v, self.start + drop, live
+
+
 class KVCache:
-    """Keys and values per layer, [kv_heads, positions, head_dim], grown as tokens come."""
+    """Every layer's `LayerCache`, for one sequence."""
 
     def __init__(self, config: GemmaConfig):
-        shape = (config.num_key_value_heads, 0, config.head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(config.num_hidden_layers)]
+        self.layers = [LayerCache(config.num_key_value_heads, config.head_dim,
+                                  config.sliding_window if t == "sliding_attention" else None)
+                       for t in config.layer_types]
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[1]
+        """Positions the sequence has so far."""
+        return self.layers[0].end
+
+
+SCORE_BUDGET = 1 << 22  # attention scores per block of queries: 4 Mi float32 (16 MiB)
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_first: int, k_first: int, scale: float,
+           window: int | None) -> np.ndarray:
+    """Causal grouped-query attention: q [heads, n, hd] at positions q_first.., over keys and
+    values [kv_heads, K, hd] at positions k_first.. (the last key is the last query's);
+    with `window`, position p sees only keys in (p - window, p]. Queries go in blocks whose
+    scores stay within SCORE_BUDGET, each over the keys it can see: a long prompt never
+    makes an n x n score tensor, and one token costs O(window) on a sliding layer."""
+    heads, n, hd = q.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads  # each key-value head serves `group` query heads
+    rows = max(1, min(n, SCORE_BUDGET // (heads * keys.shape[1])))
+    out = np.empty((heads, n, hd), np.float32)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        lo = 0 if window is None else max(0, q_first + a - window + 1 - k_first)  # the block's first key
+        hi = q_first + b - k_first  # past its last query's key
+        qg = q[:, a:b].reshape(kv_heads, group * (b - a), hd)
+        scores = (qg @ keys[:, lo:hi].transpose(0, 2, 1)).reshape(heads, b - a, hi - lo)
+        scores *= np.float32(scale)
+        q_pos = np.arange(q_first + a, q_first + b)[:, None]
+        k_pos = np.arange(k_first + lo, k_first + hi)[None, :]
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
+        if hidden.any():
+            scores[:, hidden] = -np.inf
+        # softmax in place (runner/nn.py's, without its copies)
+        scores -= scores.max(-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(-1, keepdims=True)
+        out[:, a:b] = (scores.reshape(kv_heads, group * (b - a), -1) @ values[:, lo:hi]).reshape(heads, b - a, hd)
+    return out
 
 
 class Gemma:
@@ -150,21 +241,9 @@ class Gemma:
         sliding = c.layer_types[i] == "sliding_attention"
         base, factor = (c.rope_local, 1.0) if sliding else (c.rope_global, c.rope_global_factor)
         q, k = rotary(q, positions, base, factor), rotary(k, positions, base, factor)
-        cache.k[i] = np.concatenate([cache.k[i], k.astype(np.float32)], 1)
-        cache.v[i] = np.concatenate([cache.v[i], v.astype(np.float32)], 1)
-        keys, values = cache.k[i], cache.v[i]
-        # Grouped-query attention: each key-value head serves `group` query heads.
-        group = c.num_attention_heads // c.num_key_value_heads
-        qg = q.reshape(c.num_key_value_heads, group * n, hd)
-        scores = (qg @ keys.transpose(0, 2, 1)).reshape(c.num_attention_heads, n, -1)
-        scores = scores * np.float32(c.query_pre_attn_scalar ** -0.5)
-        kv_pos = np.arange(keys.shape[1])
-        visible = kv_pos[None, :] <= positions[:, None]
-        if sliding:
-            visible &= kv_pos[None, :] > positions[:, None] - c.sliding_window
-        scores = np.where(visible[None], scores, np.float32(-np.inf))
-        probs = softmax(scores)
-        out = (probs.reshape(c.num_key_value_heads, group * n, -1) @ values).reshape(c.num_attention_heads, n, hd)
+        keys, values, k_first = cache.layers[i].append(k.astype(np.float32), v.astype(np.float32))
+        out = attend(q, keys, values, int(positions[0]), k_first, c.query_pre_attn_scalar ** -0.5,
+                     c.sliding_window if sliding else None)
         return self.linear(f"{p}.o_proj", out.transpose(1, 0, 2).reshape(n, -1))
 
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Gemma decoding: prefill, then one token at a time.
 
-The model and its LM head come from start-up (runner/load.py). Prefill runs the whole
-prompt through the decoder and the head on its last position only; each step after it
-runs one token. Sampling: greedy at temperature 0, else softmax of logits / temperature
-over the top-k tokens (all when top_k is 0), from a seeded generator.
+The model and its LM head come from start-up (runner/load.py). Prefill runs the prompt
+through the decoder PREFILL_CHUNK tokens at a time (each chunk attends to the cache the
+ones before it filled: the same result as all at once, with activations that stay the
+size of a chunk however long the prompt is), and the head on its last position only; each
+step after it runs one token. Sampling: greedy at temperature 0, else softmax of logits /
+temperature over the top-k tokens (all when top_k is 0), from a seeded generator.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import numpy as np
 
 from .gemma import Gemma, GemmaConfig, KVCache
 from .tokenizer import TokenizerError
+
+
+PREFILL_CHUNK = 512  # prompt tokens per pass through the decoder
 
 
 @dataclass
@@ -67,7 +72,8 @@ def generate(model: Gemma, head, prompt: list[int], steps: int, sampler: Sampler
     ids = np.asarray(prompt, np.int64)
     for _ in range(steps):
         t0 = time.perf_counter()
-        h = model.forward(ids, cache)[-1]  # the head runs on the last position only
+        for a in range(0, len(ids), PREFILL_CHUNK):  # one pass per decode step; chunks for the prompt
+            h = model.forward(ids[a : a + PREFILL_CHUNK], cache)[-1]  # the head runs on the last position only
         token = sampler(model.softcap(head(h)))
         yield Step(token, (time.perf_counter() - t0) * 1e3, head.stats.take())
         if token in stop or cache.length >= config.max_position_embeddings:

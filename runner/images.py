@@ -7,7 +7,8 @@ CLIP's processor does) and 16-bit images. Raw float32 CHW files, already
 normalized, are read as they are (`--image-f32le`, as the reference project).
 
 Pillow is an optional dependency (the runner extra), imported where it is used: text
-inputs and raw float32 files run without it.
+inputs and raw float32 files run without it. Large files are decoded within MAX_PIXELS
+(`load_image`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .packages import require
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -26,27 +28,31 @@ class ImageError(UserError):
     """An image that cannot be used; the message names the file."""
 
 
-def to_rgb(img):
-    from PIL import Image  # optional: see the module docstring
+MAX_PIXELS = 1 << 26  # 64 Mi pixels (8192 x 8192): 192 MiB as 8-bit RGB
 
+
+def pillow():
+    """Pillow's Image module (optional: see the module docstring)."""
+    return require("PIL.Image", "it reads images")
+
+
+def to_rgb(img):
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16- and 32-bit integer grayscale: scale the used range to 8 bits, then RGB.
         a = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        img = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        img = pillow().fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
 def preprocess(img, size: int) -> np.ndarray:
     """A Pillow image -> float32 [3, size, size], as CLIPImageProcessor."""
-    from PIL import Image  # optional: see the module docstring
-
     img = to_rgb(img)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+    img = img.resize((new_w, new_h), resample=pillow().Resampling.BICUBIC, reducing_gap=None)
     a = np.asarray(img, dtype=np.float32)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     a = a[top : top + size, left : left + size] / 255.0
@@ -54,14 +60,31 @@ def preprocess(img, size: int) -> np.ndarray:
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError  # optional: see the module docstring
-
+    """An image file -> float32 [3, size, size]. Memory stays bounded whatever the file says:
+    a JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still leaves at least twice `size`
+    on each side (Pillow's `draft`: close to, not equal to, resizing the full image), and an
+    image that would still decode to more than MAX_PIXELS is refused before decoding, naming
+    the file (Pillow's own limit would raise `DecompressionBombError`, or print a raw warning
+    and decode it anyway)."""
+    Image = pillow()
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the limit below applies to what is decoded, after draft
     try:
         with Image.open(path) as img:
+            full = img.size
+            img.draft(None, (2 * size, 2 * size))  # JPEG only; other formats decode in full
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise ImageError(f"{path}: {full[0]} x {full[1]} pixels is more than the {MAX_PIXELS:,} the runner "
+                                 "decodes (a JPEG may have up to 64 times that: it is decoded at reduced size); "
+                                 "scale it down first")
             img.load()
             return preprocess(img, size)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except ImageError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ImageError(f"{path}: cannot read image ({e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_f32le(path: str | Path, size: int) -> np.ndarray:

@@ -2,9 +2,21 @@
 
 Both expose the same `Interpreter` and `load_delegate`; LiteRT is the successor
 and works with numpy 2, tflite-runtime 2.14 needs numpy < 2 (common on older Pis).
+
+TFLite's C++ side writes its INFO lines straight to the process's stderr
+(`INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`, once per interpreter) and no
+environment variable silences them; `quiet_info` holds them back while an interpreter is
+made and passes every other line (warnings, errors) through.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+from .packages import missing
 
 try:
     from ai_edge_litert.interpreter import Interpreter, load_delegate
@@ -18,8 +30,38 @@ except ImportError:  # pragma: no cover - depends on what the machine has
         INTERPRETER = None
 
 
+INTERPRETER_PURPOSE = ("the cpu and edgetpu backends run TFLite with it; where it has no wheel, "
+                       "tflite-runtime with numpy<2 does too")
+
+
 def require_interpreter():
+    """The Interpreter class, or MissingPackageError saying how to install one."""
     if Interpreter is None:
-        raise RuntimeError("no TFLite interpreter: pip install ai-edge-litert "
-                           "(or tflite-runtime with numpy < 2)")
+        raise missing("ai_edge_litert", INTERPRETER_PURPOSE)
     return Interpreter
+
+
+@contextlib.contextmanager
+def quiet_info():
+    """Inside: what is written to file descriptor 2 is kept, then written back to stderr
+    without the lines that start with `INFO: `."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            kept.seek(0)
+            lines = kept.read().decode(errors="replace").splitlines(keepends=True)
+            shown = "".join(line for line in lines if not line.startswith("INFO: "))
+            if shown:
+                sys.stderr.write(shown)
+                sys.stderr.flush()

@@ -33,6 +33,7 @@ from .errors import UserError
 from .executors import check_flavor, quantized_layer
 
 HEAD_MODES = ("cpu", "tpu-preload", "tpu-lazy")
+DEFAULT_CAPACITY = 8  # tiles tpu-lazy keeps open unless told: 40 MiB of 640 x 8192 int8 tiles
 EMBEDDING = "model.embed_tokens"
 CHUNK_ROWS = 16384  # rows of the int8 table turned into float32 at a time (16384 x 640 x 4 = 40 MB)
 
@@ -114,7 +115,9 @@ class TileHead:
         n = len(head.tiles)
         if mode == "tpu-preload":
             capacity = n
-        elif capacity is None or capacity < 1:
+        elif capacity is None:
+            capacity = DEFAULT_CAPACITY
+        elif capacity < 1:
             raise HeadError(f"--lm-cache-capacity must be at least 1 for tpu-lazy (the head has {n} tiles)")
         if shortlist is not None and not 1 <= shortlist <= n:
             raise HeadError(f"--shortlist must be from 1 to {n} (the head's tiles)")

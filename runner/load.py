@@ -10,6 +10,11 @@ A decoder (runner/families.py) also gets its LM head in the mode asked for
 The fp32 backend runs the float checkpoint instead (`--checkpoint DIR`: bundles carry no
 float weights for the layers that run on the TPU), its tensors checked against the shapes
 the bundle's config implies before the model is built.
+
+`auto` (the command line's default) is the best backend this machine runs the bundle on:
+`edgetpu` where the bundle has its artifacts and a Coral answers, else `cpu` where it has
+its artifacts and a TFLite interpreter is installed, else `emulate` (numpy only).
+`Loaded.backend` is the one chosen and `Loaded.why` what ruled out the better ones.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, read_manifest
 from .checkpoint import Checkpoint
 from .clip import CLIP
 from .executors import FLAVOR, BackendError, edgetpu_delegates, make_linear
 from .families import Family
 from .gemma import Gemma, GemmaConfig
+from .interpreter import require_interpreter
 from .lm_head import CpuHead, FloatHead, Int8Table, TileHead, make_head
 from .nn import float_linear
+from .packages import MissingPackageError
 from .tokenizer import ClipTokenizer, GemmaTokenizer
 
 
@@ -34,8 +41,10 @@ class Loaded:
 
     bundle: Bundle
     model: CLIP | Gemma
+    backend: str  # the one it runs on (`auto` chooses one)
     head: CpuHead | TileHead | FloatHead | None = None  # a decoder's LM head
     tokenizer: GemmaTokenizer | None = None  # a decoder's, when the bundle has one
+    why: str | None = None  # with `auto`: why not a better backend
 
 
 def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str | Path | None = None, *,
@@ -43,7 +52,11 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
          rescore: int | None = None) -> Loaded:
     """Open the bundle, check it is `family`'s, build the model on `backend`; for a decoder
     also the LM head (`lm_head` mode, with the tpu heads' `capacity`, `shortlist`, `rescore`)
-    and the tokenizer. `checkpoint` is the float model directory the fp32 backend runs."""
+    and the tokenizer. `checkpoint` is the float model directory the fp32 backend runs;
+    `auto` chooses the backend (see the module docstring)."""
+    why, delegates = None, None
+    if backend == "auto":
+        backend, why, delegates = choose_backend(bundle_dir)
     bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
     if bundle.family != family.name:
         raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a {family.title} one")
@@ -54,14 +67,38 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
     if backend == "fp32":
         weights = float_checkpoint(checkpoint, family.tensor_shapes(config, bundle.towers))
         head = FloatHead(weights, config.vocab_size) if family.decoder else None
-        return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), head, tokenizer)
+        return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), backend, head, tokenizer)
+    if backend == "edgetpu" and delegates is None:
+        delegates = edgetpu_delegates()  # one for every layer, and a decoder's head
     if not family.decoder:
-        return Loaded(bundle, family.model_class(config, bundle.host, make_linear(bundle, backend)))
-    delegates = edgetpu_delegates() if backend == "edgetpu" else None  # one for the decoder and its head
+        return Loaded(bundle, family.model_class(config, bundle.host, make_linear(bundle, backend, delegates)),
+                      backend, why=why)
     head, table = make_head(bundle, backend, lm_head, capacity, shortlist, rescore, delegates)
     check_head_fits(bundle, config, table)
     model = family.model_class(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
-    return Loaded(bundle, model, head, tokenizer)
+    return Loaded(bundle, model, backend, head, tokenizer, why)
+
+
+def choose_backend(bundle_dir: str | Path) -> tuple[str, str, list | None]:
+    """(backend, why not the better ones, the Edge TPU delegates when it is edgetpu)."""
+    layers = read_manifest(bundle_dir).tpu_layers
+    ruled_out = []
+    if not all("edgetpu" in layer.files for layer in layers):
+        ruled_out.append("edgetpu: the bundle has no edgetpu artifacts")
+    else:
+        try:
+            return "edgetpu", "", edgetpu_delegates()
+        except (BackendError, MissingPackageError) as e:
+            ruled_out.append(f"edgetpu: {e}")
+    if not all("cpu" in layer.files for layer in layers):
+        ruled_out.append("cpu: the bundle has no cpu artifacts")
+    else:
+        try:
+            require_interpreter()
+            return "cpu", "; ".join(ruled_out), None
+        except MissingPackageError as e:
+            ruled_out.append(f"cpu: {e}")
+    return "emulate", "; ".join(ruled_out), None
 
 
 def float_checkpoint(directory: str | Path | None, shapes: dict[str, tuple[int, ...]]) -> Checkpoint:

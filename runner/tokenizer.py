@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .packages import require
 
 EOS = "<|endoftext|>"
 
@@ -24,12 +25,10 @@ class TokenizerError(UserError):
 
 
 def load_tokenizer(path: str | Path):
-    try:  # optional (the runner extra), imported where it is used: image-only runs need no tokenizers
-        from tokenizers import Tokenizer
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise TokenizerError("text needs the tokenizers package: pip install tokenizers") from e
+    # optional (the runner extra), imported where it is used: image-only runs need no tokenizers
+    tokenizers = require("tokenizers", "it turns text into token ids")
     try:
-        return Tokenizer.from_file(str(path))
+        return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
         raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
 

@@ -47,6 +47,20 @@ def runner(*args):
                           timeout=300, cwd=ROOT)
 
 
+HIDE_AND_RUN = ("import runpy, sys\n"
+                "for name in sys.argv[1].split(','):\n"
+                "    sys.modules[name] = None\n"
+                "sys.argv = ['runner', *sys.argv[2:]]\n"
+                "runpy.run_module('runner', run_name='__main__', alter_sys=True)\n")
+
+
+def runner_without(hidden: str, *args):
+    """`python -m runner ARGS` as on a machine without the packages `hidden` names (comma-separated):
+    a None in sys.modules makes importing one raise ModuleNotFoundError, as a missing one does."""
+    return subprocess.run([sys.executable, "-c", HIDE_AND_RUN, hidden, *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The default `doit` (the demo recipe, no compiled template): (artifacts dir, doit output)."""

@@ -156,3 +156,21 @@ def test_batch_larger_than_rows_is_split_and_padded(tmp_path, samples):
     emulate = CLIP(config, bundle.host, make_linear(bundle, "emulate")).image_features(pixels)
     cpu = CLIP(config, bundle.host, make_linear(bundle, "cpu")).image_features(pixels)
     assert cosine(emulate, cpu).min() > 0.9999
+
+
+def test_tflite_info_lines_do_not_reach_the_user(bundle_dir, samples):
+    """`INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`, once per interpreter."""
+    run = runner("clip-image", bundle_dir, samples[0], "--backend", "cpu")
+    assert run.returncode == 0 and "INFO:" not in run.stderr and "XNNPACK" not in run.stderr, run.stderr
+
+
+def test_quiet_info_passes_everything_else_through(capfd):
+    import os
+
+    from runner.interpreter import quiet_info
+
+    with quiet_info():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: a real one\n")
+        os.write(2, b"a warning without a prefix\n")
+    os.write(2, b"INFO: after it, untouched\n")
+    assert capfd.readouterr().err == "ERROR: a real one\na warning without a prefix\nINFO: after it, untouched\n"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from prepare.recipe import RecipeError, load_recipe
 
-from .conftest import doit, runner
+from .conftest import ROOT, doit, runner
 
 DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
 
@@ -162,3 +165,44 @@ def test_image_f32le_equals_the_png_path(tmp_path, bundle_dir, samples):
     b = runner("clip-image", bundle_dir, raw, "--image-f32le", "--out", tmp_path / "b.npy")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_a_bundle_given_by_name_gets_its_path_suggested(tmp_path, bundle_dir, samples):
+    """`runner zero-shot demo-clip ...` where the bundle is artifacts/bundles/demo-clip (the
+    build host), bundles/demo-clip (a Pi after `doit deploy`) or under CORAL_ARTIFACTS."""
+    env = {k: v for k, v in os.environ.items() if k != "CORAL_ARTIFACTS"} | {"PYTHONPATH": str(ROOT)}
+
+    def run_in(cwd, **extra):
+        return subprocess.run([sys.executable, "-m", "runner", "zero-shot", "demo-clip", samples[0], "--labels", "a,b"],
+                              cwd=cwd, env=env | extra, capture_output=True, text=True, timeout=300)
+
+    for parent in ("artifacts/bundles", "bundles"):
+        place = tmp_path / parent.replace("/", "-")
+        (place / parent).mkdir(parents=True)
+        (place / parent / "demo-clip").symlink_to(bundle_dir)
+        run = run_in(place)
+        assert run.returncode == 2 and run.stderr == (f"error: demo-clip: not a bundle (no manifest.json); "
+                                                      f"did you mean {parent}/demo-clip?\n"), run.stderr
+    run = run_in(tmp_path, CORAL_ARTIFACTS=str(bundle_dir.parent.parent))
+    assert f"did you mean {bundle_dir}?" in run.stderr
+    run = run_in(tmp_path)  # nowhere: how to make one
+    assert run.stderr == "error: demo-clip: not a bundle (no manifest.json; build one with doit)\n"
+
+
+def test_out_into_a_missing_directory_names_the_path_given(tmp_path, bundle_dir, samples):
+    """It used to name the temporary file beside it (tmpXXXX.npy.tmp), after the forward pass."""
+    target = tmp_path / "missing" / "emb.npy"
+    run = runner("clip-image", bundle_dir, samples[0], "--out", target)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1].endswith(f"argument --out: {target}: the directory {target.parent} does not "
+                                                "exist") and ".tmp" not in run.stderr
+    run = runner("clip-text", bundle_dir, "a cat", "--out", tmp_path / "emb.npy")
+    assert run.returncode == 0 and np.load(tmp_path / "emb.npy").shape == (1, 256)
+    assert (tmp_path / "emb.npy").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert [p.name for p in tmp_path.iterdir()] == ["emb.npy"]  # no temporary file left
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

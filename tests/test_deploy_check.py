@@ -98,7 +98,10 @@ def test_deploy_to_a_local_directory_twice(demo, tmp_path):
     assert "files sent: runner " in first and "bundle 0" not in first
     second = doit(artifacts, "deploy", "bundle=demo-clip", f"to={target}").stdout
     assert "files sent: runner 0, bundle 0" in second, second
-    assert f"cd {target} && python3 -m pip install -r runner/requirements.txt" in second
+    # A virtual environment: Raspberry Pi OS Bookworm refuses pip into its system Python.
+    assert (f"cd {target} && python3 -m venv ~/coral-venv && ~/coral-venv/bin/pip install -r runner/requirements.txt"
+            in second and f"cd {target} && ~/coral-venv/bin/python -m runner check bundles/demo-clip" in second)
+    assert "python3 -m pip" not in second and "--system-site-packages" in second
     # What arrived is a whole bundle, and the copied runner (not this checkout's) checks it.
     run = subprocess.run([sys.executable, "-m", "runner", "check", "bundles/demo-clip", "--json"], cwd=target,
                          capture_output=True, text=True, timeout=120)
@@ -113,3 +116,36 @@ def test_check_refuses_a_bad_static_input_scale(copy, value):
     edit_manifest(copy, lambda m: m["layers"][0].__setitem__("input_scale", value))
     report = check(copy)
     assert not report["ok"] and any("input_scale" in p for p in report["problems"]), report["problems"]
+
+
+def test_check_lists_a_file_it_cannot_read(copy, monkeypatch, capsys):
+    """A layer file this user may not read (simulated: the tests run as root, whom permissions
+    do not stop): a problem naming it, the other files still checked; then one line from a
+    command that opens the bundle. It used to end `check` with the PermissionError."""
+    import os
+
+    from runner import bundle as bundle_module
+    from runner.__main__ import main
+
+    victim = next((copy / "layers").glob("*.params.bin"))
+    denied = PermissionError(13, "Permission denied", str(victim))
+
+    def no_read(path, *args, **kwargs):
+        if str(path) == str(victim):
+            raise denied
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "open", no_read, raising=False)  # sha256_file reads with it
+    other = next((copy / "layers").glob("*.cpu.tflite"))
+    other.write_bytes(other.read_bytes()[:-1] + b"\0")  # a second problem, found as well
+    assert main(["check", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {victim}: cannot be read (Permission denied)" in out and f"{other}: sha256 differs" in out
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: str(p) != str(victim) and real_access(p, mode, **k))
+    assert main(["check", str(copy), "--quick"]) == 1
+    assert f"problem: {victim}: cannot be read (permission denied)" in capsys.readouterr().out
+    assert main(["clip-text", str(copy), "a cat", "--backend", "emulate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {victim}: cannot be read (permission denied)") and err.count("\n") == 1

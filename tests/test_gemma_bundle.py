@@ -15,7 +15,7 @@ from runner.executors import LazyDense, TemplateInterpreter
 from runner.families import GEMMA_FAMILY
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.generate import Sampler, generate
-from runner.lm_head import HeadError, TileHead, make_head
+from runner.lm_head import DEFAULT_CAPACITY, HeadError, TileHead, make_head
 from runner.load import load
 from runner.nn import float_linear
 
@@ -183,7 +183,7 @@ def test_shortlist_runs_the_tiles_that_scored_best(bundle):
 
 def test_head_options_that_do_not_fit_are_refused(bundle):
     with pytest.raises(HeadError, match="capacity"):
-        TileHead(bundle, "emulate", "tpu-lazy")
+        TileHead(bundle, "emulate", "tpu-lazy", capacity=0)
     with pytest.raises(HeadError, match="shortlist"):
         TileHead(bundle, "emulate", "tpu-preload", shortlist=5)
     with pytest.raises(HeadError, match="TPU heads"):
@@ -238,7 +238,7 @@ def test_fp32_backend_decodes_with_the_float_model(gemma_demo):
     (["--prompt", "   "], "the prompt is empty"),
     (["--prompt", "a b c " * 300], "leave no room in the model's context of 256"),
     (["--prompt", "hi", "--lm-head", "cpu", "--rescore", "4"], "for the TPU heads"),
-    (["--prompt", "hi", "--lm-head", "tpu-lazy"], "--lm-cache-capacity must be at least 1"),
+    (["--prompt", "hi", "--lm-head", "tpu-lazy", "--lm-cache-capacity", "0"], "must be at least 1, got 0"),
     (["--prompt", "hi", "--backend", "fp32"], "needs --checkpoint"),
 ])
 def test_bad_gemma_input_gets_one_clear_line(gemma_demo, args, message):
@@ -270,3 +270,12 @@ def test_a_clip_bundle_is_not_a_gemma_one(bundle_dir, gemma_demo):
     assert run.returncode == 2 and "a clip bundle, not a Gemma one" in run.stderr
     run = runner("clip-text", gemma_demo[0], "hi")
     assert run.returncode == 2 and "not a CLIP one" in run.stderr
+
+
+def test_tpu_lazy_alone_keeps_the_default_number_of_tiles_open(gemma_demo, bundle):
+    """`--lm-head tpu-lazy` without --lm-cache-capacity: 8 tiles, or every tile of a smaller
+    head (the demo's has 4). It used to refuse to start."""
+    assert TileHead(bundle, "emulate", "tpu-lazy").capacity == min(DEFAULT_CAPACITY, 4) == 4
+    run = runner("gemma", gemma_demo[0], "--prompt", "please set timer", "--steps", "4", "--lm-head", "tpu-lazy",
+                 "--backend", "emulate", "--json", "--ignore-eos")
+    assert run.returncode == 0 and json.loads(run.stdout)["head"]["misses"] == 4, run.stderr

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from runner.images import ImageError, load_f32le, load_image, preprocess
+from runner.images import MAX_PIXELS, ImageError, load_f32le, load_image, preprocess
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,3 +60,41 @@ def test_bad_files(tmp_path):
     raw.write_bytes(np.full(3 * 32 * 32, np.nan, "<f4").tobytes())
     with pytest.raises(ImageError, match="NaN"):
         load_f32le(raw, 32)
+
+
+def test_a_jpeg_beyond_pillows_bomb_limit_is_read_at_reduced_size(tmp_path):
+    """14000 x 13000 is past Pillow's DecompressionBombError limit (179 M pixels); the runner
+    decodes it at 1/8 scale (1750 x 1625) and gives the embedding's pixels, without a warning."""
+    path = tmp_path / "huge.jpg"
+    Image.new("L", (14000, 13000), 128).save(path, quality=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = load_image(path, 32)
+    assert x.shape == (3, 32, 32) and np.allclose(x, preprocess(Image.new("RGB", (64, 64), (128,) * 3), 32), atol=0.02)
+
+
+def test_reduced_size_decoding_is_close_to_the_full_image(tmp_path):
+    """A photo-sized JPEG decoded at reduced size (never below twice the input) against the
+    whole image resized as CLIP's processor does: within a few uint8 steps."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    path = tmp_path / "photo.jpg"
+    smooth.save(path, quality=95)
+    with Image.open(path) as full:
+        reference = preprocess(full, 64)
+    with Image.open(path) as drafted:
+        drafted.draft(None, (128, 128))
+        assert drafted.size == (200, 150)  # the reduced decoding does happen
+    assert np.abs(load_image(path, 64) - reference).max() < 0.05  # about 3 uint8 steps (0.029 measured)
+
+
+def test_an_image_beyond_the_pixel_limit_is_refused_naming_it(tmp_path):
+    """A 12000 x 9000 PNG (Pillow printed a raw DecompressionBombWarning, then decoded it in
+    894 MB): refused before decoding, one line naming the file."""
+    path = tmp_path / "wide.png"
+    Image.new("L", (12000, 9000), 0).save(path, compress_level=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=r"wide.png: 12000 x 9000 pixels is more than the 67,108,864"):
+            load_image(path, 32)
+    assert MAX_PIXELS == 1 << 26

@@ -187,10 +187,11 @@ def _check_templates(directory):
 def test_check_templates(tmp_path, fixture_dir, compiled_bytes, uncompiled_bytes):
     good = _check_templates(fixture_dir)
     assert good.returncode == 0
-    rows = json.loads(good.stdout)
-    assert rows == [{"uncompiled": str(fixture_dir / "dense_256.tflite"),
-                     "compiled": str(fixture_dir / "dense_256_edgetpu.tflite"),
-                     "in": 256, "out": 256, "batch": 1, "ok": True}]
+    report = json.loads(good.stdout)  # one object, as inspect --json gives
+    assert report == {"command": "check-templates", "dir": str(fixture_dir), "ok": True, "lone_files": [],
+                      "pairs": [{"uncompiled": str(fixture_dir / "dense_256.tflite"),
+                                 "compiled": str(fixture_dir / "dense_256_edgetpu.tflite"),
+                                 "in": 256, "out": 256, "batch": 1, "ok": True}]}
 
     # Names say nothing: shapes come from the models. One good pair, one bad, one lone file.
     (tmp_path / "whatever.tflite").write_bytes(uncompiled_bytes)
@@ -200,7 +201,9 @@ def test_check_templates(tmp_path, fixture_dir, compiled_bytes, uncompiled_bytes
     (tmp_path / "lonely_edgetpu.tflite").write_bytes(compiled_bytes)
     run = _check_templates(tmp_path)
     assert run.returncode == 1
-    rows = {os.path.basename(r.get("compiled") or r["file"]): r for r in json.loads(run.stdout)}
+    report = json.loads(run.stdout)
+    assert report["ok"] is False
+    rows = {os.path.basename(r.get("compiled") or r["file"]): r for r in report["pairs"] + report["lone_files"]}
     assert rows["whatever_edgetpu.tflite"]["ok"] is True
     assert rows["bad_edgetpu.tflite"]["ok"] is False and "channel 3" in rows["bad_edgetpu.tflite"]["reason"]
     assert rows["lonely_edgetpu.tflite"]["ok"] is None

@@ -10,7 +10,7 @@ import pytest
 
 from prepare.recipe import RecipeError, load_recipe
 
-from .conftest import doit, runner
+from .conftest import doit, runner, specials_first, warm_artifacts
 
 DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
 
@@ -162,3 +162,17 @@ def test_image_f32le_equals_the_png_path(tmp_path, bundle_dir, samples):
     b = runner("clip-image", bundle_dir, raw, "--image-f32le", "--out", tmp_path / "b.npy")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_doit_builds_and_verifies_a_checkpoint_whose_start_of_text_is_0(tmp_path, demo, checkpoint_dir):
+    """Special tokens first in the vocabulary: build and `doit verify` both stopped at
+    `ValueError: high <= 0` drawing synthetic texts."""
+    first = specials_first(checkpoint_dir, tmp_path / "first")
+    artifacts = warm_artifacts(demo, tmp_path)
+    args = [f"checkpoint={first}", "generate=null", "name=first", "towers=[text]",
+            "verify={captions: heldout-captions.txt, synthetic: 2, compare: false}"]
+    run = doit(artifacts, *args, "verify")
+    assert ".  layers" in run.stdout and ".  verify" in run.stdout
+    report = json.loads((artifacts / "bundles" / "first" / "report.json").read_text())
+    assert report["metrics"]["text_cosine_mean"] > 0.99
+

@@ -176,3 +176,15 @@ def test_doit_builds_and_verifies_a_checkpoint_whose_start_of_text_is_0(tmp_path
     report = json.loads((artifacts / "bundles" / "first" / "report.json").read_text())
     assert report["metrics"]["text_cosine_mean"] > 0.99
 
+
+def test_an_overflow_in_calibration_is_one_line_through_doit(tmp_path, demo, checkpoint_dir):
+    """Finite weights whose product overflows float32: `NonFiniteError` from the float model
+    during calibration, one line naming the checkpoint, no traceback."""
+    name = "vision_model.encoder.layers.0.mlp.fc2.weight"
+    broken = _broken_checkpoint(tmp_path, checkpoint_dir, lambda t: t.__setitem__(name, t[name] * np.float32(1e37)))
+    run = doit(warm_artifacts(demo, tmp_path), f"checkpoint={broken}", "generate=null", "name=broken", check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "Traceback" not in out
+    assert ".  layers" in run.stdout and "TaskFailed - taskid:layers" in run.stdout
+    line = next(line for line in out.splitlines() if "hold NaN or Inf" in line)
+    assert str(broken) in line and "calibration" in line

@@ -36,6 +36,7 @@ from runner.edgetpu_codec import (
     token_from_digest,
 )
 from runner.emulate import DenseEmulator
+from runner.nn import NonFiniteError
 from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite
 
@@ -167,7 +168,10 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
         raise RecipeError(f"{recipe.source}: key cpu_layers: pattern(s) {unmatched} match no linear layer "
                        f"(layers look like {specs[0].name!r})")
     with tqdm(total=family.calibration_count(recipe), desc="calibrate", unit="input") as bar:
-        rows = family.record_calibration(recipe, checkpoint, config, bar.update)
+        try:
+            rows = family.record_calibration(recipe, checkpoint, config, bar.update)
+        except NonFiniteError as e:  # the checkpoint's weights overflow on ordinary inputs
+            raise NonFiniteError(f"{recipe.checkpoint_dir}: calibration, the float model: {e}") from e
     smoothing = None
     if recipe.quantization.smoothing:
         checkpoint, rows, smoothing = smooth_and_store(recipe, config, checkpoint, rows, store)

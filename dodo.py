@@ -20,11 +20,11 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from prepare.demo_models import DEMO_VERSION, generate
+from prepare.demo_models import DEMO_VERSION, GENERATED_MARK, generate
 from prepare.deploy import deploy
 from prepare.families import family_of
 from prepare.paths import bundle_dir, layers_index_path, placement_path, templates_index_path
-from prepare.recipe import Recipe, RecipeError, load_recipe
+from prepare.recipe import INPUT_KEYS, Recipe, RecipeError, load_recipe
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
 from prepare.stages.layers import LAYER_VERSION, build_layers
@@ -100,7 +100,7 @@ def task_checkpoint():
     if RECIPE.generate is not None:
         yield {"name": RECIPE.generate,
                "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
-               "targets": [directory / f for f in GENERATED_FILES],
+               "targets": [directory / f for f in (*GENERATED_FILES, GENERATED_MARK)] + _generated_inputs(),
                "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
                                             "version": DEMO_VERSION})]}
     yield {"name": "check",
@@ -161,11 +161,18 @@ def _checkpoint_files(inputs: bool = True) -> list[str]:
     return [str(f) for f in files] + (_input_files("calibration") if inputs else [])
 
 
+def _generated_inputs() -> list[Path]:
+    """The recipe's `calibration` and `verify` inputs that a generated checkpoint brings (one
+    gone makes the checkpoint task generate it again)."""
+    paths = [RECIPE.input_path(section, key) for section in ("calibration", "verify") for key in INPUT_KEYS]
+    return [p for p in paths if p is not None and p.is_relative_to(RECIPE.checkpoint_dir)]
+
+
 def _input_files(section: str) -> list[str]:
     """The recipe's own `calibration` or `verify` input files (a generated checkpoint's own
     files change with its generator, which the checkpoint task tracks)."""
     files = []
-    for key in ("images", "captions", "prompts"):
+    for key in INPUT_KEYS:
         path = RECIPE.input_path(section, key)
         if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
             continue

@@ -29,6 +29,7 @@ import yaml
 from runner.config_values import ConfigError, option, path_problem, read_fields
 from runner.errors import UserError
 
+from .demo_models import replaceable
 from .families import NAMES as FAMILY_NAMES
 from .families import family_of
 from .store import ARTIFACTS, ROOT
@@ -284,6 +285,10 @@ def _check_model(recipe: str, values: dict) -> None:
     if generate is None and not os.path.isfile(Path(checkpoint) / "config.json"):
         raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} is not a model directory "
                           "(no config.json there)")
+    if generate is not None and not replaceable(checkpoint):
+        raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} holds a model of its own, which "
+                          f"'generate: {generate}' would replace with a generated one; to build that model, "
+                          "add generate=null")
     towers = values.setdefault("towers", list(model.TOWERS))
     if not towers or any(t not in model.TOWERS for t in towers) or len(set(towers)) != len(towers):
         raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(model.TOWERS)}, "
@@ -308,7 +313,12 @@ def _check_model(recipe: str, values: dict) -> None:
             path = calibration_path(getattr(inputs, sub), checkpoint)
             # A generated checkpoint brings its own input files, made after this check.
             if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
-                raise RecipeError(f"{recipe}: key {key}.{sub}: {path} does not exist")
+                kind = "a directory of images" if sub == "images" else f"a text file, one {sub[:-1]} a line"
+                raise RecipeError(
+                    f"{recipe}: key {key}.{sub}: {path} does not exist ({key} paths are relative to the "
+                    f"checkpoint {checkpoint} unless they start with recipes/ or artifacts/): name {kind} of "
+                    f"your own in the recipe, or on the command line: {key}='{{{sub}: PATH, synthetic: 8}}' "
+                    f"(it replaces the whole {key} mapping)")
     for metric, value in values.get("target", {}).items():
         if metric not in model.TARGET_METRICS:
             raise RecipeError(f"{recipe}: unknown key target.{metric} "

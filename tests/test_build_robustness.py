@@ -10,6 +10,8 @@ temporary may be left once the rerun is done.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +27,8 @@ from bench.interrupted_builds import (
     when_exists,
 )
 from prepare.store import Store, remove_leftovers
+
+from .conftest import doit
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,16 @@ def test_remove_leftovers_takes_only_temporary_names_of_this_artifacts_directory
     assert {str(p.relative_to(tmp_path)) for p in removed} == files | directories
     assert all((tmp_path / rel).exists() for rel in kept)
     assert not any((tmp_path / rel).exists() for rel in files | directories)
+
+
+def test_an_input_file_gone_from_a_generated_checkpoint_is_generated_again(tmp_path):
+    """The generator makes the demo's calibration and held-out inputs: one deleted is made
+    again, not a `No such file or directory` in the layer stage."""
+    artifacts = tmp_path / "artifacts"
+    assert ".  checkpoint:demo-clip" in doit(artifacts, "checkpoint").stdout
+    checkpoint = artifacts / "demo" / "clip"
+    shutil.rmtree(checkpoint / "calibration")
+    (checkpoint / "heldout-captions.txt").unlink()
+    assert ".  checkpoint:demo-clip" in doit(artifacts, "checkpoint").stdout
+    assert len(list((checkpoint / "calibration").glob("*.png"))) == 16 and (checkpoint / "heldout-captions.txt").is_file()
+    assert json.loads((checkpoint / "generated.json").read_text())["generator"] == "demo-clip"

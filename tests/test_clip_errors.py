@@ -188,3 +188,35 @@ def test_an_overflow_in_calibration_is_one_line_through_doit(tmp_path, demo, che
     assert ".  layers" in run.stdout and "TaskFailed - taskid:layers" in run.stdout
     line = next(line for line in out.splitlines() if "hold NaN or Inf" in line)
     assert str(broken) in line and "calibration" in line
+
+
+def test_the_demo_recipe_pointed_at_another_checkpoint(tmp_path, checkpoint_dir):
+    """`doit checkpoint=DIR` with the demo recipe: its generator must not replace DIR's model,
+    and the calibration inputs DIR lacks are one line naming the key and the fix (it was a
+    bare `[Errno 2] No such file or directory: '.../calibration'` from the layer stage)."""
+    from prepare.demo_models import generate
+    from runner.errors import UserError
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(checkpoint_dir / name, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+
+    run = doit(tmp_path / "artifacts", f"checkpoint={other}", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert (f"key 'checkpoint': '{other}' holds a model of its own, which 'generate: demo-clip' would replace "
+            "with a generated one; to build that model, add generate=null") in run.stderr
+    with pytest.raises(UserError, match="did not make; not replacing it"):
+        generate("demo-clip", other)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+    run = doit(tmp_path / "artifacts", f"checkpoint={other}", "generate=null", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
+    assert (f"key calibration.images: {other / 'calibration'} does not exist (calibration paths are relative "
+            f"to the checkpoint {other} unless they start with recipes/ or artifacts/): name a directory of "
+            "images of your own in the recipe, or on the command line: calibration='{images: PATH, synthetic: 8}' "
+            "(it replaces the whole calibration mapping)") in run.stderr
+    # The fix it names is taken.
+    recipe = load_recipe(None, {"checkpoint": str(other), "generate": "null", "verify": "{synthetic: 4}",
+                                "calibration": f"{{images: {checkpoint_dir / 'calibration'}, synthetic: 8}}"})
+    assert recipe.input_path("calibration", "images") == checkpoint_dir / "calibration"

@@ -1,6 +1,6 @@
 """Command line of the build host: `python -m prepare COMMAND ...`.
 
-    inspect FILE [--uncompiled FILE] [--json]     what a compiled or uncompiled Dense template holds
+    inspect FILE... [--uncompiled FILE] [--json]  what compiled or uncompiled models hold (which share a caching token)
     check-templates DIR [--json]                  self-check a directory of (X.tflite, X_edgetpu.tflite) pairs
 
 Bad input is one line naming the file and the problem, exit status 2.
@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prepare", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="show what a compiled or uncompiled Dense template holds")
-    p.add_argument("file")
-    p.add_argument("--uncompiled", help="the same layer before edgetpu_compiler: compare weights and multipliers")
+    p = sub.add_parser("inspect", help="show what compiled or uncompiled models hold, and which were compiled "
+                                       "together (share a caching token)")
+    p.add_argument("file", nargs="+")
+    p.add_argument("--uncompiled", help="a Dense template before edgetpu_compiler (with one compiled FILE): "
+                                        "compare weights and multipliers")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=inspect_main)
 
@@ -60,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect" and args.uncompiled and len(args.file) > 1:
+        parser.error("--uncompiled compares one compiled FILE with its template: give one FILE")
     try:
         return args.func(args)
     except (UserError, OSError) as e:

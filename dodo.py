@@ -140,6 +140,8 @@ def task_templates():
     """The recipe's template index; says once which shapes lack a compiled template."""
     def run():
         index = write_index(RECIPE, PLANS, STORE)
+        for line in index["warnings"]:
+            print(f"warning: {line}")
         if index["missing_compiled"]:
             print(missing_message(index["missing_compiled"]))
     summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in PLANS]

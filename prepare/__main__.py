@@ -25,8 +25,9 @@ def check_templates(args) -> int:
         check_pair(pair)
         s = pair.shape
         rows.append({"uncompiled": str(pair.uncompiled), "compiled": str(pair.compiled),
-                     "in": s.n_in if s else None, "out": s.n_out if s else None,
-                     "batch": s.batch if s else None, "ok": pair.ok, **({"reason": pair.reason} if not pair.ok else {})})
+                     "in": s.n_in if s else None, "out": s.n_out if s else None, "batch": s.batch if s else None,
+                     "ok": pair.ok, **({"reason": pair.reason} if not pair.ok else {}),
+                     **({"warnings": pair.warnings} if pair.warnings else {})})
     rows += [{"file": str(p), "ok": None, "reason": "no partner (X.tflite needs X_edgetpu.tflite)"} for p in alone]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -37,6 +38,8 @@ def check_templates(args) -> int:
             else:
                 print(f"{'OK  ' if r['ok'] else 'FAIL'}  in {r['in']} out {r['out']} batch {r['batch']}  "
                       f"{r['compiled']}" + ("" if r["ok"] else f": {r['reason']}"))
+                for line in r.get("warnings", []):
+                    print(f"      warning: {line}")
         if not rows:
             print(f"{args.dir}: no .tflite files")
     return 0 if all(r["ok"] for r in rows if "file" not in r) else 1

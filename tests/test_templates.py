@@ -53,8 +53,11 @@ def test_generated_templates_load_with_expected_shapes(generated):
         assert len(scales) == shape.n_out and np.all(scales > 0)
         np.testing.assert_allclose(meta["weight_scales"], scales, rtol=1e-7)
         assert (meta["in"], meta["out"], meta["batch"]) == (shape.n_in, shape.n_out, shape.batch)
-        # Representative data covered [-1, 1]: the input scale is 2/255.
+        # Representative data covered [-1, 1]: the input scale is 2/255. With each input's
+        # negation, the outputs are symmetric too: both zero points in the middle of uint8
+        # (the outputs' were 135, 112 and 138 here, some resolution lost on one side).
         assert meta["input_scale"] == pytest.approx(2 / 255, rel=1e-5)
+        assert meta["input_zero_point"] == 127 and meta["output_zero_point"] in (127, 128)
         assert meta["tensorflow"] != "absent"
         x = np.random.default_rng(0).integers(0, 256, (shape.batch, shape.n_in), dtype=np.uint8)
         interpreter.set_tensor(inp["index"], x)

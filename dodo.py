@@ -23,7 +23,7 @@ from doit.tools import config_changed
 from prepare.demo_models import DEMO_VERSION, GENERATED_MARK, generate
 from prepare.deploy import deploy
 from prepare.families import family_of
-from prepare.paths import bundle_dir, layers_index_path, placement_path, templates_index_path
+from prepare.paths import bundle_dir, doit_state_path, layers_index_path, placement_path, templates_index_path
 from prepare.recipe import INPUT_KEYS, Recipe, RecipeError, load_recipe
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
@@ -86,9 +86,12 @@ GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 RECIPE = _load()
 STORE = Store()
 PLANS = _plans()
-# A model recipe ends in a bundle; a templates-only recipe in the layer check.
+# A model recipe ends in a bundle; a templates-only recipe in the layer check. Each recipe
+# (by name) keeps doit's state of its tasks in a file of its own: the task names are the
+# same for every recipe, so one shared file made a switch to another recipe and back redo
+# checkpoint check, calibration and bundle each time.
 DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "layer_check"], "verbosity": 2,
-               "dep_file": str(ARTIFACTS / "doit.sqlite3"), "backend": "sqlite3"}
+               "dep_file": str(doit_state_path(RECIPE.name)), "backend": "sqlite3"}
 
 
 def task_checkpoint():

@@ -160,6 +160,20 @@ def test_verify_compares_the_quantization_choices(clip_verified):
     assert by["multipliers template"]["image_cosine_mean"] < as_built
 
 
+def test_rebuilding_the_same_bundle_keeps_its_verify_report(clip_verified):
+    """The bundle is assembled anew and swapped in: the report of `doit verify` used to go
+    with the old directory even when the new bundle was the same."""
+    artifacts, _, report = clip_verified
+    args = ["generate=demo-clip-outliers", "checkpoint=artifacts/demo/clip-outliers"]
+    bundle_dir = artifacts / "bundles" / "demo-clip"
+    png = (bundle_dir / "report.png").read_bytes()
+    doit(artifacts, *args, "forget", "bundle")
+    assert ".  bundle" in doit(artifacts, *args, "bundle").stdout
+    assert json.loads((bundle_dir / "report.json").read_text()) == report
+    assert (bundle_dir / "report.png").read_bytes() == png
+    assert "-- verify" in doit(artifacts, *args, "verify").stdout
+
+
 def test_verify_gemma_reports_top1_and_greedy(tmp_path):
     artifacts = tmp_path / "artifacts"
     doit(artifacts, "recipe=recipes/demo-gemma.yaml", "verify")

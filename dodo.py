@@ -150,7 +150,8 @@ def task_templates():
     summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in PLANS]
     deps = [f"template:{p.shape}" for p in PLANS] + [f"compile:{p.shape}" for p in PLANS if p.compiled_key]
     return {"actions": [step(run)], "task_dep": deps,
-            "targets": [templates_index_path(RECIPE.name)], "uptodate": [config_changed(repr(summary))]}
+            "targets": [templates_index_path(RECIPE.name)],
+            "uptodate": [config_changed(repr(summary) + repr(RECIPE.flavors))]}  # flavors: what it says
 
 
 def _checkpoint_files(inputs: bool = True) -> list[str]:

@@ -151,8 +151,10 @@ def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict
                          if p.compiled_key else None),
             **{k: meta[k] for k in ("input_scale", "input_zero_point", "output_scale", "output_zero_point")},
         })
-    index = {"recipe": recipe.name, "templates": entries,
-             "missing_compiled": [str(p.shape) for p in plans if not p.compiled_key], "warnings": warnings}
+    # Said only when the recipe wants edgetpu artifacts (a model recipe with `flavors: []` or
+    # `[cpu]` wants none, and goes on with nothing missing).
+    missing = [str(p.shape) for p in plans if not p.compiled_key] if "edgetpu" in recipe.flavors else []
+    index = {"recipe": recipe.name, "templates": entries, "missing_compiled": missing, "warnings": warnings}
     atomic_write(templates_index_path(recipe.name), json.dumps(index, indent=2))
     return index
 

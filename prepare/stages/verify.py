@@ -25,7 +25,6 @@ from dataclasses import asdict, replace
 
 import matplotlib
 import numpy as np
-from tqdm import tqdm
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
@@ -34,6 +33,7 @@ from runner.executors import make_linear
 from ..evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, mixed, sensitivity
 from ..families import family_of
 from ..paths import bundle_dir, layers_index_path, placement_path
+from ..progress import progress_bar
 from ..quantize import quantize
 from ..recipe import Quantization, Recipe
 from ..smoothing import smooth
@@ -112,11 +112,14 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
         sens, curve = placement["sensitivity"], placement["curve"]
         report["target"] = {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")}
     else:
-        with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
-            sens = sensitivity(ev, layers, bar.update)
+        with progress_bar("sensitivity", "layer", len(layers.names)) as update:
+            sens = sensitivity(ev, layers, update)
         ranking = sorted(layers.names, key=lambda n: -sens[n])
-        curve = [{"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))}
-                 for k in tqdm(curve_points(len(ranking)), desc="CPU-kept curve", unit="point")]
+        curve = []
+        with progress_bar("CPU-kept curve", "point", len(curve_points(len(ranking)))) as update:
+            for k in curve_points(len(ranking)):
+                curve.append({"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))})
+                update(1)
     report["sensitivity_metric"] = list(ev.sensitivity_keys)
     report["curve_metrics"] = list(ev.primary)
     report["curve"] = curve

@@ -21,10 +21,17 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from prepare.demo_models import DEMO_VERSION, GENERATED_MARK, generate
-from prepare.deploy import deploy
+from prepare.deploy import bundle_path, deploy
+from prepare.doit_support import (
+    TimedReporter,
+    builds,
+    check_variables,
+    resume_on_interrupt,
+    split_arguments,
+)
 from prepare.families import family_of
 from prepare.paths import bundle_dir, doit_state_path, layers_index_path, placement_path, templates_index_path
-from prepare.recipe import INPUT_KEYS, Recipe, RecipeError, load_recipe
+from prepare.recipe import INPUT_KEYS, KEYS, Recipe, RecipeError, load_recipe
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
 from prepare.stages.layers import LAYER_VERSION, build_layers
@@ -43,14 +50,27 @@ from prepare.stages.verify import verify
 from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
 from runner.errors import UserError
 
+# Every variable some task reads: the recipe, its keys, and those of deploy and bench.
+VARIABLES = {"recipe": "the recipe file", **dict.fromkeys(KEYS, "a recipe key"),
+             "bundle": "doit deploy", "to": "doit deploy", "only": "doit bench"}
+EXPECTED = (UserError, OSError)
+ARGUMENTS, WORDS = split_arguments(sys.argv[1:])
+resume_on_interrupt(sys.argv[1:])
+try:
+    check_variables(ARGUMENTS, VARIABLES)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
 # One doit at a time per artifacts directory: a second one waits here, before doit opens
 # its dependency file, so it then sees the first one's work as done. Holding the lock,
-# every temporary file or directory there is a killed build's.
-BUILD_LOCK = lock_artifacts(ARTIFACTS)
-LEFTOVERS = remove_leftovers(ARTIFACTS)
-if LEFTOVERS:
-    print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
-EXPECTED = (UserError, OSError)
+# every temporary file or directory there is a killed build's. Commands that only read
+# (`doit list`) neither wait nor clean.
+if builds(WORDS):
+    BUILD_LOCK = lock_artifacts(ARTIFACTS)
+    LEFTOVERS = remove_leftovers(ARTIFACTS)
+    if LEFTOVERS:
+        print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
 
 
 def step(fn, *args):
@@ -66,7 +86,7 @@ def step(fn, *args):
 
 
 def _load() -> Recipe:
-    overrides = {k: get_var(k) for k in Recipe.__dataclass_fields__ if k != "source" and get_var(k) is not None}
+    overrides = {k: get_var(k) for k in KEYS if get_var(k) is not None}
     try:
         return load_recipe(get_var("recipe"), overrides)
     except RecipeError as e:
@@ -91,7 +111,7 @@ PLANS = _plans()
 # same for every recipe, so one shared file made a switch to another recipe and back redo
 # checkpoint check, calibration and bundle each time.
 DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "layer_check"], "verbosity": 2,
-               "dep_file": str(doit_state_path(RECIPE.name)), "backend": "sqlite3"}
+               "dep_file": str(doit_state_path(RECIPE.name)), "backend": "sqlite3", "reporter": TimedReporter}
 
 
 def task_checkpoint():
@@ -236,10 +256,10 @@ def task_verify():
 
 
 def task_deploy():
-    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME to=user@host:/path (`to`, not `target`: that is the recipe key)."""
+    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME|PATH to=user@host:/path."""
     def run():
         try:
-            report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("to", ""))
+            report = deploy(bundle_path(get_var("bundle", RECIPE.name)), get_var("to", ""))
         except UserError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")

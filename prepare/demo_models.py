@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from runner.clip import CLIPConfig, tensor_shapes
+from runner.errors import UserError
 from runner.gemma import GemmaConfig
 from runner.gemma import tensor_shapes as gemma_shapes
-
-from runner.errors import UserError
 
 from .store import ARTIFACTS, atomic_write, replace_dir
 

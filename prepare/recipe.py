@@ -217,7 +217,7 @@ def _yaml_kinds(name: str) -> tuple:
     return tuple(typing.get_args(hint)) or (hint,)
 
 
-_KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
+KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]  # what a recipe may set
 
 
 def _is(value, kinds) -> bool:
@@ -232,8 +232,8 @@ def _kind_names(kinds) -> str:
 
 def _check(recipe: str, values: dict) -> None:
     for key, value in values.items():
-        if key not in _KEYS:
-            raise RecipeError(f"{recipe}: unknown key {_shown(key)} (known: {', '.join(sorted(_KEYS))})")
+        if key not in KEYS:
+            raise RecipeError(f"{recipe}: unknown key {_shown(key)} (known: {', '.join(sorted(KEYS))})")
         if not _is(value, _yaml_kinds(key)):
             raise RecipeError(f"{recipe}: key {_shown(key)} must be {_kind_names(_yaml_kinds(key))}, "
                               f"got {type(value).__name__} {_shown(value)}")

@@ -20,6 +20,7 @@ import dataclasses
 import os
 import re
 import reprlib
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,17 @@ def calibration_path(value: str | None, checkpoint: str) -> Path | None:
     return Path(checkpoint) / value
 
 
+HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_command(repo: str, directory: str) -> str:
+    """How to get a recipe's checkpoint (README, "Getting a checkpoint"): `hf` comes with
+    huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
+    return (f"hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
+            f"(a gated model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} "
+            "and `hf auth login`)")
+
+
 class RecipeError(UserError):
     """A recipe that cannot be used; the message names the recipe, the key and the problem."""
 
@@ -149,6 +161,9 @@ class Recipe:
     family: str | None = None
     checkpoint: str | None = None
     generate: str | None = None
+    # The Hugging Face model the checkpoint comes from ("owner/name"): a missing checkpoint
+    # directory is then one error that prints the command downloading it there.
+    hf_repo: str | None = None
     towers: list = field(default_factory=list)  # CLIP: image, text (default both)
     # Dense shapes [in, out] that need templates besides the model's own.
     shapes: list = field(default_factory=list)
@@ -266,8 +281,8 @@ def _check_model(recipe: str, values: dict) -> None:
     """The model's keys; the sections become their dataclasses (in `values`)."""
     family = values.get("family")
     if family is None:
-        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head",
-                    "verify", "target"):
+        for key in ("checkpoint", "generate", "hf_repo", "towers", "cpu_layers", "calibration", "quantization",
+                    "lm_head", "verify", "target"):
             if values.get(key):
                 raise RecipeError(f"{recipe}: key {_shown(key)} needs a model: set 'family' "
                                   f"({', '.join(FAMILY_NAMES)})")
@@ -282,9 +297,14 @@ def _check_model(recipe: str, values: dict) -> None:
     checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise RecipeError(f"{recipe}: key 'checkpoint' is missing (a Hugging Face model directory)")
+    repo = values.get("hf_repo")
+    if repo is not None and not HF_REPO.fullmatch(repo):
+        raise RecipeError(f"{recipe}: key 'hf_repo' must be a Hugging Face model id like "
+                          f"openai/clip-vit-base-patch32, got {_shown(repo)}")
     if generate is None and not os.path.isfile(Path(checkpoint) / "config.json"):
         raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} is not a model directory "
-                          "(no config.json there)")
+                          "(no config.json there)" + (f"; download it there: {download_command(repo, checkpoint)}"
+                                                      if repo else ""))
     if generate is not None and not replaceable(checkpoint):
         raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} holds a model of its own, which "
                           f"'generate: {generate}' would replace with a generated one; to build that model, "

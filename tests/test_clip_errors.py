@@ -7,10 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from prepare.recipe import RecipeError, load_recipe
 
-from .conftest import doit, runner, specials_first, warm_artifacts
+from .conftest import ROOT, doit, runner, specials_first, warm_artifacts
 
 DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
 
@@ -220,3 +221,31 @@ def test_the_demo_recipe_pointed_at_another_checkpoint(tmp_path, checkpoint_dir)
     recipe = load_recipe(None, {"checkpoint": str(other), "generate": "null", "verify": "{synthetic: 4}",
                                 "calibration": f"{{images: {checkpoint_dir / 'calibration'}, synthetic: 8}}"})
     assert recipe.input_path("calibration", "images") == checkpoint_dir / "calibration"
+
+
+@pytest.mark.parametrize("recipe, repo", [("recipes/clip-vit-b32.yaml", "openai/clip-vit-base-patch32"),
+                                          ("recipes/functiongemma-270m.yaml", "google/functiongemma-270m-it")])
+def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo):
+    """The recipes said `huggingface-cli download` (gone from huggingface_hub, now `hf
+    download`), and a missing checkpoint directory said only that it had no config.json."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, {"checkpoint": str(missing)})
+    assert str(e.value) == (
+        f"{recipe}: key 'checkpoint': '{missing}' is not a model directory (no config.json there); download it "
+        f"there: hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (a gated "
+        f"model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} and `hf auth login`)")
+    # The recipe's comment, the README and the recipe's own checkpoint key say the same.
+    text = (ROOT / recipe).read_text()
+    checkpoint = yaml.safe_load(text)["checkpoint"]
+    assert checkpoint.startswith("checkpoints/") and "huggingface-cli" not in text
+    command = f"hf download {repo} --include '*.json' --include '*.safetensors'"
+    assert command in text and f"--local-dir {checkpoint}" in text
+    assert f"{command} --local-dir {checkpoint}" in (ROOT / "README.md").read_text()
+
+
+def test_hf_repo_is_checked(tmp_path, checkpoint_dir):
+    with pytest.raises(RecipeError, match="key 'hf_repo' must be a Hugging Face model id"):
+        load_recipe(recipe_file(tmp_path, DEMO_KEYS.format(ckpt=checkpoint_dir) + "hf_repo: 'a b'\n"))
+    with pytest.raises(RecipeError, match="key 'hf_repo' needs a model"):
+        load_recipe(recipe_file(tmp_path, "name: t\nhf_repo: openai/clip-vit-base-patch32\n"))

@@ -13,6 +13,7 @@ from prepare.demo_models import make_demo_clip, make_demo_gemma
 from prepare.families import clip as clip_family
 from prepare.families import gemma as gemma_family
 from prepare.smoothing import SmoothedWeights, smooth_rows, smoothing_factors
+from prepare.stages.verify import figure, plot
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.clip import CLIP, CLIPConfig
@@ -237,3 +238,28 @@ def test_static_scale_clamps_what_calibration_never_saw():
     q, s = quantize_rows(x, 127, input_scale=1.0 / 127)
     assert s.tolist() == [np.float32(1.0 / 127)]
     assert q.tolist() == [[127 + 64, 0, 255]]  # 0.5 -> 63.5 rounds to 64; -1 -> -127; 4 clamps at 128
+
+
+# --- report.png ---------------------------------------------------------------------------
+
+def _report(top1_as_built: float) -> dict:
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "vision_model.encoder.layers.3.fc1"]
+    metrics = {"logits_cosine_mean": 0.9991, "top1_agreement": top1_as_built}
+    return {"recipe": "r", "metrics": metrics, "sensitivity_metric": ["logits_cosine_mean"],
+            "curve_metrics": ["logits_cosine_mean", "top1_agreement"],
+            "layers": [{"name": n, "placement": "tpu", "relative_error": 0.01, "sensitivity": 1e-4} for n in names],
+            "curve": [{"cpu_layers": k, **metrics} for k in (0, 1, 3)],
+            "comparisons": [{"variant": "weights per-tensor", "logits_cosine_mean": 0.998, "top1_agreement": 0.97}]}
+
+
+def test_report_png_names_the_linears_and_keeps_a_perfect_score_on_scale():
+    """Linears were labelled by index; a top-1 of exactly 1 was drawn at 1 - metric = 1e-9,
+    stretching the comparisons' log axis over six decades no score was in."""
+    fig = figure(_report(1.0))
+    errors, sensitivity, _, comparisons = fig.axes
+    for panel in (errors, sensitivity):
+        assert [t.get_text() for t in panel.get_xticklabels()] == ["0.q_proj", "0.down_proj", "vision.3.fc1"]
+    smallest_gap = 1 - 0.9991
+    assert comparisons.get_xlim()[0] > smallest_gap / 100
+    assert " 1 (exact)" in [t.get_text() for t in comparisons.texts]
+    assert plot(_report(0.99))[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -245,9 +246,9 @@ GENERATED_MARK = "generated.json"
 def replaceable(directory: str | Path) -> bool:
     """Whether `generate` may make (or remake) a checkpoint in `directory`: it holds no model
     yet, or one a generator made, or it lies in the artifacts directory (build output)."""
-    directory = Path(directory)
-    return (not (directory / "config.json").exists() or (directory / GENERATED_MARK).is_file()
-            or directory.resolve().is_relative_to(ARTIFACTS))
+    # os.path, which reads an unusable path (too long, a symlink loop) as absent, not an OSError.
+    return (not os.path.exists(Path(directory) / "config.json") or os.path.isfile(Path(directory) / GENERATED_MARK)
+            or Path(os.path.realpath(directory)).is_relative_to(ARTIFACTS))
 
 
 def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:

@@ -20,11 +20,18 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from prepare.demo_models import DEMO_VERSION, generate
-from prepare.deploy import deploy
+from prepare.demo_models import DEMO_VERSION, GENERATED_MARK, generate
+from prepare.deploy import bundle_path, deploy
+from prepare.doit_support import (
+    TimedReporter,
+    builds,
+    check_variables,
+    resume_on_interrupt,
+    split_arguments,
+)
 from prepare.families import family_of
-from prepare.paths import bundle_dir, layers_index_path, placement_path, templates_index_path
-from prepare.recipe import Recipe, RecipeError, load_recipe
+from prepare.paths import bundle_dir, doit_state_path, layers_index_path, placement_path, templates_index_path
+from prepare.recipe import INPUT_KEYS, KEYS, Recipe, RecipeError, load_recipe
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
 from prepare.stages.layers import LAYER_VERSION, build_layers
@@ -43,14 +50,27 @@ from prepare.stages.verify import verify
 from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
 from runner.errors import UserError
 
+# Every variable some task reads: the recipe, its keys, and those of deploy and bench.
+VARIABLES = {"recipe": "the recipe file", **dict.fromkeys(KEYS, "a recipe key"),
+             "bundle": "doit deploy", "to": "doit deploy", "only": "doit bench"}
+EXPECTED = (UserError, OSError)
+ARGUMENTS, WORDS = split_arguments(sys.argv[1:])
+resume_on_interrupt(sys.argv[1:])
+try:
+    check_variables(ARGUMENTS, VARIABLES)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
 # One doit at a time per artifacts directory: a second one waits here, before doit opens
 # its dependency file, so it then sees the first one's work as done. Holding the lock,
-# every temporary file or directory there is a killed build's.
-BUILD_LOCK = lock_artifacts(ARTIFACTS)
-LEFTOVERS = remove_leftovers(ARTIFACTS)
-if LEFTOVERS:
-    print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
-EXPECTED = (UserError, OSError)
+# every temporary file or directory there is a killed build's. Commands that only read
+# (`doit list`) neither wait nor clean.
+if builds(WORDS):
+    BUILD_LOCK = lock_artifacts(ARTIFACTS)
+    LEFTOVERS = remove_leftovers(ARTIFACTS)
+    if LEFTOVERS:
+        print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
 
 
 def step(fn, *args):
@@ -66,7 +86,7 @@ def step(fn, *args):
 
 
 def _load() -> Recipe:
-    overrides = {k: get_var(k) for k in Recipe.__dataclass_fields__ if k != "source" and get_var(k) is not None}
+    overrides = {k: get_var(k) for k in KEYS if get_var(k) is not None}
     try:
         return load_recipe(get_var("recipe"), overrides)
     except RecipeError as e:
@@ -86,9 +106,12 @@ GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 RECIPE = _load()
 STORE = Store()
 PLANS = _plans()
-# A model recipe ends in a bundle; a templates-only recipe in the layer check.
+# A model recipe ends in a bundle; a templates-only recipe in the layer check. Each recipe
+# (by name) keeps doit's state of its tasks in a file of its own: the task names are the
+# same for every recipe, so one shared file made a switch to another recipe and back redo
+# checkpoint check, calibration and bundle each time.
 DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "layer_check"], "verbosity": 2,
-               "dep_file": str(ARTIFACTS / "doit.sqlite3"), "backend": "sqlite3"}
+               "dep_file": str(doit_state_path(RECIPE.name)), "backend": "sqlite3", "reporter": TimedReporter}
 
 
 def task_checkpoint():
@@ -100,7 +123,7 @@ def task_checkpoint():
     if RECIPE.generate is not None:
         yield {"name": RECIPE.generate,
                "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
-               "targets": [directory / f for f in GENERATED_FILES],
+               "targets": [directory / f for f in (*GENERATED_FILES, GENERATED_MARK)] + _generated_inputs(),
                "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
                                             "version": DEMO_VERSION})]}
     yield {"name": "check",
@@ -140,12 +163,15 @@ def task_templates():
     """The recipe's template index; says once which shapes lack a compiled template."""
     def run():
         index = write_index(RECIPE, PLANS, STORE)
+        for line in index["warnings"]:
+            print(f"warning: {line}")
         if index["missing_compiled"]:
             print(missing_message(index["missing_compiled"]))
     summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in PLANS]
     deps = [f"template:{p.shape}" for p in PLANS] + [f"compile:{p.shape}" for p in PLANS if p.compiled_key]
     return {"actions": [step(run)], "task_dep": deps,
-            "targets": [templates_index_path(RECIPE.name)], "uptodate": [config_changed(repr(summary))]}
+            "targets": [templates_index_path(RECIPE.name)],
+            "uptodate": [config_changed(repr(summary) + repr(RECIPE.flavors))]}  # flavors: what it says
 
 
 def _checkpoint_files(inputs: bool = True) -> list[str]:
@@ -161,12 +187,18 @@ def _checkpoint_files(inputs: bool = True) -> list[str]:
     return [str(f) for f in files] + (_input_files("calibration") if inputs else [])
 
 
+def _generated_inputs() -> list[Path]:
+    """The recipe's `calibration` and `verify` inputs that a generated checkpoint brings (one
+    gone makes the checkpoint task generate it again)."""
+    paths = [RECIPE.input_path(section, key) for section in ("calibration", "verify") for key in INPUT_KEYS]
+    return [p for p in paths if p is not None and p.is_relative_to(RECIPE.checkpoint_dir)]
+
+
 def _input_files(section: str) -> list[str]:
     """The recipe's own `calibration` or `verify` input files (a generated checkpoint's own
     files change with its generator, which the checkpoint task tracks)."""
     files = []
-    keys = ("images", "captions", "prompts") + (("labels",) if section == "verify" else ())
-    for key in keys:
+    for key in INPUT_KEYS + (("labels",) if section == "verify" else ()):
         path = RECIPE.input_path(section, key)
         if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
             continue
@@ -224,10 +256,10 @@ def task_verify():
 
 
 def task_deploy():
-    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME to=user@host:/path (`to`, not `target`: that is the recipe key)."""
+    """Copy a bundle and the runner with rsync: doit deploy bundle=NAME|PATH to=user@host:/path."""
     def run():
         try:
-            report = deploy(bundle_dir(get_var("bundle", RECIPE.name)), get_var("to", ""))
+            report = deploy(bundle_path(get_var("bundle", RECIPE.name)), get_var("to", ""))
         except UserError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from runner.clip import CLIPConfig, tensor_shapes
+from runner.errors import UserError
 from runner.gemma import GemmaConfig
 from runner.gemma import tensor_shapes as gemma_shapes
 
-from .store import atomic_write, replace_dir
+from .store import ARTIFACTS, atomic_write, replace_dir
 
 WIDTH = 256
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "brown"]
@@ -239,18 +241,35 @@ CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-
 DEMO_VERSION = 4  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
 
 
+# What `generate` leaves in every checkpoint it makes: the generator and seed. A directory
+# holding a model without it is someone's own checkpoint, which no generator may replace.
+GENERATED_MARK = "generated.json"
+
+
+def replaceable(directory: str | Path) -> bool:
+    """Whether `generate` may make (or remake) a checkpoint in `directory`: it holds no model
+    yet, or one a generator made, or it lies in the artifacts directory (build output)."""
+    # os.path, which reads an unusable path (too long, a symlink loop) as absent, not an OSError.
+    return (not os.path.exists(Path(directory) / "config.json") or os.path.isfile(Path(directory) / GENERATED_MARK)
+            or Path(os.path.realpath(directory)).is_relative_to(ARTIFACTS))
+
+
 def generate(generator: str, directory: str | Path, seed: int = 0) -> Path:
     """Make a built-in checkpoint in a temporary directory, then swap it into place:
     a killed run never leaves half a checkpoint that a later build would trust."""
     import shutil
 
     final = Path(directory)
+    if not replaceable(final):
+        raise UserError(f"{final}: holds a model that generator {generator} did not make; not replacing it")
     # A fixed name, so this removes what a killed build left; no other build is using it,
     # since one build at a time holds the artifacts directory (store.lock_artifacts).
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         GENERATORS[generator](tmp, seed)
+        atomic_write(tmp / GENERATED_MARK, json.dumps({"generator": generator, "seed": seed,
+                                                       "version": DEMO_VERSION}, indent=1))
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,18 @@ from .inspection import compare_dense
 from .patch import dense_tensors
 
 # Bump when the generator writes different bytes for the same shape: it is part of the key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: representative inputs with their negations (output zero point 127 or 128)
 MULTIPLIER_RTOL = 1e-6
+
+# The steps a template's zero points leave on their short side, and what they cost. The
+# runner scales each input row to +-127 steps around the input zero point, so fewer steps
+# on one side clamp the row's largest values; calibration fills the output's short side, so
+# fewer steps there cost resolution. Relative error of a random 256x256 layer (0.013 at
+# zero points 127/128): input zero point 120 0.015, 110 0.025, 64 0.15, 200 0.19, 0 0.71;
+# output zero point 96 0.015, 64 0.019, 32 0.035, 10 0.11, 1 0.88, 0 or 255 no step at all.
+INPUT_STEPS = 127  # what an input row needs on each side
+REFUSED_BELOW = {"input": 112, "output": 64}  # about twice the error, or more
+WARNED_BELOW = {"input": INPUT_STEPS, "output": 96}  # some accuracy lost
 
 
 class TemplateError(UserError):
@@ -99,6 +109,23 @@ def describe(model: TFLiteModel) -> dict:
             "weight_scales": [float(s) for s in w.scale]}
 
 
+def zero_point_problems(template: dict, where: str) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) about a template's zero points (`describe`'s record), each one
+    line naming `where`: zero points far from the middle of uint8 cost accuracy quietly."""
+    refusals, warnings = [], []
+    for side in ("input", "output"):
+        zp = template[f"{side}_zero_point"]
+        steps = min(zp, 255 - zp)
+        if steps >= WARNED_BELOW[side]:
+            continue
+        cost = (f"of the {INPUT_STEPS} each input row needs on either side, so its largest values clamp"
+                if side == "input" else "on one side for the signed outputs, so the layers lose resolution")
+        line = (f"{where}: {side} zero point {zp} leaves {steps} steps {cost} (a template made with "
+                f"{side}s symmetric around 0 has zero point 127 or 128)")
+        (refusals if steps < REFUSED_BELOW[side] else warnings).append(line)
+    return refusals, warnings
+
+
 @contextlib.contextmanager
 def quiet_output():
     """Silence what TensorFlow prints from C++ and Python (file descriptors 1 and 2);
@@ -156,11 +183,14 @@ def make_uncompiled(shape: Shape, seed: int = 0) -> tuple[bytes, dict]:
     model.layers[-1].set_weights([kernel])
 
     def representative():
-        # Inputs covering [-1, 1] exactly, so the input scale is 2/255 around zero point 127.
-        for k in range(8):
+        # Inputs covering [-1, 1] exactly, so the input scale is 2/255 around zero point 127;
+        # each with its negation, so the outputs are symmetric around 0 too and their zero
+        # point is 127 or 128 (a drawn range, uneven, gave 154: fewer output steps on one side).
+        for k in range(4):
             x = rng.uniform(-1, 1, (shape.batch, shape.n_in)).astype(np.float32)
             x[0, 0], x[-1, -1] = 1.0, -1.0
             yield [x]
+            yield [-x]
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -185,6 +215,9 @@ def self_check(uncompiled: TFLiteModel, compiled: CompiledModel) -> dict:
     try:
         expected = describe(uncompiled)
         shape = Shape(expected["in"], expected["out"], expected["batch"])
+        refusals, warnings = zero_point_problems(expected, uncompiled.path)
+        if refusals:
+            raise TemplateError(refusals[0])
         n_in, n_out, batch = compiled.dense_shape
         if (n_in, n_out, batch) != (shape.n_in, shape.n_out, shape.batch):
             raise TemplateError(f"template {shape}: compiled model is {n_in}x{n_out}b{batch}")
@@ -203,7 +236,7 @@ def self_check(uncompiled: TFLiteModel, compiled: CompiledModel) -> dict:
         raise TemplateError(f"template {shape}: compiled multiplier of output channel "
                             f"{report['first_multiplier_mismatch_channel']} is off by "
                             f"{report['multipliers_max_rel_err']:.2e} relative ({compiled.path})")
-    return report
+    return dict(report, warnings=warnings)
 
 
 @dataclass
@@ -213,6 +246,7 @@ class PrebuiltPair:
     shape: Shape | None = None
     ok: bool = False
     reason: str = ""
+    warnings: list[str] = field(default_factory=list)  # usable, at some cost in accuracy
 
 
 def find_pairs(directory: str | Path) -> tuple[list[PrebuiltPair], list[Path]]:
@@ -252,8 +286,8 @@ def check_pair(pair: PrebuiltPair) -> PrebuiltPair:
     if pair.shape is None:
         return pair
     try:
-        self_check(read_tflite(pair.uncompiled), read_compiled(pair.compiled))
-        pair.ok, pair.reason = True, ""
+        report = self_check(read_tflite(pair.uncompiled), read_compiled(pair.compiled))
+        pair.ok, pair.reason, pair.warnings = True, "", report["warnings"]
     except (TemplateError, FormatError) as e:
         pair.ok, pair.reason = False, str(e)
     return pair

@@ -22,6 +22,8 @@ from pathlib import Path
 from runner.errors import UserError
 from runner.packages import PI_SETUP, VENV
 
+from .paths import bundle_dir
+from .recipe import resolve
 from .store import ROOT
 
 RSYNC_FLAGS = ["--archive", "--checksum", "--partial", "--delete", "--mkpath", "--stats",
@@ -46,6 +48,12 @@ def _rsync(source: Path, dest: str) -> str:
         raise DeployError(f"rsync {source} -> {dest} failed (exit {run.returncode}{': ' + reason if reason else ''}): "
                           f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}")
     return run.stdout
+
+
+def bundle_path(value: str) -> Path:
+    """`bundle=` of `doit deploy`: a bundle's name (in artifacts/bundles/) or its path
+    (`artifacts/...` in the artifacts directory, others relative to the project)."""
+    return bundle_dir(value) if len(Path(value).parts) == 1 and not Path(value).is_absolute() else resolve(value)
 
 
 def deploy(bundle: Path, target: str) -> dict:

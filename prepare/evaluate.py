@@ -22,10 +22,10 @@ from typing import Callable, Mapping
 import numpy as np
 from safetensors.numpy import load
 
+from runner.bundle import Bundle
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
 from runner.nn import Linear, float_linear
-from runner.bundle import Bundle
 from runner.quant import QuantizedLinear, quantize_rows
 
 from .smoothing import WeightsView

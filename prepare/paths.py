@@ -4,6 +4,7 @@
     artifacts/work/<recipe name>/layers.json       the layer stage's index
     artifacts/work/<recipe name>/placement.json    the target search's choice (recipes with `target`)
     artifacts/bundles/<bundle name>/               the bundle (manifest.json and its files)
+    artifacts/doit/<recipe name>.sqlite3           doit's record of the recipe's tasks (dodo.py)
 
 `CORAL_ARTIFACTS` moves the artifacts directory (prepare/store.py).
 """
@@ -33,3 +34,10 @@ def placement_path(recipe_name: str) -> Path:
 
 def bundle_dir(bundle_name: str) -> Path:
     return ARTIFACTS / "bundles" / bundle_name
+
+
+def doit_state_path(recipe_name: str) -> Path:
+    """doit's dependency file of one recipe; its directory is made here, before doit opens it."""
+    directory = ARTIFACTS / "doit"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{recipe_name}.sqlite3"

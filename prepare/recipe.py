@@ -20,6 +20,7 @@ import dataclasses
 import os
 import re
 import reprlib
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 from runner.config_values import ConfigError, option, path_problem, read_fields
 from runner.errors import UserError
 
+from .demo_models import replaceable
 from .families import NAMES as FAMILY_NAMES
 from .families import family_of
 from .store import ARTIFACTS, ROOT
@@ -99,6 +101,7 @@ class LMHead:
     peak_sigmas: float = option(6.0, low=0, high=100)
 
 
+INPUT_KEYS = ("images", "captions", "prompts")  # the input paths of Calibration and Verify
 SECTIONS = {"quantization": Quantization, "calibration": Calibration, "verify": Verify, "lm_head": LMHead}
 
 
@@ -120,6 +123,17 @@ def calibration_path(value: str | None, checkpoint: str) -> Path | None:
     if Path(value).parts[:1] in (("recipes",), ("artifacts",)):
         return resolve(value)
     return Path(checkpoint) / value
+
+
+HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_command(repo: str, directory: str) -> str:
+    """How to get a recipe's checkpoint (README, "Getting a checkpoint"): `hf` comes with
+    huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
+    return (f"hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
+            f"(a gated model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} "
+            "and `hf auth login`)")
 
 
 class RecipeError(UserError):
@@ -159,6 +173,9 @@ class Recipe:
     family: str | None = None
     checkpoint: str | None = None
     generate: str | None = None
+    # The Hugging Face model the checkpoint comes from ("owner/name"): a missing checkpoint
+    # directory is then one error that prints the command downloading it there.
+    hf_repo: str | None = None
     towers: list = field(default_factory=list)  # CLIP: image, text (default both)
     # Dense shapes [in, out] that need templates besides the model's own.
     shapes: list = field(default_factory=list)
@@ -227,7 +244,7 @@ def _yaml_kinds(name: str) -> tuple:
     return tuple(typing.get_args(hint)) or (hint,)
 
 
-_KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
+KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]  # what a recipe may set
 
 
 def _is(value, kinds) -> bool:
@@ -242,8 +259,8 @@ def _kind_names(kinds) -> str:
 
 def _check(recipe: str, values: dict) -> None:
     for key, value in values.items():
-        if key not in _KEYS:
-            raise RecipeError(f"{recipe}: unknown key {_shown(key)} (known: {', '.join(sorted(_KEYS))})")
+        if key not in KEYS:
+            raise RecipeError(f"{recipe}: unknown key {_shown(key)} (known: {', '.join(sorted(KEYS))})")
         if not _is(value, _yaml_kinds(key)):
             raise RecipeError(f"{recipe}: key {_shown(key)} must be {_kind_names(_yaml_kinds(key))}, "
                               f"got {type(value).__name__} {_shown(value)}")
@@ -276,8 +293,8 @@ def _check_model(recipe: str, values: dict) -> None:
     """The model's keys; the sections become their dataclasses (in `values`)."""
     family = values.get("family")
     if family is None:
-        for key in ("checkpoint", "generate", "towers", "cpu_layers", "calibration", "quantization", "lm_head",
-                    "verify", "target"):
+        for key in ("checkpoint", "generate", "hf_repo", "towers", "cpu_layers", "calibration", "quantization",
+                    "lm_head", "verify", "target"):
             if values.get(key):
                 raise RecipeError(f"{recipe}: key {_shown(key)} needs a model: set 'family' "
                                   f"({', '.join(FAMILY_NAMES)})")
@@ -292,9 +309,18 @@ def _check_model(recipe: str, values: dict) -> None:
     checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise RecipeError(f"{recipe}: key 'checkpoint' is missing (a Hugging Face model directory)")
+    repo = values.get("hf_repo")
+    if repo is not None and not HF_REPO.fullmatch(repo):
+        raise RecipeError(f"{recipe}: key 'hf_repo' must be a Hugging Face model id like "
+                          f"openai/clip-vit-base-patch32, got {_shown(repo)}")
     if generate is None and not os.path.isfile(Path(checkpoint) / "config.json"):
         raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} is not a model directory "
-                          "(no config.json there)")
+                          "(no config.json there)" + (f"; download it there: {download_command(repo, checkpoint)}"
+                                                      if repo else ""))
+    if generate is not None and not replaceable(checkpoint):
+        raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} holds a model of its own, which "
+                          f"'generate: {generate}' would replace with a generated one; to build that model, "
+                          "add generate=null")
     towers = values.setdefault("towers", list(model.TOWERS))
     if not towers or any(t not in model.TOWERS for t in towers) or len(set(towers)) != len(towers):
         raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(model.TOWERS)}, "
@@ -319,7 +345,12 @@ def _check_model(recipe: str, values: dict) -> None:
             path = calibration_path(getattr(inputs, sub), checkpoint)
             # A generated checkpoint brings its own input files, made after this check.
             if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
-                raise RecipeError(f"{recipe}: key {key}.{sub}: {path} does not exist")
+                kind = "a directory of images" if sub == "images" else f"a text file, one {sub[:-1]} a line"
+                raise RecipeError(
+                    f"{recipe}: key {key}.{sub}: {path} does not exist ({key} paths are relative to the "
+                    f"checkpoint {checkpoint} unless they start with recipes/ or artifacts/): name {kind} of "
+                    f"your own in the recipe, or on the command line: {key}='{{{sub}: PATH, synthetic: 8}}' "
+                    f"(it replaces the whole {key} mapping)")
     labels = calibration_path(v.labels, checkpoint)
     if labels is not None and not os.path.isfile(labels) and not (generate and labels.is_relative_to(Path(checkpoint))):
         raise RecipeError(f"{recipe}: key verify.labels: {labels} does not exist")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "edgetpu"
@@ -29,6 +32,32 @@ def compiled_bytes(fixture_dir) -> bytes:
 @pytest.fixture(scope="session")
 def uncompiled_bytes(fixture_dir) -> bytes:
     return (fixture_dir / "dense_256.tflite").read_bytes()
+
+
+def specials_first(demo, directory, eos_token_id=1):
+    """The demo checkpoint with its tokenizer renumbered as many tokenizers number theirs:
+    start of text 0, end of text 1, then the rest (the embedding rows move along)."""
+    out = shutil.copytree(demo, directory)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    start, end = (next(t["id"] for t in tok["added_tokens"] if t["content"] == name)
+                  for name in ("<|startoftext|>", "<|endoftext|>"))
+    order = [start, end] + [i for i in range(end + 1) if i not in (start, end)]  # new id -> old id
+    new = {old: i for i, old in enumerate(order)}
+    tok["model"]["vocab"] = {k: new[v] for k, v in tok["model"]["vocab"].items()}
+    for t in tok["added_tokens"]:
+        t["id"] = new[t["id"]]
+        tok["model"]["vocab"][t["content"]] = t["id"]  # in the vocabulary itself, as such tokenizers have them
+    for t in tok["post_processor"]["special_tokens"].values():
+        t["ids"] = [new[i] for i in t["ids"]]
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    tensors = load_file(out / "model.safetensors")
+    name = "text_model.embeddings.token_embedding.weight"
+    tensors[name] = tensors[name][order]
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"].update(bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=1)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 # --- the demo CLIP bundle, built once per session by the real doit ------------------------
@@ -66,6 +95,14 @@ def demo(tmp_path_factory):
     """The default `doit` (the demo recipe, no compiled template): (artifacts dir, doit output)."""
     artifacts = tmp_path_factory.mktemp("demo") / "artifacts"
     return artifacts, doit(artifacts).stdout
+
+
+def warm_artifacts(demo, directory: Path) -> Path:
+    """A new artifacts directory holding the demo build's cache (its template among it): a
+    test's build there skips TensorFlow's template generation."""
+    artifacts = directory / "artifacts"
+    shutil.copytree(demo[0] / "cache", artifacts / "cache")
+    return artifacts
 
 
 @pytest.fixture(scope="session")

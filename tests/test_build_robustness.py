@@ -10,6 +10,8 @@ temporary may be left once the rerun is done.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +26,10 @@ from bench.interrupted_builds import (
     wait_for,
     when_exists,
 )
+from prepare.stages.bundle import carry_report
 from prepare.store import Store, remove_leftovers
+
+from .conftest import doit, warm_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +113,51 @@ def test_remove_leftovers_takes_only_temporary_names_of_this_artifacts_directory
     assert {str(p.relative_to(tmp_path)) for p in removed} == files | directories
     assert all((tmp_path / rel).exists() for rel in kept)
     assert not any((tmp_path / rel).exists() for rel in files | directories)
+
+
+def test_an_input_file_gone_from_a_generated_checkpoint_is_generated_again(tmp_path):
+    """The generator makes the demo's calibration and held-out inputs: one deleted is made
+    again, not a `No such file or directory` in the layer stage."""
+    artifacts = tmp_path / "artifacts"
+    assert ".  checkpoint:demo-clip" in doit(artifacts, "checkpoint").stdout
+    checkpoint = artifacts / "demo" / "clip"
+    shutil.rmtree(checkpoint / "calibration")
+    (checkpoint / "heldout-captions.txt").unlink()
+    assert ".  checkpoint:demo-clip" in doit(artifacts, "checkpoint").stdout
+    assert len(list((checkpoint / "calibration").glob("*.png"))) == 16 and (checkpoint / "heldout-captions.txt").is_file()
+    assert json.loads((checkpoint / "generated.json").read_text())["generator"] == "demo-clip"
+
+
+def test_switching_recipes_and_back_redoes_nothing(tmp_path, demo):
+    """Each recipe keeps doit's state of its tasks in its own file: with one file for all,
+    `doit`, `doit recipe=recipes/demo-gemma.yaml`, `doit` redid the demo's checkpoint check,
+    calibration and bundle on the way back."""
+    artifacts = warm_artifacts(demo, tmp_path)
+    doit(artifacts)
+    doit(artifacts, "recipe=recipes/demo-gemma.yaml")
+    back = doit(artifacts).stdout
+    assert "-- bundle" in back and not [line for line in back.splitlines() if line.startswith(".  ")], back
+    again = doit(artifacts, "recipe=recipes/demo-gemma.yaml").stdout
+    assert "-- bundle" in again and not [line for line in again.splitlines() if line.startswith(".  ")], again
+    assert sorted(p.name for p in (artifacts / "doit").iterdir()) == ["demo-clip.sqlite3", "demo-gemma.sqlite3"]
+
+
+def test_a_changed_bundle_says_its_verify_report_is_gone(tmp_path):
+    """The report of `doit verify` comes along when the bundle is rebuilt the same; when it
+    changed, the report no longer describes it and the build says so."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+    (old / "manifest.json").write_text('{"layers": 1}')
+    (old / "report.json").write_text("{}")
+    (old / "report.png").write_bytes(b"png")
+    (new / "manifest.json").write_text('{"layers": 1}')
+    assert carry_report(old, new) is None
+    assert (new / "report.json").read_text() == "{}" and (new / "report.png").read_bytes() == b"png"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"layers": 2}')
+    note = carry_report(old, other)
+    assert note == (f"bundle: {old} changed, so its `doit verify` report (report.json, report.png) was for the old "
+                    "one and is gone: run `doit verify` for the new one")
+    assert not (other / "report.json").exists()

@@ -10,10 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from prepare.recipe import RecipeError, load_recipe
 
-from .conftest import ROOT, doit, runner
+from .conftest import ROOT, doit, runner, specials_first, warm_artifacts
 
 DEMO_KEYS = "name: r\nfamily: clip\ncheckpoint: {ckpt}\ncalibration:\n  synthetic: 2\n"
 
@@ -206,3 +207,89 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_doit_builds_and_verifies_a_checkpoint_whose_start_of_text_is_0(tmp_path, demo, checkpoint_dir):
+    """Special tokens first in the vocabulary: build and `doit verify` both stopped at
+    `ValueError: high <= 0` drawing synthetic texts."""
+    first = specials_first(checkpoint_dir, tmp_path / "first")
+    artifacts = warm_artifacts(demo, tmp_path)
+    args = [f"checkpoint={first}", "generate=null", "name=first", "towers=[text]",
+            "verify={captions: heldout-captions.txt, synthetic: 2, compare: false}"]
+    run = doit(artifacts, *args, "verify")
+    assert ".  layers" in run.stdout and ".  verify" in run.stdout
+    report = json.loads((artifacts / "bundles" / "first" / "report.json").read_text())
+    assert report["metrics"]["text_cosine_mean"] > 0.99
+
+
+def test_an_overflow_in_calibration_is_one_line_through_doit(tmp_path, demo, checkpoint_dir):
+    """Finite weights whose product overflows float32: `NonFiniteError` from the float model
+    during calibration, one line naming the checkpoint, no traceback."""
+    name = "vision_model.encoder.layers.0.mlp.fc2.weight"
+    broken = _broken_checkpoint(tmp_path, checkpoint_dir, lambda t: t.__setitem__(name, t[name] * np.float32(1e37)))
+    run = doit(warm_artifacts(demo, tmp_path), f"checkpoint={broken}", "generate=null", "name=broken", check=False)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "Traceback" not in out
+    assert ".  layers" in run.stdout and "TaskFailed - taskid:layers" in run.stdout
+    line = next(line for line in out.splitlines() if "hold NaN or Inf" in line)
+    assert str(broken) in line and "calibration" in line
+
+
+def test_the_demo_recipe_pointed_at_another_checkpoint(tmp_path, checkpoint_dir):
+    """`doit checkpoint=DIR` with the demo recipe: its generator must not replace DIR's model,
+    and the calibration inputs DIR lacks are one line naming the key and the fix (it was a
+    bare `[Errno 2] No such file or directory: '.../calibration'` from the layer stage)."""
+    from prepare.demo_models import generate
+    from runner.errors import UserError
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(checkpoint_dir / name, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+
+    run = doit(tmp_path / "artifacts", f"checkpoint={other}", "generate=demo-clip", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert (f"key 'checkpoint': '{other}' holds a model of its own, which 'generate: demo-clip' would replace "
+            "with a generated one; to build that model, add generate=null") in run.stderr
+    with pytest.raises(UserError, match="did not make; not replacing it"):
+        generate("demo-clip", other)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+    run = doit(tmp_path / "artifacts", f"checkpoint={other}", "generate=null", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
+    assert (f"key calibration.images: {other / 'calibration'} does not exist (calibration paths are relative "
+            f"to the checkpoint {other} unless they start with recipes/ or artifacts/): name a directory of "
+            "images of your own in the recipe, or on the command line: calibration='{images: PATH, synthetic: 8}' "
+            "(it replaces the whole calibration mapping)") in run.stderr
+    # The fix it names is taken.
+    recipe = load_recipe(None, {"checkpoint": str(other), "generate": "null", "verify": "{synthetic: 4}",
+                                "calibration": f"{{images: {checkpoint_dir / 'calibration'}, synthetic: 8}}"})
+    assert recipe.input_path("calibration", "images") == checkpoint_dir / "calibration"
+
+
+@pytest.mark.parametrize("recipe, repo", [("recipes/clip-vit-b32.yaml", "openai/clip-vit-base-patch32"),
+                                          ("recipes/functiongemma-270m.yaml", "google/functiongemma-270m-it")])
+def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo):
+    """The recipes said `huggingface-cli download` (gone from huggingface_hub, now `hf
+    download`), and a missing checkpoint directory said only that it had no config.json."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe, {"checkpoint": str(missing)})
+    assert str(e.value) == (
+        f"{recipe}: key 'checkpoint': '{missing}' is not a model directory (no config.json there); download it "
+        f"there: hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (a gated "
+        f"model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} and `hf auth login`)")
+    # The recipe's comment, the README and the recipe's own checkpoint key say the same.
+    text = (ROOT / recipe).read_text()
+    checkpoint = yaml.safe_load(text)["checkpoint"]
+    assert checkpoint.startswith("checkpoints/") and "huggingface-cli" not in text
+    command = f"hf download {repo} --include '*.json' --include '*.safetensors'"
+    assert command in text and f"--local-dir {checkpoint}" in text
+    assert f"{command} --local-dir {checkpoint}" in (ROOT / "README.md").read_text()
+
+
+def test_hf_repo_is_checked(tmp_path, checkpoint_dir):
+    with pytest.raises(RecipeError, match="key 'hf_repo' must be a Hugging Face model id"):
+        load_recipe(recipe_file(tmp_path, DEMO_KEYS.format(ckpt=checkpoint_dir) + "hf_repo: 'a b'\n"))
+    with pytest.raises(RecipeError, match="key 'hf_repo' needs a model"):
+        load_recipe(recipe_file(tmp_path, "name: t\nhf_repo: openai/clip-vit-base-patch32\n"))

@@ -92,3 +92,21 @@ def test_cli_missing_file(tmp_path):
     run = subprocess.run([sys.executable, "-m", "prepare", "inspect", str(tmp_path / "nope.tflite")],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode != 0 and "nope.tflite" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_inspect_of_flipped_bytes_raises_only_format_error(tmp_path, compiled_bytes):
+    """inspect walks any compiled model's packages itself (not only a Dense template's):
+    structure flips give FormatError naming the file, or a report."""
+    rng = np.random.default_rng(2025)
+    hot = np.r_[np.arange(400), np.arange(len(compiled_bytes) - 2000, len(compiled_bytes))]
+    path = tmp_path / "bad_edgetpu.tflite"
+    reports = 0
+    for k in range(300):
+        data = bytearray(compiled_bytes)
+        data[rng.choice(hot) if k % 2 else rng.integers(len(data))] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        try:
+            reports += inspect(path)["compiled"] in (True, False)
+        except FormatError as e:
+            assert str(path) in str(e)
+    assert reports > 0

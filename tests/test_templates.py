@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 
 from prepare.compiler import CompilerError, StreamingWarning, compile_model, compiler_version
-from prepare.dense_templates import Shape, TemplateError, describe, make_uncompiled, self_check, uncompiled_key_inputs
+from prepare.dense_templates import (
+    Shape,
+    TemplateError,
+    describe,
+    make_uncompiled,
+    self_check,
+    uncompiled_key_inputs,
+    zero_point_problems,
+)
 from prepare.store import Store, key_of
 from runner.edgetpu_codec import parse_compiled
+from runner.flatbuf import Window
 from runner.interpreter import require_interpreter
 from runner.tflite_file import parse_tflite
 
@@ -44,8 +53,11 @@ def test_generated_templates_load_with_expected_shapes(generated):
         assert len(scales) == shape.n_out and np.all(scales > 0)
         np.testing.assert_allclose(meta["weight_scales"], scales, rtol=1e-7)
         assert (meta["in"], meta["out"], meta["batch"]) == (shape.n_in, shape.n_out, shape.batch)
-        # Representative data covered [-1, 1]: the input scale is 2/255.
+        # Representative data covered [-1, 1]: the input scale is 2/255. With each input's
+        # negation, the outputs are symmetric too: both zero points in the middle of uint8
+        # (the outputs' were 135, 112 and 138 here, some resolution lost on one side).
         assert meta["input_scale"] == pytest.approx(2 / 255, rel=1e-5)
+        assert meta["input_zero_point"] == 127 and meta["output_zero_point"] in (127, 128)
         assert meta["tensorflow"] != "absent"
         x = np.random.default_rng(0).integers(0, 256, (shape.batch, shape.n_in), dtype=np.uint8)
         interpreter.set_tensor(inp["index"], x)
@@ -222,3 +234,73 @@ def test_patched_generated_templates_agree_with_emulator(generated):
         report = check_layer(data, None, random_layer(shape.n_in, shape.n_out, k), rows=2 * shape.batch + 1)
         assert report["max_step_diff"] <= 1 and report["identical"] >= 0.99, (shape, report)
         assert report["output_std"] > 10, (shape, report)
+
+
+def with_zero_point(data: bytes, side: str, zero_point: int) -> bytes:
+    """A template (compiled or not) with its uint8 input's or output's zero point rewritten in
+    place, and, in an uncompiled one, that of the int8 tensor its QUANTIZE op pairs it with
+    (the same values shifted by 128), so the model stays consistent."""
+    model = parse_tflite(data)
+    index = (model.inputs if side == "input" else model.outputs)[0]
+    changes = {index: zero_point}
+    for op in model.operators:
+        if op.opcode == "QUANTIZE" and index in (op.inputs[0], op.outputs[0]):
+            changes[op.outputs[0] if side == "input" else op.inputs[0]] = zero_point - 128
+    tensors = Window.whole(data, "template").root(b"TFL3").tables(2, "subgraph")[0].tables(0, "tensor")
+    out = bytearray(data)
+    for i, zp in changes.items():
+        struct.pack_into("<q", out, tensors[i].table(4, "quantization").vector(3, 8).pos, zp)
+    return bytes(out)
+
+
+def _pair(directory, name, compiled_bytes, uncompiled_bytes, side, zero_point):
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.tflite").write_bytes(with_zero_point(uncompiled_bytes, side, zero_point))
+    (directory / f"{name}_edgetpu.tflite").write_bytes(with_zero_point(compiled_bytes, side, zero_point))
+    return directory / f"{name}.tflite"
+
+
+def test_zero_points_far_from_the_middle_are_refused_or_warned():
+    """Input zero point 200 cost relative error 0.19 (0.013 at 127), output 255 left no
+    step at all (calibration's multipliers were 0: ValueError), and both were accepted."""
+    def problems(zp_in, zp_out):
+        refused, warned = zero_point_problems({"input_zero_point": zp_in, "output_zero_point": zp_out}, "t.tflite")
+        return len(refused), len(warned)
+    assert problems(127, 129) == problems(128, 154) == (0, 0)
+    assert problems(120, 128) == problems(128, 90) == (0, 1)
+    assert problems(200, 128) == problems(0, 128) == problems(128, 255) == problems(128, 40) == (1, 0)
+    refused, _ = zero_point_problems({"input_zero_point": 200, "output_zero_point": 128}, "t.tflite")
+    assert refused == ["t.tflite: input zero point 200 leaves 55 steps of the 127 each input row needs on either "
+                       "side, so its largest values clamp (a template made with inputs symmetric around 0 has zero "
+                       "point 127 or 128)"]
+
+
+def test_check_templates_refuses_and_warns_on_zero_points(tmp_path, compiled_bytes, uncompiled_bytes):
+    far = _pair(tmp_path, "far", compiled_bytes, uncompiled_bytes, "input", 200)
+    full = _pair(tmp_path, "full", compiled_bytes, uncompiled_bytes, "output", 255)
+    _pair(tmp_path, "off", compiled_bytes, uncompiled_bytes, "output", 90)
+    run = _check_templates(tmp_path)
+    assert run.returncode == 1
+    rows = {os.path.basename(r["compiled"]): r for r in json.loads(run.stdout)}
+    assert rows["far_edgetpu.tflite"]["ok"] is False
+    assert rows["far_edgetpu.tflite"]["reason"].startswith(f"{far}: input zero point 200 leaves 55 steps")
+    assert rows["full_edgetpu.tflite"]["reason"].startswith(f"{full}: output zero point 255 leaves 0 steps")
+    assert rows["off_edgetpu.tflite"]["ok"] is True
+    assert rows["off_edgetpu.tflite"]["warnings"] == [
+        f"{tmp_path / 'off.tflite'}: output zero point 90 leaves 90 steps on one side for the signed outputs, so "
+        "the layers lose resolution (a template made with outputs symmetric around 0 has zero point 127 or 128)"]
+
+
+def test_doit_refuses_or_warns_on_a_prebuilt_templates_zero_points(tmp_path, compiled_bytes, uncompiled_bytes):
+    off = _pair(tmp_path / "off", "dense", compiled_bytes, uncompiled_bytes, "output", 90)
+    recipe = _recipe(tmp_path, "name: t\nshapes: [[256, 256]]\n")
+    out = _doit(tmp_path, recipe, f"templates={off.parent}")
+    assert f"warning: {off}: output zero point 90 leaves 90 steps" in out and ".  layer_check" in out
+
+    far = _pair(tmp_path / "far", "dense", compiled_bytes, uncompiled_bytes, "input", 0)
+    env = dict(os.environ, CORAL_ARTIFACTS=str(tmp_path / "artifacts2"))
+    run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), recipe, f"templates={far.parent}"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert run.returncode != 0 and "Traceback" not in run.stdout + run.stderr
+    assert f"{far}: input zero point 0 leaves 0 steps of the 127" in run.stdout
+    assert not (tmp_path / "artifacts2" / "cache" / "compiled").exists()

@@ -9,6 +9,7 @@ zero-shot agreement, each image's best text among the held-out texts, float agai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -19,7 +20,7 @@ from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.jsonfile import read_json
 from runner.nn import Linear, float_linear
-from runner.tokenizer import ClipTokenizer
+from runner.tokenizer import EOS, ClipTokenizer, load_tokenizer
 
 from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize
@@ -37,6 +38,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
 EVALUATION_BATCH = 8
 MAX_LABELS_BYTES = 16 << 20  # a labels file of a verify image set
+BOS = "<|startoftext|>"
+# The eos_token_id of the original OpenAI configs, which is not their end-of-text (49407):
+# runner/clip.py pools such a model at each text's highest id, which is the end-of-text
+# only when the tokenizer numbers it last.
+HIGHEST_ID_POOLING = 2
 
 
 def model_config(recipe: Recipe) -> CLIPConfig:
@@ -62,9 +68,52 @@ def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:
     checkpoint = Checkpoint(recipe.checkpoint_dir)
     config = parse_config(checkpoint.config, CLIPConfig.from_dict, recipe, "CLIP")
     checkpoint.require(tensor_shapes(config, recipe.towers))
-    if "text" in recipe.towers and not (recipe.checkpoint_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json (the text tower needs it)")
+    if "text" in recipe.towers:
+        if not (recipe.checkpoint_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"{recipe.checkpoint_dir}: no tokenizer.json (the text tower needs it)")
+        text_ids(recipe.checkpoint_dir, config)
     return checkpoint, config
+
+
+@dataclass(frozen=True)
+class TextIds:
+    """A CLIP text's start- and end-of-text ids, read from its tokenizer, and the ids a
+    synthetic text's body may hold (every id the tokenizer makes but its special tokens)."""
+    start: int
+    end: int
+    body: np.ndarray
+
+
+def text_ids(directory: Path, config: CLIPConfig) -> TextIds:
+    """The tokenizer's start and end of text, checked against the config: pooling reads each
+    text's embedding at the config's `eos_token_id`, so it must be the tokenizer's end of
+    text (or, for the original configs' 2, its highest id). A CheckpointError says which
+    file to change."""
+    path = directory / "tokenizer.json"
+    tokenizer = load_tokenizer(path)
+    start, end = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+    if start is None or end is None:
+        raise CheckpointError(f"{path}: has no {BOS if start is None else EOS} token; is it a CLIP tokenizer?")
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    eos, vocab = config.text.eos_token_id, config.text.vocab_size
+    where = f"{directory / 'config.json'}: text_config.eos_token_id {eos}"
+    if n > vocab:
+        raise CheckpointError(f"{path}: makes token ids up to {n - 1}, beyond the {vocab} rows of "
+                              f"text_config.vocab_size in {directory / 'config.json'}: is it this model's tokenizer?")
+    if eos == HIGHEST_ID_POOLING and end != n - 1:
+        fix = (f"set it to {end}" if end != HIGHEST_ID_POOLING else
+               "no eos_token_id can say so: id 2 is read as the original configs' placeholder")
+        raise CheckpointError(f"{where} means pooling at each text's highest id (as in the original OpenAI "
+                              f"configs), but the end of text {EOS} of {path} is id {end}, not its highest id "
+                              f"{n - 1}: {fix}")
+    if eos != HIGHEST_ID_POOLING and eos != end:
+        raise CheckpointError(f"{where} (where pooling reads each text's embedding) is not the end of text "
+                              f"{EOS} of {path}, id {end}: set it to {end}")
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special} | {start, end}
+    body = np.array([i for i in range(n) if i not in special], np.int64)
+    if body.size == 0:
+        raise CheckpointError(f"{path}: has no token besides its special ones")
+    return TextIds(start, end, body)
 
 
 def norm_groups(config: CLIPConfig, towers=TOWERS) -> list[NormGroup]:
@@ -125,16 +174,12 @@ def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibr
     if lines:
         tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
         rows += [tokenizer([line])[0] for line in lines]
-    t = config.text
     rng = np.random.default_rng(inputs.seed + 1)
-    # CLIP's start and end of text are the last two ids (the original configs say eos 2,
-    # and pooling then takes the highest id, which is the real end of text).
-    eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
-    bos = eos - 1
+    ids = text_ids(recipe.checkpoint_dir, config) if inputs.synthetic else None
     for _ in range(inputs.synthetic):
-        n = int(rng.integers(3, t.max_position_embeddings - 1))
-        body = rng.integers(0, bos, n)
-        rows.append(np.concatenate([[bos], body, [eos]]).astype(np.int64))
+        n = int(rng.integers(3, config.text.max_position_embeddings - 1))
+        body = ids.body[rng.integers(0, len(ids.body), n)]
+        rows.append(np.concatenate([[ids.start], body, [ids.end]]).astype(np.int64))
     return rows
 
 
@@ -177,6 +222,9 @@ class Evaluation:
 
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         self.config, self.towers = config, recipe.towers
+        # What the curve shows and the sensitivity ranks by: the recipe's towers' mean cosines.
+        self.primary = tuple(f"{tower}_cosine_mean" for tower in TOWERS if tower in self.towers)
+        self.sensitivity_keys = self.primary
         self.pixels = calibration_images(recipe, config, "verify") if "image" in self.towers else None
         self.texts = calibration_texts(recipe, config, "verify") if "text" in self.towers else None
         self.truth, self.label_texts = None, None  # index of each labelled image's label among the candidates

@@ -12,7 +12,10 @@
 
 Files come from the cache as hard links where the file system allows (a copy otherwise).
 The bundle is assembled in a temporary directory and swapped in, so a killed build leaves
-either the old bundle or the new one, never half of one.
+either the old bundle or the new one, never half of one. A `doit verify` report of the old
+bundle (report.json, report.png) comes along when the new manifest is the old one byte for
+byte (the same bundle rebuilt); otherwise it no longer describes the bundle, is left
+behind, and the build says so.
 """
 
 from __future__ import annotations
@@ -70,7 +73,25 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     return tensors
 
 
-def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | None = None) -> Path:
+REPORT_FILES = ("report.json", "report.png")  # what `doit verify` writes into the bundle
+
+
+def carry_report(old: Path, new: Path) -> str | None:
+    """Link the old bundle's verify report into the new one when the manifests are equal;
+    return a note when there was a report that does not come along."""
+    reports = [old / name for name in REPORT_FILES if (old / name).is_file()]
+    if not reports:
+        return None
+    if (old / MANIFEST).is_file() and (old / MANIFEST).read_bytes() == (new / MANIFEST).read_bytes():
+        for path in reports:
+            _place(path, new / path.name)
+        return None
+    return (f"bundle: {old} changed, so its `doit verify` report ({', '.join(p.name for p in reports)}) "
+            "was for the old one and is gone: run `doit verify` for the new one")
+
+
+def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | None = None,
+                 progress=print) -> Path:
     """The bundle of the layers `index` names; with a target's `placement` (prepare/stages/placement.py),
     its chosen linears run in float on the host."""
     index = apply_placement(index, placement)
@@ -120,7 +141,10 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        note = carry_report(final, tmp)
         replace_dir(tmp, final)
+        if note:
+            progress(note)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

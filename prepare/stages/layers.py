@@ -24,7 +24,6 @@ from fnmatch import fnmatch
 
 import numpy as np
 from safetensors.numpy import load, save
-from tqdm import tqdm
 
 from runner.checkpoint import Checkpoint
 from runner.edgetpu_codec import (
@@ -36,6 +35,7 @@ from runner.edgetpu_codec import (
     token_from_digest,
 )
 from runner.emulate import DenseEmulator
+from runner.nn import NonFiniteError
 from runner.quant import QuantizedLinear, quantize_rows
 from runner.tflite_file import parse_tflite
 
@@ -44,6 +44,7 @@ from ..families import family_of
 from ..families.base import is_host_layer
 from ..patch import patch_uncompiled
 from ..paths import layers_index_path, templates_index_path
+from ..progress import progress_bar
 from ..quantize import quantize
 from ..recipe import Recipe, RecipeError
 from ..smoothing import SmoothedWeights, smooth
@@ -166,24 +167,29 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
     if unmatched:
         raise RecipeError(f"{recipe.source}: key cpu_layers: pattern(s) {unmatched} match no linear layer "
                        f"(layers look like {specs[0].name!r})")
-    with tqdm(total=family.calibration_count(recipe), desc="calibrate", unit="input") as bar:
-        rows = family.record_calibration(recipe, checkpoint, config, bar.update)
+    with progress_bar("calibrate", "input", family.calibration_count(recipe)) as update:
+        try:
+            rows = family.record_calibration(recipe, checkpoint, config, update)
+        except NonFiniteError as e:  # the checkpoint's weights overflow on ordinary inputs
+            raise NonFiniteError(f"{recipe.checkpoint_dir}: calibration, the float model: {e}") from e
     smoothing = None
     if recipe.quantization.smoothing:
         checkpoint, rows, smoothing = smooth_and_store(recipe, config, checkpoint, rows, store)
     entries = []
-    for spec in tqdm(specs, desc="quantize+patch", unit="layer"):
-        if is_host_layer(spec, recipe):
-            entries.append({"name": spec.name, "in": spec.n_in, "out": spec.n_out, "placement": "host"})
-            continue
-        template = template_for(templates, spec.n_in, spec.n_out, recipe)
-        bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
-        peak_sigmas = recipe.lm_head.peak_sigmas if spec.is_head_tile else None
-        entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
-                            recipe, store, peak_sigmas)
-        if spec.is_head_tile:
-            entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
-        entries.append(entry)
+    with progress_bar("quantize+patch", "layer", len(specs)) as update:
+        for spec in specs:
+            update(1)
+            if is_host_layer(spec, recipe):
+                entries.append({"name": spec.name, "in": spec.n_in, "out": spec.n_out, "placement": "host"})
+                continue
+            template = template_for(templates, spec.n_in, spec.n_out, recipe)
+            bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
+            peak_sigmas = recipe.lm_head.peak_sigmas if spec.is_head_tile else None
+            entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
+                                recipe, store, peak_sigmas)
+            if spec.is_head_tile:
+                entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
+            entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
              "checkpoint": str(recipe.checkpoint_dir), "smoothing": smoothing, "templates": templates["templates"],
              "layers": entries}

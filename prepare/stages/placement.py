@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 
-from tqdm import tqdm
-
 from ..evaluate import Memo, QuantizedLayers, sensitivity
 from ..families import family_of
 from ..paths import layers_index_path, placement_path
+from ..progress import progress_bar
 from ..recipe import Recipe
 from ..store import Store, atomic_write
 from .layers import model_weights
@@ -77,10 +76,10 @@ def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
     weights = Memo(model_weights(recipe, index, store))
     ev = family.Evaluation(recipe, family.model_config(recipe), weights)
     layers = QuantizedLayers(index, store, weights)
-    with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
-        sens = sensitivity(ev, layers, bar.update)
-    with tqdm(desc="target search", unit="eval") as bar:
-        result = search(ev, layers, recipe.target, sens, bar.update)
+    with progress_bar("sensitivity", "layer", len(layers.names)) as update:
+        sens = sensitivity(ev, layers, update)
+    with progress_bar("target search", "evaluation") as update:
+        result = search(ev, layers, recipe.target, sens, update)
     result["sensitivity"] = sens
     result["sensitivity_metric"] = list(ev.sensitivity_keys)
     atomic_write(placement_path(recipe.name), json.dumps(result, indent=1))

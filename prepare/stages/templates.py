@@ -33,6 +33,7 @@ from ..dense_templates import (
     make_uncompiled,
     self_check,
     uncompiled_key_inputs,
+    zero_point_problems,
 )
 from ..families import family_of
 from ..families.base import is_host_layer
@@ -137,9 +138,11 @@ def check_prebuilt(p: TemplatePlan) -> None:
 
 def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict:
     """The recipe's templates, one entry per shape, for the stages after this one."""
-    entries = []
+    entries, warnings = [], []
     for p in plans:
         meta = store.meta("uncompiled", p.uncompiled_key)
+        warnings += zero_point_problems(meta, str(p.prebuilt.uncompiled if p.prebuilt else
+                                                  store.path("uncompiled", p.uncompiled_key, "tflite")))[1]
         entries.append({
             "in": p.shape.n_in, "out": p.shape.n_out, "batch": p.shape.batch,
             "source": "prebuilt" if p.prebuilt else "generated",
@@ -148,8 +151,10 @@ def write_index(recipe: Recipe, plans: list[TemplatePlan], store: Store) -> dict
                          if p.compiled_key else None),
             **{k: meta[k] for k in ("input_scale", "input_zero_point", "output_scale", "output_zero_point")},
         })
-    index = {"recipe": recipe.name, "templates": entries,
-             "missing_compiled": [str(p.shape) for p in plans if not p.compiled_key]}
+    # Said only when the recipe wants edgetpu artifacts (a model recipe with `flavors: []` or
+    # `[cpu]` wants none, and goes on with nothing missing).
+    missing = [str(p.shape) for p in plans if not p.compiled_key] if "edgetpu" in recipe.flavors else []
+    index = {"recipe": recipe.name, "templates": entries, "missing_compiled": missing, "warnings": warnings}
     atomic_write(templates_index_path(recipe.name), json.dumps(index, indent=2))
     return index
 

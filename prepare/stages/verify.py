@@ -25,7 +25,6 @@ from dataclasses import asdict, replace
 
 import matplotlib
 import numpy as np
-from tqdm import tqdm
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
@@ -34,6 +33,7 @@ from runner.executors import make_linear
 from ..evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, mixed, sensitivity
 from ..families import family_of
 from ..paths import bundle_dir, layers_index_path, placement_path
+from ..progress import progress_bar
 from ..quantize import quantize
 from ..recipe import Quantization, Recipe
 from ..smoothing import smooth
@@ -112,11 +112,14 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
         sens, curve = placement["sensitivity"], placement["curve"]
         report["target"] = {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")}
     else:
-        with tqdm(total=len(layers.names), desc="sensitivity", unit="layer") as bar:
-            sens = sensitivity(ev, layers, bar.update)
+        with progress_bar("sensitivity", "layer", len(layers.names)) as update:
+            sens = sensitivity(ev, layers, update)
         ranking = sorted(layers.names, key=lambda n: -sens[n])
-        curve = [{"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))}
-                 for k in tqdm(curve_points(len(ranking)), desc="CPU-kept curve", unit="point")]
+        curve = []
+        with progress_bar("CPU-kept curve", "point", len(curve_points(len(ranking)))) as update:
+            for k in curve_points(len(ranking)):
+                curve.append({"cpu_layers": k, **ev.score(weights, layers.linear(set(ranking[k:])))})
+                update(1)
     report["sensitivity_metric"] = list(ev.sensitivity_keys)
     report["curve_metrics"] = list(ev.primary)
     report["curve"] = curve
@@ -170,21 +173,40 @@ def summary(report: dict, directory) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict) -> bytes:
+GENERIC_PARTS = {"model", "encoder", "decoder", "layers", "self_attn", "mlp"}  # left out of axis labels
+
+
+def short_name(layer: str) -> str:
+    """A linear's name on an axis: its Hugging Face path without the parts every layer has
+    (vision_model.encoder.layers.3.self_attn.q_proj -> vision.3.q_proj)."""
+    parts = [p.removesuffix("_model") for p in layer.split(".") if p not in GENERIC_PARTS]
+    return ".".join(parts) or layer
+
+
+def gap_floor(gaps: list[float]) -> float:
+    """Where a log axis of `1 - metric` puts a perfect score: a decade under the smallest
+    real gap (a fixed 1e-9 stretched the axis over decades no score is in)."""
+    real = [g for g in gaps if g > 0]
+    return min(real) / 10 if real else 1e-6
+
+
+def figure(report: dict):
     """Four panels: per-layer error, per-layer sensitivity, the CPU-kept curve, the comparisons."""
-    fig, ax = plt.subplots(2, 2, figsize=(14, 9))
     layers = report["layers"]
+    fig, ax = plt.subplots(2, 2, figsize=(max(14, 0.12 * len(layers)), 9))
     x = np.arange(len(layers))
     colors = ["tab:blue" if e["placement"] == "tpu" else "tab:orange" for e in layers]
     err = [e["relative_error"] or 0 for e in layers]
     ax[0, 0].bar(x, err, color=colors)
     ax[0, 0].set(title="each linear's relative output error, held-out inputs (orange: on the CPU)",
-                 xlabel="linear (execution order)", ylabel="||int8 - float|| / ||float||")
+                 ylabel="||int8 - float|| / ||float||")
     sens = [max(e["sensitivity"] or 0, 1e-12) for e in layers]
     ax[0, 1].bar(x, sens, color=colors)
     loss_name = " + ".join(f"(1 - {k})" for k in report["sensitivity_metric"])
-    ax[0, 1].set(title=f"sensitivity: {loss_name}, that linear alone in int8", yscale="log",
-                 xlabel="linear (execution order)")
+    ax[0, 1].set(title=f"sensitivity: {loss_name}, that linear alone in int8", yscale="log")
+    for panel in (ax[0, 0], ax[0, 1]):  # every linear by name, in execution order
+        panel.set_xticks(x, [short_name(e["name"]) for e in layers], rotation=90,
+                         fontsize=max(4, min(8, 400 / max(len(layers), 1))))
     curve = report["curve"]
     ks = [p["cpu_layers"] for p in curve]
     for metric in report["curve_metrics"] + [k for k in report.get("target", {}).get("target", {})
@@ -199,18 +221,26 @@ def plot(report: dict) -> bytes:
     comps = [{"variant": "as built (bundle)", **report["metrics"]}] + report.get("comparisons", [])
     metrics = report["curve_metrics"]
     height = 0.8 / len(metrics)
+    floor = gap_floor([1 - c[m] for c in comps for m in metrics])
     for j, metric in enumerate(metrics):
-        gaps = [max(1 - c[metric], 1e-9) for c in comps]
+        gaps = [max(1 - c[metric], floor) for c in comps]
         y = np.arange(len(comps)) + j * height
         ax[1, 1].barh(y, gaps, height, label=metric)
         for i, c in enumerate(comps):
-            ax[1, 1].text(gaps[i], y[i], f" {c[metric]:.5f}", va="center", fontsize=7)
+            ax[1, 1].text(gaps[i], y[i], " 1 (exact)" if c[metric] >= 1 else f" {c[metric]:.5f}", va="center",
+                          fontsize=7)
     ax[1, 1].set_yticks(np.arange(len(comps)) + height * (len(metrics) - 1) / 2, [c["variant"] for c in comps])
     ax[1, 1].set(title="one quantization choice flipped: 1 - metric (smaller is closer to float)", xscale="log")
     ax[1, 1].legend(fontsize=8)
     fig.suptitle(f"verify {report['recipe']}: " + _line({k: v for k, v in report["metrics"].items()
                                                           if isinstance(v, float)}), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(report: dict) -> bytes:
+    """report.png: `figure` as PNG."""
+    fig = figure(report)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

@@ -1,0 +1,138 @@
+"""`doit` on the first try: variables it does not know, Ctrl-C, `doit list` during a build,
+and the time each task took (prepare/doit_support.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from prepare.progress import progress_bar
+from prepare.store import lock_artifacts
+
+from .conftest import ROOT, doit, warm_artifacts
+
+
+@pytest.mark.parametrize("variable, closest", [("bacth=4", "batch="), ("templtes=DIR", "templates="),
+                                               ("recipie=recipes/demo-gemma.yaml", "recipe="),
+                                               ("bundel=demo-clip", "bundle=")])
+def test_an_unknown_variable_is_refused_naming_the_closest(tmp_path, variable, closest):
+    """They were passed to no task and ignored: `doit bacth=4` exited 0 having done nothing."""
+    run = doit(tmp_path / "artifacts", variable, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and run.stdout == ""
+    name = variable.split("=")[0]
+    assert run.stderr.startswith(f"error: unknown variable {name}= on the command line: did you mean {closest} ")
+    assert len(run.stderr.splitlines()) == 1
+
+
+def test_target_given_for_deploy_says_to(tmp_path):
+    """`doit deploy ... target=/x` said `key 'target' must be dict`."""
+    run = doit(tmp_path / "artifacts", "deploy", "bundle=demo-clip", "target=/x", check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "`target` is the recipe's fidelity target" in run.stderr and "doit deploy bundle=NAME to=DEST" in run.stderr
+
+
+def test_deploy_takes_a_bundle_name_or_path(demo, tmp_path):
+    """`bundle=artifacts/bundles/demo-clip` was joined to artifacts/bundles/ a second time."""
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed (apt install rsync); deploy needs it")
+    artifacts, _ = demo
+    for k, value in enumerate(["artifacts/bundles/demo-clip", str(artifacts / "bundles" / "demo-clip")]):
+        run = doit(artifacts, "deploy", f"bundle={value}", f"to={tmp_path / str(k)}")
+        assert "files sent: runner " in run.stdout
+        assert (tmp_path / str(k) / "bundles" / "demo-clip" / "manifest.json").is_file()
+
+
+def test_doit_list_does_not_wait_for_a_build(tmp_path):
+    """A build holds the artifacts directory; `doit list` only reads, and waited for it."""
+    artifacts = tmp_path / "artifacts"
+    lock = lock_artifacts(artifacts)  # this process is "the build"
+    try:
+        started = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "list"],
+                             env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts)), cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "waiting for" not in run.stderr
+        assert "bundle" in run.stdout and time.perf_counter() - started < 100
+    finally:
+        os.close(lock)
+
+
+class Build:
+    """`doit` in a process group of its own, as a terminal runs it (Ctrl-C reaches the group)."""
+
+    def __init__(self, artifacts):
+        self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], cwd=ROOT,
+                                     env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1"),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self.out: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, line: str, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while line not in self.out:
+            assert self.proc.poll() is None and time.monotonic() < end, "".join(self.out)
+            time.sleep(0.05)
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(demo, tmp_path):
+    """Ctrl-C during calibration printed 65-83 lines of traceback and no word on resuming."""
+    artifacts = warm_artifacts(demo, tmp_path)
+    build = Build(artifacts)
+    build.wait_for(".  layers\n")
+    time.sleep(2)  # into calibration
+    os.killpg(build.proc.pid, signal.SIGINT)
+    stderr = build.proc.stderr.read()
+    build.proc.wait(timeout=60)
+    build.reader.join(timeout=10)
+    assert build.proc.returncode != 0 and "Traceback" not in stderr + "".join(build.out)
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "interrupted: what finished is kept; `doit -f " + str(ROOT / "dodo.py") + "` again resumes"]
+    rerun = doit(artifacts).stdout
+    assert "-- checkpoint:check" in rerun and ".  layers" in rerun and ".  bundle" in rerun
+
+
+def test_doit_says_how_long_each_task_and_the_build_took(demo, tmp_path):
+    """It said neither; and off a terminal each progress bar is one line when it ends (tqdm
+    drew it at every update and again on closing: a log showed the 100% line twice)."""
+    artifacts = warm_artifacts(demo, tmp_path)
+    run = doit(artifacts)
+    out = run.stdout
+    for task in ("checkpoint:demo-clip", "checkpoint:check", "layers", "bundle"):
+        assert re.search(rf"^   {task}: \d+\.\d s$", out, re.M), out
+    # the template comes from the demo build: up to date
+    assert re.search(r"^doit: 5 tasks run, 1 up to date, \d+\.\d s in all$", out, re.M), out
+    assert "\r" not in run.stderr and "%|" not in run.stderr
+    assert re.search(r"^calibrate: 80 inputs, \d+\.\d s$", run.stderr, re.M), run.stderr
+    assert re.search(r"^quantize\+patch: 26 layers, \d+\.\d s$", run.stderr, re.M), run.stderr
+    again = doit(artifacts).stdout
+    assert re.search(r"^doit: 0 tasks run, 6 up to date, \d+\.\d s in all$", again, re.M), again
+
+
+def test_no_word_on_compiled_templates_for_a_recipe_that_wants_none(tmp_path):
+    """`flavors: []` (or [cpu]) wants no edgetpu artifact: nothing goes on "with the emulate
+    and cpu artifacts only"."""
+    artifacts = tmp_path / "artifacts"
+    assert "No compiled Edge TPU template" in doit(artifacts, "templates").stdout
+    for flavors in ("[]", "[cpu]"):
+        out = doit(artifacts, f"flavors={flavors}", "templates").stdout
+        assert ".  templates" in out and "No compiled Edge TPU template" not in out, out
+
+
+def test_a_progress_bar_off_a_terminal_is_one_line_when_it_ends(capsys):
+    """tqdm drew the bar at each update and again on closing; off a terminal every drawing
+    stays, and a loop whose steps outlast tqdm's refresh showed its 100% line twice."""
+    with progress_bar("sensitivity", "layer", 3) as update:
+        for _ in range(3):
+            time.sleep(0.15)
+            update(1)
+    assert re.fullmatch(r"sensitivity: 3 layers, 0\.\d s\n", capsys.readouterr().err)

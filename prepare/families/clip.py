@@ -218,13 +218,10 @@ class Evaluation:
     """Held-out images and texts, and the float model's embeddings of them; with the recipe's
     `verify.labels`, what each image shows and the candidate labels a user would ask about."""
 
-    sensitivity_keys = ("image_cosine_mean", "text_cosine_mean")  # what the sensitivity ranks by
-
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         self.config, self.towers = config, recipe.towers
-        # What the curve shows and the sensitivity ranks by: the recipe's towers' mean cosines.
-        self.primary = tuple(f"{tower}_cosine_mean" for tower in TOWERS if tower in self.towers)
-        self.sensitivity_keys = self.primary
+        # What the sensitivity ranks by: the recipe's towers' mean cosines.
+        self.sensitivity_keys = tuple(f"{tower}_cosine_mean" for tower in TOWERS if tower in self.towers)
         self.pixels = calibration_images(recipe, config, "verify") if "image" in self.towers else None
         self.texts = calibration_texts(recipe, config, "verify") if "text" in self.towers else None
         self.truth, self.label_texts = None, None  # index of each labelled image's label among the candidates
@@ -239,7 +236,7 @@ class Evaluation:
     @property
     def primary(self) -> tuple[str, ...]:
         """What the curve and the comparisons show: the answers a user gets where there are labels."""
-        return ("image_cosine_mean", "text_cosine_mean") + (("zero_shot_agreement",) if self.truth is not None else ())
+        return self.sensitivity_keys + (("zero_shot_agreement",) if self.truth is not None else ())
 
     def outputs(self, weights, linear: Linear, towers=None) -> dict[str, np.ndarray]:
         """Normalized embeddings of the towers asked for (default: the recipe's): images, held-out

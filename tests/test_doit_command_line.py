@@ -89,7 +89,7 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(demo, tmp_path):
     artifacts = warm_artifacts(demo, tmp_path)
     build = Build(artifacts)
     build.wait_for(".  layers\n")
-    time.sleep(2)  # into calibration
+    time.sleep(0.5)  # into calibration (about 1 s of the demo's)
     os.killpg(build.proc.pid, signal.SIGINT)
     stderr = build.proc.stderr.read()
     build.proc.wait(timeout=60)
@@ -107,15 +107,15 @@ def test_doit_says_how_long_each_task_and_the_build_took(demo, tmp_path):
     artifacts = warm_artifacts(demo, tmp_path)
     run = doit(artifacts)
     out = run.stdout
-    for task in ("checkpoint:demo-clip", "checkpoint:check", "layers", "bundle"):
+    for task in ("checkpoint:check", "layers", "bundle"):
         assert re.search(rf"^   {task}: \d+\.\d s$", out, re.M), out
     # the template comes from the demo build: up to date
-    assert re.search(r"^doit: 5 tasks run, 1 up to date, \d+\.\d s in all$", out, re.M), out
+    assert re.search(r"^doit: 4 tasks run, 1 up to date, \d+\.\d s in all$", out, re.M), out
     assert "\r" not in run.stderr and "%|" not in run.stderr
     assert re.search(r"^calibrate: 80 inputs, \d+\.\d s$", run.stderr, re.M), run.stderr
     assert re.search(r"^quantize\+patch: 26 layers, \d+\.\d s$", run.stderr, re.M), run.stderr
     again = doit(artifacts).stdout
-    assert re.search(r"^doit: 0 tasks run, 6 up to date, \d+\.\d s in all$", again, re.M), again
+    assert re.search(r"^doit: 0 tasks run, 5 up to date, \d+\.\d s in all$", again, re.M), again
 
 
 def test_no_word_on_compiled_templates_for_a_recipe_that_wants_none(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import photos
+from runner import images, photos
 from runner.clip import CLIP
 from runner.errors import UserError
 from runner.photos import INDEX_FILE, PhotoIndexError, build_index, read_index, search
@@ -350,7 +350,7 @@ def test_long_runs_commit_as_they_go(tree, bundle_dir, tmp_path, monkeypatch):
 
 
 def test_a_decompression_bomb_is_a_warning_and_counted(tree, bundle_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30000)  # the photos are at most 144x112
+    monkeypatch.setattr(images, "MAX_PIXELS", 30000)  # the photos are at most 144x112
     Image.new("RGB", (300, 300), "red").save(tree / "bomb.png")
     log = io.StringIO()
     summary = build_index(bundle_dir, tree, tmp_path / "index", "emulate", log=log)

@@ -281,7 +281,7 @@ def test_check_templates_refuses_and_warns_on_zero_points(tmp_path, compiled_byt
     _pair(tmp_path, "off", compiled_bytes, uncompiled_bytes, "output", 90)
     run = _check_templates(tmp_path)
     assert run.returncode == 1
-    rows = {os.path.basename(r["compiled"]): r for r in json.loads(run.stdout)}
+    rows = {os.path.basename(r["compiled"]): r for r in json.loads(run.stdout)["pairs"]}
     assert rows["far_edgetpu.tflite"]["ok"] is False
     assert rows["far_edgetpu.tflite"]["reason"].startswith(f"{far}: input zero point 200 leaves 55 steps")
     assert rows["full_edgetpu.tflite"]["reason"].startswith(f"{full}: output zero point 255 leaves 0 steps")

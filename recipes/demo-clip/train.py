@@ -245,15 +245,15 @@ def caption_for(meta: dict, rng: np.random.Generator) -> tuple[str, tuple]:
     z = size_class(o["size"])
     u = rng.uniform()
     if u < 0.5:
-        kind, templates = "full", FULL
+        templates = FULL
     elif u < 0.62 and z != "medium":
-        kind, templates = "sized", SIZED
+        templates = SIZED
     elif u < 0.75:
-        kind, templates = "bg", [t for t in WITH_BG if "{z}" not in t or z != "medium"]
+        templates = [t for t in WITH_BG if "{z}" not in t or z != "medium"]
     elif u < 0.9:
-        kind, templates = "color", COLOR_ONLY
+        templates = COLOR_ONLY
     else:
-        kind, templates = "shape", SHAPE_ONLY
+        templates = SHAPE_ONLY
     template = templates[int(rng.integers(len(templates)))]
     word = SIZE_WORDS[z][int(rng.integers(2))] if z != "medium" else ""
     text = phrase(template.format(c=o["color"], s=o["shape"], z=word, b=bg))

@@ -157,13 +157,12 @@ class LayerCache:
         return self.k[:, first : self.used], self.v[:, first : self.used], self.start + first
 
     def _make_room(self, n: int) -> None:
-        """A buffer with room for n more: a sliding layer first drops what no query sees again."""
+        """A buffer with room for n more, doubling (a sliding layer's up to two windows); a
+        sliding layer first drops what no query sees again."""
         drop = 0 if self.window is None else max(0, self.used - (self.window - 1))
         live = self.used - drop
-        if self.window is None:
-            slots = max(live + n, 2 * self.k.shape[1])
-        else:
-            slots = max(live + n, 2 * self.window)
+        doubled = 2 * self.k.shape[1] if self.window is None else min(2 * self.k.shape[1], 2 * self.window)
+        slots = max(live + n, doubled)
         k = np.empty((self.k.shape[0], slots, self.k.shape[2]), np.float32)
         v = np.empty_like(k)
         k[:, :live], v[:, :live] = self.k[:, drop : self.used], self.v[:, drop : self.used]

@@ -19,7 +19,7 @@ from runner.checkpoint import Checkpoint, CheckpointError
 from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.images import CLIP_MEAN, CLIP_STD, load_image
 from runner.nn import Linear, float_linear
-from runner.tokenizer import EOS, ClipTokenizer, load_tokenizer
+from runner.tokenizer import EOS, ClipTokenizer, TokenizerError, load_tokenizer
 
 from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize
@@ -88,7 +88,10 @@ def text_ids(directory: Path, config: CLIPConfig) -> TextIds:
     text (or, for the original configs' 2, its highest id). A CheckpointError says which
     file to change."""
     path = directory / "tokenizer.json"
-    tokenizer = load_tokenizer(path)
+    try:
+        tokenizer = load_tokenizer(path)
+    except TokenizerError as e:  # a file of the checkpoint: its check's one error
+        raise CheckpointError(str(e)) from e
     start, end = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     if start is None or end is None:
         raise CheckpointError(f"{path}: has no {BOS if start is None else EOS} token; is it a CLIP tokenizer?")

@@ -171,3 +171,12 @@ def test_the_original_configs_eos_2_is_accepted_when_end_of_text_is_the_last_id(
     _, parsed = open_checkpoint(_clip_recipe(path))
     ids = text_ids(path, parsed)
     assert (ids.start, ids.end) == (parsed.text.vocab_size - 2, parsed.text.vocab_size - 1)
+
+
+def test_an_unusable_tokenizer_is_a_checkpoint_error(demo, tmp_path):
+    """The checkpoint check reads tokenizer.json now; a broken one is its one documented error."""
+    from prepare.families.clip import open_checkpoint
+    path = shutil.copytree(demo, tmp_path / "broken")
+    (path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{path / 'tokenizer.json'}: not a usable tokenizer.json"):
+        open_checkpoint(_clip_recipe(path))

@@ -101,6 +101,17 @@ def checkpoint_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("checkpoint")
 
 
+def tiny_clip_tokenizer() -> str:
+    """A word-level tokenizer of the tiny CLIP's 16 ids, start and end of text last (14, 15):
+    the fuzzed config's text ids are checked against it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(14)} | {"<|startoftext|>": 14, "<|endoftext|>": 15}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    return tokenizer.to_str()
+
+
 def open_checkpoint(directory, family):
     module = FAMILIES[family][3]
     recipe = type("R", (), {"checkpoint_dir": directory, "towers": ["image", "text"], "family": family})
@@ -111,7 +122,7 @@ def open_checkpoint(directory, family):
 @given(data=st.data(), family=st.sampled_from(list(FAMILIES)))
 def test_checkpoint_config_json(checkpoint_dir, data, family):
     """What the build's first checkpoint stage runs, on a config.json that is anything."""
-    (checkpoint_dir / "tokenizer.json").write_text("{}")
+    (checkpoint_dir / "tokenizer.json").write_text(tiny_clip_tokenizer() if family == "clip" else "{}")
     (checkpoint_dir / "model.safetensors").write_bytes(save(weights_for(family)))
     text = data.draw(st.one_of(st.builds(json_bytes, mutated(FAMILIES[family][0]())), st.binary(max_size=64)))
     (checkpoint_dir / "config.json").write_bytes(text)
@@ -165,7 +176,7 @@ def test_safetensors_header_lies_are_refused_naming_the_file_in_bounded_memory(t
 @given(data=st.data())
 def test_safetensors_headers_raise_only_checkpoint_error(checkpoint_dir, data):
     (checkpoint_dir / "config.json").write_text(json.dumps(tiny_clip_config()))
-    (checkpoint_dir / "tokenizer.json").write_text("{}")
+    (checkpoint_dir / "tokenizer.json").write_text(tiny_clip_tokenizer())
     header, payload = header_and_data(save(weights_for("clip")))
     header = data.draw(mutated(header))
     length = data.draw(st.one_of(st.none(), st.integers(0, 2**64 - 1)))

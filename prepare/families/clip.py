@@ -92,7 +92,7 @@ def text_ids(directory: Path, config: CLIPConfig) -> TextIds:
     path = directory / "tokenizer.json"
     try:
         tokenizer = load_tokenizer(path)
-    except TokenizerError as e:  # the checkpoint's file: the checkpoint check's error
+    except TokenizerError as e:  # a file of the checkpoint: its check's one error
         raise CheckpointError(str(e)) from e
     start, end = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     if start is None or end is None:

@@ -32,8 +32,9 @@ import train  # noqa: E402  (the drawing, prompts and seeds)
 
 def load(directory: Path):
     from runner.checkpoint import Checkpoint
-    from runner.clip import CLIP, CLIPConfig, float_linear, tensor_shapes
-    from runner.tokenize import ClipTokenizer
+    from runner.clip import CLIP, CLIPConfig, tensor_shapes
+    from runner.nn import float_linear
+    from runner.tokenizer import ClipTokenizer
 
     weights = Checkpoint(directory)
     config = CLIPConfig.from_dict(weights.config)

@@ -413,7 +413,7 @@ def train(args, tokenizer, config, forbidden: set[str], watch: list):
     import transformers
     from tqdm import tqdm
 
-    from runner.tokenize import ClipTokenizer
+    from runner.tokenizer import ClipTokenizer
 
     torch.manual_seed(args.seed)
     model = transformers.CLIPModel(hf_config(config)).train()
@@ -612,7 +612,7 @@ def main(argv=None) -> int:
     write_file(out / "heldout-captions.txt", "\n".join(heldout_captions) + "\n")
 
     model = load_fp16_back(model, out)
-    from runner.tokenize import ClipTokenizer
+    from runner.tokenizer import ClipTokenizer
 
     metrics_torch = torch_metrics(model, ClipTokenizer(out / "tokenizer.json", CONTEXT), heldout)
     sys.path.insert(0, str(HERE))

@@ -48,6 +48,7 @@ from .executors import BACKENDS
 from .families import CLIP_FAMILY, GEMMA_FAMILY
 from .generate import Sampler, generate, stop_ids
 from .images import load_f32le, load_image
+from .interpreter import available_cores, use_threads
 from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
 from .load import Loaded, clip_tokenizer, load
 from .nn import softmax
@@ -140,7 +141,7 @@ def run_clip(args: argparse.Namespace) -> dict:
         forward_ms.append((time.perf_counter() - t1) * 1e3)
     timed = forward_ms[1:] or forward_ms
     steady = sorted(timed)[(len(timed) - 1) // 2]
-    result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend,
+    result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
               "setup_ms": round(setup_ms, 2), "first_forward_ms": round(forward_ms[0], 2),
               "forward_ms": round(steady, 2), "shape": list(out.shape), **report(out),
               "peak_rss_mib": peak_rss_mib()}
@@ -238,7 +239,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     first = rounds[0]
     stopped = ("eos" if first["tokens"][-1] in stop else "steps" if len(first["tokens"]) == args.steps
                else "context")
-    return {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "lm_head": loaded.head.mode,
+    return {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
+            "lm_head": loaded.head.mode,
             "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
@@ -426,6 +428,11 @@ def examples(*lines: str) -> str:
     return ("examples:" if len(lines) > 1 else "example:") + "".join(f"\n  python -m runner {line}" for line in lines)
 
 
+THREADS_OPTION = dict(type=at_least(1), default=available_cores(), metavar="N",
+                      help="threads of each TFLite interpreter (cpu and edgetpu backends); numpy's BLAS "
+                           "takes OMP_NUM_THREADS / OPENBLAS_NUM_THREADS from the environment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m runner", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                epilog="Each command's --help has an example. Errors are one line naming the file and the problem "
@@ -446,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
     common.add_argument("--rounds", type=at_least(1), default=1, metavar="R",
                         help="run R times after one start-up; timings are the median after the first")
+    common.add_argument("--threads", **THREADS_OPTION)
 
     image = command("clip-image", "image embeddings", "clip-image artifacts/bundles/demo-clip cat.jpg dog.png "
                     "--out embeddings.npy", parents=[common])
@@ -518,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
     index.add_argument("--batch", type=at_least(1), metavar="N", help=f"images per forward (default {photos.DEFAULT_BATCH}; "
                        "rounded up so the image tower's templates run full)")
+    index.add_argument("--threads", **THREADS_OPTION)
     index.add_argument("--dtype", choices=photos.DTYPES, default="float16", help="of the stored embeddings")
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.set_defaults(func=index_command)
@@ -531,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--bundle", metavar="DIR", help="the bundle, if it moved since indexing (it must be the same bundle)")
     search.add_argument("--backend", choices=BACKENDS, help="default: the one the index was made with")
     search.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
+    search.add_argument("--threads", **THREADS_OPTION)
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.set_defaults(func=search_command)
     return p
@@ -540,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     Parser.json_errors = "--json" in argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        use_threads(args.threads)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader left (`| head`): nothing more to say, and nowhere to say it

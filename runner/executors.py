@@ -23,7 +23,7 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import load_delegate, quiet_info, require_interpreter
+from .interpreter import load_delegate, quiet_info, require_interpreter, threads
 from .nn import float_linear
 from .quant import QuantizedLinear
 
@@ -69,7 +69,7 @@ class TemplateInterpreter:
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         try:
             with quiet_info():
-                self.interpreter = Interpreter(**source, experimental_delegates=delegates)
+                self.interpreter = Interpreter(**source, experimental_delegates=delegates, num_threads=threads())
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e

@@ -18,7 +18,6 @@ import numpy as np
 from .gemma import Gemma, GemmaConfig, KVCache
 from .tokenizer import TokenizerError
 
-
 PREFILL_CHUNK = 512  # prompt tokens per pass through the decoder
 
 

@@ -3,6 +3,10 @@
 Both expose the same `Interpreter` and `load_delegate`; LiteRT is the successor
 and works with numpy 2, tflite-runtime 2.14 needs numpy < 2 (common on older Pis).
 
+The interpreter runs on as many threads as `use_threads` says, by default every core the
+process may use (left alone, LiteRT takes one): a process-wide setting, as BLAS's thread
+count is, which the command line's `--threads` sets once.
+
 TFLite's C++ side writes its INFO lines straight to the process's stderr
 (`INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`, once per interpreter) and no
 environment variable silences them; `quiet_info` holds them back while an interpreter is
@@ -28,6 +32,27 @@ except ImportError:  # pragma: no cover - depends on what the machine has
     except ImportError:
         Interpreter = load_delegate = None
         INTERPRETER = None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+_threads = available_cores()
+
+
+def use_threads(n: int) -> None:
+    """Every interpreter made from now on runs on `n` threads."""
+    global _threads
+    _threads = int(n)
+
+
+def threads() -> int:
+    return _threads
 
 
 INTERPRETER_PURPOSE = ("the cpu and edgetpu backends run TFLite with it; where it has no wheel, "

@@ -22,9 +22,9 @@ from bench.interrupted_builds import (
     Build,
     cache_problems,
     compare,
+    into_stage,
     leftovers,
     outcome,
-    into_stage,
     wait_for,
     when_exists,
 )

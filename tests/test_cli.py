@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
-from runner.__main__ import build_parser
+from runner import executors
+from runner.__main__ import build_parser, main
+from runner.interpreter import available_cores
 
 from .conftest import runner, runner_without
 
@@ -85,3 +88,27 @@ def test_an_error_with_json_is_a_json_object(bundle_dir, args, error):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     result = json.loads(run.stdout)
     assert result["command"] == args[0] and error in result["error"], result
+
+
+def test_threads_reach_every_interpreter_and_change_no_result(bundle_dir, samples, monkeypatch, tmp_path):
+    """The interpreter was made without a thread count, so LiteRT ran on one core whatever the
+    machine had. Now each one gets --threads (default: the cores this process may use)."""
+    made = []
+    real = executors.require_interpreter()
+
+    def spy(**kwargs):
+        made.append(kwargs.get("num_threads"))
+        return real(**kwargs)
+    monkeypatch.setattr(executors, "require_interpreter", lambda: spy)
+    outputs = {}
+    for n in (1, 2):
+        out = tmp_path / f"threads-{n}.npy"
+        assert main(["clip-image", str(bundle_dir), str(samples[0]), "--backend", "cpu", "--threads", str(n),
+                     "--out", str(out)]) == 0
+        outputs[n] = np.load(out, allow_pickle=False)
+        assert made and set(made) == {n}, made
+        made.clear()
+    np.testing.assert_array_equal(outputs[1], outputs[2])  # int8 kernels: the same sums in any order
+    assert commands()["clip-image"].parse_args([str(bundle_dir), "x.png"]).threads == available_cores()
+    with pytest.raises(SystemExit):
+        commands()["clip-image"].parse_args([str(bundle_dir), "x.png", "--threads", "0"])

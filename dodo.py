@@ -115,8 +115,8 @@ DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "
 
 
 def task_checkpoint():
-    """The built-in checkpoint a recipe names with `generate:` (seeded, no network); then every
-    tensor the build reads checked (present, shape, float dtype, finite), before any template."""
+    """Every tensor the build reads checked (present, shape, float dtype, finite), first made
+    where the recipe names a built-in generator (`generate:`, seeded, no network)."""
     if not RECIPE.family:
         return
     directory = RECIPE.checkpoint_dir

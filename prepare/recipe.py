@@ -132,8 +132,8 @@ def download_command(repo: str, directory: str) -> str:
     """How to get a recipe's checkpoint (README, "Getting a checkpoint"): `hf` comes with
     huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
     return (f"hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
-            f"(a gated model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} "
-            "and `hf auth login`)")
+            f"(if the model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} "
+            "and run `hf auth login` first)")
 
 
 class RecipeError(UserError):

@@ -277,8 +277,9 @@ def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo
         load_recipe(recipe, {"checkpoint": str(missing)})
     assert str(e.value) == (
         f"{recipe}: key 'checkpoint': '{missing}' is not a model directory (no config.json there); download it "
-        f"there: hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (a gated "
-        f"model, as Gemma is, first needs its licence accepted at https://huggingface.co/{repo} and `hf auth login`)")
+        f"there: hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (if the "
+        f"model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} and run `hf auth login` "
+        "first)")
     # The recipe's comment, the README and the recipe's own checkpoint key say the same.
     text = (ROOT / recipe).read_text()
     checkpoint = yaml.safe_load(text)["checkpoint"]

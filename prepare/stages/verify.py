@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 import time
 from dataclasses import asdict, replace
 
@@ -232,8 +233,9 @@ def figure(report: dict):
     ax[1, 1].set_yticks(np.arange(len(comps)) + height * (len(metrics) - 1) / 2, [c["variant"] for c in comps])
     ax[1, 1].set(title="one quantization choice flipped: 1 - metric (smaller is closer to float)", xscale="log")
     ax[1, 1].legend(fontsize=8)
-    fig.suptitle(f"verify {report['recipe']}: " + _line({k: v for k, v in report["metrics"].items()
-                                                          if isinstance(v, float)}), fontsize=9)
+    title = f"verify {report['recipe']}: " + _line(report["metrics"])
+    width = int(fig.get_figwidth() * 16)  # characters of 9-point text across the figure, about
+    fig.suptitle(textwrap.fill(title, width), fontsize=9)
     fig.tight_layout()
     return fig
 

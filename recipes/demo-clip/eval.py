@@ -1,13 +1,18 @@
 """The demo CLIP's acceptance metrics, measured with the project's own numpy model.
 
     .venv/bin/python recipes/demo-clip/eval.py [DIR] [--seed 0]
+        [--bundle artifacts/bundles/demo-clip --backends emulate,cpu]
 
 Loads DIR (default: this directory) the way the runner does: `runner.checkpoint.Checkpoint`
 (the float16 safetensors, read as float32), `runner.clip.CLIP` with `float_linear`,
-`runner.tokenize.ClipTokenizer` on tokenizer.json and `runner.images.load_image` on PNG
+`runner.tokenizer.ClipTokenizer` on tokenizer.json and `runner.images.load_image` on PNG
 files. It redraws the 256 held-out single-object images (train.py's held-out seed),
 saves them as PNGs in a temporary directory and reads them back, and also scores the
 shipped samples/ against samples/labels.json.
+
+With `--bundle`, the same images and prompts also go through the int8 bundle on each of
+`--backends` (runner.load, as `runner zero-shot` does), and each backend's agreement with
+the float model's choice is reported (acceptance: at least 0.97 for both label sets).
 
 Zero-shot top-1 over the 8 colors (prompt "a photo of a {color} object") and over the
 32 color-shape pairs (prompt "a {color} {shape}"); acceptance is >= 0.9 and >= 0.8.
@@ -44,6 +49,15 @@ def load(directory: Path):
     return model, ClipTokenizer(directory / "tokenizer.json", config.text.max_position_embeddings)
 
 
+def load_bundle(bundle_dir: Path, backend: str):
+    from runner.families import CLIP_FAMILY
+    from runner.load import clip_tokenizer
+    from runner.load import load as load_runner
+
+    loaded = load_runner(bundle_dir, CLIP_FAMILY, backend)
+    return loaded.model, clip_tokenizer(loaded)
+
+
 def score_files(model, tok, files: list[Path], metas: list[dict]) -> dict:
     from runner.images import load_image
 
@@ -54,16 +68,25 @@ def score_files(model, tok, files: list[Path], metas: list[dict]) -> dict:
                        metas)
 
 
-def evaluate(directory: Path, heldout=None, seed: int = 0) -> dict:
-    """The metrics on the held-out images (drawn again unless given), through PNG files."""
+def evaluate(directory: Path, heldout=None, seed: int = 0, bundle: Path | None = None,
+             backends: tuple[str, ...] = ()) -> dict:
+    """The metrics on the held-out images (drawn again unless given), through PNG files; with
+    `bundle`, also per backend, with the share of images where it chose as the float model."""
     heldout = heldout if heldout is not None else train.heldout_set(seed)
-    model, tok = load(Path(directory))
+    metas = [m for _, m in heldout]
     with tempfile.TemporaryDirectory(prefix="demo-clip-eval-") as tmp:
         files = []
         for k, (img, _) in enumerate(heldout):
             files.append(Path(tmp) / f"{k:03d}.png")
             files[-1].write_bytes(train.png(img))
-        return score_files(model, tok, files, [m for _, m in heldout])
+        result = score_files(*load(Path(directory)), files, metas)
+        for backend in backends:
+            int8 = score_files(*load_bundle(bundle, backend), files, metas)
+            for name in ("colors", "pairs"):
+                int8[f"{name}_agreement"] = round(float(np.mean(np.array(int8[f"{name}_predictions"])
+                                                                == np.array(result[f"{name}_predictions"]))), 4)
+            result[backend] = int8
+    return result
 
 
 def evaluate_samples(directory: Path) -> dict:
@@ -79,12 +102,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", nargs="?", type=Path, default=HERE)
     parser.add_argument("--seed", type=int, default=0, help="train.py's --seed (it picks the held-out images)")
+    parser.add_argument("--bundle", type=Path, help="also score this int8 bundle of the model (e.g. "
+                        "artifacts/bundles/demo-clip)")
+    parser.add_argument("--backends", default="emulate,cpu", help="the bundle's backends to score, comma-separated")
     args = parser.parse_args(argv)
-    heldout = {k: v for k, v in evaluate(args.directory, seed=args.seed).items() if not k.endswith("predictions")}
-    samples = {k: v for k, v in evaluate_samples(args.directory).items() if not k.endswith("predictions")}
+    backends = tuple(args.backends.split(",")) if args.bundle else ()
+
+    def shown(metrics: dict) -> dict:
+        return {k: shown(v) if isinstance(v, dict) else v for k, v in metrics.items() if not k.endswith("predictions")}
+    heldout = shown(evaluate(args.directory, seed=args.seed, bundle=args.bundle, backends=backends))
+    samples = shown(evaluate_samples(args.directory))
     print(json.dumps({"heldout": heldout, "samples": samples}, indent=1))
-    ok = heldout["colors_top1"] >= 0.9 and heldout["pairs_top1"] >= 0.8
-    print("acceptance (colors >= 0.9, pairs >= 0.8):", "met" if ok else "NOT met")
+    ok = heldout["colors_top1"] >= 0.9 and heldout["pairs_top1"] >= 0.8 and all(
+        heldout[b][f"{name}_agreement"] >= 0.97 for b in backends for name in ("colors", "pairs"))
+    print("acceptance (colors >= 0.9, pairs >= 0.8" + (", int8 agreement >= 0.97" if backends else "") + "):",
+          "met" if ok else "NOT met")
     return 0 if ok else 1
 
 

@@ -1,6 +1,6 @@
 """Train the demo CLIP: a small CLIP that knows 8 colors and 4 shapes (torch, seeded).
 
-    .venv/bin/python recipes/demo-clip/train.py            # the committed model (~10-15 min, 2 cores)
+    .venv/bin/python recipes/demo-clip/train.py            # the committed model (about 21 min on 2 cores)
     .venv/bin/python recipes/demo-clip/train.py --quick    # a smoke run (~1 min) into a temporary directory
     .venv/bin/python recipes/demo-clip/eval.py             # the acceptance metrics with the runner's numpy model
 
@@ -13,15 +13,20 @@ of text the last two ids) trained on the caption language by `prepare.demo_model
 Data, all drawn here with Pillow on a 128x128 canvas (the runner's `preprocess` then
 resizes it to 64, exactly as `runner.images.load_image` does with the PNGs):
   - one or two objects, colors red, green, blue, yellow, orange, purple, white, black and
-    shapes circle, square, triangle, star, at any position, rotation and size (a quarter
-    of the image side and up; two objects never overlap);
+    shapes circle, square, triangle, star, at any position and size (a quarter of the
+    image side and up; two objects never overlap), standing upright give or take 10
+    degrees (as people draw and photograph them);
   - a plain, gradient or noisy background of another color (one of the 8, or gray);
   - a caption in one of several phrasings: "a red circle", "a photo of a blue square",
     "a small yellow star on a black background", "something red", "a star",
     "a green triangle and a red circle", ...
 Training is contrastive (CLIP's symmetric cross-entropy), with every caption in the batch
 that is true of an image counted as a positive ("a red circle" is true of all the batch's
-lone red circles), so repeated labels are not pushed apart.
+lone red circles), so repeated labels are not pushed apart. A curriculum teaches shapes
+first: at the start every scene is white or black objects on a plain white, black or gray
+background, and such easy scenes fade out over the first half of the steps (`--curriculum`).
+Without it the model learned colors and hardly any shapes (0.41 over the 32 pairs after
+600 steps; with it, 0.86 after 1200).
 
 Seeds (numpy generators keyed by [stream, seed, index]; `--seed` changes all of them):
 training batches use stream 0, the held-out images (eval and samples/) stream 1, the
@@ -79,6 +84,11 @@ CONTEXT = 32
 WIDTH = 256
 LAYERS = 2            # per tower
 SMALL, LARGE = 0.35, 0.5  # object size (fraction of the side) under which it is "small", over which "large"
+STYLES = ["plain", "gradient", "noise"]
+# The curriculum's easy scenes: shapes are learned first where their edges are plain to see
+# (white or black on white, black or gray), then on every color (see `easy_share`).
+EASY_COLORS, EASY_BACKGROUNDS = ["white", "black"], ["white", "black", "gray"]
+TILT = 10            # degrees: polygons stand upright (square level, triangle and star point up), give or take
 
 TRAIN, HELDOUT, CALIBRATION, CAPTIONS = 0, 1, 2, 3  # seed streams
 EVAL_IMAGES, SAMPLES, CALIBRATION_IMAGES = 256, 32, 16
@@ -145,18 +155,21 @@ def _reach(shape: str, s: float) -> float:
     return {"circle": s / 2, "square": s / 2 * math.sqrt(2), "triangle": s * 0.6, "star": s * 0.58}[shape]
 
 
-def plan_scene(rng: np.random.Generator, n_objects: int | None = None) -> dict:
-    """What to draw: the background and one or two objects (color, shape, size, place, rotation)."""
+def plan_scene(rng: np.random.Generator, n_objects: int | None = None, easy: bool = False) -> dict:
+    """What to draw: the background and one or two objects (color, shape, size, place, rotation).
+    `easy`: white or black objects on a plain white, black or gray background (the curriculum's)."""
     n = n_objects or (1 if rng.uniform() < 0.6 else 2)
+    colors = EASY_COLORS if easy else COLORS_LIST
     while True:  # two different (color, shape) objects
-        objs = [(COLORS_LIST[int(rng.integers(8))], SHAPES[int(rng.integers(4))]) for _ in range(n)]
+        objs = [(colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(4))]) for _ in range(n)]
         if len(set(objs)) == n:
             break
     used = {c for c, _ in objs}
-    bg_choices = [b for b in BACKGROUNDS if b not in used]
+    bg_choices = [b for b in (EASY_BACKGROUNDS if easy else BACKGROUNDS) if b not in used]
     bg = bg_choices[int(rng.integers(len(bg_choices)))]
+    styles = ["plain"] if easy else STYLES
     plan = {"background": bg, "background_rgb": _jitter(BACKGROUNDS[bg], rng, 12),
-            "style": ["plain", "gradient", "noise"][int(rng.integers(3))],
+            "style": styles[int(rng.integers(len(styles)))],
             "gradient_angle": float(rng.uniform(0, 2 * np.pi)), "noise_sigma": float(rng.uniform(15, 40)),
             "noise_seed": int(rng.integers(2**63))}
     hi = 0.65 if n == 1 else 0.38
@@ -168,7 +181,7 @@ def plan_scene(rng: np.random.Generator, n_objects: int | None = None) -> dict:
         cx, cy = (float(v) for v in rng.uniform(r, CANVAS - r, 2))
         if all(math.hypot(cx - o["cx"], cy - o["cy"]) > r + o["reach"] + 2 for o in placed):
             placed.append({"color": color, "shape": shape, "size": size, "cx": cx, "cy": cy, "reach": r,
-                           "angle": float(rng.uniform(0, 2 * math.pi)), "fill": _jitter(COLORS[color], rng)})
+                           "angle": math.radians(float(rng.uniform(-TILT, TILT))), "fill": _jitter(COLORS[color], rng)})
         elif rng.uniform() < 0.2:
             placed = []
     plan["objects"] = placed
@@ -368,15 +381,21 @@ def caption_files(seed: int) -> tuple[list[str], list[str]]:
 
 # --- training -------------------------------------------------------------------------------
 
-def batch(rng: np.random.Generator, size: int, tokenize, forbidden: set[str]):
+def easy_share(step: int, steps: int, curriculum: float) -> float:
+    """The share of easy scenes at `step`: all of them at first, none after `curriculum` of the steps."""
+    return max(0.0, 1.0 - step / (curriculum * steps)) if curriculum > 0 else 0.0
+
+
+def batch(rng: np.random.Generator, size: int, tokenize, forbidden: set[str], easy: float = 0.0):
     """`size` images in pairs, each scene with its twin of another shape (or a fresh scene), a
-    caption for each, and which captions are true of which images."""
+    caption for each, and which captions are true of which images. `easy`: the share of easy scenes."""
     from runner.images import preprocess
 
     pixels, texts, metas, senses = [], [], [], []
     while len(metas) < size:
-        plan = plan_scene(rng)
-        plans = [plan, twin(plan, rng) or plan_scene(rng)]
+        is_easy = bool(rng.uniform() < easy)
+        plan = plan_scene(rng, easy=is_easy)
+        plans = [plan, twin(plan, rng) or plan_scene(rng, easy=is_easy)]
         for p in plans[: size - len(metas)]:
             img, meta = render(p), describe(p)
             if fingerprint(img) in forbidden:
@@ -435,7 +454,8 @@ def train(args, tokenizer, config, forbidden: set[str], watch: list):
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 30)
     for step in bar:
-        pixels, ids, truth = batch(np.random.default_rng([TRAIN, args.seed, step]), args.batch, tokenize, forbidden)
+        pixels, ids, truth = batch(np.random.default_rng([TRAIN, args.seed, step]), args.batch, tokenize, forbidden,
+                                   easy_share(step, args.steps, args.curriculum))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         image, text = features(model, torch.from_numpy(pixels), torch.from_numpy(ids))
@@ -566,6 +586,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="images per step (default 128; --quick 32)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curriculum", type=float, default=0.5,
+                        help="easy scenes fade out over this share of the steps (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=100, help="print held-out metrics every N steps (0: never)")
     args = parser.parse_args(argv)

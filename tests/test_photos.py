@@ -121,9 +121,10 @@ def test_index_rows_are_what_clip_image_gives(indexed, bundle_dir, tmp_path):
     rows = embeddings_of(index_dir)
     paths = sorted(rows)
     out = tmp_path / "clip-image.npy"
-    run = runner("clip-image", bundle_dir, *(photo_dir / p for p in paths), "--out", out)
+    # on the index's backend: cpu (what `auto` picks here) may round a layer's output one step apart
+    run = runner("clip-image", bundle_dir, *(photo_dir / p for p in paths), "--backend", "emulate", "--out", out)
     assert run.returncode == 0, run.stderr
-    np.testing.assert_allclose(np.stack([rows[p] for p in paths]), unit(np.load(out)), atol=2e-3)
+    np.testing.assert_allclose(np.stack([rows[p] for p in paths]), unit(np.load(out)), atol=1e-3)  # float16 rows
 
 
 def test_reindex_embeds_only_new_and_changed_files(indexed, bundle_dir, checkpoint_dir, monkeypatch):

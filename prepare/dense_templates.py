@@ -30,7 +30,7 @@ from runner.flatbuf import FormatError
 from runner.tflite_file import TFLiteModel, parse_tflite, read_tflite
 
 from .inspection import compare_dense
-from .patch import dense_tensors
+from .patch import dense_tensors, hybrid_tensors
 
 # Bump when the generator writes different bytes for the same shape: it is part of the key.
 GENERATOR_VERSION = 2  # 2: representative inputs with their negations (output zero point 127 or 128)
@@ -204,6 +204,35 @@ def make_uncompiled(shape: Shape, seed: int = 0) -> tuple[bytes, dict]:
     meta.update(uncompiled_key_inputs(shape, seed), seconds_import=imported - started,
                 seconds_convert=time.perf_counter() - imported)
     return data, meta
+
+
+HYBRID_VERSION = 1  # bump when make_hybrid writes other bytes for the same shape
+
+
+def hybrid_key_inputs(n_in: int, n_out: int, batch: int) -> dict:
+    return {"artifact": "hybrid-template", "in": n_in, "out": n_out, "batch": batch, "generator": HYBRID_VERSION,
+            "tensorflow": tensorflow_version()}
+
+
+def make_hybrid(n_in: int, n_out: int, batch: int) -> tuple[bytes, dict]:
+    """A float32 -> float32 Dense template with per-channel int8 weights (TensorFlow's dynamic
+    range quantization): TFLite's kernel quantizes each input row to int8 itself and sums
+    int8 x int8 products. The LM head's `cpu` tiles are copies of it (runner/lm_head.py)."""
+    started = time.perf_counter()
+    with quiet_output():
+        tf, keras = _import_tensorflow()
+    rng = np.random.default_rng([n_in, n_out])
+    kernel = rng.uniform(-1, 1, (n_in, n_out)).astype(np.float32)  # placeholders, as make_uncompiled's
+    keras.backend.clear_session()
+    model = keras.Sequential([keras.Input(shape=(n_in,), batch_size=batch, name="x"),
+                              keras.layers.Dense(n_out, use_bias=False, name="dense")], name="hybrid")
+    model.layers[-1].set_weights([kernel])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: weights only
+    with quiet_output():
+        data = converter.convert()
+    hybrid_tensors(parse_tflite(data, f"hybrid template {n_in}x{n_out}"))  # the structure patching expects
+    return data, {**hybrid_key_inputs(n_in, n_out, batch), "seconds": time.perf_counter() - started}
 
 
 def self_check(uncompiled: TFLiteModel, compiled: CompiledModel) -> dict:

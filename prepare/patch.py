@@ -6,7 +6,11 @@ Two flavors of one artifact:
   scales, rewritten so that `input_scale * scale[o] / output_scale == mult[o]`;
   TFLite's own kernels then compute what the TPU would (format doc, section 3).
 
-Both rewrite bytes in place: the files keep their size and every other byte.
+A third kind, the LM head's `cpu` tiles, are copies of a hybrid template (float input and
+output, per-channel int8 weights: `dense_templates.make_hybrid`) with a table's int8 rows
+and their scales written in (`patch_hybrid`).
+
+All rewrite bytes in place: the files keep their size and every other byte.
 """
 
 from __future__ import annotations
@@ -54,5 +58,33 @@ def patch_uncompiled(model: TFLiteModel, params: DenseParams) -> bytes:
     out = bytearray(model.data)
     out[data.pos : data.pos + data.nbytes] = params.weights.astype(np.int8).tobytes()
     vec = w.scale_vector
+    out[vec.pos : vec.pos + vec.nbytes] = scales.astype("<f4").tobytes()
+    return bytes(out)
+
+
+def hybrid_tensors(model: TFLiteModel):
+    """(input, weights, output) of a hybrid template: float32 in and out, per-channel int8 weights."""
+    fc = model.only_operator("FULLY_CONNECTED")
+    if len(fc.inputs) < 2 or len(fc.outputs) != 1 or min(fc.inputs[:2] + fc.outputs) < 0:
+        raise FormatError(f"{model.path}: FULLY_CONNECTED needs an input, weights and one output")
+    x, w, y = (model.tensors[i] for i in (fc.inputs[0], fc.inputs[1], fc.outputs[0]))
+    if x.dtype != "float32" or y.dtype != "float32":
+        raise FormatError(f"{model.path}: a hybrid template's input and output are float32, not {x.dtype}, {y.dtype}")
+    if w.dtype != "int8" or len(w.shape) != 2 or len(w.scale) != w.shape[0] or w.quantized_dimension != 0:
+        raise FormatError(f"{model.path}: weights {w.name!r} are not int8 per output channel")
+    if model.buffers[w.buffer] is None or w.scale_vector is None:
+        raise FormatError(f"{model.path}: weights {w.name!r} have no constant buffer or scales to patch")
+    return x, w, y
+
+
+def patch_hybrid(model: TFLiteModel, weights: np.ndarray, scales: np.ndarray) -> bytes:
+    """A copy of a hybrid template computing `weights` (int8 [out, in]) with per-row `scales`."""
+    _, w, _ = hybrid_tensors(model)
+    if weights.shape != w.shape or weights.dtype != np.int8 or scales.shape != (w.shape[0],):
+        raise ValueError(f"{model.path}: template weights are int8 {w.shape}, new ones {weights.dtype} "
+                         f"{weights.shape} with {scales.shape} scales")
+    data, vec = model.buffers[w.buffer], w.scale_vector
+    out = bytearray(model.data)
+    out[data.pos : data.pos + data.nbytes] = weights.tobytes()
     out[vec.pos : vec.pos + vec.nbytes] = scales.astype("<f4").tobytes()
     return bytes(out)

@@ -121,9 +121,9 @@ class HostTensors:
 
 class Bundle:
     def __init__(self, directory: Path, manifest: dict, layers: list[Layer], host: HostTensors,
-                 tokenizer: BundleFile | None, lm_head: LMHead | None = None):
+                 tokenizer: BundleFile | None, lm_head: LMHead | None = None, int8_head: Int8Head | None = None):
         self.dir, self.manifest, self.layers, self.host, self.tokenizer = directory, manifest, layers, host, tokenizer
-        self.lm_head = lm_head
+        self.lm_head, self.int8_head = lm_head, int8_head
         self.family: str = manifest["family"]
         self.config: dict = manifest["config"]
         self.towers: list[str] = manifest["towers"]
@@ -138,7 +138,7 @@ class Bundle:
             problem = size_problem(f, what)
             if problem:
                 raise BundleError(problem)
-        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head)
+        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head, m.int8_head)
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -158,6 +158,19 @@ class LMHead:
     tiles: list[Layer]
 
 
+@dataclass(frozen=True)
+class Int8Head:
+    """A tied head's int8 table as hybrid TFLite models (float in, per-channel int8 weights,
+    float out): file i computes vocabulary rows [i * tile_rows, (i + 1) * tile_rows), for
+    batches of `batch` rows; the last file's rows past `vocab_size` are zero padding."""
+    table: str
+    tile_rows: int
+    vocab_size: int
+    n_in: int
+    batch: int
+    files: list[BundleFile]
+
+
 @dataclass
 class Manifest:
     dir: Path
@@ -166,6 +179,7 @@ class Manifest:
     host: BundleFile
     tokenizer: BundleFile | None
     lm_head: LMHead | None = None
+    int8_head: Int8Head | None = None
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -177,6 +191,8 @@ class Manifest:
         out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
         for layer in self.tpu_layers:
             out += [(f"layer {layer.name} {f}", file) for f, file in layer.files.items() if flavor in (None, f)]
+        if self.int8_head and flavor != "params":  # the cpu head's, on the interpreter backends
+            out += [(f"int8 head tile {i}", file) for i, file in enumerate(self.int8_head.files)]
         return out
 
 
@@ -253,7 +269,17 @@ def read_manifest(directory: str | Path) -> Manifest:
     head = manifest.get("lm_head")
     if head is not None:
         head = _lm_head(where, head, layer)
-    return Manifest(directory, manifest, layers, host, tokenizer, head)
+    int8_head = manifest.get("int8_head")
+    if int8_head is not None:
+        w = f"{where}: int8_head"
+        rows = _field(w, int8_head, "tile_rows", int, lambda v: 0 < v <= 1 << 20)
+        vocab = _field(w, int8_head, "vocab_size", int, lambda v: 0 < v <= 1 << 24)
+        files = _field(w, int8_head, "files", list, lambda v: len(v) == -(-vocab // rows))
+        int8_head = Int8Head(_field(w, int8_head, "table", str), rows, vocab,
+                             _field(w, int8_head, "in", int, lambda v: 0 < v <= 1 << 20),
+                             _field(w, int8_head, "batch", int, lambda v: 0 < v <= 16),
+                             [file(e, f"int8_head.files[{i}]") for i, e in enumerate(files)])
+    return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head)
 
 
 def _lm_head(where: str, head: dict, layer) -> "LMHead":

@@ -1,8 +1,14 @@
 """Gemma's tied LM head: the final hidden state [hidden] -> logits [vocab], four ways.
 
-- `cpu`: the embedding table as int8 rows with a float32 scale per row, memory-mapped
-  from `host.safetensors` (the same table is the input embedding); exact up to that
-  int8 table, computed in chunks so no float copy of the table is ever made.
+- `cpu`: the embedding table as int8 rows with a float32 scale per row. On the `cpu` and
+  `edgetpu` backends, where the bundle has them (manifest `int8_head`), it runs as
+  int8 x int8 products in TFLite's hybrid fully connected kernel, one call per tile of
+  rows, never widening the table: the hidden state goes in as two rows, h and what
+  quantizing h to int8 left of it (`two_part_rows`), so the sum of the two outputs is
+  h . row to about 1e-5 of the largest logit, as exact as a float h against the int8
+  table. Elsewhere (emulate, or an older bundle) numpy computes float h against the
+  table memory-mapped from `host.safetensors` (the same table is the input embedding),
+  in chunks so no float copy of the whole table is made.
 - `tpu-preload`: every tile (a `hidden x tile_rows` Dense template; manifest `lm_head`)
   ready at start-up.
 - `tpu-lazy`: tiles opened when first needed and kept in an LRU of `capacity` tiles;
@@ -14,7 +20,8 @@ Two options of the TPU heads:
   last time each was run (the first step runs them all). Approximate, as the
   reference project's shortlist: a token in a tile left out cannot be chosen.
 - `rescore K`: the TPU logits choose K candidates and the int8 table gives their
-  exact logits (the `cpu` head's values); every other token gets -inf. Greedy
+  exact logits (the `cpu` head's values: the same two int8 parts, in numpy); every
+  other token gets -inf. Greedy
   decoding then equals the `cpu` head's whenever its best token is among the K.
 
 Logits a head does not compute are -inf. Counters (`HeadStats`) say per step what
@@ -28,9 +35,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, Int8Head
 from .errors import UserError
-from .executors import check_flavor, quantized_layer
+from .executors import TemplateInterpreter, check_flavor, quantized_layer
 
 HEAD_MODES = ("cpu", "tpu-preload", "tpu-lazy")
 DEFAULT_CAPACITY = 8  # tiles tpu-lazy keeps open unless told: 40 MiB of 640 x 8192 int8 tiles
@@ -57,6 +64,37 @@ class HeadStats:
         return out
 
 
+def round_half_away(v):
+    """C's round (std::round, TfLiteRound): halves away from zero, where numpy rounds to even."""
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def asymmetric_int8(x: np.ndarray) -> tuple[np.float32, int, np.ndarray]:
+    """x (float32 [n]) as TFLite's hybrid kernels quantize an input row (tensor_utils::
+    AsymmetricQuantizeFloats): scale s over [min(x, 0), max(x, 0)] in 255 steps, zero point
+    zp in [-128, 127], codes q = round(zp + x / s) clamped, so x ~ s * (q - zp)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if lo == hi:
+        return np.float32(1.0), 0, np.zeros(x.shape, np.int32)
+    scale = (hi - lo) / 255.0  # in double, as the kernel
+    from_min, from_max = -128 - lo / scale, 127 - hi / scale
+    zp = from_min if 128 + abs(lo / scale) < 127 + abs(hi / scale) else from_max
+    zp = -128 if zp <= -128 else 127 if zp >= 127 else int(round_half_away(zp))
+    s = np.float32(scale)
+    v = np.float32(zp) + x.astype(np.float32) * (np.float32(1.0) / s)
+    return s, zp, np.clip(round_half_away(v), -128, 127).astype(np.int32)
+
+
+def two_part_rows(h: np.ndarray) -> tuple[np.ndarray, list]:
+    """h as the two rows the int8 head runs: h, and r = h - s (q - zp), what h's int8 codes
+    leave out; with each row's (s, zp, q) as the kernel will quantize it."""
+    h = np.asarray(h, np.float32)
+    first = asymmetric_int8(h)
+    s, zp, q = first
+    r = h - s * (q - zp).astype(np.float32)
+    return np.stack([h, r]), [first, asymmetric_int8(r)]
+
+
 class Int8Table:
     """The tied embedding as int8 rows and a float32 scale per row (read-only views of the bundle)."""
 
@@ -70,24 +108,45 @@ class Int8Table:
         return self.q[ids].astype(np.float32) * self.scale[ids, None]
 
     def logits(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """h . row * scale for the given rows (default: all), float32."""
+        """h . row * scale: for the given rows, as the int8 head computes them (two int8 parts
+        of h, integer products: its values, to float rounding); for all rows (no int8 head
+        here), float h against the table."""
         h = np.asarray(h, np.float32)
         if rows is not None:
-            return (self.q[rows].astype(np.float32) @ h) * self.scale[rows]
+            q = self.q[rows].astype(np.int32)
+            _, parts = two_part_rows(h)
+            return sum((q @ (c - zp)).astype(np.float32) * (s * self.scale[rows]) for s, zp, c in parts)
         out = np.empty(len(self.q), np.float32)
         for a in range(0, len(self.q), CHUNK_ROWS):
             out[a : a + CHUNK_ROWS] = (self.q[a : a + CHUNK_ROWS].astype(np.float32) @ h) * self.scale[a : a + CHUNK_ROWS]
         return out
 
 
+class Int8Tiles:
+    """The bundle's `int8_head`: the table as hybrid TFLite models, each run on h's two int8 parts."""
+
+    def __init__(self, head: Int8Head):
+        self.head = head
+        self.models = [TemplateInterpreter(f.path) for f in head.files]
+        for f, m in zip(head.files, self.models):
+            if (m.batch, m.n_in) != (head.batch, head.n_in) or head.batch != 2:
+                raise BundleError(f"{f.path}: runs {m.batch} rows of {m.n_in}; the manifest's int8_head says "
+                                  f"{head.batch} of {head.n_in}, and the head runs 2")
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        rows, _ = two_part_rows(h)
+        out = np.concatenate([m(rows) for m in self.models], axis=1)
+        return (out[0] + out[1])[: self.head.vocab_size]
+
+
 class CpuHead:
     mode = "cpu"
 
-    def __init__(self, table: Int8Table):
-        self.table, self.stats = table, HeadStats()
+    def __init__(self, table: Int8Table, tiles: Int8Tiles | None = None):
+        self.table, self.tiles, self.stats = table, tiles, HeadStats()
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
-        return self.table.logits(h)
+        return self.tiles(h) if self.tiles is not None else self.table.logits(h)
 
 
 class FloatHead:
@@ -193,7 +252,8 @@ def make_head(bundle: Bundle, backend: str, mode: str, capacity: int | None = No
         if shortlist is not None or rescore is not None or capacity is not None:
             raise HeadError("--shortlist, --rescore and --lm-cache-capacity are for the TPU heads "
                             "(tpu-preload, tpu-lazy); the cpu head computes every logit exactly")
-        return CpuHead(table), table
+        tiles = Int8Tiles(bundle.int8_head) if bundle.int8_head is not None and backend != "emulate" else None
+        return CpuHead(table, tiles), table
     if mode == "tpu-preload" and capacity is not None:
         raise HeadError("--lm-cache-capacity is for --lm-head tpu-lazy (tpu-preload keeps every tile)")
     return TileHead(bundle, backend, mode, capacity, shortlist, rescore, table, delegates), table

@@ -9,6 +9,11 @@
     layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
                          every linear, and every LM-head tile (`lm_head.tiles.<i>`: listed
                          apart in the manifest's `lm_head`)
+    int8_head/<table>.<i>.tflite
+                         Gemma's int8 table again, as hybrid TFLite models of 16384 rows
+                         (manifest `int8_head`): the `cpu` head's int8 products on the
+                         interpreter backends (runner/lm_head.py); with `cpu` or `edgetpu`
+                         among the recipe's flavors
 
 Files come from the cache as hard links where the file system allows (a copy otherwise).
 The bundle is assembled in a temporary directory and swapped in, so a killed build leaves
@@ -31,12 +36,15 @@ from safetensors.numpy import load, save_file
 
 from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
 from runner.checkpoint import Checkpoint
+from runner.tflite_file import parse_tflite
 
+from ..dense_templates import hybrid_key_inputs, make_hybrid
 from ..families import family_of
+from ..patch import patch_hybrid
 from ..paths import bundle_dir
 from ..quantize import quantize_weights
 from ..recipe import Recipe
-from ..store import Store, replace_dir
+from ..store import Store, key_of, replace_dir
 from .layers import model_weights
 from .placement import apply_placement
 
@@ -73,6 +81,37 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     return tensors
 
 
+INT8_HEAD_ROWS = 16384  # vocabulary rows per model of the int8 cpu head: 10 MiB at Gemma's width 640
+INT8_HEAD_BATCH = 2  # the hidden state's two int8 parts (runner/lm_head.py)
+
+
+def hybrid_template(n_in: int, rows: int, store: Store) -> bytes:
+    """The hybrid Dense template of this shape, made once by TensorFlow and kept in the store."""
+    key = key_of(hybrid_key_inputs(n_in, rows, INT8_HEAD_BATCH))
+    if not store.has("hybrid", key, "tflite"):
+        data, meta = make_hybrid(n_in, rows, INT8_HEAD_BATCH)
+        store.put("hybrid", key, "tflite", data, meta)
+    return store.path("hybrid", key, "tflite").read_bytes()
+
+
+def write_int8_head(directory: Path, name: str, q: np.ndarray, scale: np.ndarray, store: Store) -> dict:
+    """The table `name` (int8 rows q, a scale per row) as hybrid models of INT8_HEAD_ROWS rows
+    under directory/int8_head/ (the last one padded with zero rows); the manifest's `int8_head`."""
+    vocab, n_in = q.shape
+    rows = min(INT8_HEAD_ROWS, vocab)
+    template = parse_tflite(hybrid_template(n_in, rows, store), f"hybrid template {n_in}x{rows}")
+    (directory / "int8_head").mkdir()
+    files = []
+    for i, a in enumerate(range(0, vocab, rows)):
+        tile_q, tile_s = np.zeros((rows, n_in), np.int8), np.ones(rows, np.float32)
+        tile_q[: min(rows, vocab - a)], tile_s[: min(rows, vocab - a)] = q[a : a + rows], scale[a : a + rows]
+        rel = f"int8_head/{name}.{i}.tflite"
+        (directory / rel).write_bytes(patch_hybrid(template, tile_q, tile_s))
+        files.append(_file_entry(directory, rel))
+    return {"table": name, "tile_rows": rows, "vocab_size": vocab, "in": n_in, "batch": INT8_HEAD_BATCH,
+            "files": files}
+
+
 REPORT_FILES = ("report.json", "report.png")  # what `doit verify` writes into the bundle
 
 
@@ -103,7 +142,8 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(host_tensors(recipe, index, checkpoint, store), str(tmp / HOST_FILE), metadata={"format": "np"})
+        tensors = host_tensors(recipe, index, checkpoint, store)
+        save_file(tensors, str(tmp / HOST_FILE), metadata={"format": "np"})
         (tmp / HOST_FILE).chmod(0o644)  # it is written 0600; bundles are copied and read by others
         tokenizer = None
         if family_of(recipe.family).needs_tokenizer(recipe):
@@ -126,6 +166,13 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                 tiles.append({**entry, "rows": e["rows"]})
             else:
                 layers.append(entry)
+        # The cpu head's int8 products, for the backends with an interpreter (runner/lm_head.py).
+        int8_head = None
+        tables = family_of(recipe.family).INT8_TABLES
+        if tables and {"cpu", "edgetpu"} & set(recipe.flavors):
+            (name,) = tables
+            int8_head = write_int8_head(tmp, name, tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"],
+                                        store)
         # A tied LM head cut into tiles of `tile_rows` vocabulary rows (runner/lm_head.py).
         lm_head = {"tile_rows": tiles[0]["out"], "vocab_size": tiles[-1]["rows"][1], "tiles": tiles} if tiles else None
         manifest = {
@@ -137,7 +184,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
             "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
-            "lm_head": lm_head,
+            "lm_head": lm_head, "int8_head": int8_head,
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

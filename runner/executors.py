@@ -23,7 +23,7 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import load_delegate, quiet_info, require_interpreter, threads
+from .interpreter import load_delegate, quiet_info, require_interpreter, threads, without_xnnpack
 from .nn import float_linear
 from .quant import QuantizedLinear
 
@@ -61,15 +61,17 @@ class TemplateInterpreter:
     """A patched template (uncompiled, or compiled with the Edge TPU delegate) run `batch` rows at a time.
 
     `model` is a file (memory-mapped by the interpreter) or the model's bytes; with `layer`,
-    the model's shape must be the one the manifest gives."""
+    the model's shape must be the one the manifest gives. `xnnpack=False`: TFLite's builtin
+    kernels only (runner/interpreter.py `without_xnnpack`)."""
 
-    def __init__(self, model: Path | bytes, layer: Layer | None = None, delegates=None):
+    def __init__(self, model: Path | bytes, layer: Layer | None = None, delegates=None, xnnpack: bool = True):
         Interpreter = require_interpreter()
         where = "model bytes" if isinstance(model, bytes) else str(model)
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
         try:
             with quiet_info():
-                self.interpreter = Interpreter(**source, experimental_delegates=delegates, num_threads=threads())
+                self.interpreter = Interpreter(**source, experimental_delegates=delegates, num_threads=threads(),
+                                               **({} if xnnpack else without_xnnpack()))
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e

@@ -23,14 +23,14 @@ import tempfile
 from .packages import missing
 
 try:
-    from ai_edge_litert.interpreter import Interpreter, load_delegate
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType, load_delegate
     INTERPRETER = "ai-edge-litert"
 except ImportError:  # pragma: no cover - depends on what the machine has
     try:
-        from tflite_runtime.interpreter import Interpreter, load_delegate
+        from tflite_runtime.interpreter import Interpreter, OpResolverType, load_delegate
         INTERPRETER = "tflite-runtime"
     except ImportError:
-        Interpreter = load_delegate = None
+        Interpreter = load_delegate = OpResolverType = None
         INTERPRETER = None
 
 
@@ -53,6 +53,13 @@ def use_threads(n: int) -> None:
 
 def threads() -> int:
     return _threads
+
+
+def without_xnnpack() -> dict:
+    """Interpreter arguments that keep TFLite's own kernels. XNNPACK, applied by default, packs
+    a model's weights into memory of its own: for the int8 LM head that is the whole table
+    again (168 MB at 270M), where the builtin kernels read the memory-mapped file."""
+    return {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
 
 
 INTERPRETER_PURPOSE = ("the cpu and edgetpu backends run TFLite with it; where it has no wheel, "

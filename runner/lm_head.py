@@ -127,7 +127,9 @@ class Int8Tiles:
 
     def __init__(self, head: Int8Head):
         self.head = head
-        self.models = [TemplateInterpreter(f.path) for f in head.files]
+        # Without XNNPACK: it would pack a copy of the table (168 MB at 270M) for 1.5x the speed
+        # (measured: 27 against 41 ms per head call, peak RSS 376 against 213 MiB).
+        self.models = [TemplateInterpreter(f.path, xnnpack=False) for f in head.files]
         for f, m in zip(head.files, self.models):
             if (m.batch, m.n_in) != (head.batch, head.n_in) or head.batch != 2:
                 raise BundleError(f"{f.path}: runs {m.batch} rows of {m.n_in}; the manifest's int8_head says "

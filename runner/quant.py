@@ -36,8 +36,11 @@ def quantize_rows(x: np.ndarray, zp_in: int, input_scale: float | None = None) -
     """
     x = np.asarray(x, np.float32)
     scale = symmetric_scales(x) if input_scale is None else np.full(len(x), input_scale, np.float32)
-    codes = np.rint(x / scale[:, None]) + zp_in
-    return np.clip(codes, 0, 255).astype(np.uint8), scale
+    codes = np.divide(x, scale[:, None])  # one float buffer, worked on in place from here
+    np.rint(codes, out=codes)
+    codes += zp_in
+    np.clip(codes, 0, 255, out=codes)
+    return codes.astype(np.uint8), scale
 
 
 @dataclass
@@ -61,7 +64,10 @@ class QuantizedLinear:
         rows = x.reshape(-1, shape[-1])
         x_u8, s_r = quantize_rows(rows, self.zp_in, self.input_scale)
         y_u8 = self.backend(x_u8)
-        y = (y_u8.astype(np.float32) - np.float32(self.zp_out)) * s_r[:, None] * self._out_scale
+        y = y_u8.astype(np.float32)  # the one float buffer of the output, then in place
+        y -= np.float32(self.zp_out)
+        y *= s_r[:, None]
+        y *= self._out_scale
         if self.bias is not None:
             y += self.bias
         return y.reshape(*shape[:-1], -1)

@@ -21,8 +21,8 @@ Two options of the TPU heads:
   reference project's shortlist: a token in a tile left out cannot be chosen.
 - `rescore K`: the TPU logits choose K candidates and the int8 table gives their
   exact logits (the `cpu` head's values: the same two int8 parts, in numpy); every
-  other token gets -inf. Greedy
-  decoding then equals the `cpu` head's whenever its best token is among the K.
+  other token gets -inf. Greedy decoding then equals the `cpu` head's whenever its
+  best token is among the K.
 
 Logits a head does not compute are -inf. Counters (`HeadStats`) say per step what
 the head did: tiles run, LRU hits, misses and evictions, tokens rescored.

@@ -18,7 +18,8 @@ DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo-gemma"
 sys.path.insert(0, str(DEMO))
 import conversations  # noqa: E402
 
-TRAINING_CONVERSATIONS = 13000  # 1000 steps of 12, drawn in pools of 768: all train.py uses
+POOL = 64 * 10  # train.py draws conversations in pools of 64 batches of 10
+EASY_POOLS, POOLS = -(-250 // 64), -(-750 // 64)  # 250 easy steps, then 750
 
 
 def rows(name):
@@ -67,13 +68,14 @@ def test_heldout_phrasings_and_values_never_occur_in_training_or_calibration():
     for row in rows("calibration.jsonl"):
         for text in user_texts(row["messages"]):
             assert not pattern.search(text), text
-    gen = conversations.Generator(seed=100)  # the stream train.py trains on (seed 0 + 100)
-    for _ in range(TRAINING_CONVERSATIONS):
+    easy = conversations.Generator(seed=200, easy=True)  # the streams train.py trains on
+    normal = conversations.Generator(seed=100)
+    streams = [easy] * (EASY_POOLS * POOL) + [normal] * (POOLS * POOL)
+    for gen in streams:
         c = gen.conversation()
         for text in user_texts(c["messages"]):
             assert not pattern.search(text), text
-        calls = [m for m in c["messages"] if m["role"] == "assistant"] + [c["answer"]]
-        for m in calls:
+        for m in [m for m in c["messages"] if m["role"] == "assistant"] + [c["answer"]]:
             for call in m.get("tool_calls", []):
                 assert call["function"]["arguments"].get("minutes") not in conversations.HELDOUT_VALUES["minutes"]
 

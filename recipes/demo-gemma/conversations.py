@@ -198,10 +198,12 @@ AFTER_CALL = "Done."
 
 class Generator:
     """Seeded conversations. `heldout=False`: training phrasings and values (made-up values
-    included); `heldout=True`: only held-out phrasings and values."""
+    included); `heldout=True`: only held-out phrasings and values; `easy=True` (the start of
+    training): one or two tools, made-up values only, three to five earlier exchanges, so
+    that each sequence holds many values to copy and little else."""
 
-    def __init__(self, seed: int, heldout: bool = False):
-        self.rng, self.heldout = random.Random(seed), heldout
+    def __init__(self, seed: int, heldout: bool = False, easy: bool = False):
+        self.rng, self.heldout, self.easy = random.Random(seed), heldout, easy
         banned = {str(v).lower() for values in HELDOUT_VALUES.values() for v in values}
         self._banned = banned
 
@@ -224,7 +226,7 @@ class Generator:
             return rng.choice(HELDOUT_VALUES[slot])
         if slot == "minutes":
             return rng.choice(TRAIN_MINUTES)
-        made_up = rng.random() < 0.5
+        made_up = self.easy or rng.random() < 0.75  # mostly made up: only copying gets them right
         if slot == "city":
             return self._casing(self._made_up((1, 3), (1, 2)) if made_up else rng.choice(CITIES))
         if slot == "to":
@@ -252,16 +254,21 @@ class Generator:
 
     def dress(self, text: str, answer: dict) -> str:
         """How people type: a capital or not, a greeting or `please`, an end mark or none.
-        No trailing word after a message: it could be the message's last word."""
+        No trailing word after a message (it could be the message's last word), and no
+        capital on a request that starts with a value (the call copies it as written)."""
         rng = self.rng
+        calls = answer.get("tool_calls", [])
+        values = [str(v) for c in calls for v in c["function"]["arguments"].values()]
+        capital = not any(text.startswith(v) for v in values)
         if self.heldout:
-            return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+            return text[0].upper() + text[1:] if capital and rng.random() < 0.5 else text
         if rng.random() < 0.1:
             text = rng.choice(["hey, ", "ok ", "hi, ", "so ", "um ", "quick one: "]) + text
-        message = any(c["function"]["name"] == "send_message" for c in answer.get("tool_calls", []))
+            capital = True
+        message = any(c["function"]["name"] == "send_message" for c in calls)
         if rng.random() < 0.08 and not text.endswith("please") and not message:
             text += rng.choice([" please", ", please", " thanks", " now"])
-        if rng.random() < 0.5:
+        if capital and rng.random() < 0.5:
             text = text[0].upper() + text[1:]
         if text[-1] not in "?!.":
             text += rng.choice(["", "", "", ".", "?", "!"])
@@ -271,6 +278,8 @@ class Generator:
         """One request against the declared tools `names`, and the model's answer to it."""
         rng = self.rng
         kind = rng.random()
+        if self.easy and not (0.08 <= kind < 0.16 and len(names) >= 2):
+            kind = max(kind, 0.3)  # easy conversations: calls only
         missing = [n for n in TOOL_NAMES if n not in names]
         if kind < 0.16 and len(names) >= 2 and kind >= 0.08:  # two requests, two calls
             first, second = rng.sample(names, 2)
@@ -290,12 +299,15 @@ class Generator:
         """A random subset of the tools in random order, maybe a system turn, 0-3 finished
         exchanges (training; held-out ones have at most one), then the request to answer."""
         rng = self.rng
-        declared = rng.sample(TOOLS, rng.randint(1, len(TOOLS)))
+        declared = rng.sample(TOOLS, rng.randint(1, 2 if self.easy else len(TOOLS)))
         names = [t["function"]["name"] for t in declared]
         messages = []
         if self.heldout or rng.random() < 0.85:
             messages.append({"role": "developer", "content": SYSTEM})
-        earlier = int(rng.random() < 0.2) if self.heldout else rng.choice([0, 0, 0, 1, 1, 2, 2, 3])
+        if self.heldout:
+            earlier = int(rng.random() < 0.2)
+        else:
+            earlier = rng.choice([3, 4, 5] if self.easy else [0, 0, 0, 1, 1, 2, 2, 3])
         for _ in range(earlier):
             request, answer = self.exchange(names)
             messages += [{"role": "user", "content": self.dress(request, answer)}, {"role": "assistant", **answer}]

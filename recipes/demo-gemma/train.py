@@ -1,0 +1,358 @@
+"""Build and train the demo Function-Gemma: a small Gemma-3 that answers in Function-Gemma's format.
+
+    # from the repository root; about an hour of CPU time on 2 threads (train_log.json)
+    python recipes/demo-gemma/train.py                 # assets, training, model.safetensors
+    python recipes/demo-gemma/train.py --assets-only   # tokenizer, configs, data files only
+    python recipes/demo-gemma/evaluate.py              # held-out exact match (transformers and runner)
+
+Writes into this directory (or --out):
+
+- tokenizer.json, tokenizer_config.json (with the chat template from template.jinja),
+  config.json: see build_tokenizer.py and `model_config`;
+- calibration.jsonl: 64 conversations (tools + messages) from the training distribution,
+  for the build's calibration;
+- verify.jsonl: 240 held-out conversations (tools, messages, expected calls; an empty list
+  where the answer is text) whose phrasings and slot values never occur in training or
+  calibration (conversations.py, `heldout=True`);
+- model.safetensors (float16) and train_log.json (loss curve, wall and CPU time, settings).
+
+Interrupted, the same command continues where the run stopped: every 25 steps the weights,
+AdamW's moments and the data streams' positions are saved to .train_state (safetensors and
+JSON), and a continued run ends with the same bytes as an uninterrupted one.
+
+Data: conversations.py generates conversations on the fly (seeded), rendered through the
+chat template. The loss is on the model's turns only (each call closed by
+<start_function_response>, each text answer closed by <end_of_turn>), all of them in a
+conversation, so one rendering of the declarations serves several answers; the LM head
+runs on those positions only. Batches group conversations of similar length. The first
+--easy-steps steps draw "easy" conversations (one or two tools, made-up values only, many
+exchanges): copying a value out of the request is what a small model learns last, and
+these sequences are dense in values to copy.
+
+Model: Gemma3ForCausalLM, hidden 256, 4 layers (sliding, full, sliding, full; window 64),
+4 query heads of 64 sharing 1 key-value head (grouped-query attention as in Gemma-3 270M),
+MLP 256, tied embeddings over a 4096-token vocabulary. So q_proj, o_proj and the MLP
+linears are 256x256 and k_proj, v_proj are 256 -> 64. AdamW with warmup and cosine decay,
+seeded; torch runs on at most 2 threads; batches of 10 conversations, 1000 steps. Same
+command, same files (torch's CPU kernels are deterministic for this model; the step count
+is fixed, not a time budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import build_tokenizer  # noqa: E402
+from conversations import Generator, expected_calls  # noqa: E402
+
+VOCAB = 4096
+TOKENIZER_CORPUS = 20000  # conversations the BPE is learned from
+CONTEXT = 1024
+
+
+def model_config() -> dict:
+    """config.json of the demo (read by transformers and by runner/gemma.py)."""
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": VOCAB,
+        "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "query_pre_attn_scalar": 64,
+        "sliding_window": 64,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        "tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": [1, 5], "bos_token_id": 2,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "torch_dtype": "float16",
+    }
+
+
+def write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def render_turn(chat, conversation: dict) -> tuple[str, str]:
+    """(prompt, prompt + the model's turn) as the chat template writes them."""
+    text, spans = render_with_answers(chat, conversation)
+    return text[:spans[-1][0]], text
+
+
+def render_with_answers(chat, conversation: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The whole conversation, answer included, and the character spans of every model
+    turn in it (the earlier ones too): what the loss is computed on. Each span is what
+    the template adds for one assistant message: after a call it ends with
+    <start_function_response> (the model hands over to the tool), after text with
+    <end_of_turn>."""
+    tools = conversation["tools"]
+    messages = conversation["messages"] + [dict(role="assistant", **conversation["answer"])]
+    spans, text = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = chat.render(messages[:i], tools, add_generation_prompt=True)
+        text = chat.render(messages[:i + 1], tools, add_generation_prompt="tool_calls" in message)
+        if not text.startswith(before) or (spans and not before.startswith(text[:spans[-1][1]])):
+            raise AssertionError("the chat template does not render the conversation as a growing prefix")
+        spans.append((len(before), len(text)))
+    return text, spans
+def build_assets(out: Path) -> None:
+    from runner.chat import ChatTemplate, special_tokens
+
+    template = (HERE / "template.jinja").read_text()
+    config = build_tokenizer.tokenizer_config(template, CONTEXT)
+    chat = ChatTemplate(template, special_tokens(config))
+    gen = Generator(seed=1)
+    texts = [render_turn(chat, gen.conversation())[1] for _ in range(TOKENIZER_CORPUS)]
+    tokenizer = build_tokenizer.build(texts, VOCAB)
+    assert tokenizer.get_vocab_size() == VOCAB, tokenizer.get_vocab_size()
+    write(out / "tokenizer.json", tokenizer.to_str())
+    write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write(out / "config.json", json.dumps(model_config(), indent=2) + "\n")
+    gen = Generator(seed=2)
+    rows = []
+    for _ in range(64):
+        c = gen.conversation()
+        rows.append({"tools": c["tools"], "messages": c["messages"]})
+    write(out / "calibration.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    gen = Generator(seed=3, heldout=True)
+    rows = []
+    for _ in range(240):
+        c = gen.conversation()
+        rows.append({"tools": c["tools"], "messages": c["messages"], "expected": expected_calls(c["answer"])})
+    write(out / "verify.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+class Batches:
+    """Seeded (ids, targets) batches: conversations grouped by length, right-padded."""
+
+    def __init__(self, out: Path, seed: int, batch: int, pool: int = 64, easy: bool = False):
+        from runner.chat import Chat
+        self.chat, self.batch, self.pool = Chat.from_dir(out), batch, pool
+        self.gen, self.rng, self.queue = Generator(seed=seed, easy=easy), random.Random(seed + 1), []
+
+    def _example(self):
+        """(token ids, indices of the tokens to predict) of one conversation."""
+        text, spans = render_with_answers(self.chat.template, self.gen.conversation())
+        encoding = self.chat.tokenizer.encode(text, add_special_tokens=False)
+        targets = []
+        for i, (a, b) in enumerate(encoding.offsets):
+            for lo, hi in spans:
+                if lo <= a < hi:
+                    assert b <= hi, "a token crosses the end of a model turn"
+                    targets.append(i)
+        return encoding.ids, targets
+
+    def state(self) -> dict:
+        """Everything needed to continue the stream exactly (JSON: no pickle)."""
+        return {"gen": _rng_state(self.gen.rng), "rng": _rng_state(self.rng), "queue": self.queue}
+
+    def restore(self, state: dict) -> None:
+        self.gen.rng.setstate(_rng_tuple(state["gen"]))
+        self.rng.setstate(_rng_tuple(state["rng"]))
+        self.queue = [[(list(ids), list(pred)) for ids, pred in group] for group in state["queue"]]
+
+    def __next__(self):
+        import torch
+        if not self.queue:
+            examples = sorted((self._example() for _ in range(self.batch * self.pool)), key=lambda e: len(e[0]))
+            groups = [examples[i:i + self.batch] for i in range(0, len(examples), self.batch)]
+            self.rng.shuffle(groups)
+            self.queue = groups
+        group = self.queue.pop()
+        width = max(len(ids) for ids, _ in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)  # <pad> = 0
+        targets = torch.full((len(group), width), -100, dtype=torch.long)
+        for row, (seq, predict) in enumerate(group):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            where = torch.tensor(predict)
+            targets[row, where - 1] = ids[row, where]  # position t predicts token t + 1
+        return ids, targets
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_tuple(state: list) -> tuple:
+    return state[0], tuple(state[1]), state[2]
+
+
+def loss_on_answers(model, ids, targets):
+    """Cross-entropy on the answer positions only, through the tied head."""
+    import torch
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    where = targets != -100
+    logits = hidden[where] @ model.model.embed_tokens.weight.T
+    return torch.nn.functional.cross_entropy(logits, targets[where])
+
+
+def save_weights(model, path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}  # tied to model.embed_tokens.weight
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def save_state(directory: Path, step: int, model, optimizer, streams: dict, log: list, spent: dict) -> None:
+    """The run so far, to continue it after an interruption: weights and AdamW moments in
+    float32 safetensors, the rest (step, data streams, log, time spent) in JSON."""
+    import torch
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st:
+                name = names[id(p)]
+                tensors[f"adam/{name}/exp_avg"] = st["exp_avg"].contiguous()
+                tensors[f"adam/{name}/exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                tensors[f"adam/{name}/step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    save_file(tensors, str(directory / ".state.safetensors.tmp"))
+    write(directory / "state.json", json.dumps({"step": step, "streams": streams, "log": log, "spent": spent}))
+    (directory / ".state.safetensors.tmp").replace(directory / "state.safetensors")
+
+
+def load_state(directory: Path, model, optimizer):
+    """(step, streams, log, spent) of a saved run; the model and optimizer are filled in."""
+    import torch
+    from safetensors.torch import load_file
+    meta = json.loads((directory / "state.json").read_text())
+    tensors = load_file(str(directory / "state.safetensors"))
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=False)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if f"adam/{name}/exp_avg" in tensors:
+            optimizer.state[p] = {"step": torch.tensor(float(tensors[f"adam/{name}/step"][0])),
+                                  "exp_avg": tensors[f"adam/{name}/exp_avg"].clone(),
+                                  "exp_avg_sq": tensors[f"adam/{name}/exp_avg_sq"].clone()}
+    return meta["step"], meta["streams"], meta["log"], meta["spent"]
+
+
+def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int, log_every: int,
+          snapshot_every: int = 0, easy_steps: int = 0, save_every: int = 25, stop_after: int | None = None) -> dict:
+    """Train, saving the run's state every `save_every` steps in out/.train_state; started
+    again with the same arguments it continues from there, with the same result as an
+    uninterrupted run (same data, same updates)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(**model_config())
+    config._attn_implementation = "sdpa"
+    model = transformers.Gemma3ForCausalLM(config).float().train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = max(1, steps // 20)
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    streams = {"normal": Batches(out, seed=seed + 100, batch=batch),
+               "easy": Batches(out, seed=seed + 200, batch=batch, easy=True)}
+    state_dir = out / ".train_state"
+    settings = {"steps": steps, "easy_steps": easy_steps, "batch": batch, "lr": lr, "seed": seed}
+    start, log, spent = 0, [], {"seconds": 0.0, "cpu_seconds": 0.0}
+    if (state_dir / "state.json").exists():
+        start, saved, log, spent = load_state(state_dir, model, optimizer)
+        if spent.get("settings") != settings:
+            raise SystemExit(f"{state_dir}: a run with other settings ({spent.get('settings')}); remove it to start over")
+        for name, stream in streams.items():
+            stream.restore(saved[name])
+        print(f"continuing from step {start}", flush=True)
+    spent["settings"] = settings
+    t0, cpu0, window = time.perf_counter() - spent["seconds"], time.process_time() - spent["cpu_seconds"], []
+
+    def elapsed():
+        return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
+
+    for step in range(start, steps):
+        ids, targets = next(streams["easy"] if step < easy_steps else streams["normal"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(step)
+        loss = loss_on_answers(model, ids, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            entry = {"step": step + 1, "loss": round(sum(window) / len(window), 4), **elapsed(),
+                     "tokens_per_batch": int(ids.numel())}
+            log.append(entry)
+            window = []
+            print(json.dumps(entry), flush=True)
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            (out / "snapshots").mkdir(exist_ok=True)
+            save_weights(model, out / "snapshots" / f"step{step + 1}.safetensors")
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            save_state(state_dir, step + 1, model, optimizer, {k: v.state() for k, v in streams.items()}, log,
+                       {**elapsed(), "settings": settings})
+        if stop_after is not None and step + 1 == stop_after:
+            raise SystemExit(f"stopped after step {stop_after} (--stop-after)")
+    save_weights(model, out / "model.safetensors")
+    # cpu_seconds counts every thread: on an otherwise idle machine the wall time is about
+    # cpu_seconds / threads (the machine this ran on was shared, so its wall time is longer)
+    return {**settings, "threads": threads, **elapsed(), "final_loss": log[-1]["loss"], "log": log}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--easy-steps", type=int, default=250, help="start with this many steps of easy "
+                   "conversations (conversations.py): the model learns to copy values sooner")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=25, help="save the run's state every N steps "
+                   "(out/.train_state): the same command continues an interrupted run")
+    p.add_argument("--stop-after", type=int, help="stop after N steps, as an interruption would (tests resuming)")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also save the weights every N steps "
+                   "(to --out/snapshots), to evaluate a run as it goes")
+    p.add_argument("--assets-only", action="store_true")
+    p.add_argument("--skip-assets", action="store_true", help="train on the assets already in --out")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_assets:
+        t = time.perf_counter()
+        build_assets(args.out)
+        print(f"assets written to {args.out} in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.assets_only:
+        return 0
+    result = train(args.out, args.steps, args.batch, args.lr, args.seed, args.threads, args.log_every,
+                   args.snapshot_every, args.easy_steps, args.save_every, args.stop_after)
+    write(args.out / "train_log.json", json.dumps(result, indent=1) + "\n")
+    import shutil
+    shutil.rmtree(args.out / ".train_state", ignore_errors=True)
+    print(f"trained {args.steps} steps in {result['seconds']} s ({result['cpu_seconds']} CPU seconds), "
+          f"final loss {result['final_loss']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

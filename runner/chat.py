@@ -36,13 +36,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import UserError
+from .jsonfile import read_json
+from .packages import missing
+from .tokenizer import TokenizerError, load_tokenizer
+
 MIN_JINJA = (3, 1, 6)  # older versions have known sandbox escapes (transformers refuses them too)
 MAX_TEMPLATE_BYTES = 1 << 20
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class ChatError(ValueError):
+class ChatError(UserError):
     """A chat template, tokenizer config or conversation that cannot be rendered."""
 
 
@@ -52,7 +57,7 @@ def _jinja():
         import jinja2.ext
         import jinja2.sandbox
     except ImportError as e:  # pragma: no cover - depends on the machine
-        raise ChatError("chat templates need the jinja2 package: pip install 'jinja2>=3.1.6'") from e
+        raise missing("jinja2", "it renders chat templates") from e
     version = tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit())
     if version < MIN_JINJA:
         raise ChatError(f"jinja2 {jinja2.__version__} has known sandbox escapes; install jinja2>=3.1.6")
@@ -311,7 +316,6 @@ class Chat:
         transformers builds it: tokens that `tokenizer_config.json` names as special
         (or lists in `added_tokens_decoder`) and that are in the vocabulary are matched
         whole in text, as added tokens are."""
-        from .tokenize import load_tokenizer
         directory = Path(directory)
         template = ChatTemplate.from_dir(directory)
         tokenizer = load_tokenizer(directory / "tokenizer.json")
@@ -322,7 +326,6 @@ class Chat:
     def encode(self, messages, tools=None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """The token ids of `apply_chat_template(..., tokenize=True)`: the rendered text,
         encoded without the tokenizer adding special tokens (the template wrote them)."""
-        from .tokenize import TokenizerError
         text = self.template.render(messages, tools, add_generation_prompt, **kwargs)
         for token, where in self.missing.items():
             if token in text:  # transformers would give it a new id past the vocabulary
@@ -390,7 +393,6 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    from .jsonfile import read_json
     config = read_json(path, ChatError, 16 << 20)
     if not isinstance(config, dict):
         raise ChatError(f"{path}: expected a JSON object")

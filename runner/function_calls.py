@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 START_CALL, END_CALL = "<start_function_call>", "<end_function_call>"
 START_RESPONSE, END_RESPONSE = "<start_function_response>", "<end_function_response>"

@@ -98,10 +98,10 @@ def test_the_runner_answers_held_out_requests_with_the_exact_calls():
     if not (DEMO / "model.safetensors").exists():
         pytest.skip("no trained weights")
     from runner.checkpoint import Checkpoint
-    from runner.clip import float_linear
     from runner.gemma import Gemma
     from runner.generate import Sampler, generate
     from runner.lm_head import FloatHead
+    from runner.nn import float_linear
 
     config = GemmaConfig.from_dict(json.loads((DEMO / "config.json").read_text()))
     checkpoint = Checkpoint(DEMO)

@@ -15,6 +15,8 @@ Where things are, from the command line down:
     generate.py       Gemma decoding: sampling, prefill, one token at a time
     lm_head.py        Gemma's tied LM head: cpu, tpu-preload, tpu-lazy, fp32
     tokenizer.py      text to token ids and back
+    chat.py           a checkpoint's chat template rendered as transformers does (jinja2's sandbox)
+    function_calls.py Function-Gemma answers parsed into calls typed by the tools' schemas
     images.py         images to CLIP pixels
     photos.py         `index` and `search`: a directory of photos embedded once, searched by text or image
 

@@ -2,8 +2,8 @@
 
 Where things are, from the command line down:
 
-    __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, check, selftest,
-                      index, search
+    __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, call, check,
+                      selftest, index, search
     load.py           start-up for either family: open a bundle, build its model on a backend
     families.py       the model families by the name a manifest gives them (the one place that names them)
     bundle.py         a bundle's manifest read and checked; its host tensors memory-mapped

@@ -3,6 +3,7 @@
     clip-image BUNDLE IMAGE...  [--image-f32le] [--out FILE.npy]   image embeddings
     clip-text  BUNDLE TEXT...   [--out FILE.npy]                   text embeddings
     zero-shot  BUNDLE IMAGE... --labels "a cat,a dog"              label probabilities per image
+    call       BUNDLE [REQUEST] --tools tools.json [--messages conversation.json]   a function call, parsed
     gemma      BUNDLE (--prompt TEXT | --token-ids 2,818,5279) --steps N --lm-head cpu|tpu-preload|tpu-lazy
                [--lm-cache-capacity N] [--shortlist N] [--rescore K]
                [--temperature T --top-k K --seed S] [--ignore-eos]   text, streamed
@@ -42,13 +43,18 @@ except ModuleNotFoundError:  # every module needs it: one line saying how to ins
 
 from . import photos
 from .bundle import BundleError
+from .chat import Chat, ChatError
 from .check import check_bundle, selftest
 from .errors import UserError
 from .executors import BACKENDS
 from .families import CLIP_FAMILY, GEMMA_FAMILY
-from .generate import Sampler, generate, stop_ids
+from .function_calls import parse_answer
+from .function_calls import stop_ids as call_stop_ids
+from .generate import Sampler, generate
+from .generate import stop_ids as gemma_stop_ids
 from .images import load_f32le, load_image
 from .interpreter import available_cores, use_threads
+from .jsonfile import read_json
 from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
 from .load import Loaded, clip_tokenizer, load
 from .nn import softmax
@@ -211,7 +217,7 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     else:
         prompt = args.token_ids
     sampler = Sampler(args.temperature, args.top_k, args.seed)
-    stop = set() if args.ignore_eos else stop_ids(model.config)
+    stop = set() if args.ignore_eos else gemma_stop_ids(model.config)
     rounds = []
     for r in range(args.rounds):
         steps, shown = [], ""
@@ -271,6 +277,60 @@ def gemma_command(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print_gemma(result)
+    return 0
+
+
+# -- call: tools in, a function call out ---------------------------------------------------
+
+MAX_CALL_INPUT_BYTES = 8 << 20  # a tools or messages file
+
+
+def call_command(args: argparse.Namespace) -> int:
+    """Render the conversation (and tools) with the bundle's chat template, as transformers'
+    apply_chat_template does; decode greedily to a Function-Gemma stop token; parse the turn."""
+    tools = read_json(args.tools, ChatError, MAX_CALL_INPUT_BYTES) if args.tools else None
+    messages = read_json(args.messages, ChatError, MAX_CALL_INPUT_BYTES) if args.messages else []
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ChatError(f"{args.tools}: tools are a JSON list of objects, each {{type: function, function: "
+                        "{name, description, parameters}}")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ChatError(f"{args.messages}: a conversation is a JSON list of message objects")
+    if args.request:
+        messages = [*messages, {"role": "user", "content": args.request}]
+    if not messages:
+        raise ChatError("nothing to answer: give a request, or --messages FILE")
+    t0 = time.perf_counter()
+    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head)
+    if not loaded.bundle.chat:
+        raise BundleError(f"{loaded.bundle.dir}: no chat template in the bundle (the checkpoint had no "
+                          "tokenizer_config.json with chat_template, nor chat_template.jinja)")
+    chat = Chat.from_dir(loaded.bundle.dir)
+    prompt = chat.encode(messages, tools)
+    stop = call_stop_ids(chat.tokenizer, gemma_stop_ids(loaded.model.config), parallel=args.parallel)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    say_backend(args, loaded)
+    steps = list(generate(loaded.model, loaded.head, prompt, args.steps, Sampler(), stop))
+    tokens = [s.token for s in steps]
+    text = chat.tokenizer.decode(tokens, skip_special_tokens=False)  # the function tokens are the syntax
+    answer = parse_answer(text, tools)
+    decode_ms = [s.ms for s in steps[1:]]
+    result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
+              **answer.to_json(), "prompt_tokens": prompt, "tokens": tokens,
+              "stopped": "stop" if tokens[-1] in stop else "steps" if len(tokens) == args.steps else "context",
+              "setup_ms": round(setup_ms, 2), "prefill_ms": round(steps[0].ms, 2),
+              "ms_per_token": round(float(np.mean(decode_ms)), 2) if decode_ms else None}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for call in result["calls"]:
+        print(json.dumps(call))
+    for bad in result.get("malformed", []):
+        print(f"malformed call: {json.dumps(bad)}")
+    if not result["calls"] and result.get("text"):
+        print(result["text"])
+    print(f"call on {result['backend']}: setup_ms {result['setup_ms']:.1f}, prefill_ms {result['prefill_ms']:.1f} "
+          f"({len(prompt)} prompt tokens), ms_per_token {result['ms_per_token'] or 0:.1f} "
+          f"({len(tokens)} tokens, stopped at {result['stopped']})", file=sys.stderr)
     return 0
 
 
@@ -503,6 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     gemma.add_argument("--seed", type=at_least(0), default=0, help="the sampler's random seed")
     gemma.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     gemma.set_defaults(func=gemma_command)
+
+    call = command("call", "a Function-Gemma bundle: tools and a request in, the function call out",
+                   'call artifacts/bundles/fg --tools tools.json "Set a timer for 10 minutes"',
+                   "call artifacts/bundles/fg --tools tools.json --messages conversation.json --json",
+                   parents=[common])
+    call.add_argument("request", nargs="?", metavar="REQUEST", help="the user's request (a last user turn)")
+    call.add_argument("--tools", metavar="FILE", help="a JSON list of tools, {type: function, function: {name, "
+                      "description, parameters}}, as transformers' apply_chat_template(tools=...) takes them")
+    call.add_argument("--messages", metavar="FILE", help="a JSON list of messages before REQUEST (roles developer, "
+                      "system, user, model, assistant, tool), e.g. a function's result to answer")
+    call.add_argument("--steps", type=at_least(1), default=128, metavar="N", help="tokens to generate at most")
+    call.add_argument("--lm-head", choices=HEAD_MODES, default="cpu", help="as for gemma")
+    call.add_argument("--parallel", action="store_true",
+                      help="let the model make several calls in one turn (do not stop at <end_function_call>)")
+    call.set_defaults(func=call_command)
 
     check = command("check", "is the bundle whole (sha256 of every file); which backends run here",
                     "check artifacts/bundles/demo-clip", "check bundles/demo-clip --quick --json")

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +121,10 @@ class HostTensors:
 
 class Bundle:
     def __init__(self, directory: Path, manifest: dict, layers: list[Layer], host: HostTensors,
-                 tokenizer: BundleFile | None, lm_head: LMHead | None = None, int8_head: Int8Head | None = None):
+                 tokenizer: BundleFile | None, lm_head: LMHead | None = None, int8_head: Int8Head | None = None,
+                 chat: list[BundleFile] | None = None):
         self.dir, self.manifest, self.layers, self.host, self.tokenizer = directory, manifest, layers, host, tokenizer
-        self.lm_head, self.int8_head = lm_head, int8_head
+        self.lm_head, self.int8_head, self.chat = lm_head, int8_head, chat or []
         self.family: str = manifest["family"]
         self.config: dict = manifest["config"]
         self.towers: list[str] = manifest["towers"]
@@ -138,7 +139,7 @@ class Bundle:
             problem = size_problem(f, what)
             if problem:
                 raise BundleError(problem)
-        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head, m.int8_head)
+        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head, m.int8_head, m.chat)
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -180,6 +181,7 @@ class Manifest:
     tokenizer: BundleFile | None
     lm_head: LMHead | None = None
     int8_head: Int8Head | None = None
+    chat: list[BundleFile] = field(default_factory=list)  # tokenizer_config.json, chat_template.jinja
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -189,6 +191,7 @@ class Manifest:
         """Every file the manifest names (with `flavor`, of the layers only that flavor's),
         with what it is for."""
         out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
+        out += [(f"chat {f.path.name}", f) for f in self.chat]
         for layer in self.tpu_layers:
             out += [(f"layer {layer.name} {f}", file) for f, file in layer.files.items() if flavor in (None, f)]
         if self.int8_head and flavor != "params":  # the cpu head's, on the interpreter backends
@@ -279,7 +282,17 @@ def read_manifest(directory: str | Path) -> Manifest:
                              _field(w, int8_head, "in", int, lambda v: 0 < v <= 1 << 20),
                              _field(w, int8_head, "batch", int, lambda v: 0 < v <= 16),
                              [file(e, f"int8_head.files[{i}]") for i, e in enumerate(files)])
-    return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head)
+    chat = _field(where, manifest, "chat", list) if manifest.get("chat") is not None else []
+    chat = [file(e, f"chat[{i}]") if isinstance(e, dict) and e.get("path") in CHAT_FILES else
+            _bad(f"{where}: chat[{i}]: one of {', '.join(CHAT_FILES)}, beside the manifest") for i, e in enumerate(chat)]
+    return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head, chat)
+
+
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
+
+
+def _bad(message: str):
+    raise BundleError(message)
 
 
 def _lm_head(where: str, head: dict, layer) -> "LMHead":

@@ -25,7 +25,8 @@ def commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_argument_has_help_and_every_command_an_example():
     found = commands()
-    assert set(found) == {"clip-image", "clip-text", "zero-shot", "gemma", "check", "selftest", "index", "search"}
+    assert set(found) == {"clip-image", "clip-text", "zero-shot", "gemma", "call", "check", "selftest", "index",
+                          "search"}
     for name, parser in found.items():
         missing = [a.dest for a in parser._actions if not (a.help or "").strip()]
         assert not missing, (name, missing)

@@ -6,6 +6,9 @@
                          on the CPU; no float copy of a layer that runs on the TPU. Gemma's
                          tied embedding is int8 rows with a scale per row.
     tokenizer.json       when the text tower is in, and for Gemma
+    tokenizer_config.json, chat_template.jinja
+                         the checkpoint's, where it has them (manifest `chat`): the chat
+                         template `runner call` renders
     layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
                          every linear, and every LM-head tile (`lm_head.tiles.<i>`: listed
                          apart in the manifest's `lm_head`)
@@ -81,6 +84,7 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     return tensors
 
 
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where transformers looks for a chat template
 INT8_HEAD_ROWS = 16384  # vocabulary rows per model of the int8 cpu head: 10 MiB at Gemma's width 640
 INT8_HEAD_BATCH = 2  # the hidden state's two int8 parts (runner/lm_head.py)
 
@@ -145,10 +149,14 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
         tensors = host_tensors(recipe, index, checkpoint, store)
         save_file(tensors, str(tmp / HOST_FILE), metadata={"format": "np"})
         (tmp / HOST_FILE).chmod(0o644)  # it is written 0600; bundles are copied and read by others
-        tokenizer = None
+        tokenizer, chat = None, []
         if family_of(recipe.family).needs_tokenizer(recipe):
             shutil.copyfile(recipe.checkpoint_dir / "tokenizer.json", tmp / "tokenizer.json")
             tokenizer = _file_entry(tmp, "tokenizer.json")
+            for name in CHAT_FILES:  # the chat template (`runner call` renders it), where the checkpoint has one
+                if (recipe.checkpoint_dir / name).is_file():
+                    shutil.copyfile(recipe.checkpoint_dir / name, tmp / name)
+                    chat.append(_file_entry(tmp, name))
         layers, tiles = [], []
         for e in index["layers"]:
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
@@ -183,7 +191,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
-            "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "layers": layers,
+            "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "chat": chat, "layers": layers,
             "lm_head": lm_head, "int8_head": int8_head,
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }

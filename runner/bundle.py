@@ -31,6 +31,7 @@ SHA256_HEX = re.compile("[0-9a-f]{64}")
 FORMAT = "coral-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where transformers looks for a chat template
 HOST_FILE = "host.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20
 FLAVORS = ("params", "cpu", "edgetpu")
@@ -282,17 +283,12 @@ def read_manifest(directory: str | Path) -> Manifest:
                              _field(w, int8_head, "in", int, lambda v: 0 < v <= 1 << 20),
                              _field(w, int8_head, "batch", int, lambda v: 0 < v <= 16),
                              [file(e, f"int8_head.files[{i}]") for i, e in enumerate(files)])
-    chat = _field(where, manifest, "chat", list) if manifest.get("chat") is not None else []
-    chat = [file(e, f"chat[{i}]") if isinstance(e, dict) and e.get("path") in CHAT_FILES else
-            _bad(f"{where}: chat[{i}]: one of {', '.join(CHAT_FILES)}, beside the manifest") for i, e in enumerate(chat)]
+    chat = []
+    for i, e in enumerate(_field(where, manifest, "chat", list) if manifest.get("chat") is not None else []):
+        if not (isinstance(e, dict) and e.get("path") in CHAT_FILES):
+            raise BundleError(f"{where}: chat[{i}]: one of {', '.join(CHAT_FILES)}, beside the manifest")
+        chat.append(file(e, f"chat[{i}]"))
     return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head, chat)
-
-
-CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
-
-
-def _bad(message: str):
-    raise BundleError(message)
 
 
 def _lm_head(where: str, head: dict, layer) -> "LMHead":

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save_file
 
-from runner.bundle import FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
+from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
 from runner.checkpoint import Checkpoint
 from runner.tflite_file import parse_tflite
 
@@ -84,7 +84,6 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     return tensors
 
 
-CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where transformers looks for a chat template
 INT8_HEAD_ROWS = 16384  # vocabulary rows per model of the int8 cpu head: 10 MiB at Gemma's width 640
 INT8_HEAD_BATCH = 2  # the hidden state's two int8 parts (runner/lm_head.py)
 

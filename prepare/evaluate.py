@@ -70,7 +70,8 @@ class QuantizedLayers:
         for name, e in self.entries.items():
             q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
             self.layers[name] = emulated(DenseParams.make(q["weights"], q["multipliers"]), q["weight_scale"],
-                                         weights.get(f"{name}.bias"), e["zp_in"], e["zp_out"], e.get("input_scale"))
+                                         weights.get(f"{name}.bias"), e["zp_in"], e["zp_out"], e.get("input_scale"),
+                                         e.get("outputs"))
 
     @property
     def names(self) -> list[str]:
@@ -82,10 +83,12 @@ class QuantizedLayers:
 
 
 def emulated(params: DenseParams, weight_scale: np.ndarray, bias, zp_in: int, zp_out: int,
-             input_scale: float | None) -> QuantizedLinear:
-    """One int8 linear, its parameters emulated exactly (as the runner's `emulate` runs them)."""
-    return QuantizedLinear(DenseEmulator(params, zp_in, zp_out), weight_scale, params.multipliers, bias, zp_in,
-                           zp_out, input_scale)
+             input_scale: float | None, outputs: int | None = None) -> QuantizedLinear:
+    """One int8 linear, its parameters emulated exactly (as the runner's `emulate` runs them);
+    `outputs`: the layer's own, of a wider template's (the recipe's `pad_outputs`)."""
+    n = outputs or len(weight_scale)
+    return QuantizedLinear(DenseEmulator(params, zp_in, zp_out), weight_scale[:n], params.multipliers[:n], bias,
+                           zp_in, zp_out, input_scale)
 
 
 def mixed(int8: dict[str, QuantizedLinear], weights: Mapping[str, np.ndarray]) -> Linear:

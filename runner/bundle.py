@@ -68,6 +68,9 @@ class Layer:
     zp_out: int = 0
     files: dict | None = None  # flavor -> BundleFile
     input_scale: float | None = None  # static activations (quantization.activations): one scale per layer
+    # The outputs that are the layer's when its template is wider (`pad_outputs`): the first
+    # `outputs` of n_out; the rest come from zero rows and are dropped (runner/quant.py).
+    outputs: int | None = None
 
 
 def _field(where: str, obj: dict, key: str, kind, check=None):
@@ -265,9 +268,12 @@ def read_manifest(directory: str | Path) -> Manifest:
         input_scale = None
         if e.get("input_scale") is not None:
             input_scale = float(_field(w, e, "input_scale", (int, float), lambda v: 0 < v <= sys.float_info.max))
+        outputs = None
+        if e.get("outputs") is not None:
+            outputs = _field(w, e, "outputs", int, lambda v: 0 < v <= dims[1])
         return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
                      _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale)
+                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale, outputs)
 
     layers = [layer(e, f"{where}: layers[{i}]") for i, e in enumerate(_field(where, manifest, "layers", list))]
     head = manifest.get("lm_head")

@@ -155,6 +155,11 @@ def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) 
     """One TPU layer of the bundle on `backend`: host quantization around its Dense artifact."""
     dense = LazyDense(layer.files[FLAVOR[backend]].path, layer, backend, delegates)
     host = bundle.host
+    outputs = layer.outputs or layer.n_out
+    for t in ("weight_scale", "multipliers"):
+        if host[f"{layer.name}.{t}"].shape != (outputs,):
+            raise BundleError(f"{host.path}: {layer.name}.{t} has shape {list(host[f'{layer.name}.{t}'].shape)}, "
+                              f"the layer has {outputs} outputs")
     return QuantizedLinear(dense, host[f"{layer.name}.weight_scale"], host[f"{layer.name}.multipliers"],
                            host.get(f"{layer.name}.bias"), layer.zp_in, layer.zp_out, layer.input_scale)
 

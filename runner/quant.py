@@ -48,7 +48,9 @@ class QuantizedLinear:
     """One linear layer run through a uint8 Dense backend."""
 
     backend: DenseBackend
-    weight_scale: np.ndarray  # float32 [out]: s_w
+    # float32 [out]: s_w. A backend with more outputs (a template wider than the layer, its
+    # extra weight rows zero: the recipe's `pad_outputs`) has them dropped.
+    weight_scale: np.ndarray
     multipliers: np.ndarray  # float32 [out]: mult, as written into the parameters
     bias: np.ndarray | None  # float32 [out], applied on the host
     zp_in: int
@@ -63,7 +65,7 @@ class QuantizedLinear:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         x_u8, s_r = quantize_rows(rows, self.zp_in, self.input_scale)
-        y_u8 = self.backend(x_u8)
+        y_u8 = self.backend(x_u8)[:, : len(self._out_scale)]
         y = y_u8.astype(np.float32)  # the one float buffer of the output, then in place
         y -= np.float32(self.zp_out)
         y *= s_r[:, None]

@@ -19,7 +19,7 @@ A family module (clip.py, gemma.py) defines:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from typing import Callable
 
@@ -32,13 +32,17 @@ from ..demo_models import CONFIGS
 from ..recipe import Recipe
 
 
+HEAD_TILE = "lm_head.tiles."  # the name of a tied LM head's tile, before its index
+
+
 @dataclass(frozen=True)
 class LinearSpec:
-    name: str  # Hugging Face module path, or "lm_head.tiles.<i>" for a tile of a tied LM head
+    name: str  # Hugging Face module path, or HEAD_TILE + "<i>" for a tile of a tied LM head
     n_in: int
-    n_out: int
-    # Where its weight comes from: the checkpoint tensor (default `<name>.weight`) and, for an
-    # LM-head tile, the slice of that tensor's rows it takes (zero rows pad it to n_out).
+    n_out: int  # of its template: rows beyond its weight's are zero
+    # Where its weight comes from: the checkpoint tensor (default `<name>.weight`) and the
+    # slice of that tensor's rows it takes (an LM-head tile's; a padded linear's are all of
+    # them); zero rows pad it to n_out.
     tensor: str | None = None
     rows: tuple[int, int] | None = None
     # The calibration rows it quantizes against (default: the inputs recorded under its name).
@@ -46,15 +50,40 @@ class LinearSpec:
 
     @property
     def is_head_tile(self) -> bool:
-        return self.rows is not None
+        return self.name.startswith(HEAD_TILE)
+
+    @property
+    def outputs(self) -> int:
+        """The outputs it computes; the template's others come from zero rows."""
+        return self.n_out if self.rows is None else self.rows[1] - self.rows[0]
 
     def weight(self, checkpoint) -> np.ndarray:
         tensor = self.tensor or f"{self.name}.weight"
         if self.rows is None:
             return checkpoint[tensor]
+        # A head tile reads its slice of the (large) table only; a padded linear reads its
+        # weight whole, through whatever view (smoothing) the checkpoint is seen by.
+        rows = checkpoint.rows(tensor, *self.rows) if self.is_head_tile else checkpoint[tensor][slice(*self.rows)]
         tile = np.zeros((self.n_out, self.n_in), np.float32)
-        tile[: self.rows[1] - self.rows[0]] = checkpoint.rows(tensor, *self.rows)
+        tile[: len(rows)] = rows
         return tile
+
+    def bias(self, checkpoint) -> np.ndarray | None:
+        """Its bias, zero-padded like its weight (a head tile has none: the head is tied)."""
+        bias = None if self.is_head_tile else checkpoint.get(f"{self.name}.bias")
+        if bias is None or len(bias) == self.n_out:
+            return bias
+        return np.concatenate([bias, np.zeros(self.n_out - len(bias), np.float32)])
+
+
+def pad_outputs(specs: list[LinearSpec], recipe: Recipe) -> list[LinearSpec]:
+    """The recipe's `pad_outputs`: a linear with fewer outputs runs on a template that wide,
+    its weight padded with zero rows (the demo Gemma's k_proj and v_proj, 256 -> 64 under
+    grouped-query attention, on the one compiled 256x256 template). The runner drops the
+    extra outputs (runner/quant.py)."""
+    width = recipe.pad_outputs
+    return [replace(s, n_out=width, rows=(0, s.n_out)) if width and not s.is_head_tile and s.n_out < width else s
+            for s in specs]
 
 
 def is_host_layer(spec: LinearSpec, recipe: Recipe) -> bool:

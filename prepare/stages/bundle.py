@@ -79,8 +79,9 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
         tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weights(checkpoint[f"{name}.weight"])
     for name, e in tpu.items():
         q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
-        tensors[f"{name}.weight_scale"] = q["weight_scale"]
-        tensors[f"{name}.multipliers"] = q["multipliers"]
+        n = e.get("outputs", len(q["weight_scale"]))  # a padded layer's own outputs: the runner drops the rest
+        tensors[f"{name}.weight_scale"] = q["weight_scale"][:n]
+        tensors[f"{name}.multipliers"] = q["multipliers"][:n]
     return tensors
 
 
@@ -161,6 +162,8 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
             if e["placement"] == "tpu":
                 entry.update({k: e[k] for k in ("batch", "zp_in", "zp_out", "error")})
+                if "outputs" in e:
+                    entry["outputs"] = e["outputs"]
                 if e.get("input_scale") is not None:
                     entry["input_scale"] = e["input_scale"]
                 entry["files"] = {}

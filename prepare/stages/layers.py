@@ -180,15 +180,17 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
         for spec in specs:
             update(1)
             if is_host_layer(spec, recipe):
-                entries.append({"name": spec.name, "in": spec.n_in, "out": spec.n_out, "placement": "host"})
+                entries.append({"name": spec.name, "in": spec.n_in, "out": spec.outputs, "placement": "host"})
                 continue
             template = template_for(templates, spec.n_in, spec.n_out, recipe)
-            bias = None if spec.is_head_tile else checkpoint.get(f"{spec.name}.bias")
+            bias = spec.bias(checkpoint)
             peak_sigmas = recipe.lm_head.peak_sigmas if spec.is_head_tile else None
             entry = build_layer(spec.name, spec.weight(checkpoint), bias, rows[spec.inputs or spec.name], template,
                                 recipe, store, peak_sigmas)
             if spec.is_head_tile:
                 entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
+            elif spec.outputs < spec.n_out:
+                entry["outputs"] = spec.outputs  # the first `outputs` are the layer's, the rest padding
             entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
              "checkpoint": str(recipe.checkpoint_dir), "smoothing": smoothing, "templates": templates["templates"],

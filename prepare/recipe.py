@@ -67,6 +67,9 @@ class Calibration:
     images: str | None = option(None, path=True)  # a directory of images
     captions: str | None = option(None, path=True)  # a text file, one caption per line (CLIP)
     prompts: str | None = option(None, path=True)  # a text file, one prompt per line (Gemma)
+    # Gemma: JSON lines {"tools": [...], "messages": [...]}, rendered by the checkpoint's chat
+    # template into prompts as long as the model will see
+    conversations: str | None = option(None, path=True)
     synthetic: int = option(0, low=0, high=MAX_INPUTS)  # seeded synthetic inputs per tower, added to the above
     max_rows: int = option(4096, low=1, high=1 << 24)  # input rows kept per linear layer
     seed: int = option(0, low=0, high=MAX_SEED)
@@ -78,6 +81,10 @@ class Verify:
     images: str | None = option(None, path=True)  # CLIP: a directory of images
     captions: str | None = option(None, path=True)  # CLIP: a text file, one caption per line
     prompts: str | None = option(None, path=True)  # Gemma: a text file, one prompt per line
+    # Gemma: JSON lines {"tools", "messages", "expected": [{"name", "arguments"}, ...]}: each
+    # answered greedily by float and by the bundle, calls parsed and compared (an empty
+    # `expected`: a text answer)
+    conversations: str | None = option(None, path=True)
     synthetic: int = option(8, low=0, high=MAX_INPUTS)  # plus seeded synthetic inputs (a seed other than calibration's)
     seed: int = option(1000, low=0, high=MAX_SEED)
     tokens: int = option(64, low=1, high=4096)  # Gemma: tokens per teacher-forced sequence
@@ -101,7 +108,7 @@ class LMHead:
     peak_sigmas: float = option(6.0, low=0, high=100)
 
 
-INPUT_KEYS = ("images", "captions", "prompts")  # the input paths of Calibration and Verify
+INPUT_KEYS = ("images", "captions", "prompts", "conversations")  # the input paths of Calibration and Verify
 SECTIONS = {"quantization": Quantization, "calibration": Calibration, "verify": Verify, "lm_head": LMHead}
 
 
@@ -182,6 +189,9 @@ class Recipe:
     # Template batch (rows per TPU invocation): one default, optional per-shape "INxOUT" overrides.
     batch: int = 1
     batch_per_shape: dict = field(default_factory=dict)
+    # Linears with fewer outputs than this run on a template this wide, their weights padded
+    # with zero rows (prepare/families/base.py `pad_outputs`); 0: every linear its own shape.
+    pad_outputs: int = 0
     # A directory of prebuilt (X.tflite, X_edgetpu.tflite) pairs made on another machine.
     templates: str | None = None
     # The compiler: a name on PATH or a path; its extra command-line flags.
@@ -274,6 +284,8 @@ def _check(recipe: str, values: dict) -> None:
             raise RecipeError(f"{recipe}: shapes[{i}] must be [in, out] with positive integers, got {_shown(s)}")
         if max(s) > MAX_DIM:
             raise RecipeError(f"{recipe}: shapes[{i}] {s} has a side beyond {MAX_DIM}")
+    if not 0 <= values.get("pad_outputs", 0) <= MAX_DIM:
+        raise RecipeError(f"{recipe}: key 'pad_outputs' must be from 0 to {MAX_DIM}, got {values['pad_outputs']}")
     if not 0 <= values.get("seed", 0) <= MAX_SEED:
         raise RecipeError(f"{recipe}: key 'seed' must be from 0 to {MAX_SEED}, got {values['seed']}")
     batches = [("batch", values.get("batch", 1))] + [(f"batch_per_shape[{_shown(k)}]", v)
@@ -338,14 +350,17 @@ def _check_model(recipe: str, values: dict) -> None:
         except ConfigError as e:
             raise RecipeError(f"{recipe}: {e}") from e
     c, v = values["calibration"], values["verify"]
-    if not (c.images or c.captions or c.prompts or c.synthetic):
-        raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts or synthetic inputs")
+    if not (c.images or c.captions or c.prompts or c.conversations or c.synthetic):
+        raise RecipeError(f"{recipe}: key 'calibration' needs images, captions, prompts, conversations or "
+                          "synthetic inputs")
     for key, inputs in (("calibration", c), ("verify", v)):
-        for sub, test in (("images", os.path.isdir), ("captions", os.path.isfile), ("prompts", os.path.isfile)):
+        for sub, test in (("images", os.path.isdir), ("captions", os.path.isfile), ("prompts", os.path.isfile),
+                          ("conversations", os.path.isfile)):
             path = calibration_path(getattr(inputs, sub), checkpoint)
             # A generated checkpoint brings its own input files, made after this check.
             if path is not None and not test(path) and not (generate and path.is_relative_to(Path(checkpoint))):
-                kind = "a directory of images" if sub == "images" else f"a text file, one {sub[:-1]} a line"
+                kind = ("a directory of images" if sub == "images" else "a JSON-lines file" if sub == "conversations"
+                        else f"a text file, one {sub[:-1]} a line")
                 raise RecipeError(
                     f"{recipe}: key {key}.{sub}: {path} does not exist ({key} paths are relative to the "
                     f"checkpoint {checkpoint} unless they start with recipes/ or artifacts/): name {kind} of "

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from runner.function_calls import parse_answer
 from runner.gemma import GemmaConfig, tensor_shapes
 
 from .conftest import ROOT, doit, runner
@@ -40,10 +41,15 @@ def fg_bundle(tmp_path_factory):
     (checkpoint / "prompts.txt").write_text("set a timer for five minutes\nwhat is the weather in Lisbon\n")
     (checkpoint / "heldout-prompts.txt").write_text("turn on the kitchen light\n")
     artifacts = root / "artifacts"
-    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml", f"checkpoint={checkpoint}", "generate=null", "name=fg",
-               "flavors=[cpu]").stdout
+    out = doit(artifacts, *FG_RECIPE, f"checkpoint={checkpoint}").stdout
     assert ".  bundle" in out, out
     return artifacts / "bundles" / "fg"
+
+
+# k_proj and v_proj (256 -> 64) run on 256x256 templates, as the demo's do on the one compiled
+# one; calibration renders the demo's conversations through the chat template.
+FG_RECIPE = ("recipe=recipes/demo-gemma.yaml", "generate=null", "name=fg", "flavors=[cpu]", "pad_outputs=256",
+             f"calibration={{prompts: prompts.txt, conversations: {DEMO / 'calibration.jsonl'}, synthetic: 2}}")
 
 
 def test_the_prompt_is_transformers_own_and_the_answer_is_parsed(fg_bundle, tmp_path):
@@ -96,3 +102,101 @@ def test_a_bundle_without_a_chat_template_says_so(tmp_path):
     doit(artifacts, "recipe=recipes/demo-gemma.yaml", "flavors=[]")
     run = runner("call", artifacts / "bundles" / "demo-gemma", "hello", "--backend", "emulate")
     assert run.returncode == 2 and "no chat template in the bundle" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_verify_answers_held_out_conversations_as_transformers_and_the_runner_do(fg_bundle, tmp_path):
+    """`doit verify` with `verify.conversations`: each request answered greedily by float and
+    by the bundle, parsed and scored. The float answers must be transformers' own (greedy
+    generate on apply_chat_template's ids), the int8 ones `runner call`'s on the emulate
+    backend, and each exact-match flag the comparison with the row's expected calls."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    rows = [json.loads(line) for line in (DEMO / "verify.jsonl").read_text().splitlines()[:3]]
+    checkpoint = fg_bundle.parents[2] / "checkpoint"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<start_function_response>", "<end_of_turn>")] + [1, 5]
+    reference = []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=0)
+        reference.append(parse_answer(tokenizer.decode(out[0, len(ids):]), row["tools"]))
+    rows[0]["expected"] = reference[0].calls  # right by construction
+    rows[1]["expected"] = [{"name": "set_timer", "arguments": {"minutes": 12345}}]  # wrong by construction
+    conversations = tmp_path / "held-out.jsonl"
+    conversations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    artifacts = fg_bundle.parents[1]
+    doit(artifacts, *FG_RECIPE, f"checkpoint={checkpoint}", "verify",
+         f"verify={{conversations: {conversations}, synthetic: 1, tokens: 16, greedy_steps: 0, compare: false}}")
+    report = json.loads((fg_bundle / "report.json").read_text())
+    calls = report["calls"]
+    assert [c["float"] for c in calls] == [a.to_json() for a in reference]
+    assert [c["exact_float"] for c in calls][:2] == [not reference[0].malformed, False]
+    assert report["metrics"]["call_exact_match_float"] == pytest.approx(np.mean([c["exact_float"] for c in calls]))
+    assert report["metrics"]["call_agreement"] == pytest.approx(np.mean([c["agree"] for c in calls]))
+    assert report["inputs"]["conversations"] == 3
+
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps(rows[2]["messages"]))
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(rows[2]["tools"]))
+    run = runner("call", fg_bundle, "--messages", messages, "--tools", tools, "--backend", "emulate",
+                 "--lm-head", "cpu", "--parallel", "--steps", "64", "--json")
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert {k: answer[k] for k in ("calls", "text", "malformed")} == calls[2]["int8"]
+
+
+def test_padded_layers_run_on_wider_templates_and_give_their_own_outputs(fg_bundle):
+    """`pad_outputs: 256`: k_proj (256 -> 64) runs on a 256x256 template with zero rows; the
+    runner hands back its 64 outputs, the same from the emulator and from TFLite's kernels
+    (the cpu flavor), and close to the float layer."""
+    from runner.bundle import Bundle
+    from runner.checkpoint import Checkpoint
+    from runner.executors import make_linear
+
+    bundle = Bundle.open(fg_bundle)
+    name = "model.layers.0.self_attn.k_proj"
+    layer = next(layer for layer in bundle.layers if layer.name == name)
+    assert (layer.n_in, layer.n_out, layer.outputs) == (256, 256, 64)
+    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    emulate, cpu = make_linear(bundle, "emulate")(name, x), make_linear(bundle, "cpu")(name, x)
+    assert emulate.shape == cpu.shape == (5, 64)
+    np.testing.assert_array_equal(emulate, cpu)
+    ref = x @ Checkpoint(fg_bundle.parents[2] / "checkpoint")[f"{name}.weight"].T
+    assert np.linalg.norm(emulate - ref) / np.linalg.norm(ref) < 0.03
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "not JSON"),
+    ('{"tools": []}', 'needs "messages"'),
+    ('{"messages": [{"role": "user", "content": "hi"}], "tools": {"a": 1}}', '"tools" must be a list'),
+    ('{"messages": [{"role": "user", "content": "hi"}], "expected": [{"arguments": {}}]}', 'needs "expected"'),
+])
+def test_a_bad_conversation_line_names_the_file_and_line(tmp_path, line, problem):
+    from prepare.families.gemma import read_conversations
+    from prepare.recipe import RecipeError
+
+    path = tmp_path / "held-out.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}], "expected": []}\n\n' + line + "\n")
+    with pytest.raises(RecipeError) as e:
+        read_conversations(path, expected=True)
+    assert str(e.value).startswith(f"{path}:3: {problem}")
+
+
+def test_the_shipped_conversations_are_read_and_held_out():
+    """recipes/calibration/function-calling*.jsonl (the 270M recipe's) and the demo's: every
+    line a conversation; no held-out request is a calibration one."""
+    from prepare.families.gemma import read_conversations
+
+    for calibration, held_out in ((ROOT / "recipes/calibration/function-calling.jsonl",
+                                   ROOT / "recipes/calibration/function-calling-verify.jsonl"),
+                                  (DEMO / "calibration.jsonl", DEMO / "verify.jsonl")):
+        seen = {m["content"] for r in read_conversations(calibration) for m in r["messages"] if m["role"] == "user"}
+        rows = read_conversations(held_out, expected=True)
+        assert len(rows) >= 48 and not seen & {r["messages"][-1]["content"] for r in rows}
+        assert any(r["expected"] for r in rows) and any(not r["expected"] for r in rows)

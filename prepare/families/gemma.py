@@ -1,42 +1,53 @@
 """The Gemma-3 family: what the build needs to know about Gemma.
 
 Its decoder linears and the tied LM head cut into tiles; the tensors the host keeps;
-the calibration prompts (a text file, seeded synthetic token sequences) run through the
-float model while each linear's inputs are recorded; which norms feed which linears (for
-smoothing); and the evaluation on held-out sequences, teacher-forced: the share of
-positions whose top-1 token is float's (`top1_agreement`) and the cosine of the logits
-(mean, min). The head is the bundle's int8 table (the `cpu` head, and what `--rescore`
-gives the TPU heads).
+the calibration prompts (a text file; conversations rendered by the checkpoint's chat
+template, as long as real prompts with tool declarations are; seeded synthetic token
+sequences) run through the float model while each linear's inputs are recorded; which
+norms feed which linears (for smoothing); and the evaluation on held-out sequences,
+teacher-forced: the share of positions whose top-1 token is float's (`top1_agreement`) and
+the cosine of the logits (mean, min). The head is the bundle's int8 table (the `cpu` head,
+and what `--rescore` gives the TPU heads). With held-out conversations, `verify` also
+answers each one greedily, float and int8, and compares the parsed function calls with
+the expected ones (`call_exact_match_float`, `call_exact_match_int8`) and with each other
+(`call_agreement`): what a Function-Gemma user gets.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from runner.bundle import Bundle
+from runner.chat import Chat
 from runner.checkpoint import Checkpoint, CheckpointError
 from runner.families import GEMMA_FAMILY
+from runner.function_calls import parse_answer
+from runner.function_calls import stop_ids as call_stop_ids
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
 from runner.generate import Sampler, generate
+from runner.generate import stop_ids as gemma_stop_ids
 from runner.lm_head import FloatHead, make_head
 from runner.load import load
 from runner.nn import Linear, float_linear
 
 from ..calibrate import InputRecorder
 from ..evaluate import cosines
+from ..progress import progress_bar
 from ..quantize import quantize_weights
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import LinearSpec, parse_config, read_model_config
+from .base import HEAD_TILE, LinearSpec, pad_outputs, parse_config, read_model_config
 
 TOWERS = ("decoder",)
 GENERATORS = ("demo-gemma", "demo-gemma-outliers", "random-gemma-270m", "random-gemma-270m-outliers")
 TARGET_METRICS = ("top1_agreement", "logits_cosine_mean", "logits_cosine_min")
 LM_HEAD = True  # the tied head is cut into TPU tiles (the recipe's `lm_head`)
-MAX_CALIBRATION_TOKENS = 128  # per prompt: calibration needs ranges, not long contexts
+SYNTHETIC_TOKENS = 128  # longest seeded synthetic calibration sequence (prompts and conversations keep their length)
 # The Edge TPU has about 8 MiB of on-chip parameter memory (edgetpu-format.md); a head tile's
 # int8 weights get at most this much of it, the rest is left for its multipliers and code.
 TILE_BUDGET_BYTES = 6 << 20
@@ -46,6 +57,9 @@ EMBEDDING = "model.embed_tokens"
 # embedding and the `--lm-head cpu` head read it, memory-mapped, at a quarter of the float size.
 INT8_TABLES = (EMBEDDING,)
 GREEDY_PROMPTS = 4  # prompts `verify` decodes greedily, int8 against float
+CALL_TOKENS = 64  # at most, per answer of a held-out conversation
+CONVERSATION_SEQUENCES = 8  # held-out conversations' prompts among the teacher-forced sequences
+MAX_CONVERSATIONS_BYTES = 64 << 20
 
 
 def model_config(recipe: Recipe) -> GemmaConfig:
@@ -69,9 +83,9 @@ def specs(recipe: Recipe, config: GemmaConfig) -> list[LinearSpec]:
     shapes = tensor_shapes(config)
     decoder = [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0]) for n in linear_names(config)]
     t, v = tile_rows(recipe, config), config.vocab_size
-    head = [LinearSpec(f"lm_head.tiles.{i}", config.hidden_size, t, tensor=f"{EMBEDDING}.weight",
+    head = [LinearSpec(f"{HEAD_TILE}{i}", config.hidden_size, t, tensor=f"{EMBEDDING}.weight",
                        rows=(i * t, min((i + 1) * t, v)), inputs=HEAD_INPUTS) for i in range(-(-v // t))]
-    return decoder + head
+    return pad_outputs(decoder, recipe) + head
 
 
 def required_shapes(recipe: Recipe, config: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -104,25 +118,84 @@ def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, GemmaConfig]:
     return checkpoint, config
 
 
+def read_conversations(path: Path, expected: bool = False) -> list[dict]:
+    """A JSON-lines file of conversations, each {"tools": [...], "messages": [...]} (and with
+    `expected`, "expected": the calls a right answer makes, [] for a text answer), checked
+    line by line: a bad one is a RecipeError naming the file and the line."""
+    try:
+        if path.stat().st_size > MAX_CONVERSATIONS_BYTES:
+            raise RecipeError(f"{path}: larger than {MAX_CONVERSATIONS_BYTES} bytes")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read conversations ({e})") from e
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise RecipeError(f"{path}:{number}: not JSON ({e})") from e
+        problem = None
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"] \
+                or not all(isinstance(m, dict) for m in row["messages"]):
+            problem = 'needs "messages", a non-empty list of message objects'
+        elif not isinstance(row.get("tools", []), list) or not all(isinstance(t, dict) for t in row.get("tools", [])):
+            problem = '"tools" must be a list of tool objects'
+        elif expected and not (isinstance(row.get("expected"), list) and all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("arguments", {}), dict)
+                for c in row["expected"])):
+            problem = 'needs "expected", a list of calls {"name", "arguments"} ([] for a text answer)'
+        if problem:
+            raise RecipeError(f"{path}:{number}: {problem}")
+        if expected:  # a call written without arguments has none
+            row["expected"] = [{"name": c["name"], "arguments": c.get("arguments", {})} for c in row["expected"]]
+        rows.append(row)
+    if not rows:
+        raise RecipeError(f"{path}: no conversations")
+    return rows
+
+
+def conversations(recipe: Recipe, section: str) -> list[dict]:
+    path = recipe.input_path(section, "conversations")
+    return [] if path is None else read_conversations(path, expected=section == "verify")
+
+
+def render(recipe: Recipe, config: GemmaConfig, rows: list[dict]) -> list[np.ndarray]:
+    """Conversations as prompts (the generation prompt included), by the checkpoint's chat template."""
+    if not rows:
+        return []
+    chat = Chat.from_dir(recipe.checkpoint_dir)
+    return [np.array(chat.encode(r["messages"], r.get("tools") or None)[: config.max_position_embeddings - 1],
+                     np.int64) for r in rows]
+
+
 def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "calibration",
-                        max_tokens: int = MAX_CALIBRATION_TOKENS) -> list[np.ndarray]:
-    """Token-id sequences: the recipe's prompts (tokenized), then seeded synthetic ones
-    (of `calibration`, or of `verify`: the held-out ones)."""
+                        max_tokens: int | None = None) -> list[np.ndarray]:
+    """Token-id sequences: the recipe's prompts (tokenized; cut at `max_tokens`, verify's
+    teacher-forced length) and conversations (rendered, as long as they are), then seeded
+    synthetic ones (of `calibration`, or of `verify`: the held-out ones)."""
+    context = config.max_position_embeddings - 1
     rows = []
     inputs = getattr(recipe, section)
     lines = recipe.input_lines(section, "prompts")
     if lines:
         tokenizer = Tokenizer.from_file(str(recipe.checkpoint_dir / "tokenizer.json"))
-        rows += [np.array(tokenizer.encode(line).ids[:max_tokens], np.int64) for line in lines]
+        rows += [np.array(tokenizer.encode(line).ids[: min(max_tokens or context, context)], np.int64)
+                 for line in lines]
+    chats = conversations(recipe, section)
+    rows += render(recipe, config, chats if section == "calibration" else chats[:CONVERSATION_SEQUENCES])
     rng = np.random.default_rng(inputs.seed)
+    longest = min(max_tokens or SYNTHETIC_TOKENS, context)
     for _ in range(inputs.synthetic):
-        n = int(rng.integers(8, max_tokens)) if section == "calibration" else max_tokens - 1
+        n = int(rng.integers(8, longest)) if section == "calibration" else longest - 1
         rows.append(np.concatenate([[config.bos_token_id], rng.integers(4, config.vocab_size, n)]).astype(np.int64))
     return [r for r in rows if len(r)]
 
 
 def calibration_count(recipe: Recipe) -> int:
-    return len(recipe.input_lines("calibration", "prompts")) + recipe.calibration.synthetic
+    return (len(recipe.input_lines("calibration", "prompts")) + len(conversations(recipe, "calibration"))
+            + recipe.calibration.synthetic)
 
 
 def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: GemmaConfig,
@@ -147,6 +220,7 @@ class Evaluation:
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         self.config = config
         self.sequences = [s for s in calibration_prompts(recipe, config, "verify", recipe.verify.tokens) if len(s) > 1]
+        self.conversations = conversations(recipe, "verify")
         table = weights["model.embed_tokens.weight"]
         q, scale = quantize_weights(table)
         self.table = q.astype(np.float32) * scale[:, None]  # the bundle's int8 table, dequantized
@@ -185,7 +259,8 @@ class Evaluation:
         return {"hidden_cosine_mean": float(cosines(hidden, np.concatenate(self.reference_hidden)).mean())}
 
     def inputs_summary(self) -> dict:
-        return {"sequences": len(self.sequences), "positions": int(sum(len(s) for s in self.sequences))}
+        return {"sequences": len(self.sequences), "positions": int(sum(len(s) for s in self.sequences)),
+                **({"conversations": len(self.conversations)} if self.conversations else {})}
 
     def bundle_metrics(self, bundle: Bundle, linear: Linear, recipe: Recipe, checkpoint, config) -> dict:
         """The metrics of a bundle's int8 path (`linear` runs its layers; the input embedding is
@@ -218,4 +293,47 @@ class Evaluation:
                 key = "greedy_match" if mode == "cpu" else "greedy_match_rescore"
                 out[key] = {"mean": float(np.mean(lengths)), "min": int(min(lengths)), "steps": steps,
                             "prompts": len(prompts)}
+        if self.conversations:
+            out.update(self.call_metrics(bundle, recipe, checkpoint, config))
         return out
+
+    def call_metrics(self, bundle: Bundle, recipe: Recipe, checkpoint, config, progress=lambda n: None) -> dict:
+        """Each held-out conversation answered greedily by the float model and by the bundle
+        (emulate, exact cpu head), as `runner call` answers (the parallel stop rule, so a turn
+        may hold several calls): the calls parsed against the conversation's tools and compared
+        with the expected ones and with each other. `call_answers` lists every request's."""
+        chat = Chat.from_dir(recipe.checkpoint_dir)
+        stop = call_stop_ids(chat.tokenizer, gemma_stop_ids(config), parallel=True)
+        loaded = load(bundle.dir, GEMMA_FAMILY, "emulate", lm_head="cpu")
+        models = {"float": (Gemma(config, checkpoint, float_linear(checkpoint)), FloatHead(checkpoint, config.vocab_size)),
+                  "int8": (loaded.model, loaded.head)}
+        answers = []
+        with progress_bar("calls (float, int8)", "conversation", len(self.conversations)) as update:
+            for row in self.conversations:
+                answers.append(self._answer(row, chat, models, stop))
+                update(1)
+        return {"call_exact_match_float": float(np.mean([a["exact_float"] for a in answers])),
+                "call_exact_match_int8": float(np.mean([a["exact_int8"] for a in answers])),
+                "call_agreement": float(np.mean([a["agree"] for a in answers])),
+                "call_answers": answers}
+
+    @staticmethod
+    def _answer(row: dict, chat: Chat, models: dict, stop: set[int]) -> dict:
+        tools = row.get("tools") or None
+        prompt = chat.encode(row["messages"], tools)
+        got = {}
+        for label, (model, head) in models.items():
+            tokens = [s.token for s in generate(model, head, prompt, CALL_TOKENS, Sampler(), stop)]
+            got[label] = parse_answer(chat.tokenizer.decode(tokens, skip_special_tokens=False), tools)
+        requests = [m.get("content") for m in row["messages"] if m.get("role") == "user"]
+        return {"request": requests[-1] if requests else None, "expected": row["expected"],
+                **{label: a.to_json() for label, a in got.items()},
+                **{f"exact_{label}": _exact(a, row["expected"]) for label, a in got.items()},
+                "agree": got["int8"].calls == got["float"].calls
+                and bool(got["int8"].malformed) == bool(got["float"].malformed)}
+
+
+def _exact(answer, expected: list) -> bool:
+    """The calls a right answer makes, in order, names and typed arguments equal; nothing
+    malformed (an empty `expected`: a text answer, no call)."""
+    return not answer.malformed and answer.calls == expected

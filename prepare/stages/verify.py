@@ -80,7 +80,7 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
             t = template_for(templates, spec.n_in, spec.n_out, recipe)
             params, s_w, s_in = quantize(spec.weight(weights), var_rows[name], t, options, store.root)
             layers[name] = emulated(params, s_w, weights.get(f"{name}.bias"), t["input_zero_point"],
-                                    t["output_zero_point"], s_in)
+                                    t["output_zero_point"], s_in, spec.outputs)
         metrics = ev.score(weights, mixed(layers, weights))
         out.append({"variant": label, "quantization": asdict(options), **metrics, "seconds": time.perf_counter() - t0})
         progress(f"  compare {label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
@@ -105,6 +105,8 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
                     "inputs": ev.inputs_summary(), "quantization": asdict(recipe.quantization),
                     "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
     report["metrics"] = ev.bundle_metrics(bundle, probe, recipe, checkpoint, config)
+    if "call_answers" in report["metrics"]:  # Gemma with held-out conversations: every request's answers
+        report["calls"] = report["metrics"].pop("call_answers")
     progress("verify: bundle (emulate) " + _line(report["metrics"]))
 
     # 2. Sensitivity and the curve of CPU-kept linears.
@@ -157,6 +159,13 @@ def summary(report: dict, directory) -> str:
     lines += [f"  {k:<28} {v:.5f}" for k, v in m.items() if isinstance(v, float)]
     lines += [f"  {k:<28} {v['mean']:.1f} of {v['steps']} tokens (min {v['min']})"
               for k, v in m.items() if isinstance(v, dict)]
+    differ = [c for c in report.get("calls", []) if not c["agree"] or c["exact_float"] != c["exact_int8"]]
+    if "calls" in report:
+        lines.append(f"  calls: {len(differ)} of {len(report['calls'])} held-out requests answered differently "
+                     "by int8 and float" + (":" if differ else ""))
+        for c in differ[:5]:
+            lines.append(f"    {c['request']!r}: float {_calls(c['float'])}, int8 {_calls(c['int8'])}, "
+                         f"expected {json.dumps(c['expected'])}")
     worst = sorted((e for e in report["layers"] if e["relative_error"] is not None),
                    key=lambda e: -e["relative_error"])[:3]
     lines.append("  worst linears on held-out inputs (relative error, outputs clamped): "
@@ -172,6 +181,13 @@ def summary(report: dict, directory) -> str:
         lines.append(f"  compare {c['variant']:<24} {key} {c[key]:.5f}")
     lines.append(f"  report: {directory / 'report.json'}, {directory / 'report.png'} ({report['seconds']:.1f} s)")
     return "\n".join(lines)
+
+
+def _calls(answer: dict) -> str:
+    """An answer in a summary line: its calls as JSON, else its text (or what is malformed)."""
+    if answer["calls"]:
+        return json.dumps(answer["calls"])
+    return f"malformed {answer['malformed'][0]['raw']!r}" if answer["malformed"] else f"text {answer['text']!r}"
 
 
 GENERIC_PARTS = {"model", "encoder", "decoder", "layers", "self_attn", "mlp"}  # left out of axis labels

@@ -42,8 +42,9 @@ from bench.throughput import Counter, Device, LinearWork, cpu_head_work, recomme
 ARTIFACTS = use_artifacts("bench-gemma-270m")
 NAME = "bench-gemma-270m"
 RECIPE = "recipes/functiongemma-270m.yaml"
+# The random checkpoint has no chat template for the recipe's conversations: its own prompts instead.
 VARS = [f"recipe={RECIPE}", "checkpoint=artifacts/checkpoint", "generate=random-gemma-270m", f"name={NAME}",
-        "flavors=[cpu]"]
+        "flavors=[cpu]", "calibration={prompts: prompts.txt, synthetic: 16}"]
 KNOB = "lm_head={tile_rows: 8192, peak_sigmas: 5.0}"  # the head tiles' calibration: only they are redone
 TENSOR = "model.layers.17.mlp.down_proj.weight"  # the last decoder linear: the head tiles read its output
 HEAD_MODES = {  # label -> runner options

@@ -40,8 +40,9 @@ from bench.common import ROOT, doit, use_artifacts  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-long-prompts")
 NAME = "bench-long-prompts"
+# The random checkpoint has no chat template for the recipe's conversations: its own prompts instead.
 VARS = ["recipe=recipes/functiongemma-270m.yaml", "checkpoint=artifacts/checkpoint", "generate=random-gemma-270m",
-        f"name={NAME}", "flavors=[]"]
+        f"name={NAME}", "flavors=[]", "calibration={prompts: prompts.txt, synthetic: 16}"]
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 
 # Run with the checkout as the current directory, so `runner` is that checkout's.

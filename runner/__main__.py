@@ -12,9 +12,9 @@
 
 The model commands take `--backend auto|emulate|cpu|edgetpu|fp32` (auto, the default: the
 best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint DIR`: bundles
-carry no float weights for layers that run on the TPU), `--json`, and `--rounds R` (run R
-times after one start-up; timings are the median after the first, which also opens each
-layer). `--help` shows every option's default, and an example.
+carry no float weights for layers that run on the TPU), `--json`, `--threads N`, and (but
+`call`) `--rounds R` (run R times after one start-up; timings are the median after the first,
+which also opens each layer). `--help` shows every option's default, and an example.
 
 `--json` is one object from every command, with `command` and `bundle`, and `input` for
 each input. Errors are one line naming the file and the problem, exit status 2; so are
@@ -511,12 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--checkpoint", metavar="DIR",
                         help="the float checkpoint, for --backend fp32 (bundles carry no float weights)")
     common.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
-    common.add_argument("--rounds", type=at_least(1), default=1, metavar="R",
-                        help="run R times after one start-up; timings are the median after the first")
     common.add_argument("--threads", **THREADS_OPTION)
+    timed = argparse.ArgumentParser(add_help=False)  # the commands whose work can be repeated for timing
+    timed.add_argument("--rounds", type=at_least(1), default=1, metavar="R",
+                       help="run R times after one start-up; timings are the median after the first")
 
     image = command("clip-image", "image embeddings", "clip-image artifacts/bundles/demo-clip cat.jpg dog.png "
-                    "--out embeddings.npy", parents=[common])
+                    "--out embeddings.npy", parents=[common, timed])
     image.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     image.add_argument("--image-f32le", action="store_true",
                        help="the inputs are raw little-endian float32 [3, S, S] files, already normalized")
@@ -524,14 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     image.set_defaults(func=clip_command, inputs=image_embeddings)
 
     text = command("clip-text", "text embeddings", 'clip-text artifacts/bundles/demo-clip "a red cat" "two dogs"',
-                   parents=[common])
+                   parents=[common, timed])
     text.add_argument("texts", nargs="+", metavar="TEXT", help="texts, each one argument (quote them)")
     text.add_argument("--out", metavar="FILE.npy", type=output_file, help="also write the embeddings here")
     text.set_defaults(func=clip_command, inputs=text_embeddings)
 
     zero = command("zero-shot", "label probabilities per image",
                    'zero-shot artifacts/bundles/demo-clip cat.jpg --labels "cat,dog" --prompt "a photo of a {}"',
-                   parents=[common])
+                   parents=[common, timed])
     zero.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     zero.add_argument("--labels", type=label_list, required=True, help='comma-separated, e.g. "a cat,a dog"')
     zero.add_argument("--prompt", type=label_template, default="{}", help='label template, e.g. "a photo of {}"')
@@ -542,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     gemma = command("gemma", "generate text with a Gemma bundle, streamed",
                     'gemma artifacts/bundles/demo-gemma --prompt "please set timer" --steps 16',
                     "gemma bundles/functiongemma-270m --token-ids 2,818,5279 --lm-head tpu-lazy --shortlist 8 "
-                    "--rescore 64", parents=[common])
+                    "--rescore 64", parents=[common, timed])
     source = gemma.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (the bundle's tokenizer adds <bos>)")
     source.add_argument("--token-ids", type=token_id_list, help="prompt as comma-separated token ids, e.g. 2,818,5279")
@@ -565,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     gemma.set_defaults(func=gemma_command)
 
     call = command("call", "a Function-Gemma bundle: tools and a request in, the function call out",
-                   'call artifacts/bundles/fg --tools tools.json "Set a timer for 10 minutes"',
-                   "call artifacts/bundles/fg --tools tools.json --messages conversation.json --json",
+                   'call artifacts/bundles/demo-gemma --tools recipes/demo-gemma/tools.json "Set a timer for 10 minutes"',
+                   "call artifacts/bundles/demo-gemma --tools recipes/demo-gemma/tools.json --messages conversation.json "
+                   "--json",
                    parents=[common])
     call.add_argument("request", nargs="?", metavar="REQUEST", help="the user's request (a last user turn)")
     call.add_argument("--tools", metavar="FILE", help="a JSON list of tools, {type: function, function: {name, "

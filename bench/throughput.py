@@ -136,12 +136,20 @@ class Counter:
                           layer.files["params"].bytes if tpu else 0)
 
     def wrap(self, linear):
+        """`linear` counted; a fused layer's parts (asked for one by one, on one input) are one
+        call of the fused layer, as runner/nn.py `with_fused` runs them."""
         layers = {layer.name: layer for layer in self.bundle.layers}
+        fused = {part: layer for layer in self.bundle.layers for part, _ in layer.parts}
+        last = {}  # fused layer -> the input it last ran on
 
         def counted(name, x):
-            if name not in self.work.linears:
-                self.work.linears[name] = self.layer_work(layers[name])
-            self.work.linears[name].calls.append(math.prod(x.shape[:-1]))
+            layer = fused.get(name) or layers[name]
+            if layer.parts and last.get(layer.name) is x:
+                return linear(name, x)
+            last[layer.name] = x
+            if layer.name not in self.work.linears:
+                self.work.linears[layer.name] = self.layer_work(layer)
+            self.work.linears[layer.name].calls.append(math.prod(x.shape[:-1]))
             return linear(name, x)
         return counted
 

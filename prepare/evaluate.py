@@ -25,7 +25,7 @@ from safetensors.numpy import load
 from runner.bundle import Bundle
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
-from runner.nn import Linear, float_linear
+from runner.nn import Linear, float_linear, fused_bias, with_fused
 from runner.quant import QuantizedLinear, quantize_rows
 
 from .smoothing import WeightsView
@@ -66,12 +66,13 @@ class QuantizedLayers:
     def __init__(self, index: dict, store: Store, weights: Mapping[str, np.ndarray]):
         self.weights = weights
         self.entries = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu" and "rows" not in e}
+        self.fused = {name: tuple(map(tuple, e["parts"])) for name, e in self.entries.items() if e.get("parts")}
         self.layers: dict[str, QuantizedLinear] = {}
         for name, e in self.entries.items():
             q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
+            bias = fused_bias(weights, self.fused[name]) if name in self.fused else weights.get(f"{name}.bias")
             self.layers[name] = emulated(DenseParams.make(q["weights"], q["multipliers"]), q["weight_scale"],
-                                         weights.get(f"{name}.bias"), e["zp_in"], e["zp_out"], e.get("input_scale"),
-                                         e.get("outputs"))
+                                         bias, e["zp_in"], e["zp_out"], e.get("input_scale"), e.get("outputs"))
 
     @property
     def names(self) -> list[str]:
@@ -79,7 +80,7 @@ class QuantizedLayers:
 
     def linear(self, int8: set[str] | None = None) -> Linear:
         """An executor running the layers in `int8` (default: all of them) in int8, the rest in float."""
-        return mixed(self.layers if int8 is None else {n: self.layers[n] for n in int8}, self.weights)
+        return mixed(self.layers if int8 is None else {n: self.layers[n] for n in int8}, self.weights, self.fused)
 
 
 def emulated(params: DenseParams, weight_scale: np.ndarray, bias, zp_in: int, zp_out: int,
@@ -91,24 +92,33 @@ def emulated(params: DenseParams, weight_scale: np.ndarray, bias, zp_in: int, zp
                            zp_in, zp_out, input_scale)
 
 
-def mixed(int8: dict[str, QuantizedLinear], weights: Mapping[str, np.ndarray]) -> Linear:
-    """An executor running the linears in `int8` through them and every other in float."""
+def mixed(int8: dict[str, QuantizedLinear], weights: Mapping[str, np.ndarray],
+          fused: Mapping[str, tuple] | None = None) -> Linear:
+    """An executor running the linears in `int8` through them and every other in float; a
+    fused one in `int8` (name -> its parts) answers for its parts (runner/nn.py `with_fused`)."""
     on_float = float_linear(weights)
 
     def run(name: str, x: np.ndarray) -> np.ndarray:
         return int8[name](x) if name in int8 else on_float(name, x)
-    return run
+    return with_fused(run, {name: parts for name, parts in (fused or {}).items() if name in int8})
 
 
 class ErrorProbe:
     """Wraps an int8 executor: each linear's output against float on the same input, summed
     over the run (relative error = ||int8 - float|| / ||float||); with the bundle, also the
-    share of each TPU layer's uint8 outputs that hit 0 or 255 (clamped), on these inputs."""
+    share of each TPU layer's uint8 outputs that hit 0 or 255 (clamped), on these inputs.
+    A fused layer's parts are asked for one by one: their errors add up under its name."""
 
     def __init__(self, inner: Linear, weights: Mapping[str, np.ndarray], bundle: Bundle | None = None):
         self.inner, self.float = inner, float_linear(weights)
         self.tpu = {layer.name: layer for layer in bundle.tpu_layers} if bundle is not None else {}
         self.host = bundle.host if bundle is not None else None
+        self.part_of: dict[str, tuple[str, int, int]] = {}  # part -> (fused layer, its columns)
+        for layer in self.tpu.values():
+            start = 0
+            for part, n in layer.parts:
+                self.part_of[part] = (layer.name, start, start + n)
+                start += n
         self.err: dict[str, float] = {}
         self.ref: dict[str, float] = {}
         self.clamped: dict[str, list[int]] = {}  # name -> [outputs clamped, outputs]
@@ -116,11 +126,12 @@ class ErrorProbe:
     def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
         y = self.inner(name, x)
         r = self.float(name, x)
-        self.err[name] = self.err.get(name, 0.0) + float(np.sum((y - r).astype(np.float64) ** 2))
-        self.ref[name] = self.ref.get(name, 0.0) + float(np.sum(r.astype(np.float64) ** 2))
-        if name in self.tpu:
+        layer = self.part_of.get(name, (name,))[0]
+        self.err[layer] = self.err.get(layer, 0.0) + float(np.sum((y - r).astype(np.float64) ** 2))
+        self.ref[layer] = self.ref.get(layer, 0.0) + float(np.sum(r.astype(np.float64) ** 2))
+        if layer in self.tpu:
             codes = self.output_codes(name, x, y)
-            seen = self.clamped.setdefault(name, [0, 0])
+            seen = self.clamped.setdefault(layer, [0, 0])
             seen[0] += int(np.sum((codes <= 0) | (codes >= 255)))
             seen[1] += codes.size
         return y
@@ -128,10 +139,11 @@ class ErrorProbe:
     def output_codes(self, name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """The uint8 outputs the Dense template gave, recovered from the dequantized `y`
         (runner/quant.py: y = (y_u8 - zp_out) * s_r * s_w / mult + bias)."""
-        layer, host = self.tpu[name], self.host
+        fused, a, b = self.part_of.get(name, (name, 0, None))
+        layer, host = self.tpu[fused], self.host
         rows = x.reshape(-1, x.shape[-1])
         _, s_r = quantize_rows(rows, layer.zp_in, layer.input_scale)
-        out_scale = host[f"{name}.weight_scale"].astype(np.float64) / host[f"{name}.multipliers"]
+        out_scale = (host[f"{fused}.weight_scale"].astype(np.float64) / host[f"{fused}.multipliers"])[a:b]
         bias = host.get(f"{name}.bias")
         y = y.reshape(len(rows), -1).astype(np.float64) - (0 if bias is None else bias)
         return np.rint(y / (s_r[:, None] * out_scale)) + layer.zp_out

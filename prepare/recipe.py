@@ -192,6 +192,9 @@ class Recipe:
     # Linears with fewer outputs than this run on a template this wide, their weights padded
     # with zero rows (prepare/families/base.py `pad_outputs`); 0: every linear its own shape.
     pad_outputs: int = 0
+    # Linears that read the same input (q/k/v; gate/up) run as one fused linear: a third of the
+    # TPU invokes and parameter uploads for attention (prepare/families/base.py `fuse`).
+    fuse: bool = False
     # A directory of prebuilt (X.tflite, X_edgetpu.tflite) pairs made on another machine.
     templates: str | None = None
     # The compiler: a name on PATH or a path; its extra command-line flags.

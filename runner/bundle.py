@@ -71,6 +71,9 @@ class Layer:
     # The outputs that are the layer's when its template is wider (`pad_outputs`): the first
     # `outputs` of n_out; the rest come from zero rows and are dropped (runner/quant.py).
     outputs: int | None = None
+    # A fused layer (the recipe's `fuse`): the layers it computes at once, (name, outputs) in
+    # order; the model still asks for each by name (runner/nn.py `with_fused`).
+    parts: tuple = ()
 
 
 def _field(where: str, obj: dict, key: str, kind, check=None):
@@ -271,9 +274,14 @@ def read_manifest(directory: str | Path) -> Manifest:
         outputs = None
         if e.get("outputs") is not None:
             outputs = _field(w, e, "outputs", int, lambda v: 0 < v <= dims[1])
+        parts = ()
+        if e.get("parts") is not None:
+            parts = tuple((p[0], p[1]) for p in _field(w, e, "parts", list, lambda v: len(v) >= 2 and all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int and p[1] > 0
+                for p in v) and sum(p[1] for p in v) == (outputs or dims[1])))
         return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
                      _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale, outputs)
+                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale, outputs, parts)
 
     layers = [layer(e, f"{where}: layers[{i}]") for i, e in enumerate(_field(where, manifest, "layers", list))]
     head = manifest.get("lm_head")

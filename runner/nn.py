@@ -35,6 +35,43 @@ def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
     return linear
 
 
+Parts = tuple[tuple[str, int], ...]  # a fused linear's parts: (layer name, its outputs), in order
+
+
+def fused_bias(tensors: Mapping[str, np.ndarray], parts: Parts) -> np.ndarray | None:
+    """A fused linear's bias: its parts' in order, zeros for a part without one; None if
+    none of them has one."""
+    biases = [tensors.get(f"{p}.bias") for p, _ in parts]
+    if all(b is None for b in biases):
+        return None
+    return np.concatenate([np.zeros(n, np.float32) if b is None else np.asarray(b, np.float32)
+                           for b, (_, n) in zip(biases, parts)])
+
+
+def with_fused(linear: Linear, fused: Mapping[str, Parts]) -> Linear:
+    """An executor in which `linear` runs each fused layer (name -> its parts) once for all
+    its parts. The model still asks for q, k and v (gate and up) one by one, on the same
+    input array: the first ask runs the fused layer, the others take their columns of that
+    output while the input is the same object (the reference is kept, so it is not reused)."""
+    where = {}  # part -> (fused layer, first column, end)
+    for name, parts in fused.items():
+        start = 0
+        for part, n in parts:
+            where[part] = (name, start, start + n)
+            start += n
+    last: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # fused layer -> (input, output)
+
+    def run(name: str, x: np.ndarray) -> np.ndarray:
+        if name not in where:
+            return linear(name, x)
+        layer, a, b = where[name]
+        seen = last.get(layer)
+        if seen is None or seen[0] is not x:
+            seen = last[layer] = (x, linear(layer, x))
+        return seen[1][..., a:b]
+    return run
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Over the last axis; a row's -inf entries get probability 0."""
     e = np.exp(x - x.max(-1, keepdims=True))

@@ -15,6 +15,14 @@ from safetensors.numpy import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "edgetpu"
 
+# The generated random Gemma (prepare/demo_models.py `make_demo_gemma`: every linear 256x256, a
+# 1024-token tokenizer, prompts.txt): quick to build, for tests of the Gemma build and runner
+# that need no trained answers. recipes/demo-gemma.yaml is the trained Function-Gemma.
+GENERATED_GEMMA = ("recipe=recipes/demo-gemma.yaml", "checkpoint=artifacts/demo/gemma", "generate=demo-gemma",
+                   "pad_outputs=0", "lm_head={tile_rows: 256}",
+                   "calibration={prompts: prompts.txt, synthetic: 8, max_rows: 4096, seed: 0}",
+                   "verify={prompts: heldout-prompts.txt, synthetic: 4, tokens: 48, greedy_steps: 16}")
+
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:

@@ -27,6 +27,7 @@ import numpy as np
 
 from runner.checkpoint import CheckpointError, read_config
 from runner.config_values import ConfigError
+from runner.nn import fused_bias
 
 from ..demo_models import CONFIGS
 from ..recipe import Recipe
@@ -47,6 +48,9 @@ class LinearSpec:
     rows: tuple[int, int] | None = None
     # The calibration rows it quantizes against (default: the inputs recorded under its name).
     inputs: str | None = None
+    # A fused linear (the recipe's `fuse`): the linears reading the same input that it runs as
+    # one, in order, each (name, outputs); its weight is theirs stacked.
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_head_tile(self) -> bool:
@@ -58,22 +62,57 @@ class LinearSpec:
         return self.n_out if self.rows is None else self.rows[1] - self.rows[0]
 
     def weight(self, checkpoint) -> np.ndarray:
-        tensor = self.tensor or f"{self.name}.weight"
-        if self.rows is None:
-            return checkpoint[tensor]
-        # A head tile reads its slice of the (large) table only; a padded linear reads its
-        # weight whole, through whatever view (smoothing) the checkpoint is seen by.
-        rows = checkpoint.rows(tensor, *self.rows) if self.is_head_tile else checkpoint[tensor][slice(*self.rows)]
+        """Its weight as the template runs it: [n_out, n_in], zero rows below its own. A head
+        tile reads its slice of the (large) table only; the others read whole tensors, through
+        whatever view (smoothing) the checkpoint is seen by."""
+        if self.is_head_tile:
+            rows = checkpoint.rows(self.tensor, *self.rows)
+        elif self.parts:
+            rows = np.concatenate([np.asarray(checkpoint[f"{p}.weight"], np.float32) for p, _ in self.parts])
+        else:
+            rows = checkpoint[self.tensor or f"{self.name}.weight"]
+        if len(rows) == self.n_out:
+            return rows
         tile = np.zeros((self.n_out, self.n_in), np.float32)
         tile[: len(rows)] = rows
         return tile
 
+    def own_bias(self, checkpoint) -> np.ndarray | None:
+        """Its bias over its own outputs (a fused linear's: its parts', zeros for a part
+        without one); None if it has none (a head tile: the head is tied)."""
+        if self.is_head_tile:
+            return None
+        if not self.parts:
+            return checkpoint.get(f"{self.name}.bias")
+        return fused_bias(checkpoint, self.parts)
+
     def bias(self, checkpoint) -> np.ndarray | None:
-        """Its bias, zero-padded like its weight (a head tile has none: the head is tied)."""
-        bias = None if self.is_head_tile else checkpoint.get(f"{self.name}.bias")
+        """Its bias as the template's outputs are: zero-padded like its weight."""
+        bias = self.own_bias(checkpoint)
         if bias is None or len(bias) == self.n_out:
             return bias
         return np.concatenate([bias, np.zeros(self.n_out - len(bias), np.float32)])
+
+
+def fuse(specs: list[LinearSpec], groups, recipe: Recipe) -> list[LinearSpec]:
+    """The recipe's `fuse`: the linears each norm group feeds (q/k/v; gate/up) become one,
+    named by its parts (`...self_attn.q_proj+k_proj+v_proj`), where the first of them was.
+    Per-output-channel weight scales and a scale per input row make it exact: each part's
+    outputs are what it alone gives. One TPU invoke and one parameter upload instead of three."""
+    if not recipe.fuse:
+        return specs
+    named = {s.name: s for s in specs}
+    fused: dict[str, LinearSpec | None] = {}
+    for group in groups:
+        parts = [named.get(n) for n in group.linears]
+        if len(parts) < 2 or None in parts or len({(p.n_in, p.rows) for p in parts}) != 1 or parts[0].rows:
+            continue
+        prefix, _, _ = parts[0].name.rpartition(".")
+        name = prefix + "." + "+".join(p.name.rpartition(".")[2] for p in parts)
+        fused[parts[0].name] = LinearSpec(name, parts[0].n_in, sum(p.n_out for p in parts), inputs=parts[0].name,
+                                          parts=tuple((p.name, p.n_out) for p in parts))
+        fused.update({p.name: None for p in parts[1:]})
+    return [fused.get(s.name, s) for s in specs if fused.get(s.name, s) is not None]
 
 
 def pad_outputs(specs: list[LinearSpec], recipe: Recipe) -> list[LinearSpec]:
@@ -82,14 +121,24 @@ def pad_outputs(specs: list[LinearSpec], recipe: Recipe) -> list[LinearSpec]:
     grouped-query attention, on the one compiled 256x256 template). The runner drops the
     extra outputs (runner/quant.py)."""
     width = recipe.pad_outputs
-    return [replace(s, n_out=width, rows=(0, s.n_out)) if width and not s.is_head_tile and s.n_out < width else s
-            for s in specs]
+    return [replace(s, n_out=width, rows=(0, s.n_out))
+            if width and not s.is_head_tile and not s.parts and s.n_out < width else s for s in specs]
 
 
 def is_host_layer(spec: LinearSpec, recipe: Recipe) -> bool:
     """Kept in float on the host by the recipe's `cpu_layers` (an LM-head tile never is:
-    the runner's `--lm-head cpu` is the host's head)."""
-    return not spec.is_head_tile and any(fnmatch(spec.name, p) for p in recipe.cpu_layers)
+    the runner's `--lm-head cpu` is the host's head); a fused linear when any part is."""
+    names = [spec.name] + [p for p, _ in spec.parts]
+    return not spec.is_head_tile and any(fnmatch(n, p) for n in names for p in recipe.cpu_layers)
+
+
+def host_entries(entry: dict) -> list[dict]:
+    """The layers-index entries of a linear kept on the host: a fused one's parts, each in
+    float under its own name (the runner's float layers are the checkpoint's)."""
+    if entry.get("parts"):
+        return [{"name": p, "in": entry["in"], "out": n, "placement": "host"} for p, n in entry["parts"]]
+    return [{"name": entry["name"], "in": entry["in"], "out": entry.get("outputs", entry["out"]),
+             "placement": "host"}]
 
 
 def parse_config(values: dict, parse: Callable[[dict], object], recipe: Recipe, what: str):

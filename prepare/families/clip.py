@@ -26,7 +26,7 @@ from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import LinearSpec, pad_outputs, parse_config, read_model_config
+from .base import LinearSpec, fuse, pad_outputs, parse_config, read_model_config
 
 TOWERS = ("image", "text")
 GENERATORS = ("demo-clip", "demo-clip-outliers", "random-clip-vit-b32", "random-clip-vit-b32-outliers")
@@ -51,8 +51,9 @@ def model_config(recipe: Recipe) -> CLIPConfig:
 
 def specs(recipe: Recipe, config: CLIPConfig) -> list[LinearSpec]:
     shapes = tensor_shapes(config, recipe.towers)
-    return pad_outputs([LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0])
-                        for n in linear_names(config, recipe.towers)], recipe)
+    linears = [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0])
+               for n in linear_names(config, recipe.towers)]
+    return pad_outputs(fuse(linears, norm_groups(config, recipe.towers), recipe), recipe)
 
 
 def required_shapes(recipe: Recipe, config: CLIPConfig) -> dict[str, tuple[int, ...]]:

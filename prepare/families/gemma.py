@@ -41,7 +41,7 @@ from ..progress import progress_bar
 from ..quantize import quantize_weights
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import HEAD_TILE, LinearSpec, pad_outputs, parse_config, read_model_config
+from .base import HEAD_TILE, LinearSpec, fuse, pad_outputs, parse_config, read_model_config
 
 TOWERS = ("decoder",)
 GENERATORS = ("demo-gemma", "demo-gemma-outliers", "random-gemma-270m", "random-gemma-270m-outliers")
@@ -85,7 +85,7 @@ def specs(recipe: Recipe, config: GemmaConfig) -> list[LinearSpec]:
     t, v = tile_rows(recipe, config), config.vocab_size
     head = [LinearSpec(f"{HEAD_TILE}{i}", config.hidden_size, t, tensor=f"{EMBEDDING}.weight",
                        rows=(i * t, min((i + 1) * t, v)), inputs=HEAD_INPUTS) for i in range(-(-v // t))]
-    return pad_outputs(decoder, recipe) + head
+    return pad_outputs(fuse(decoder, norm_groups(config), recipe), recipe) + head
 
 
 def required_shapes(recipe: Recipe, config: GemmaConfig) -> dict[str, tuple[int, ...]]:

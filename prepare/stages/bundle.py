@@ -72,9 +72,10 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     family = family_of(recipe.family)
     shapes = family.required_shapes(recipe, family.model_config(recipe))
     tpu = {e["name"]: e for e in index["layers"] if e["placement"] == "tpu"}
+    on_tpu = set(tpu) | {p for e in tpu.values() for p, _ in e.get("parts", [])}  # a fused layer's parts too
     int8 = set(family.INT8_TABLES)
     tensors = {name: checkpoint[name] for name in shapes
-               if not (name.endswith(".weight") and name[: -len(".weight")] in tpu.keys() | int8)}
+               if not (name.endswith(".weight") and name[: -len(".weight")] in on_tpu | int8)}
     for name in int8:  # a large table (Gemma's tied embedding): int8 rows, a float32 scale per row
         tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weights(checkpoint[f"{name}.weight"])
     for name, e in tpu.items():
@@ -162,8 +163,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
             if e["placement"] == "tpu":
                 entry.update({k: e[k] for k in ("batch", "zp_in", "zp_out", "error")})
-                if "outputs" in e:
-                    entry["outputs"] = e["outputs"]
+                entry.update({k: e[k] for k in ("outputs", "parts") if k in e})
                 if e.get("input_scale") is not None:
                     entry["input_scale"] = e["input_scale"]
                 entry["files"] = {}

@@ -41,7 +41,7 @@ from runner.tflite_file import parse_tflite
 
 from ..dense_templates import TemplateError
 from ..families import family_of
-from ..families.base import is_host_layer
+from ..families.base import host_entries, is_host_layer
 from ..patch import patch_uncompiled
 from ..paths import layers_index_path, templates_index_path
 from ..progress import progress_bar
@@ -180,7 +180,8 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
         for spec in specs:
             update(1)
             if is_host_layer(spec, recipe):
-                entries.append({"name": spec.name, "in": spec.n_in, "out": spec.outputs, "placement": "host"})
+                entries += host_entries({"name": spec.name, "in": spec.n_in, "out": spec.outputs,
+                                         "parts": spec.parts})
                 continue
             template = template_for(templates, spec.n_in, spec.n_out, recipe)
             bias = spec.bias(checkpoint)
@@ -191,6 +192,8 @@ def build_layers(recipe: Recipe, store: Store) -> dict:
                 entry["rows"] = list(spec.rows)  # the vocabulary rows it computes (the rest is padding)
             elif spec.outputs < spec.n_out:
                 entry["outputs"] = spec.outputs  # the first `outputs` are the layer's, the rest padding
+            if spec.parts:
+                entry["parts"] = [list(p) for p in spec.parts]  # the fused linears, their outputs in order
             entries.append(entry)
     index = {"recipe": recipe.name, "family": recipe.family, "towers": recipe.towers,
              "checkpoint": str(recipe.checkpoint_dir), "smoothing": smoothing, "templates": templates["templates"],

@@ -18,6 +18,7 @@ import json
 
 from ..evaluate import Memo, QuantizedLayers, sensitivity
 from ..families import family_of
+from ..families.base import host_entries
 from ..paths import layers_index_path, placement_path
 from ..progress import progress_bar
 from ..recipe import Recipe
@@ -95,6 +96,5 @@ def apply_placement(index: dict, placement: dict | None) -> dict:
     if not placement:
         return index
     chosen = set(placement["cpu_layers"])
-    layers = [{k: e[k] for k in ("name", "in", "out")} | {"placement": "host"} if e["name"] in chosen else e
-              for e in index["layers"]]
+    layers = [h for e in index["layers"] for h in (host_entries(e) if e["name"] in chosen else [e])]
     return {**index, "layers": layers}

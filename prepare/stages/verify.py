@@ -78,10 +78,10 @@ def compare(recipe: Recipe, index: dict, store: Store, ev, checkpoint, config, p
         for name in names:
             spec = specs[name]
             t = template_for(templates, spec.n_in, spec.n_out, recipe)
-            params, s_w, s_in = quantize(spec.weight(weights), var_rows[name], t, options, store.root)
-            layers[name] = emulated(params, s_w, weights.get(f"{name}.bias"), t["input_zero_point"],
+            params, s_w, s_in = quantize(spec.weight(weights), var_rows[spec.inputs or name], t, options, store.root)
+            layers[name] = emulated(params, s_w, spec.own_bias(weights), t["input_zero_point"],
                                     t["output_zero_point"], s_in, spec.outputs)
-        metrics = ev.score(weights, mixed(layers, weights))
+        metrics = ev.score(weights, mixed(layers, weights, {n: specs[n].parts for n in names if specs[n].parts}))
         out.append({"variant": label, "quantization": asdict(options), **metrics, "seconds": time.perf_counter() - t0})
         progress(f"  compare {label}: " + ", ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
     return out

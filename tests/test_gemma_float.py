@@ -163,7 +163,8 @@ def test_bfloat16_writer_rounds_as_torch(tmp_path):
 
 def test_functiongemma_recipe_layout():
     """recipes/functiongemma-270m.yaml on a checkpoint of that layout: the linear shapes of
-    Gemma-3 270M and its head as 32 tiles of 8192 rows; transformers reads the same layer types."""
+    Gemma-3 270M (q/k/v and gate/up fused) and its head as 32 tiles of 8192 rows; transformers
+    reads the same layer types."""
     from prepare.demo_models import gemma_270m_config
     from prepare.families import family_of
     from prepare.recipe import load_recipe
@@ -173,10 +174,10 @@ def test_functiongemma_recipe_layout():
     family = family_of(recipe.family)
     specs = family.specs(recipe, family.model_config(recipe))
     tiles = [s for s in specs if s.is_head_tile]
-    assert len(specs) - len(tiles) == 18 * 7 and len(tiles) == 32
+    assert len(specs) - len(tiles) == 18 * 4 and len(tiles) == 32  # fused: q+k+v, o, gate+up, down
     assert tiles[-1].rows == (31 * 8192, 262144)
-    assert {(s.n_in, s.n_out) for s in specs} == {(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640),
-                                                   (640, 8192)}
+    assert {(s.n_in, s.n_out) for s in specs} == {(640, 1024 + 256 + 256), (1024, 640), (640, 2 * 2048),
+                                                   (2048, 640), (640, 8192)}
     hf = transformers.Gemma3TextConfig(**gemma_270m_config())
     ours = GemmaConfig.from_dict(gemma_270m_config())
     assert ours.layer_types == hf.layer_types and ours.sliding_window == hf.sliding_window == 512

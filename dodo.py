@@ -211,7 +211,7 @@ def task_layers():
     if not RECIPE.family:
         return
     settings = RECIPE.settings("towers", "quantization", "calibration", "flavors", "cpu_layers", "lm_head",
-                               "checkpoint")
+                               "checkpoint", "fuse", "pad_outputs")
     return {"actions": [step(build_layers, RECIPE, STORE)],
             "task_dep": ["templates"] + ([f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else []),
             "file_dep": [str(templates_index_path(RECIPE.name))] + _checkpoint_files(),

@@ -25,7 +25,7 @@ from safetensors.numpy import load
 from runner.bundle import Bundle
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
-from runner.nn import Linear, float_linear, fused_bias, with_fused
+from runner.nn import Linear, float_linear, layer_bias, part_columns, with_fused
 from runner.quant import QuantizedLinear, quantize_rows
 
 from .smoothing import WeightsView
@@ -70,9 +70,8 @@ class QuantizedLayers:
         self.layers: dict[str, QuantizedLinear] = {}
         for name, e in self.entries.items():
             q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
-            bias = fused_bias(weights, self.fused[name]) if name in self.fused else weights.get(f"{name}.bias")
             self.layers[name] = emulated(DenseParams.make(q["weights"], q["multipliers"]), q["weight_scale"],
-                                         bias, e["zp_in"], e["zp_out"], e.get("input_scale"), e.get("outputs"))
+                                         layer_bias(weights, name, self.fused.get(name, ())), e["zp_in"], e["zp_out"], e.get("input_scale"), e.get("outputs"))
 
     @property
     def names(self) -> list[str]:
@@ -113,12 +112,7 @@ class ErrorProbe:
         self.inner, self.float = inner, float_linear(weights)
         self.tpu = {layer.name: layer for layer in bundle.tpu_layers} if bundle is not None else {}
         self.host = bundle.host if bundle is not None else None
-        self.part_of: dict[str, tuple[str, int, int]] = {}  # part -> (fused layer, its columns)
-        for layer in self.tpu.values():
-            start = 0
-            for part, n in layer.parts:
-                self.part_of[part] = (layer.name, start, start + n)
-                start += n
+        self.part_of = part_columns({layer.name: layer.parts for layer in self.tpu.values() if layer.parts})
         self.err: dict[str, float] = {}
         self.ref: dict[str, float] = {}
         self.clamped: dict[str, list[int]] = {}  # name -> [outputs clamped, outputs]

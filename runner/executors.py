@@ -24,7 +24,7 @@ from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
 from .interpreter import load_delegate, quiet_info, require_interpreter, threads, without_xnnpack
-from .nn import float_linear, fused_bias, with_fused
+from .nn import float_linear, layer_bias, with_fused
 from .quant import QuantizedLinear
 
 BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")
@@ -160,9 +160,8 @@ def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) 
         if host[f"{layer.name}.{t}"].shape != (outputs,):
             raise BundleError(f"{host.path}: {layer.name}.{t} has shape {list(host[f'{layer.name}.{t}'].shape)}, "
                               f"the layer has {outputs} outputs")
-    bias = fused_bias(host, layer.parts) if layer.parts else host.get(f"{layer.name}.bias")
     return QuantizedLinear(dense, host[f"{layer.name}.weight_scale"], host[f"{layer.name}.multipliers"],
-                           bias, layer.zp_in, layer.zp_out, layer.input_scale)
+                           layer_bias(host, layer.name, layer.parts), layer.zp_in, layer.zp_out, layer.input_scale)
 
 
 def make_linear(bundle: Bundle, backend: str, delegates=None):

@@ -38,9 +38,11 @@ def float_linear(weights: Mapping[str, np.ndarray]) -> Linear:
 Parts = tuple[tuple[str, int], ...]  # a fused linear's parts: (layer name, its outputs), in order
 
 
-def fused_bias(tensors: Mapping[str, np.ndarray], parts: Parts) -> np.ndarray | None:
-    """A fused linear's bias: its parts' in order, zeros for a part without one; None if
-    none of them has one."""
+def layer_bias(tensors: Mapping[str, np.ndarray], name: str, parts: Parts = ()) -> np.ndarray | None:
+    """A linear's bias: `<name>.bias`, or a fused linear's, its parts' in order (zeros for a
+    part without one); None if there is none."""
+    if not parts:
+        return tensors.get(f"{name}.bias")
     biases = [tensors.get(f"{p}.bias") for p, _ in parts]
     if all(b is None for b in biases):
         return None
@@ -48,17 +50,23 @@ def fused_bias(tensors: Mapping[str, np.ndarray], parts: Parts) -> np.ndarray | 
                            for b, (_, n) in zip(biases, parts)])
 
 
-def with_fused(linear: Linear, fused: Mapping[str, Parts]) -> Linear:
-    """An executor in which `linear` runs each fused layer (name -> its parts) once for all
-    its parts. The model still asks for q, k and v (gate and up) one by one, on the same
-    input array: the first ask runs the fused layer, the others take their columns of that
-    output while the input is the same object (the reference is kept, so it is not reused)."""
-    where = {}  # part -> (fused layer, first column, end)
+def part_columns(fused: Mapping[str, Parts]) -> dict[str, tuple[str, int, int]]:
+    """part -> (its fused layer, first column, end) of each fused layer (name -> its parts)."""
+    where = {}
     for name, parts in fused.items():
         start = 0
         for part, n in parts:
             where[part] = (name, start, start + n)
             start += n
+    return where
+
+
+def with_fused(linear: Linear, fused: Mapping[str, Parts]) -> Linear:
+    """An executor in which `linear` runs each fused layer (name -> its parts) once for all
+    its parts. The model still asks for q, k and v (gate and up) one by one, on the same
+    input array: the first ask runs the fused layer, the others take their columns of that
+    output while the input is the same object (the reference is kept, so it is not reused)."""
+    where = part_columns(fused)
     last: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # fused layer -> (input, output)
 
     def run(name: str, x: np.ndarray) -> np.ndarray:

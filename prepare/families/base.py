@@ -27,7 +27,7 @@ import numpy as np
 
 from runner.checkpoint import CheckpointError, read_config
 from runner.config_values import ConfigError
-from runner.nn import fused_bias
+from runner.nn import layer_bias
 
 from ..demo_models import CONFIGS
 from ..recipe import Recipe
@@ -80,11 +80,7 @@ class LinearSpec:
     def own_bias(self, checkpoint) -> np.ndarray | None:
         """Its bias over its own outputs (a fused linear's: its parts', zeros for a part
         without one); None if it has none (a head tile: the head is tied)."""
-        if self.is_head_tile:
-            return None
-        if not self.parts:
-            return checkpoint.get(f"{self.name}.bias")
-        return fused_bias(checkpoint, self.parts)
+        return None if self.is_head_tile else layer_bias(checkpoint, self.name, self.parts)
 
     def bias(self, checkpoint) -> np.ndarray | None:
         """Its bias as the template's outputs are: zero-padded like its weight."""

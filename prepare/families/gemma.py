@@ -297,7 +297,7 @@ class Evaluation:
             out.update(self.call_metrics(bundle, recipe, checkpoint, config))
         return out
 
-    def call_metrics(self, bundle: Bundle, recipe: Recipe, checkpoint, config, progress=lambda n: None) -> dict:
+    def call_metrics(self, bundle: Bundle, recipe: Recipe, checkpoint, config) -> dict:
         """Each held-out conversation answered greedily by the float model and by the bundle
         (emulate, exact cpu head), as `runner call` answers (the parallel stop rule, so a turn
         may hold several calls): the calls parsed against the conversation's tools and compared

@@ -313,7 +313,7 @@ class Generator:
             messages += [{"role": "user", "content": self.dress(request, answer)}, {"role": "assistant", **answer}]
             if "tool_calls" in answer:
                 for call in answer["tool_calls"]:
-                    name, args = call["function"]["name"], call["function"]["arguments"]
+                    name = call["function"]["name"]
                     response = dict(rng.choice(WEATHER)) if name == "get_weather" else {"status": "ok"}
                     messages.append({"role": "tool", "name": name, "content": response})
                 messages.append({"role": "assistant", "content": AFTER_CALL})

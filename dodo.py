@@ -31,7 +31,7 @@ from prepare.doit_support import (
 )
 from prepare.families import family_of
 from prepare.paths import bundle_dir, doit_state_path, layers_index_path, placement_path, templates_index_path
-from prepare.recipe import INPUT_KEYS, KEYS, Recipe, RecipeError, load_recipe
+from prepare.recipe import INPUT_KEYS, KEYS, Recipe, RecipeError, load_recipe, resolve
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
 from prepare.stages.layers import LAYER_VERSION, build_layers
@@ -239,8 +239,10 @@ def task_bundle():
         write_bundle(RECIPE, json.loads(layers_index_path(RECIPE.name).read_text()), STORE,
                      json.loads(placement.read_text()) if placement else None)
         print(f"bundle: {bundle_dir(RECIPE.name)}")
+    # with both flavors the bundle records routes from the cost model: editing it rebuilds
+    cost_model = [str(resolve(RECIPE.cost_model))] if {"edgetpu", "cpu"} <= set(RECIPE.flavors) else []
     return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
-            "file_dep": [str(layers_index_path(RECIPE.name))] + ([str(placement)] if placement else []),
+            "file_dep": [str(layers_index_path(RECIPE.name))] + ([str(placement)] if placement else []) + cost_model,
             "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
 
 

@@ -6,85 +6,19 @@ runs a forward pass on this machine and records, per linear, the rows of every c
 the bundle's manifest gives each layer's template batch and parameter bytes. The
 family's attention products and the LM head are added by the bench script that knows
 their shapes. The device is `pi5_coral.yaml`: USB bandwidth, invoke overhead, TPU and
-CPU rates. The model is simple on purpose, and says what it assumes:
-
-- a TPU layer's parameters (under 8 MiB: cached on chip) cross USB once per call, since
-  other layers run between two calls of one layer; larger ones at every invoke;
-- each invoke pays the overhead, its rows' input and output bytes over USB, and
-  batch x in x out multiply-accumulates (padding rows included);
-- CPU work is matrix products (at the MAC rate or the memory rate, whichever is slower)
-  plus element-wise work; TPU and CPU do not overlap (the runner is sequential).
+CPU rates; what one linear's calls cost, and what the model assumes, is
+prepare/costmodel.py (the build routes calls with the same model).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import yaml
+from prepare.costmodel import DEVICE_FILE as PARAMETERS, Device, LinearWork
 
-PARAMETERS = Path(__file__).with_name("pi5_coral.yaml")
+__all__ = ["PARAMETERS", "Device", "LinearWork", "Work", "Counter", "cpu_head_work", "best_batch", "recommend"]
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 25, 32, 50, 64, 100, 128, 200, 256, 400)
-
-
-@dataclass(frozen=True)
-class Device:
-    usb_bytes_per_s: float
-    invoke_overhead_s: float
-    tpu_macs_per_s: float
-    sram_bytes: float
-    activation_budget_bytes: float
-    cpu_macs_per_s: float
-    cpu_bytes_per_s: float
-    cpu_elements_per_s: float
-    host_to_pi_cpu: float
-    reference: dict
-
-    @classmethod
-    def load(cls, path: Path = PARAMETERS) -> "Device":
-        data = yaml.safe_load(path.read_text())
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names:
-            raise ValueError(f"{path}: needs exactly the keys {sorted(names)}")
-        for k, v in data.items():
-            if k != "reference" and not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{path}: {k} must be a positive number, got {v!r}")
-        return cls(**data)
-
-
-@dataclass
-class LinearWork:
-    """One linear's calls in a run: the rows of each call."""
-    name: str
-    n_in: int
-    n_out: int
-    batch: int  # its template's rows per invoke (0 for a layer kept on the host)
-    param_bytes: int  # what the TPU receives (the bundle's parameter file)
-    calls: list[int] = field(default_factory=list)
-
-    @property
-    def on_tpu(self) -> bool:
-        return self.batch > 0
-
-    def invocations(self, batch: int | None = None) -> int:
-        b = batch or self.batch
-        return sum(-(-rows // b) for rows in self.calls)
-
-    def tpu_s(self, device: Device, batch: int | None = None) -> float:
-        b = batch or self.batch
-        invokes = self.invocations(b)
-        uploads = len(self.calls) if self.param_bytes <= device.sram_bytes else invokes
-        per_invoke = (device.invoke_overhead_s + b * (self.n_in + self.n_out) / device.usb_bytes_per_s
-                      + b * self.n_in * self.n_out / device.tpu_macs_per_s)
-        host = sum(self.calls) * (self.n_in + self.n_out) / device.cpu_elements_per_s  # quantize, dequantize rows
-        return uploads * self.param_bytes / device.usb_bytes_per_s + invokes * per_invoke + host
-
-    def cpu_s(self, device: Device) -> float:
-        """In float32 on the CPU: each call streams the weights once."""
-        weights = self.n_in * self.n_out
-        return sum(max(rows * weights / device.cpu_macs_per_s, 4 * weights / device.cpu_bytes_per_s)
-                   for rows in self.calls)
 
 
 @dataclass

@@ -195,6 +195,10 @@ class Recipe:
     # Linears that read the same input (q/k/v; gate/up) run as one fused linear: a third of the
     # TPU invokes and parameter uploads for attention (prepare/families/base.py `fuse`).
     fuse: bool = False
+    # The device figures (USB, invoke overhead, CPU and TPU rates) from which a bundle with
+    # both edgetpu and cpu flavors records, per layer, the rows per call from which the TPU
+    # is cheaper (runner `--route auto`; prepare/costmodel.py). Edit it and rebuild.
+    cost_model: str = "bench/pi5_coral.yaml"
     # A directory of prebuilt (X.tflite, X_edgetpu.tflite) pairs made on another machine.
     templates: str | None = None
     # The compiler: a name on PATH or a path; its extra command-line flags.
@@ -299,6 +303,8 @@ def _check(recipe: str, values: dict) -> None:
     for k in values.get("batch_per_shape", {}):
         if not (isinstance(k, str) and len(k.split("x")) == 2 and all(p.isdigit() for p in k.split("x"))):
             raise RecipeError(f"{recipe}: batch_per_shape key {_shown(k)} must look like '768x3072'")
+    if "cost_model" in values and not resolve(values["cost_model"]).is_file():
+        raise RecipeError(f"{recipe}: key 'cost_model': file {_shown(values['cost_model'])} does not exist")
     if values.get("templates") is not None and not os.path.isdir(values["templates"]):
         raise RecipeError(f"{recipe}: key 'templates': directory {_shown(values['templates'])} does not exist")
     _check_model(recipe, values)

@@ -12,8 +12,10 @@
 
 The model commands take `--backend auto|emulate|cpu|edgetpu|fp32` (auto, the default: the
 best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint DIR`: bundles
-carry no float weights for layers that run on the TPU), `--json`, `--threads N`, and (but
-`call`) `--rounds R` (run R times after one start-up; timings are the median after the first,
+carry no float weights for layers that run on the TPU), `--route auto|tpu|cpu` (where a
+TPU layer's calls go: auto, the default on edgetpu with a bundle built with both the
+edgetpu and cpu flavors, sends each call by its rows to the side the build's cost model
+says is cheaper), `--json`, `--threads N`, and (but `call`) `--rounds R` (run R times after one start-up; timings are the median after the first,
 which also opens each layer). `--help` shows every option's default, and an example.
 
 `--json` is one object from every command, with `command` and `bundle`, and `input` for
@@ -46,7 +48,7 @@ from .bundle import BundleError
 from .chat import Chat, ChatError
 from .check import check_bundle, selftest
 from .errors import UserError
-from .executors import BACKENDS
+from .executors import BACKENDS, ROUTES
 from .families import CLIP_FAMILY, GEMMA_FAMILY
 from .function_calls import parse_answer
 from .function_calls import stop_ids as call_stop_ids
@@ -133,7 +135,7 @@ def run_clip(args: argparse.Namespace) -> dict:
     """Load, read the inputs (`args.inputs`: one of the three above), then run the forward
     pass `--rounds` times; timings, and what the command reports of the output."""
     t0 = time.perf_counter()
-    loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint)
+    loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint, route=args.route)
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
     # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
@@ -150,11 +152,25 @@ def run_clip(args: argparse.Namespace) -> dict:
     result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
               "setup_ms": round(setup_ms, 2), "first_forward_ms": round(forward_ms[0], 2),
               "forward_ms": round(steady, 2), "shape": list(out.shape), **report(out),
-              "peak_rss_mib": peak_rss_mib()}
+              "routes": routes_json(loaded), "peak_rss_mib": peak_rss_mib()}
     if args.out:
         save_npy(args.out, out.astype(np.float32))
         result["out"] = args.out
     return result
+
+
+def routes_json(loaded: Loaded) -> dict | None:
+    """Where the linear calls of the whole command went (every round): per side, calls and rows."""
+    return loaded.routes.to_json() if loaded.routes else None
+
+
+def print_routes(result: dict) -> None:
+    """One line on stderr when calls went to more than one side (`--route auto` or `cpu`)."""
+    routes = result.get("routes")
+    sides = {k: v for k, v in (routes or {}).items() if k != "route"}
+    if routes and routes["route"] != "tpu":
+        print(f"route {routes['route']}: " + ", ".join(f"{side} {v['calls']} calls ({v['rows']} rows)"
+                                                        for side, v in sides.items()), file=sys.stderr)
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
@@ -188,6 +204,7 @@ def print_clip(result: dict) -> None:
             print(f"  {r['input']}: norm {r['norm']:.4f}")
     if "out" in result:
         print(f"embeddings written to {result['out']}")
+    print_routes(result)
 
 
 def clip_command(args: argparse.Namespace) -> int:
@@ -206,7 +223,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     unless --json. Timings of every round, and a summary (see below)."""
     t0 = time.perf_counter()
     loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head,
-                  capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore)
+                  capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore,
+                  route=args.route)
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -250,7 +268,8 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
             "prompt_tokens": prompt, "tokens": first["tokens"],
             "text": tokenizer.decode(first["tokens"]) if tokenizer else None, "stopped": stopped,
             "setup_ms": round(setup_ms, 2), "prefill_ms": middle["prefill_ms"],
-            "ms_per_token": middle["ms_per_token"], "head": first["head"], "peak_rss_mib": peak_rss_mib(),
+            "ms_per_token": middle["ms_per_token"], "head": first["head"], "routes": routes_json(loaded),
+            "peak_rss_mib": peak_rss_mib(),
             "rounds": rounds}
 
 
@@ -269,6 +288,7 @@ def print_gemma(result: dict) -> None:
                   f"misses {r['head']['misses']}")
     if result["text"] is None:
         print("  tokens: " + ",".join(map(str, result["tokens"])))
+    print_routes(result)
 
 
 def gemma_command(args: argparse.Namespace) -> int:
@@ -300,7 +320,7 @@ def call_command(args: argparse.Namespace) -> int:
     if not messages:
         raise ChatError("nothing to answer: give a request, or --messages FILE")
     t0 = time.perf_counter()
-    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head)
+    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head, route=args.route)
     if not loaded.bundle.chat:
         raise BundleError(f"{loaded.bundle.dir}: no chat template in the bundle (the checkpoint had no "
                           "tokenizer_config.json with chat_template, nor chat_template.jinja)")
@@ -318,7 +338,8 @@ def call_command(args: argparse.Namespace) -> int:
               **answer.to_json(), "prompt_tokens": prompt, "tokens": tokens,
               "stopped": "stop" if tokens[-1] in stop else "steps" if len(tokens) == args.steps else "context",
               "setup_ms": round(setup_ms, 2), "prefill_ms": round(steps[0].ms, 2),
-              "ms_per_token": round(float(np.mean(decode_ms)), 2) if decode_ms else None}
+              "ms_per_token": round(float(np.mean(decode_ms)), 2) if decode_ms else None,
+              "routes": routes_json(loaded)}
     if args.json:
         print(json.dumps(result))
         return 0
@@ -331,6 +352,7 @@ def call_command(args: argparse.Namespace) -> int:
     print(f"call on {result['backend']}: setup_ms {result['setup_ms']:.1f}, prefill_ms {result['prefill_ms']:.1f} "
           f"({len(prompt)} prompt tokens), ms_per_token {result['ms_per_token'] or 0:.1f} "
           f"({len(tokens)} tokens, stopped at {result['stopped']})", file=sys.stderr)
+    print_routes(result)
     return 0
 
 
@@ -352,6 +374,11 @@ def check_command(args: argparse.Namespace) -> int:
         m = report["machine"]
         print(f"  interpreter {m['interpreter'] or 'none'}, libedgetpu {m['libedgetpu'] or 'none'}, "
               f"devices {', '.join(m['edgetpu_devices']) or 'none'}")
+        plan = report["routes"]
+        if plan:
+            print(f"  --route auto ({plan['cost_model']}): " + ", ".join(
+                f"{n} layers {'on the CPU always' if rows == 'never' else f'to the TPU from {rows} rows'}"
+                for rows, n in plan["tpu_from_rows"].items()))
     return 0 if report["ok"] else 1
 
 
@@ -510,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "a TFLite interpreter is installed, else emulate (it says which on stderr)")
     common.add_argument("--checkpoint", metavar="DIR",
                         help="the float checkpoint, for --backend fp32 (bundles carry no float weights)")
+    common.add_argument("--route", choices=ROUTES,
+                        help="where a TPU layer's calls go (edgetpu and emulate backends): tpu; cpu (the cpu "
+                             "flavor); auto, each call by its rows to the side the build's cost model says is "
+                             "cheaper (default: auto on edgetpu when the bundle has routes, else tpu)")
     common.add_argument("--json", action="store_true", help="print one JSON object (an error too)")
     common.add_argument("--threads", **THREADS_OPTION)
     timed = argparse.ArgumentParser(add_help=False)  # the commands whose work can be repeated for timing

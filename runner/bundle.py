@@ -74,6 +74,9 @@ class Layer:
     # A fused layer (the recipe's `fuse`): the layers it computes at once, (name, outputs) in
     # order; the model still asks for each by name (runner/nn.py `with_fused`).
     parts: tuple = ()
+    # The rows per call from which the TPU is cheaper than the `cpu` flavor, by the cost model
+    # the bundle was built with (manifest `route`); None: the CPU always (runner `--route auto`).
+    tpu_from_rows: int | None = None
 
 
 def _field(where: str, obj: dict, key: str, kind, check=None):
@@ -279,9 +282,13 @@ def read_manifest(directory: str | Path) -> Manifest:
             parts = tuple((p[0], p[1]) for p in _field(w, e, "parts", list, lambda v: len(v) >= 2 and all(
                 isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int and p[1] > 0
                 for p in v) and sum(p[1] for p in v) == (outputs or dims[1])))
+        tpu_from_rows = None
+        if e.get("tpu_from_rows") is not None:
+            tpu_from_rows = _field(w, e, "tpu_from_rows", int, lambda v: v >= 1)
         return Layer(name, *dims, placement, _field(w, e, "batch", int, lambda v: 0 < v <= 4096),
                      _field(w, e, "zp_in", int, lambda v: 0 <= v <= 255),
-                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale, outputs, parts)
+                     _field(w, e, "zp_out", int, lambda v: 0 <= v <= 255), files, input_scale, outputs, parts,
+                     tpu_from_rows)
 
     layers = [layer(e, f"{where}: layers[{i}]") for i, e in enumerate(_field(where, manifest, "layers", list))]
     head = manifest.get("lm_head")

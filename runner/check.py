@@ -90,7 +90,20 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
         "fp32": False,  # runs the float checkpoint (--checkpoint DIR): a bundle carries no float weights for it
     }
     return {"ok": ok, "problems": problems, "backends": backends, "machine": have, "files": files,
-            "checked": "sizes" if quick else "sha256"}
+            "checked": "sizes" if quick else "sha256", "routes": route_plan(m) if m is not None else None}
+
+
+def route_plan(m) -> dict | None:
+    """What `--route auto` does with this bundle: the cost model it was built with, and per
+    threshold (rows per call from which the TPU is cheaper) the layers that have it; None
+    when the bundle has no routes."""
+    if not m.manifest.get("route"):
+        return None
+    by_rows: dict[str, list[str]] = {}
+    for layer in (layer for layer in m.layers if layer.placement == "tpu"):  # not the LM-head tiles
+        by_rows.setdefault(str(layer.tpu_from_rows) if layer.tpu_from_rows else "never", []).append(layer.name)
+    return {"cost_model": m.manifest["route"].get("cost_model"),
+            "tpu_from_rows": {k: len(v) for k, v in sorted(by_rows.items(), key=lambda kv: (kv[0] == "never", kv[0]))}}
 
 
 def sha256_problem(directory: str | Path, f, what: str) -> str | None:

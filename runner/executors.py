@@ -14,7 +14,9 @@ in float whatever the backend.
 from __future__ import annotations
 
 import ctypes.util
+import math
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from .nn import float_linear, layer_bias, with_fused
 from .quant import QuantizedLinear
 
 BACKENDS = ("emulate", "cpu", "edgetpu", "fp32")
+ROUTES = ("auto", "tpu", "cpu")  # where a TPU layer's calls go (make_linear)
 EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
 
 
@@ -164,24 +167,68 @@ def quantized_layer(bundle: Bundle, layer: Layer, backend: str, delegates=None) 
                            layer_bias(host, layer.name, layer.parts), layer.zp_in, layer.zp_out, layer.input_scale)
 
 
-def make_linear(bundle: Bundle, backend: str, delegates=None):
+@dataclass
+class Routes:
+    """Where a run's linear calls went, by what ran them (a backend, or `host`: the float
+    layers the recipe kept on the CPU): calls and rows. `--json`'s `routes`."""
+
+    route: str
+    calls: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def count(self, side: str, rows: int) -> None:
+        self.calls[side] = self.calls.get(side, 0) + 1
+        self.rows[side] = self.rows.get(side, 0) + rows
+
+    def to_json(self) -> dict:
+        return {"route": self.route, **{side: {"calls": self.calls[side], "rows": self.rows[side]}
+                                        for side in sorted(self.calls)}}
+
+
+def make_linear(bundle: Bundle, backend: str, delegates=None, route: str = "tpu", routes: Routes | None = None):
     """The executor `linear(name, x)` running the bundle's layers on `backend` (not fp32).
-    The LM-head tiles are not among them: runner/lm_head.py runs those."""
+    The LM-head tiles are not among them: runner/lm_head.py runs those.
+
+    `route` (for the edgetpu and emulate backends, which stand for the TPU): `tpu` runs
+    every TPU layer there; `cpu` runs them all on their `cpu` flavor instead; `auto` sends
+    each call by its rows, to the TPU from the layer's `tpu_from_rows` (the build's cost
+    model) and to the `cpu` flavor below it: Gemma's one-row decode steps to the CPU, a
+    long prefill to the TPU. `routes` counts where the calls went."""
+    if route not in ROUTES:
+        raise BackendError(f"route {route!r} is not one of {', '.join(ROUTES)}")
     tpu = [layer for layer in bundle.layers if layer.placement == "tpu"]
     check_flavor(bundle, tpu, backend)
+    routed = route != "tpu" and backend in ("edgetpu", "emulate")
+    if routed:
+        check_flavor(bundle, tpu, "cpu")
+        if route == "auto" and bundle.manifest.get("route") is None:
+            raise BackendError(f"{bundle.dir}: built without routes (they need both the edgetpu and the cpu "
+                               "flavor in the recipe): use --route tpu or --route cpu")
     if backend == "edgetpu" and delegates is None:
         delegates = edgetpu_delegates()
     on_tpu = {layer.name: layer for layer in tpu}
     missing = [f"{name}.{t}" for name in on_tpu for t in ("weight_scale", "multipliers") if f"{name}.{t}" not in bundle.host]
     if missing:
         raise BundleError(f"{bundle.host.path}: {len(missing)} tensor(s) the TPU layers need are missing, e.g. {missing[0]}")
-    layers: dict[str, QuantizedLinear] = {}  # each made on its first call, like its Dense backend
+    made: dict[tuple[str, str], QuantizedLinear] = {}  # each made on its first call, like its Dense backend
     on_host = float_linear(bundle.host)  # layers the recipe kept on the CPU: their float weights are in the bundle
+    routes = routes if routes is not None else Routes(route)
+
+    def side(layer: Layer, rows: int) -> str:
+        if not routed:
+            return backend
+        if route == "auto" and layer.tpu_from_rows is not None and rows >= layer.tpu_from_rows:
+            return backend
+        return "cpu"
 
     def linear(name: str, x: np.ndarray) -> np.ndarray:
+        rows = math.prod(x.shape[:-1])
         if name not in on_tpu:
+            routes.count("host", rows)
             return on_host(name, x)
-        if name not in layers:
-            layers[name] = quantized_layer(bundle, on_tpu[name], backend, delegates)
-        return layers[name](x)
+        where = side(on_tpu[name], rows)
+        routes.count(where, rows)
+        if (name, where) not in made:
+            made[name, where] = quantized_layer(bundle, on_tpu[name], where, delegates)
+        return made[name, where](x)
     return with_fused(linear, {layer.name: layer.parts for layer in tpu if layer.parts})

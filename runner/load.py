@@ -15,6 +15,13 @@ the bundle's config implies before the model is built.
 `edgetpu` where the bundle has its artifacts and a Coral answers, else `cpu` where it has
 its artifacts and a TFLite interpreter is installed, else `emulate` (numpy only).
 `Loaded.backend` is the one chosen and `Loaded.why` what ruled out the better ones.
+
+The route (runner/executors.py `make_linear`) says where a TPU layer's calls go. Without
+one asked for, a bundle with routes (built with both the edgetpu and the cpu flavor) runs
+`auto` on the edgetpu backend: each call to the TPU or to the cpu flavor by its rows, as
+the build's cost model says is cheaper. Every other run keeps to its backend (`tpu`; on
+emulate, which stands for the TPU, `--route auto` routes as on the device).
+`Loaded.routes` counts where the calls went.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 from .bundle import Bundle, BundleError, read_manifest
 from .checkpoint import Checkpoint
 from .clip import CLIP
-from .executors import FLAVOR, BackendError, edgetpu_delegates, make_linear
+from .executors import FLAVOR, BackendError, Routes, edgetpu_delegates, make_linear
 from .families import Family
 from .gemma import Gemma, GemmaConfig
 from .interpreter import require_interpreter
@@ -45,15 +52,16 @@ class Loaded:
     head: CpuHead | TileHead | FloatHead | None = None  # a decoder's LM head
     tokenizer: GemmaTokenizer | None = None  # a decoder's, when the bundle has one
     why: str | None = None  # with `auto`: why not a better backend
+    routes: Routes | None = None  # where the linear calls went (not on fp32)
 
 
 def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str | Path | None = None, *,
          lm_head: str = "cpu", capacity: int | None = None, shortlist: int | None = None,
-         rescore: int | None = None) -> Loaded:
+         rescore: int | None = None, route: str | None = None) -> Loaded:
     """Open the bundle, check it is `family`'s, build the model on `backend`; for a decoder
     also the LM head (`lm_head` mode, with the tpu heads' `capacity`, `shortlist`, `rescore`)
     and the tokenizer. `checkpoint` is the float model directory the fp32 backend runs;
-    `auto` chooses the backend (see the module docstring)."""
+    `auto` chooses the backend, and `route` None the route (see the module docstring)."""
     why, delegates = None, None
     if backend == "auto":
         backend, why, delegates = choose_backend(bundle_dir)
@@ -70,13 +78,16 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
         return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), backend, head, tokenizer)
     if backend == "edgetpu" and delegates is None:
         delegates = edgetpu_delegates()  # one for every layer, and a decoder's head
+    if route is None:
+        route = "auto" if backend == "edgetpu" and bundle.manifest.get("route") else "tpu"
+    routes = Routes(route)
+    linear = make_linear(bundle, backend, delegates, route, routes)
     if not family.decoder:
-        return Loaded(bundle, family.model_class(config, bundle.host, make_linear(bundle, backend, delegates)),
-                      backend, why=why)
+        return Loaded(bundle, family.model_class(config, bundle.host, linear), backend, why=why, routes=routes)
     head, table = make_head(bundle, backend, lm_head, capacity, shortlist, rescore, delegates)
     check_head_fits(bundle, config, table)
-    model = family.model_class(config, bundle.host, make_linear(bundle, backend, delegates), embed=table.embed)
-    return Loaded(bundle, model, backend, head, tokenizer, why)
+    model = family.model_class(config, bundle.host, linear, embed=table.embed)
+    return Loaded(bundle, model, backend, head, tokenizer, why, routes)
 
 
 def choose_backend(bundle_dir: str | Path) -> tuple[str, str, list | None]:

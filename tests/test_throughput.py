@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench.throughput import Counter, Device, LinearWork, best_batch, recommend
+from prepare.costmodel import DEVICE_FILE
 from runner.families import CLIP_FAMILY
 from runner.load import load
 
@@ -68,7 +69,7 @@ def test_device_file_is_checked(tmp_path):
     bad.write_text("usb_bytes_per_s: -1\n")
     with pytest.raises(ValueError, match="device.yaml"):
         Device.load(bad)
-    text = Device.load.__globals__["PARAMETERS"].read_text().replace("usb_bytes_per_s: 320.0e+6", "usb_bytes_per_s: 0")
+    text = DEVICE_FILE.read_text().replace("usb_bytes_per_s: 320.0e+6", "usb_bytes_per_s: 0")
     bad.write_text(text)
     with pytest.raises(ValueError, match="usb_bytes_per_s must be a positive number"):
         Device.load(bad)

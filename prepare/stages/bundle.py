@@ -11,7 +11,10 @@
                          template `runner call` renders
     layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
                          every linear, and every LM-head tile (`lm_head.tiles.<i>`: listed
-                         apart in the manifest's `lm_head`)
+                         apart in the manifest's `lm_head`). With both the edgetpu and the
+                         cpu flavor, each linear also records `tpu_from_rows`, the rows per
+                         call from which the recipe's cost model says the TPU is cheaper
+                         (manifest `route`; runner `--route auto`)
     int8_head/<table>.<i>.tflite
                          Gemma's int8 table again, as hybrid TFLite models of 16384 rows
                          (manifest `int8_head`): the `cpu` head's int8 products on the
@@ -41,12 +44,13 @@ from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, VERSION, sha2
 from runner.checkpoint import Checkpoint
 from runner.tflite_file import parse_tflite
 
+from ..costmodel import Device, tpu_from_rows
 from ..dense_templates import hybrid_key_inputs, make_hybrid
 from ..families import family_of
 from ..patch import patch_hybrid
 from ..paths import bundle_dir
 from ..quantize import quantize_weights
-from ..recipe import Recipe
+from ..recipe import Recipe, resolve
 from ..store import Store, key_of, replace_dir
 from .layers import model_weights
 from .placement import apply_placement
@@ -117,6 +121,25 @@ def write_int8_head(directory: Path, name: str, q: np.ndarray, scale: np.ndarray
             "files": files}
 
 
+def routes(recipe: Recipe, layers: list[dict]) -> dict | None:
+    """With both the edgetpu and the cpu flavor, each TPU layer's `tpu_from_rows` (set in
+    `layers`) from the recipe's cost model, and the manifest's `route`: the device file and
+    its figures. None otherwise: the runner then has one side only."""
+    if not {"edgetpu", "cpu"} <= set(recipe.flavors):
+        return None
+    path = resolve(recipe.cost_model)
+    device = Device.load(path)
+    found = {}
+    for entry in layers:
+        if entry["placement"] == "tpu":
+            key = (entry["in"], entry["out"], entry["batch"], entry["files"]["params"]["bytes"])
+            if key not in found:
+                found[key] = tpu_from_rows(*key, device)
+            entry["tpu_from_rows"] = found[key]
+    return {"cost_model": recipe.cost_model, "sha256": sha256_file(path),
+            "device": {k: v for k, v in vars(device).items() if k != "reference"}}
+
+
 REPORT_FILES = ("report.json", "report.png")  # what `doit verify` writes into the bundle
 
 
@@ -176,6 +199,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                 tiles.append({**entry, "rows": e["rows"]})
             else:
                 layers.append(entry)
+        route = routes(recipe, layers)
         # The cpu head's int8 products, for the backends with an interpreter (runner/lm_head.py).
         int8_head = None
         tables = family_of(recipe.family).INT8_TABLES
@@ -194,7 +218,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
             "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "chat": chat, "layers": layers,
-            "lm_head": lm_head, "int8_head": int8_head,
+            "lm_head": lm_head, "int8_head": int8_head, "route": route,
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

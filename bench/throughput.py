@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from prepare.costmodel import DEVICE_FILE as PARAMETERS, Device, LinearWork
+from prepare.costmodel import BATCH_CANDIDATES, DEVICE_FILE as PARAMETERS, Device, LinearWork, best_batch
 
-__all__ = ["PARAMETERS", "Device", "LinearWork", "Work", "Counter", "cpu_head_work", "best_batch", "recommend"]
-BATCH_CANDIDATES = (1, 2, 4, 8, 16, 25, 32, 50, 64, 100, 128, 200, 256, 400)
+__all__ = ["BATCH_CANDIDATES", "PARAMETERS", "Device", "LinearWork", "Work", "Counter", "cpu_head_work",
+           "best_batch", "recommend"]
 
 
 @dataclass
@@ -92,15 +92,6 @@ def cpu_head_work(table_elements: int) -> Work:
     """One row through the int8 table as the runner's `cpu` head does it (and `--rescore`
     for a few rows): each int8 row is read, widened to float32, and multiplied."""
     return Work(cpu_macs=table_elements, cpu_bytes=table_elements, cpu_elements=table_elements)
-
-
-def best_batch(group: list[LinearWork], device: Device) -> tuple[int, float]:
-    """The template batch (rows per invoke) that runs these same-shape layers fastest, and its seconds."""
-    n_in, n_out = group[0].n_in, group[0].n_out
-    allowed = [b for b in BATCH_CANDIDATES if b * (n_in + n_out) <= device.activation_budget_bytes] or [1]
-    times = {b: sum(w.tpu_s(device, b) for w in group) for b in allowed}
-    best = min(times, key=lambda b: (round(times[b], 6), b))
-    return best, times[best]
 
 
 def recommend(work: Work, device: Device) -> dict:

@@ -26,6 +26,7 @@ from runner.errors import UserError
 from .store import ROOT
 
 DEVICE_FILE = ROOT / "bench" / "pi5_coral.yaml"
+BATCH_CANDIDATES = (1, 2, 4, 8, 16, 25, 32, 50, 64, 100, 128, 200, 256, 400)  # template batches considered
 ROUTE_LIMIT = 4096  # rows per call up to which `tpu_from_rows` looks for the TPU to be cheaper
 
 
@@ -111,3 +112,12 @@ def tpu_from_rows(n_in: int, n_out: int, batch: int, param_bytes: int, device: D
         if work.tpu_s(device) < work.cpu_int8_s(device):
             return rows
     return None
+
+
+def best_batch(group: list[LinearWork], device: Device) -> tuple[int, float]:
+    """The template batch (rows per invoke) that runs these same-shape layers fastest, and its seconds."""
+    n_in, n_out = group[0].n_in, group[0].n_out
+    allowed = [b for b in BATCH_CANDIDATES if b * (n_in + n_out) <= device.activation_budget_bytes] or [1]
+    times = {b: sum(w.tpu_s(device, b) for w in group) for b in allowed}
+    best = min(times, key=lambda b: (round(times[b], 6), b))
+    return best, times[best]

@@ -108,8 +108,21 @@ class LMHead:
     peak_sigmas: float = option(6.0, low=0, high=100)
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What a typical run asks of the linears: `batch: auto` gives each linear shape the
+    template batch the cost model says runs this cheapest (prepare/stages/templates.py)."""
+    images: int = option(1, low=1, high=4096)  # CLIP: images per call (photo indexing embeds a batch)
+    texts: int = option(1, low=1, high=4096)  # CLIP: captions per call
+    text_tokens: int = option(16, low=1, high=4096)  # CLIP: tokens per caption
+    # Gemma: the prompt's tokens, run through every linear at once (the prefill); decode steps
+    # are one row each, which --route auto sends to the CPU, so they do not choose the batch.
+    prompt_tokens: int = option(256, low=1, high=1 << 20)
+
+
 INPUT_KEYS = ("images", "captions", "prompts", "conversations")  # the input paths of Calibration and Verify
-SECTIONS = {"quantization": Quantization, "calibration": Calibration, "verify": Verify, "lm_head": LMHead}
+SECTIONS = {"quantization": Quantization, "calibration": Calibration, "verify": Verify, "lm_head": LMHead,
+            "workload": Workload}
 
 
 def resolve(path: str) -> Path:
@@ -187,7 +200,8 @@ class Recipe:
     # Dense shapes [in, out] that need templates besides the model's own.
     shapes: list = field(default_factory=list)
     # Template batch (rows per TPU invocation): one default, optional per-shape "INxOUT" overrides.
-    batch: int = 1
+    # `auto`: per shape, the batch the cost model says runs the `workload` cheapest.
+    batch: int | str = 1
     batch_per_shape: dict = field(default_factory=dict)
     # Linears with fewer outputs than this run on a template this wide, their weights padded
     # with zero rows (prepare/families/base.py `pad_outputs`); 0: every linear its own shape.
@@ -214,6 +228,7 @@ class Recipe:
     cpu_layers: list = field(default_factory=list)
     # Gemma: how the tied LM head is tiled for the TPU.
     lm_head: LMHead = field(default_factory=LMHead)
+    workload: Workload = field(default_factory=Workload)
     # Held-out inputs of `doit verify` and the target search.
     verify: Verify = field(default_factory=Verify)
     # Fidelity the int8 model must reach ({metric: value}); the build keeps the fewest
@@ -221,8 +236,11 @@ class Recipe:
     target: dict = field(default_factory=dict)
     source: str = ""  # the file it came from (not a YAML key)
 
-    def batch_for(self, n_in: int, n_out: int) -> int:
-        return int(self.batch_per_shape.get(f"{n_in}x{n_out}", self.batch))
+    def batch_for(self, n_in: int, n_out: int) -> int | None:
+        """The template batch of a shape; None with `batch: auto` and no override for it
+        (prepare/stages/templates.py `template_batches` chooses it)."""
+        batch = self.batch_per_shape.get(f"{n_in}x{n_out}", self.batch)
+        return None if batch == "auto" else int(batch)
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -298,8 +316,11 @@ def _check(recipe: str, values: dict) -> None:
     batches = [("batch", values.get("batch", 1))] + [(f"batch_per_shape[{_shown(k)}]", v)
                                                       for k, v in values.get("batch_per_shape", {}).items()]
     for key, b in batches:
+        if key == "batch" and b == "auto":
+            continue
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 4096:
-            raise RecipeError(f"{recipe}: {key} must be an integer from 1 to 4096, got {_shown(b)}")
+            raise RecipeError(f"{recipe}: {key} must be an integer from 1 to 4096"
+                              + (" or auto" if key == "batch" else "") + f", got {_shown(b)}")
     for k in values.get("batch_per_shape", {}):
         if not (isinstance(k, str) and len(k.split("x")) == 2 and all(p.isdigit() for p in k.split("x"))):
             raise RecipeError(f"{recipe}: batch_per_shape key {_shown(k)} must look like '768x3072'")

@@ -8,6 +8,8 @@ A family module (clip.py, gemma.py) defines:
     INT8_TABLES       tensors the bundle keeps as int8 rows with a float32 scale per row
     model_config(recipe)                     the model's config (before a generated checkpoint exists too)
     specs(recipe, config)                    its linear layers in execution order (LinearSpec)
+    workload_calls(recipe, config)           each TPU linear and its calls' rows in the recipe's
+                                             `workload` (what `batch: auto` chooses for)
     required_shapes(recipe, config)          every tensor the host and the build read, with its shape
     open_checkpoint(recipe)                  (Checkpoint, config), every required tensor checked
     needs_tokenizer(recipe)                  whether the bundle carries the checkpoint's tokenizer.json

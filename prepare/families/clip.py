@@ -26,7 +26,7 @@ from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import LinearSpec, fuse, pad_outputs, parse_config, read_model_config
+from .base import LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config
 
 TOWERS = ("image", "text")
 GENERATORS = ("demo-clip", "demo-clip-outliers", "random-clip-vit-b32", "random-clip-vit-b32-outliers")
@@ -54,6 +54,18 @@ def specs(recipe: Recipe, config: CLIPConfig) -> list[LinearSpec]:
     linears = [LinearSpec(n, shapes[f"{n}.weight"][1], shapes[f"{n}.weight"][0])
                for n in linear_names(config, recipe.towers)]
     return pad_outputs(fuse(linears, norm_groups(config, recipe.towers), recipe), recipe)
+
+
+def workload_calls(recipe: Recipe, config: CLIPConfig) -> list[tuple[LinearSpec, list[int]]]:
+    """Each TPU linear and the rows of its calls in the recipe's workload: the image tower
+    every patch and the class token of `images` images at once, the text tower `texts`
+    captions of `text_tokens`, a projection one row per image or caption."""
+    w = recipe.workload
+    patches = (config.vision.image_size // config.vision.patch_size) ** 2 + 1
+    rows = {"vision_model.": w.images * patches, "visual_projection": w.images,
+            "text_model.": w.texts * w.text_tokens, "text_projection": w.texts}
+    return [(s, [next(n for prefix, n in rows.items() if s.name.startswith(prefix))])
+            for s in specs(recipe, config) if not is_host_layer(s, recipe)]
 
 
 def required_shapes(recipe: Recipe, config: CLIPConfig) -> dict[str, tuple[int, ...]]:

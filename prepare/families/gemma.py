@@ -41,7 +41,7 @@ from ..progress import progress_bar
 from ..quantize import quantize_weights
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import HEAD_TILE, LinearSpec, fuse, pad_outputs, parse_config, read_model_config
+from .base import HEAD_TILE, LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config
 
 TOWERS = ("decoder",)
 GENERATORS = ("demo-gemma", "demo-gemma-outliers", "random-gemma-270m", "random-gemma-270m-outliers")
@@ -86,6 +86,15 @@ def specs(recipe: Recipe, config: GemmaConfig) -> list[LinearSpec]:
     head = [LinearSpec(f"{HEAD_TILE}{i}", config.hidden_size, t, tensor=f"{EMBEDDING}.weight",
                        rows=(i * t, min((i + 1) * t, v)), inputs=HEAD_INPUTS) for i in range(-(-v // t))]
     return pad_outputs(fuse(decoder, norm_groups(config), recipe), recipe) + head
+
+
+def workload_calls(recipe: Recipe, config: GemmaConfig) -> list[tuple[LinearSpec, list[int]]]:
+    """Each TPU linear and the rows of its calls in the recipe's workload: the prefill of a
+    `prompt_tokens` prompt, every decoder linear once with that many rows and each head
+    tile with one (the last position). Decode steps, a row each, go to the CPU (--route
+    auto) and do not choose a batch."""
+    rows = recipe.workload.prompt_tokens
+    return [(s, [1 if s.is_head_tile else rows]) for s in specs(recipe, config) if not is_host_layer(s, recipe)]
 
 
 def required_shapes(recipe: Recipe, config: GemmaConfig) -> dict[str, tuple[int, ...]]:

@@ -151,8 +151,9 @@ def model_weights(recipe: Recipe, index: dict, store: Store, checkpoint=None):
 
 
 def template_for(templates: dict, n_in: int, n_out: int, recipe: Recipe) -> dict:
+    batch = recipe.batch_for(n_in, n_out)  # None with `batch: auto`: the one the templates stage chose
     for t in templates["templates"]:
-        if (t["in"], t["out"], t["batch"]) == (n_in, n_out, recipe.batch_for(n_in, n_out)):
+        if (t["in"], t["out"]) == (n_in, n_out) and batch in (None, t["batch"]):
             return t
     raise TemplateError(f"no template for {n_in}x{n_out} in {templates_index_path(recipe.name)}; run `doit templates`")
 

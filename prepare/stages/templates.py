@@ -23,6 +23,7 @@ from runner.edgetpu_codec import parse_compiled
 from runner.tflite_file import parse_tflite
 
 from ..compiler import compile_model, compiler_version, find_compiler
+from ..costmodel import Device, LinearWork, best_batch
 from ..dense_templates import (
     PrebuiltPair,
     Shape,
@@ -38,7 +39,7 @@ from ..dense_templates import (
 from ..families import family_of
 from ..families.base import is_host_layer
 from ..paths import templates_index_path
-from ..recipe import Recipe
+from ..recipe import Recipe, resolve
 from ..store import Store, atomic_write, key_of
 
 
@@ -71,7 +72,24 @@ def recipe_shapes(recipe: Recipe) -> list[Shape]:
         family = family_of(recipe.family)
         dims |= {(s.n_in, s.n_out) for s in family.specs(recipe, family.model_config(recipe))
                  if not is_host_layer(s, recipe)}
-    return sorted({Shape(i, o, recipe.batch_for(i, o)) for i, o in dims})
+    batches = template_batches(recipe)
+    return sorted({Shape(i, o, recipe.batch_for(i, o) or batches.get((i, o), 1)) for i, o in dims})
+
+
+def template_batches(recipe: Recipe) -> dict[tuple[int, int], int]:
+    """With `batch: auto`, each model shape's template batch: the one the recipe's cost model
+    (prepare/costmodel.py `best_batch`) says runs the recipe's `workload` in the least time,
+    all that shape's layers together, within the activation budget. Empty otherwise (and
+    for a recipe's extra `shapes`, which have no workload: batch 1)."""
+    if recipe.batch != "auto" or not recipe.family:
+        return {}
+    family = family_of(recipe.family)
+    device = Device.load(resolve(recipe.cost_model))
+    groups: dict[tuple[int, int], list[LinearWork]] = {}
+    for spec, rows in family.workload_calls(recipe, family.model_config(recipe)):
+        work = LinearWork(spec.name, spec.n_in, spec.n_out, 1, spec.n_in * spec.n_out, rows)
+        groups.setdefault((spec.n_in, spec.n_out), []).append(work)
+    return {shape: best_batch(group, device)[0] for shape, group in groups.items()}
 
 
 def plan(recipe: Recipe, shapes: list[Shape], toolchain: Toolchain) -> list[TemplatePlan]:

@@ -6,9 +6,12 @@ text out of a request it has never seen. So the generator
 
 - phrases each request in many ways (`PHRASES`), and keeps a separate set of phrasings
   (`HELDOUT_PHRASES`: plain English a person would type) out of training entirely;
-- fills slots from real names plus made-up ones (syllables, random word strings), so
+- fills slots from thousands of real values (city names, first and last names and
+  English words from Faker's data, `real_values`) plus made-up ones (syllables), so
   copying is the only way to get them right, and keeps a set of values (`HELDOUT_VALUES`)
-  out of training entirely;
+  out of training entirely (any request that would contain one is drawn again);
+- wraps the training phrasings in openers and closers ("could you", "for me", "right
+  now") so that the model learns where a value ends, not a fixed sentence;
 - declares a random subset of the six tools in random order; a request whose tool is
   not declared, or small talk, gets a short text answer instead of a call;
 - puts up to three finished exchanges (request, call, tool response, "Done.") before the
@@ -24,8 +27,11 @@ ones (`heldout=True`).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -113,11 +119,70 @@ HELDOUT_PHRASES = {
                    "I'd like to listen to {artist}", "play me some {artist} songs"],
 }
 
+# Training openers and closers around a phrasing (not after a message text: it could be
+# the message's last words).
+OPENERS = ["", "", "", "", "please ", "could you ", "can you ", "hey, ", "ok ", "quick one: ", "I'd like you to ",
+           "would you ", "hi, ", "so ", "um ", "go ahead and ", "yo ", "hello, "]
+CLOSERS = ["", "", "", "", " please", ", please", " thanks", " now", " right now", " for me", ", thank you",
+           " asap", " if you can", " when you can", ", ok", " thx"]
+
+
+def _combine(*parts) -> list[str]:
+    """Every phrasing made of one choice per part (a list of alternatives), in order."""
+    out = [""]
+    for alternatives in parts:
+        out = [a + b for a in out for b in alternatives]
+    return out
+
+
+# Phrasings built from parts, so that the model learns which words surround a value rather
+# than a few fixed sentences; any that happens to equal a held-out phrasing is dropped below.
+COMPOSED = {
+    "get_weather": _combine(
+        ["what's the weather", "weather", "how's the weather", "what's the forecast", "forecast",
+         "temperature", "is it raining", "is it snowing", "is it windy", "is it sunny", "is it foggy",
+         "how hot is it", "how cold is it", "how humid is it", "any rain", "conditions"],
+        [" in ", " for ", " out in ", " down in ", " up in ", " around ", " near "], ["{city}"],
+        ["", " today", " tonight", " tomorrow", " this morning", " this week", " now"]),
+    "set_timer": _combine(
+        ["set", "start", "make", "create", "run", "I need", "can I get", "please set"],
+        [" a {minutes} minute timer", " a timer for {minutes} minutes", " a countdown of {minutes} minutes",
+         " a {minutes} min timer", " {minutes} minutes on the clock", " a timer of {minutes} minutes"],
+        ["", " for the eggs", " for the laundry", " for my nap", " for the oven", " for tea", " for my workout"]),
+    "turn_on_light": _combine(
+        ["turn on", "switch on", "put on", "flick on", "power up", "light", "fire up"],
+        [" the lights in the {room}", " the {room} lights", " the {room} light", " the light in the {room}",
+         " every light in the {room}", " the lamps in the {room}", " the {room} lamp"]),
+    "turn_off_light": _combine(
+        ["turn off", "switch off", "shut off", "kill", "power down", "cut", "put out"],
+        [" the lights in the {room}", " the {room} lights", " the {room} light", " the light in the {room}",
+         " every light in the {room}", " the lamps in the {room}", " the {room} lamp"]),
+    "send_message": _combine(
+        ["text {to}", "message {to}", "tell {to}", "ping {to}", "write to {to}", "notify {to}",
+         "send {to} a message", "send {to} a short message", "send {to} a brief text", "send {to} a note",
+         "send a text to {to}", "send a message to {to}", "send a little note to {to}"],
+        [": ", " saying ", " that ", " - ", ", "], ["{text}"]),
+    "play_music": _combine(
+        ["play", "put on", "queue", "queue up", "start", "blast", "spin", "I want to hear", "let me hear",
+         "can I hear", "I'd love to hear", "listen to", "stream"],
+        [" ", " some ", " a little ", " a few songs by ", " something from ", " tracks by ", " the band ",
+         " anything by ", " the latest from ", " a couple of songs by ", " hits by ", " songs from "],
+        ["{artist}"], ["", " music", " songs", " tracks", " on the speaker", " loud", " again"]),
+}
+
 TWO_JOINERS = [" and ", ", then ", ", and also ", " and please "]
 HELDOUT_JOINERS = [", and ", " and then "]
 SMALL_TALK = ["hello", "hi there", "thanks", "thank you so much", "who are you", "tell me a joke",
               "how are you", "what can you do", "good night", "what's your name", "you're great",
-              "what is two plus two", "sing me a song", "I'm bored", "ok", "never mind"]
+              "what is two plus two", "sing me a song", "I'm bored", "ok", "never mind",
+              "hey", "hi", "good evening", "good afternoon", "yo", "thanks, that's it", "cheers", "great, thanks",
+              "that's all for now", "nothing else", "bye", "see you later", "how's it going", "what's up",
+              "are you a robot", "where do you live", "do you like music", "what time is it", "what day is it",
+              "I love you", "you're funny", "help", "can you help me", "what should I eat", "tell me a story",
+              "why is the sky blue", "how tall is the moon", "what's the meaning of life", "I'm tired",
+              "I'm hungry", "thank you", "perfect", "cool", "nice", "awesome, thanks", "no thanks", "stop",
+              "cancel that", "forget it", "who made you", "are you there", "morning", "night night",
+              "what's new", "how old is the earth", "recommend a book", "what's your favourite color"]
 HELDOUT_SMALL_TALK = ["good morning!", "thanks a lot, that's all", "how old are you?"]
 
 CITIES = ["Paris", "Berlin", "Tokyo", "London", "Madrid", "Rome", "Vienna", "Prague", "Oslo", "Dublin",
@@ -188,6 +253,19 @@ HELDOUT_VALUES = {
              "meet me by the fountain", "I'll bring dessert"],
     "minutes": [7, 13, 25, 45, 90, 75, 8, 36],
 }
+def _norm(phrase: str) -> str:
+    return re.sub(r"[^\w{} ]", "", phrase.lower()).strip()
+
+
+HELDOUT_NORMS = {_norm(p) for phrases in HELDOUT_PHRASES.values() for p in phrases}
+HELDOUT_PATTERN = re.compile(
+    "|".join(r"(?<![\w'])" + re.escape(str(v)) + r"(?![\w'])"
+             for k, vs in HELDOUT_VALUES.items() if k != "minutes" for v in vs), re.IGNORECASE)
+# Faker's data (the version is pinned in the test extra: the lists decide the data)
+CITY_LOCALES = ["cs_CZ", "da_DK", "de_AT", "de_CH", "de_DE", "fi_FI", "hr_HR", "id_ID", "it_IT", "nl_BE",
+                "nl_NL", "pl_PL", "pt_PT", "ro_RO", "sk_SK", "sl_SI", "sv_SE", "en_IN", "fr_DZ"]
+NAME_LOCALES = ["en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "pt_BR", "nl_NL", "sv_SE", "cs_CZ",
+                "fi_FI"]
 TRAIN_MINUTES = [m for m in range(1, 241) if m not in HELDOUT_VALUES["minutes"]]
 SLOT_OF = {"get_weather": "city", "set_timer": "minutes", "turn_on_light": "room", "turn_off_light": "room",
            "send_message": "to", "play_music": "artist"}
@@ -196,10 +274,34 @@ WEATHER = [{"temperature": 18, "condition": "sunny"}, {"temperature": 4, "condit
 AFTER_CALL = "Done."
 
 
+@functools.cache
+def real_values() -> dict[str, list[str]]:
+    """Real city names (at most 300 per locale), first names, last names and English words
+    from Faker's provider data, sorted and without any held-out value."""
+    def provider(kind, locale):
+        return importlib.import_module(f"faker.providers.{kind}.{locale}").Provider
+
+    def clean(values, limit=None):
+        ok = sorted({v for v in values if re.fullmatch(r"[^\W\d_]+(?:[ '-][^\W\d_]+)*", v)
+                     and not HELDOUT_PATTERN.search(v)})
+        return random.Random(0).sample(ok, limit) if limit and len(ok) > limit else ok
+
+    cities = [c for loc in CITY_LOCALES for c in clean(provider("address", loc).cities, 300)]
+    first = [n for loc in NAME_LOCALES for n in clean(provider("person", loc).first_names)]
+    last = [n for loc in NAME_LOCALES for n in clean(provider("person", loc).last_names)]
+    words = clean(importlib.import_module("faker.providers.lorem.en_US").Provider.word_list)
+    return {"city": sorted(set(cities)), "first": sorted(set(first)), "last": sorted(set(last)), "word": words}
+
+
+for _tool, _phrases in COMPOSED.items():
+    _seen = {_norm(p) for p in PHRASES[_tool]}
+    PHRASES[_tool] = PHRASES[_tool] + [p for p in _phrases if _norm(p) not in HELDOUT_NORMS | _seen]
+
+
 class Generator:
     """Seeded conversations. `heldout=False`: training phrasings and values (made-up values
     included); `heldout=True`: only held-out phrasings and values; `easy=True` (the start of
-    training): one or two tools, made-up values only, three to five earlier exchanges, so
+    training): one or two tools, made-up values more often, three to five earlier exchanges, so
     that each sequence holds many values to copy and little else."""
 
     def __init__(self, seed: int, heldout: bool = False, easy: bool = False):
@@ -226,31 +328,65 @@ class Generator:
             return rng.choice(HELDOUT_VALUES[slot])
         if slot == "minutes":
             return rng.choice(TRAIN_MINUTES)
-        made_up = self.easy or rng.random() < 0.75  # mostly made up: only copying gets them right
+        # a few from the hand-written lists; the rest real (Faker) or made up: only
+        # copying gets those right
+        r, real = rng.random(), real_values()
+        source = "list" if r < 0.15 else "made up" if r < 0.4 or self.easy and r < 0.7 else "real"
         if slot == "city":
-            return self._casing(self._made_up((1, 3), (1, 2)) if made_up else rng.choice(CITIES))
+            value = {"list": lambda: rng.choice(CITIES), "made up": lambda: self._made_up((1, 3), (1, 2)),
+                     "real": lambda: rng.choice(real["city"])}[source]()
+            return self._casing(value)
         if slot == "to":
-            return self._made_up((1, 3), (1, 2)) if made_up else rng.choice(NAMES)
+            if source == "list":
+                return rng.choice(NAMES)
+            if source == "made up":
+                return self._made_up((1, 3), (1, 2))
+            form = rng.random()
+            return (rng.choice(real["first"]) if form < 0.6 else
+                    f"{rng.choice(real['first'])} {rng.choice(real['last'])}" if form < 0.85 else
+                    f"{rng.choice(['Mr.', 'Ms.', 'Mrs.', 'Dr.', 'Aunt', 'Uncle'])} {rng.choice(real['last'])}")
         if slot == "room":
-            return self._made_up((1, 3), (1, 2)).lower() if made_up else rng.choice(ROOMS)
+            if source == "list":
+                return rng.choice(ROOMS)
+            if source == "made up":
+                return self._made_up((1, 3), (1, 2)).lower()
+            word = rng.choice(real["word"])
+            return rng.choice([word, f"{word} room", f"{rng.choice(real['word'])} {word}"])
         if slot == "artist":
-            return self._casing(self._made_up((1, 3), (1, 3)) if made_up else rng.choice(ARTISTS))
+            if source == "list":
+                return rng.choice(ARTISTS)
+            if source == "made up":
+                return self._casing(self._made_up((1, 3), (1, 3)))
+            form = rng.random()
+            return self._casing(
+                f"{rng.choice(real['first'])} {rng.choice(real['last'])}" if form < 0.5 else
+                f"The {rng.choice(real['word']).capitalize()}s" if form < 0.65 else
+                rng.choice(real["last"]) if form < 0.8 else
+                " ".join(rng.choice(real["word"]).capitalize() for _ in range(rng.randint(1, 3))))
         if slot == "text":
-            if made_up:
-                while True:
-                    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
-                    if text.lower() not in self._banned:
-                        return text
-            return rng.choice(TEXTS)
+            if source == "list":
+                return rng.choice(TEXTS)
+            words = WORDS if source == "made up" else real["word"] + WORDS
+            return " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
         raise KeyError(slot)
 
     # -- requests ------------------------------------------------------------------------
     def request(self, tool: str) -> tuple[str, dict]:
-        """A user request for `tool` and the arguments the call must carry."""
-        phrase = self.rng.choice((HELDOUT_PHRASES if self.heldout else PHRASES)[tool])
-        slots = {"to": self.value("to"), "text": self.value("text")} if tool == "send_message" \
-            else {SLOT_OF[tool]: self.value(SLOT_OF[tool])}
-        return phrase.format(**slots), slots
+        """A user request for `tool` and the arguments the call must carry. In training,
+        no request contains a held-out value or is a held-out phrasing, not even after
+        an opener or closer is added."""
+        rng = self.rng
+        while True:
+            phrase = rng.choice((HELDOUT_PHRASES if self.heldout else PHRASES)[tool])
+            slots = {"to": self.value("to"), "text": self.value("text")} if tool == "send_message" \
+                else {SLOT_OF[tool]: self.value(SLOT_OF[tool])}
+            if self.heldout:
+                return phrase.format(**slots), slots
+            closer = "" if phrase.endswith("{text}") else rng.choice(CLOSERS)
+            phrase = rng.choice(OPENERS) + phrase + closer
+            text = phrase.format(**slots)
+            if _norm(phrase) not in HELDOUT_NORMS and not HELDOUT_PATTERN.search(text):
+                return text, slots
 
     def dress(self, text: str, answer: dict) -> str:
         """How people type: a capital or not, a greeting or `please`, an end mark or none.
@@ -262,12 +398,6 @@ class Generator:
         capital = not any(text.startswith(v) for v in values)
         if self.heldout:
             return text[0].upper() + text[1:] if capital and rng.random() < 0.5 else text
-        if rng.random() < 0.1:
-            text = rng.choice(["hey, ", "ok ", "hi, ", "so ", "um ", "quick one: "]) + text
-            capital = True
-        message = any(c["function"]["name"] == "send_message" for c in calls)
-        if rng.random() < 0.08 and not text.endswith("please") and not message:
-            text += rng.choice([" please", ", please", " thanks", " now"])
         if capital and rng.random() < 0.5:
             text = text[0].upper() + text[1:]
         if text[-1] not in "?!.":
@@ -278,18 +408,23 @@ class Generator:
         """One request against the declared tools `names`, and the model's answer to it."""
         rng = self.rng
         kind = rng.random()
-        if self.easy and not (0.08 <= kind < 0.16 and len(names) >= 2):
-            kind = max(kind, 0.3)  # easy conversations: calls only
+        # kind < two: small talk; [two, missing): two calls in one turn; [missing, calls): a
+        # request for a tool that is not declared (both fall back to small talk when they
+        # cannot be); above: one call. Training asks more of the two that held-out
+        # requests found hardest.
+        two, missing_from, calls_from = (0.08, 0.16, 0.30) if self.heldout or self.easy else (0.08, 0.22, 0.36)
+        if self.easy and not (two <= kind < missing_from and len(names) >= 2):
+            kind = max(kind, calls_from)  # easy conversations: calls only
         missing = [n for n in TOOL_NAMES if n not in names]
-        if kind < 0.16 and len(names) >= 2 and kind >= 0.08:  # two requests, two calls
+        if two <= kind < missing_from and len(names) >= 2:  # two requests, two calls
             first, second = rng.sample(names, 2)
             (a, args_a), (b, args_b) = self.request(first), self.request(second)
             joiner = rng.choice(HELDOUT_JOINERS if self.heldout else TWO_JOINERS)
             return a + joiner + b, {"tool_calls": [_call(first, args_a), _call(second, args_b)]}
-        if 0.16 <= kind < 0.30 and missing:  # a request for a tool that is not declared
+        if missing_from <= kind < calls_from and missing:  # a request for a tool that is not declared
             request, _ = self.request(rng.choice(missing))
             return request, {"content": REFUSAL}
-        if kind < 0.30:  # small talk
+        if kind < calls_from:  # small talk
             return rng.choice(HELDOUT_SMALL_TALK if self.heldout else SMALL_TALK), {"content": REFUSAL}
         tool = rng.choice(names)
         request, args = self.request(tool)

@@ -1,6 +1,7 @@
 """Held-out exact match of the demo Function-Gemma, twice: transformers and the runner.
 
     python recipes/demo-gemma/evaluate.py [--dir recipes/demo-gemma] [--limit N] [--out FILE.json]
+    python recipes/demo-gemma/evaluate.py --bundle artifacts/bundles/demo-gemma --backend cpu   # int8 too
 
 For every row of verify.jsonl (tools, messages, expected calls; phrasings and slot values
 never seen in training) the prompt is the chat template's, and the answer greedy:
@@ -12,7 +13,10 @@ never seen in training) the prompt is the chat template's, and the answer greedy
   the checkpoint's weights, as runner/generate.py's `load_gemma` builds it for
   `--backend fp32`) and the float head, runner/generate.py's `generate`.
 
-Both answers are parsed by runner/function_calls.py against the row's tools. A row is an
+With --bundle, the int8 bundle answers too, on each --backend asked for (emulate, cpu,
+edgetpu), with the exact `cpu` LM head: runner/load.py's `load`, as `runner call` runs it.
+
+Every answer is parsed by runner/function_calls.py against the row's tools. A row is an
 exact match when the calls (names and every argument, typed, in order) equal the
 expected ones and nothing is malformed; a row expecting no call must get a text answer.
 Decoding stops at <start_function_response>, <end_of_turn> or end-of-sequence (the
@@ -96,7 +100,21 @@ def run_runner(directory: Path, rows: list[dict], chat: Chat, stop: set[int]) ->
     return outputs
 
 
-def evaluate(directory: Path, limit: int | None = None, only: str | None = None) -> dict:
+def run_bundle(bundle: Path, backend: str):
+    """The int8 bundle on `backend`, as `runner call` runs it (exact cpu head)."""
+    def run(directory: Path, rows: list[dict], chat: Chat, stop: set[int]) -> list[list[int]]:
+        from runner.families import GEMMA_FAMILY
+        from runner.generate import Sampler, generate
+        from runner.load import load
+
+        loaded = load(bundle, GEMMA_FAMILY, backend, lm_head="cpu")
+        return [[s.token for s in generate(loaded.model, loaded.head, chat.encode(row["messages"], row["tools"]),
+                                           MAX_NEW, Sampler(), stop)] for row in rows]
+    return run
+
+
+def evaluate(directory: Path, limit: int | None = None, only: str | None = None, bundle: Path | None = None,
+             backends: tuple[str, ...] = ()) -> dict:
     rows = [json.loads(line) for line in (directory / "verify.jsonl").read_text().splitlines() if line.strip()]
     rows = rows[:limit] if limit else rows
     chat = Chat.from_dir(directory)
@@ -106,9 +124,10 @@ def evaluate(directory: Path, limit: int | None = None, only: str | None = None)
     single = stop_ids(chat.tokenizer, eos)
     result = {"rows": len(rows), "max_new_tokens": MAX_NEW}
     outputs = {}
-    for name, run in (("transformers", run_transformers), ("runner", run_runner)):
-        if only and name != only:
-            continue
+    runs = [(name, run) for name, run in (("transformers", run_transformers), ("runner", run_runner))
+            if not only or name == only]
+    runs += [(f"bundle {backend}", run_bundle(bundle, backend)) for backend in backends]
+    for name, run in runs:
         t = time.perf_counter()
         outputs[name] = run(directory, rows, chat, parallel)
         seconds = time.perf_counter() - t
@@ -130,10 +149,17 @@ def evaluate(directory: Path, limit: int | None = None, only: str | None = None)
                         "seconds": round(seconds, 1), "failures": failures}
         print(f"{name}: exact match {matches}/{len(rows)} = {matches / len(rows):.4f} "
               f"(default stop rule {default_matches}/{len(rows)}) in {seconds:.0f} s", flush=True)
-    if len(outputs) == 2:
+    if "transformers" in outputs and "runner" in outputs:
         same = sum(a == b for a, b in zip(outputs["transformers"], outputs["runner"]))
         result["identical_token_outputs"] = f"{same}/{len(rows)}"
         print(f"transformers and runner produced the same tokens on {same}/{len(rows)} rows")
+    reference = outputs.get("transformers") or outputs.get("runner")
+    for name in (n for n in outputs if n.startswith("bundle ") and reference):
+        agree = sum(score(chat.tokenizer.decode(a, skip_special_tokens=True), r)[1]
+                    == score(chat.tokenizer.decode(b, skip_special_tokens=True), r)[1]
+                    for a, b, r in zip(outputs[name], reference, rows))
+        result[name]["call_agreement"] = round(agree / len(rows), 4)
+        print(f"{name}: the same parsed answer as float on {agree}/{len(rows)} rows")
     return result
 
 
@@ -142,9 +168,13 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=HERE)
     p.add_argument("--limit", type=int)
     p.add_argument("--only", choices=["transformers", "runner"], help="run one of the two")
+    p.add_argument("--bundle", type=Path, help="an int8 bundle of these weights to answer too")
+    p.add_argument("--backend", action="append", choices=["emulate", "cpu", "edgetpu"], default=[],
+                   help="the bundle's backend (repeat for several; default emulate)")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
-    result = evaluate(args.dir, args.limit, args.only)
+    backends = tuple(args.backend or ["emulate"]) if args.bundle else ()
+    result = evaluate(args.dir, args.limit, args.only, args.bundle, backends)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0

@@ -1,6 +1,6 @@
 """Build and train the demo Function-Gemma: a small Gemma-3 that answers in Function-Gemma's format.
 
-    # from the repository root; about an hour of CPU time on 2 threads (train_log.json)
+    # from the repository root; under 30 minutes on 2 cores (train_log.json says)
     python recipes/demo-gemma/train.py                 # assets, training, model.safetensors
     python recipes/demo-gemma/train.py --assets-only   # tokenizer, configs, data files only
     python recipes/demo-gemma/evaluate.py              # held-out exact match (transformers and runner)
@@ -24,17 +24,20 @@ Data: conversations.py generates conversations on the fly (seeded), rendered thr
 chat template. The loss is on the model's turns only (each call closed by
 <start_function_response>, each text answer closed by <end_of_turn>), all of them in a
 conversation, so one rendering of the declarations serves several answers; the LM head
-runs on those positions only. Batches group conversations of similar length. The first
---easy-steps steps draw "easy" conversations (one or two tools, made-up values only, many
-exchanges): copying a value out of the request is what a small model learns last, and
-these sequences are dense in values to copy.
+runs on those positions only. Batches group conversations of similar length.
+
+Schedule: --copy-first steps of copying token strings (`CopyBatches`: the mechanism that
+copies a city or a name out of the request), then --easy-steps of "easy" conversations
+(one or two tools, many exchanges: dense in values to copy), then the full mix; every
+--copy-every-th step after the first ones is a copy batch again, so the mechanism stays
+general rather than tied to the values training shows.
 
 Model: Gemma3ForCausalLM, hidden 256, 4 layers (sliding, full, sliding, full; window 64),
 4 query heads of 64 sharing 1 key-value head (grouped-query attention as in Gemma-3 270M),
 MLP 256, tied embeddings over a 4096-token vocabulary. So q_proj, o_proj and the MLP
 linears are 256x256 and k_proj, v_proj are 256 -> 64. AdamW with warmup and cosine decay,
-seeded; torch runs on at most 2 threads; batches of 10 conversations, 1000 steps. Same
-command, same files (torch's CPU kernels are deterministic for this model; the step count
+seeded; torch runs on at most 2 threads; batches of 10 conversations (64 copy strings),
+3600 steps. Same command, same files (torch's CPU kernels are deterministic for this model; the step count
 is fixed, not a time budget).
 """
 
@@ -183,31 +186,47 @@ class Batches:
 
 
 class CopyBatches:
-    """Seeded (ids, targets) batches that teach copying: each row is <bos>, a random token
-    string, then the same string again, with the loss on the repeat (its first token
-    excepted: nothing predicts it). Copying a city or a name out of the request needs the
-    same mechanism (attend to the token after the earlier occurrence of this one), and the
-    conversations alone teach it slowly: after 1500 steps the model copied a value's first
-    token and lost the rest. `--copy-every K` puts one such batch in every K steps.
-    Measured (2026-11-25): strings of 3-12 tokens took the copy loss from 8.3 to 5.3 in 400
-    steps, strings of 6-40 barely moved it; 3000 steps with a copy batch every 4th step up to
-    1600 gave 62% exact calls on training-like requests but 7.5% on the held-out ones: not
-    yet a demo (recipes/demo-gemma/README.md)."""
+    """Seeded (ids, targets) batches that teach copying: each row is <bos>, a string of
+    tokens, then the same string again, with the loss on the repeat (its first token
+    excepted: nothing predicts it). Copying a city or a name out of the request needs this
+    mechanism (attend to the token after the earlier occurrence of this one), and the
+    conversations alone teach it slowly: after 1500 steps on them the model copied a
+    value's first token and lost the rest ("Stevie Wonder" -> "SSon Sononon").
 
-    def __init__(self, seed: int, batch: int, lengths: tuple[int, int] = (3, 12), first: int = 13):
-        self.rng, self.batch, self.lengths, self.first = random.Random(seed), batch, lengths, first
+    Three rows in four are slot values (conversations.py's, of every slot) joined by
+    spaces, cut to the string's length: the tokens copied in a call. The fourth is
+    uniformly random tokens, so that any token is copied, not only the likely ones.
+    Measured (2026-11-26, one thread, batches of 64): strings of value tokens were copied
+    at 95% after 750 steps, uniformly random ones at 45% after 350; random ones alone had
+    barely moved after 400 steps in the earlier runs that mixed them into conversations."""
+
+    SLOTS = ("city", "to", "room", "artist", "text")
+
+    def __init__(self, tokenizer, seed: int, batch: int, lengths: tuple[int, int] = (3, 16), first: int = 13):
+        self.tokenizer, self.batch, self.lengths, self.first = tokenizer, batch, lengths, first
+        self.rng, self.gen = random.Random(seed), Generator(seed=seed + 1)
         self.queue = []  # (for Batches' interface: state and restore)
 
     def state(self) -> dict:
-        return {"rng": _rng_state(self.rng)}
+        return {"rng": _rng_state(self.rng), "gen": _rng_state(self.gen.rng)}
 
     def restore(self, state: dict) -> None:
         self.rng.setstate(_rng_tuple(state["rng"]))
+        self.gen.rng.setstate(_rng_tuple(state["gen"]))
+
+    def _string(self, n: int) -> list[int]:
+        if self.rng.random() < 0.25:
+            return [self.rng.randrange(self.first, VOCAB) for _ in range(n)]
+        ids = []
+        while len(ids) < n:
+            value = str(self.gen.value(self.rng.choice(self.SLOTS)))
+            ids += self.tokenizer.encode((" " if ids else "") + value, add_special_tokens=False).ids
+        return ids[:n]
 
     def __next__(self):
         import torch
         n = self.rng.randint(*self.lengths)
-        rows = [[self.rng.randrange(self.first, VOCAB) for _ in range(n)] for _ in range(self.batch)]
+        rows = [self._string(n) for _ in range(self.batch)]
         ids = torch.tensor([[BOS] + r + r for r in rows], dtype=torch.long)
         targets = torch.full_like(ids, -100)
         targets[:, n + 1:-1] = ids[:, n + 2:]  # position t predicts token t + 1, over the repeat
@@ -281,7 +300,7 @@ def load_state(directory: Path, model, optimizer):
 
 def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int, log_every: int,
           snapshot_every: int = 0, easy_steps: int = 0, save_every: int = 25, stop_after: int | None = None,
-          copy_every: int = 0, copy_until: int = 0, copy_batch: int = 64) -> dict:
+          copy_first: int = 0, copy_every: int = 0, copy_until: int | None = None, copy_batch: int = 64) -> dict:
     """Train, saving the run's state every `save_every` steps in out/.train_state; started
     again with the same arguments it continues from there, with the same result as an
     uninterrupted run (same data, same updates)."""
@@ -307,8 +326,9 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
     streams = {"normal": Batches(out, seed=seed + 100, batch=batch),
                "easy": Batches(out, seed=seed + 200, batch=batch, easy=True)}
     state_dir = out / ".train_state"
-    streams["copy"] = CopyBatches(seed + 300, copy_batch)
-    settings = {"steps": steps, "copy_every": copy_every, "copy_until": copy_until, "copy_batch": copy_batch,
+    streams["copy"] = CopyBatches(streams["normal"].chat.tokenizer, seed + 300, copy_batch)
+    copy_until = steps if copy_until is None else copy_until
+    settings = {"steps": steps, "copy_first": copy_first, "copy_every": copy_every, "copy_until": copy_until, "copy_batch": copy_batch,
                 "easy_steps": easy_steps, "batch": batch, "lr": lr, "seed": seed}
     start, log, spent = 0, [], {"seconds": 0.0, "cpu_seconds": 0.0}
     if (state_dir / "state.json").exists():
@@ -325,8 +345,8 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
         return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
 
     for step in range(start, steps):
-        phase = ("copy" if copy_every and step < copy_until and step % copy_every == 0
-                 else "easy" if step < easy_steps else "normal")
+        phase = ("copy" if step < copy_first or copy_every and step < copy_until and step % copy_every == 0
+                 else "easy" if step < copy_first + easy_steps else "normal")
         ids, targets = next(streams[phase])
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
@@ -359,16 +379,18 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, threads: int,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--copy-every", type=int, default=0, help="every K-th step (until --copy-until) trains "
-                   "on copying random token strings (CopyBatches): the mechanism every copied value needs")
-    p.add_argument("--copy-until", type=int, default=1600, help="the last step a copy batch may take")
+    p.add_argument("--copy-first", type=int, default=400, help="start with this many steps of copying "
+                   "token strings (CopyBatches): the mechanism every copied value needs")
+    p.add_argument("--copy-every", type=int, default=4, help="after that, every K-th step (until "
+                   "--copy-until) is a copy batch too, so that the mechanism stays general")
+    p.add_argument("--copy-until", type=int, help="the last step a copy batch may take (default: all)")
     p.add_argument("--copy-batch", type=int, default=64)
-    p.add_argument("--easy-steps", type=int, default=250, help="start with this many steps of easy "
+    p.add_argument("--easy-steps", type=int, default=250, help="after the copy steps, this many steps of easy "
                    "conversations (conversations.py): the model learns to copy values sooner")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=25, help="save the run's state every N steps "
@@ -388,7 +410,7 @@ def main(argv=None) -> int:
         return 0
     result = train(args.out, args.steps, args.batch, args.lr, args.seed, args.threads, args.log_every,
                    args.snapshot_every, args.easy_steps, args.save_every, args.stop_after,
-                   args.copy_every, args.copy_until, args.copy_batch)
+                   args.copy_first, args.copy_every, args.copy_until, args.copy_batch)
     write(args.out / "train_log.json", json.dumps(result, indent=1) + "\n")
     import shutil
     shutil.rmtree(args.out / ".train_state", ignore_errors=True)

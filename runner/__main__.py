@@ -657,7 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     Parser.json_errors = "--json" in argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # argparse fills every positional it can where it meets the first one, so in `call BUNDLE
+    # --tools FILE REQUEST` the request is left over: it is the request when none came before
+    if getattr(args, "command", None) == "call" and args.request is None and len(extras) == 1 \
+            and not extras[0].startswith("-"):
+        args.request, extras = extras[0], []
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if getattr(args, "threads", None):
         use_threads(args.threads)
     try:

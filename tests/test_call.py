@@ -1,9 +1,9 @@
 """`runner call` (issue #16): tools and a request in, the rendered prompt exactly as
 transformers' apply_chat_template gives it, decoding to a Function-Gemma stop token, the
 turn parsed. The model here has random weights in the demo Function-Gemma's layout and
-tokenizer (recipes/demo-gemma/: the trained weights do not exist yet), so these tests hold
-the plumbing, not the answer: whatever the model says comes back as calls, text or
-malformed calls, never a traceback."""
+tokenizer (recipes/demo-gemma/), so these tests hold the plumbing, not the answer: whatever
+the model says comes back as calls, text or malformed calls, never a traceback. The trained
+demo's answers are tests/test_demo_gemma.py's."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from runner.function_calls import parse_answer
 from runner.gemma import GemmaConfig, tensor_shapes
 
-from .conftest import ROOT, doit, runner
+from .conftest import GENERATED_GEMMA, ROOT, doit, runner
 
 DEMO = ROOT / "recipes" / "demo-gemma"
 TOOLS = DEMO / "tools.json"
@@ -49,7 +49,8 @@ def fg_bundle(tmp_path_factory):
 # k_proj and v_proj (256 -> 64) run on 256x256 templates, as the demo's do on the one compiled
 # one; calibration renders the demo's conversations through the chat template.
 FG_RECIPE = ("recipe=recipes/demo-gemma.yaml", "generate=null", "name=fg", "flavors=[cpu]", "pad_outputs=256",
-             f"calibration={{prompts: prompts.txt, conversations: {DEMO / 'calibration.jsonl'}, synthetic: 2}}")
+             f"calibration={{prompts: prompts.txt, conversations: {DEMO / 'calibration.jsonl'}, synthetic: 2}}",
+             "verify={prompts: heldout-prompts.txt, synthetic: 4, tokens: 48, greedy_steps: 16}")
 
 
 def test_the_prompt_is_transformers_own_and_the_answer_is_parsed(fg_bundle, tmp_path):
@@ -83,6 +84,17 @@ def test_the_prompt_is_transformers_own_and_the_answer_is_parsed(fg_bundle, tmp_
     assert json.loads(run.stdout)["prompt_tokens"] == list(expected)
 
 
+def test_the_request_may_come_after_the_options(fg_bundle):
+    """`call BUNDLE --tools FILE REQUEST`, as the issue and --help write it, is the same call
+    as `call BUNDLE REQUEST --tools FILE`; a second stray word is still an error."""
+    first = runner("call", fg_bundle, "--tools", TOOLS, "--steps", "3", "--backend", "emulate", "--json", "hello there")
+    second = runner("call", fg_bundle, "hello there", "--tools", TOOLS, "--steps", "3", "--backend", "emulate", "--json")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert json.loads(first.stdout)["prompt_tokens"] == json.loads(second.stdout)["prompt_tokens"]
+    stray = runner("call", fg_bundle, "hello", "--tools", TOOLS, "again")
+    assert stray.returncode == 2 and "unrecognized arguments: again" in stray.stderr
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "tools.json: not valid JSON"),
     ('{"type": "function"}', "tools.json: tools are a JSON list of objects"),
@@ -99,7 +111,7 @@ def test_a_bad_tools_file_is_one_line_naming_it(fg_bundle, tmp_path, content, me
 def test_a_bundle_without_a_chat_template_says_so(tmp_path):
     """The generated demo Gemma has a tokenizer and no chat template."""
     artifacts = tmp_path / "artifacts"
-    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "flavors=[]")
+    doit(artifacts, *GENERATED_GEMMA, "flavors=[]")
     run = runner("call", artifacts / "bundles" / "demo-gemma", "hello", "--backend", "emulate")
     assert run.returncode == 2 and "no chat template in the bundle" in run.stderr and "Traceback" not in run.stderr
 

@@ -27,7 +27,7 @@ def recipe_file(tmp_path, text):
 
 @pytest.mark.parametrize("text, needle", [
     ("name: r\nbogus: 1\n", "unknown key 'bogus'"),
-    ("name: r\nbatch: four\n", "key 'batch' must be int"),
+    ("name: r\nbatch: four\n", "batch must be an integer from 1 to 4096 or auto, got 'four'"),
     ("name: r\nfamily: clip\ncheckpoint: /nonexistent/model\n", "'/nonexistent/model' is not a model directory"),
     ("name: r\nfamily: bert\n", "key 'family' must be one of clip"),
     (DEMO_KEYS + "quantization:\n  weights: per-row\n", "quantization.weights must be one of per-channel, per-tensor"),

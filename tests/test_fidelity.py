@@ -27,7 +27,7 @@ from runner.nn import float_linear
 from runner.quant import quantize_rows
 from runner.tokenizer import ClipTokenizer
 
-from .conftest import doit
+from .conftest import GENERATED_GEMMA, doit
 
 CLIP_KEYS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min")
 
@@ -184,7 +184,7 @@ def test_rebuilding_the_same_bundle_keeps_its_verify_report(clip_verified):
 
 def test_verify_gemma_reports_top1_and_greedy(tmp_path):
     artifacts = tmp_path / "artifacts"
-    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "verify")
+    doit(artifacts, *GENERATED_GEMMA, "verify")
     report = json.loads((artifacts / "bundles" / "demo-gemma" / "report.json").read_text())
     m = report["metrics"]
     for key in ("top1_agreement", "top1_agreement_tpu_head", "top1_agreement_rescore", "logits_cosine_mean"):

@@ -19,7 +19,7 @@ from runner.lm_head import DEFAULT_CAPACITY, HeadError, Int8Tiles, TileHead, mak
 from runner.load import load
 from runner.nn import float_linear
 
-from .conftest import FIXTURES, doit, runner
+from .conftest import FIXTURES, GENERATED_GEMMA, doit, runner
 
 PROMPT = ("<start_of_turn>user please open door with name Alice and then read sensor humidity"
           "<end_of_turn><start_of_turn>model")  # held out: not in prompts.txt
@@ -31,7 +31,7 @@ def gemma_demo(tmp_path_factory):
     tiles and layers get edgetpu artifacts too."""
     artifacts = tmp_path_factory.mktemp("gemma") / "artifacts"
     templates = [f"templates={FIXTURES}"] if (FIXTURES / "dense_256_edgetpu.tflite").is_file() else []
-    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml", *templates).stdout
+    out = doit(artifacts, *GENERATED_GEMMA, *templates).stdout
     assert ".  checkpoint:demo-gemma" in out and ".  bundle" in out
     return artifacts / "bundles" / "demo-gemma", artifacts / "demo" / "gemma"
 
@@ -66,7 +66,7 @@ def test_tiles_are_the_embedding_rows(bundle, gemma_demo):
 def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
     """tile_rows 384 over 1024 tokens: 3 tiles, the last with 128 zero rows that never win."""
     artifacts = tmp_path / "artifacts"
-    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "lm_head={tile_rows: 384}", "layers", "bundle")
+    doit(artifacts, *GENERATED_GEMMA, "lm_head={tile_rows: 384}", "layers", "bundle")
     bundle = Bundle.open(artifacts / "bundles" / "demo-gemma")
     head = bundle.lm_head
     assert (head.tile_rows, head.vocab_size, [t.n_out for t in head.tiles]) == (384, 1024, [384] * 3)
@@ -77,7 +77,7 @@ def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
     logits = tiles(np.random.default_rng(3).standard_normal(256).astype(np.float32))
     assert logits.shape == (1024,) and np.isfinite(logits).all()
     # Another head setting redoes the tiles only: the decoder layers come from the cache.
-    out = doit(artifacts, "recipe=recipes/demo-gemma.yaml", "lm_head={tile_rows: 384, peak_sigmas: 3}").stdout
+    out = doit(artifacts, *GENERATED_GEMMA, "lm_head={tile_rows: 384, peak_sigmas: 3}").stdout
     assert ".  layers" in out and ".  bundle" in out
     again = Bundle.open(artifacts / "bundles" / "demo-gemma")
     assert [t.files["params"].sha256 for t in again.lm_head.tiles] != [t.files["params"].sha256 for t in head.tiles]

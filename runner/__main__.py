@@ -165,10 +165,10 @@ def routes_json(loaded: Loaded) -> dict | None:
 
 
 def print_routes(result: dict) -> None:
-    """One line on stderr when calls went to more than one side (`--route auto` or `cpu`)."""
+    """With `--route auto`, one line on stderr: how many calls (and rows) went to each side."""
     routes = result.get("routes")
     sides = {k: v for k, v in (routes or {}).items() if k != "route"}
-    if routes and routes["route"] != "tpu":
+    if routes and routes["route"] == "auto":
         print(f"route {routes['route']}: " + ", ".join(f"{side} {v['calls']} calls ({v['rows']} rows)"
                                                         for side, v in sides.items()), file=sys.stderr)
 

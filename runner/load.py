@@ -19,8 +19,9 @@ its artifacts and a TFLite interpreter is installed, else `emulate` (numpy only)
 The route (runner/executors.py `make_linear`) says where a TPU layer's calls go. Without
 one asked for, a bundle with routes (built with both the edgetpu and the cpu flavor) runs
 `auto` on the edgetpu backend: each call to the TPU or to the cpu flavor by its rows, as
-the build's cost model says is cheaper. Every other run keeps to its backend (`tpu`; on
-emulate, which stands for the TPU, `--route auto` routes as on the device).
+the build's cost model says is cheaper. Every other run keeps to its backend (`cpu` on the
+cpu backend, `tpu` on emulate, which stands for the TPU: there `--route auto` routes as it
+would on the device).
 `Loaded.routes` counts where the calls went.
 """
 
@@ -78,8 +79,8 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
         return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), backend, head, tokenizer)
     if backend == "edgetpu" and delegates is None:
         delegates = edgetpu_delegates()  # one for every layer, and a decoder's head
-    if route is None:
-        route = "auto" if backend == "edgetpu" and bundle.manifest.get("route") else "tpu"
+    if route is None:  # the cpu backend runs every call on the cpu flavor: its route says so
+        route = "auto" if backend == "edgetpu" and bundle.manifest.get("route") else "cpu" if backend == "cpu" else "tpu"
     routes = Routes(route)
     linear = make_linear(bundle, backend, delegates, route, routes)
     if not family.decoder:

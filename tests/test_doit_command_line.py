@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -68,8 +69,8 @@ def test_doit_list_does_not_wait_for_a_build(tmp_path):
 class Build:
     """`doit` in a process group of its own, as a terminal runs it (Ctrl-C reaches the group)."""
 
-    def __init__(self, artifacts):
-        self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")], cwd=ROOT,
+    def __init__(self, artifacts, *variables):
+        self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *variables], cwd=ROOT,
                                      env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1"),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
@@ -87,19 +88,20 @@ class Build:
 def test_ctrl_c_is_one_line_saying_how_to_resume(demo, tmp_path):
     """Ctrl-C during calibration printed 65-83 lines of traceback and no word on resuming."""
     artifacts = warm_artifacts(demo, tmp_path)
-    build = Build(artifacts)
+    # Many synthetic calibration inputs: the demo's own calibration is so quick that with a
+    # warm cache the whole stage once finished before the interrupt came (the build exited 0).
+    many = "calibration={images: calibration, captions: captions.txt, synthetic: 300, max_rows: 4096, seed: 0}"
+    build = Build(artifacts, many)
     build.wait_for(".  layers\n")
-    # just into the stage: on a loaded machine (CI beside a build) the whole of it once
-    # finished within the 0.5 s this waited before, and the interrupt came too late
-    time.sleep(0.1)
+    time.sleep(0.5)  # into calibration
     os.killpg(build.proc.pid, signal.SIGINT)
     stderr = build.proc.stderr.read()
     build.proc.wait(timeout=60)
     build.reader.join(timeout=10)
     assert build.proc.returncode != 0 and "Traceback" not in stderr + "".join(build.out)
     assert [line for line in stderr.splitlines() if line.strip()] == [
-        "interrupted: what finished is kept; `doit -f " + str(ROOT / "dodo.py") + "` again resumes"]
-    rerun = doit(artifacts).stdout
+        f"interrupted: what finished is kept; `doit -f {ROOT / 'dodo.py'} {shlex.quote(many)}` again resumes"]
+    rerun = doit(artifacts, many).stdout
     assert "-- checkpoint:check" in rerun and ".  layers" in rerun and ".  bundle" in rerun
 
 

@@ -67,13 +67,17 @@ def test_doit_list_does_not_wait_for_a_build(tmp_path):
 
 
 class Build:
-    """`doit` in a process group of its own, as a terminal runs it (Ctrl-C reaches the group)."""
+    """`doit` in a process group of its own, as a terminal runs it (Ctrl-C reaches the group).
+    SIGINT is set back to its default in the child: a shell starts background jobs (`cmd &`,
+    as CI may run the suite) with SIGINT ignored, children inherit that, and the build then
+    never saw the interrupt and exited 0."""
 
     def __init__(self, artifacts, *variables):
         self.proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *variables], cwd=ROOT,
                                      env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1"),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out: list[str] = []
         self.reader = threading.Thread(target=lambda: self.out.extend(self.proc.stdout), daemon=True)
         self.reader.start()

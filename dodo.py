@@ -240,7 +240,7 @@ def task_bundle():
                      json.loads(placement.read_text()) if placement else None)
         print(f"bundle: {bundle_dir(RECIPE.name)}")
     # with both flavors the bundle records routes from the cost model: editing it rebuilds
-    cost_model = [str(resolve(RECIPE.cost_model))] if {"edgetpu", "cpu"} <= set(RECIPE.flavors) else []
+    cost_model = [str(resolve(RECIPE.cost_model))] if RECIPE.has_routes else []
     return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
             "file_dep": [str(layers_index_path(RECIPE.name))] + ([str(placement)] if placement else []) + cost_model,
             "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}

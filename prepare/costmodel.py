@@ -86,8 +86,11 @@ class LinearWork:
         uploads = len(self.calls) if self.param_bytes <= device.sram_bytes else invokes
         per_invoke = (device.invoke_overhead_s + b * (self.n_in + self.n_out) / device.usb_bytes_per_s
                       + b * self.n_in * self.n_out / device.tpu_macs_per_s)
-        host = sum(self.calls) * (self.n_in + self.n_out) / device.cpu_elements_per_s  # quantize, dequantize rows
-        return uploads * self.param_bytes / device.usb_bytes_per_s + invokes * per_invoke + host
+        return uploads * self.param_bytes / device.usb_bytes_per_s + invokes * per_invoke + self.row_glue_s(device)
+
+    def row_glue_s(self, device: Device) -> float:
+        """The host's quantizing of input rows and dequantizing of output rows, either side."""
+        return sum(self.calls) * (self.n_in + self.n_out) / device.cpu_elements_per_s
 
     def cpu_s(self, device: Device, weight_bytes: int = 4) -> float:
         """On the CPU: each call streams the weights once (float32: 4 bytes a weight)."""
@@ -98,8 +101,7 @@ class LinearWork:
     def cpu_int8_s(self, device: Device) -> float:
         """As the `cpu` flavor runs it: int8 weights (one byte each) through the interpreter,
         with the same quantizing and dequantizing of rows as the TPU side."""
-        host = sum(self.calls) * (self.n_in + self.n_out) / device.cpu_elements_per_s
-        return self.cpu_s(device, weight_bytes=1) + host
+        return self.cpu_s(device, weight_bytes=1) + self.row_glue_s(device)
 
 
 def tpu_from_rows(n_in: int, n_out: int, batch: int, param_bytes: int, device: Device) -> int | None:

@@ -243,6 +243,11 @@ class Recipe:
         return None if batch == "auto" else int(batch)
 
     @property
+    def has_routes(self) -> bool:
+        """Whether its bundle records routes: both sides of `--route auto` need artifacts."""
+        return {"edgetpu", "cpu"} <= set(self.flavors)
+
+    @property
     def checkpoint_dir(self) -> Path | None:
         return Path(self.checkpoint) if self.checkpoint else None
 

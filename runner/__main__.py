@@ -15,8 +15,9 @@ best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint D
 carry no float weights for layers that run on the TPU), `--route auto|tpu|cpu` (where a
 TPU layer's calls go: auto, the default on edgetpu with a bundle built with both the
 edgetpu and cpu flavors, sends each call by its rows to the side the build's cost model
-says is cheaper), `--json`, `--threads N`, and (but `call`) `--rounds R` (run R times after one start-up; timings are the median after the first,
-which also opens each layer). `--help` shows every option's default, and an example.
+says is cheaper), `--json`, `--threads N`, and (but `call`) `--rounds R` (run R times
+after one start-up; timings are the median after the first, which also opens each layer).
+`--help` shows every option's default, and an example.
 
 `--json` is one object from every command, with `command` and `bundle`, and `input` for
 each input. Errors are one line naming the file and the problem, exit status 2; so are

@@ -14,6 +14,7 @@ step, 1 on a mismatch, 2 when there is no device or library.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +100,10 @@ def route_plan(m) -> dict | None:
     when the bundle has no routes."""
     if not m.manifest.get("route"):
         return None
-    by_rows: dict[str, list[str]] = {}
-    for layer in (layer for layer in m.layers if layer.placement == "tpu"):  # not the LM-head tiles
-        by_rows.setdefault(str(layer.tpu_from_rows) if layer.tpu_from_rows else "never", []).append(layer.name)
+    by_rows = Counter(str(layer.tpu_from_rows or "never") for layer in m.layers
+                      if layer.placement == "tpu")  # not the LM-head tiles
     return {"cost_model": m.manifest["route"].get("cost_model"),
-            "tpu_from_rows": {k: len(v) for k, v in sorted(by_rows.items(), key=lambda kv: (kv[0] == "never", kv[0]))}}
+            "tpu_from_rows": dict(sorted(by_rows.items(), key=lambda kv: (kv[0] == "never", kv[0])))}
 
 
 def sha256_problem(directory: str | Path, f, what: str) -> str | None:

@@ -125,7 +125,7 @@ def routes(recipe: Recipe, layers: list[dict]) -> dict | None:
     """With both the edgetpu and the cpu flavor, each TPU layer's `tpu_from_rows` (set in
     `layers`) from the recipe's cost model, and the manifest's `route`: the device file and
     its figures. None otherwise: the runner then has one side only."""
-    if not {"edgetpu", "cpu"} <= set(recipe.flavors):
+    if not recipe.has_routes:
         return None
     path = resolve(recipe.cost_model)
     device = Device.load(path)

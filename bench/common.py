@@ -157,3 +157,12 @@ def write_result(result: dict, model: str, stem: str, out: Path | None) -> None:
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     print(markdown({model: result}))
     print(f"written to {out}")
+
+
+def write_results(name: str, result: dict, text: str) -> None:
+    """A modelling script's results: bench/results/<name>-<date>.json and .md, and the
+    table printed."""
+    out = ROOT / "bench" / "results" / f"{name}-{result['date']}"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text, end="")

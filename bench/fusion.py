@@ -14,7 +14,6 @@ it is the same either way).
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import Device, LinearWork, Work  # noqa: E402
+from bench.common import write_results  # noqa: E402
 from prepare.families import family_of  # noqa: E402
 from prepare.recipe import load_recipe  # noqa: E402
 
@@ -89,10 +89,7 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     result = measure()
-    out = ROOT / "bench" / "results" / f"fusion-{result['date']}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result), end="")
+    write_results("fusion", result, markdown(result))
     return 0
 
 

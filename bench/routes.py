@@ -15,7 +15,6 @@ the CPU's own work (attention, norms) are the same on every route and are not co
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prepare.costmodel import Device, LinearWork, tpu_from_rows  # noqa: E402
+from bench.common import write_results  # noqa: E402
 from prepare.families import family_of  # noqa: E402
 from prepare.recipe import load_recipe  # noqa: E402
 from prepare.stages.templates import template_batches  # noqa: E402
@@ -93,10 +93,7 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     result = measure()
-    out = ROOT / "bench" / "results" / f"routes-{result['date']}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result), end="")
+    write_results("routes", result, markdown(result))
     return 0
 
 

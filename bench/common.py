@@ -21,6 +21,10 @@ def use_artifacts(name: str) -> Path:
     when set, else ./artifacts), for this process and the tools it starts."""
     artifacts = (Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / name).resolve()
     os.environ["CORAL_ARTIFACTS"] = str(artifacts)
+    store = sys.modules.get("prepare.store")  # fixes its directory when imported: it must come after this
+    if store is not None and store.ARTIFACTS != artifacts:
+        raise RuntimeError(f"prepare.store was imported before use_artifacts({name!r}): it would build in "
+                           f"{store.ARTIFACTS}, not {artifacts}")
     return artifacts
 
 

@@ -39,9 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import use_artifacts  # noqa: E402
+
+ARTIFACTS = use_artifacts("bench-photo-search")  # before prepare.store is imported: it fixes the artifacts directory
 from prepare.store import atomic_write  # noqa: E402
 
-ARTIFACTS = use_artifacts("bench-photo-search")
 VIT_VARS = ["recipe=recipes/clip-vit-b32.yaml", "generate=random-clip-vit-b32",
             "checkpoint=artifacts/checkpoint-vit-b32", "name=bench-photo-search-vit-b32"]
 QUERIES = ["a photo of a red car", "two dogs in the snow"]  # words the demo's tokenizer knows

@@ -23,7 +23,7 @@ import yaml
 
 from runner.errors import UserError
 
-from .store import ROOT
+ROOT = Path(__file__).resolve().parent.parent  # not prepare.store's: importing it fixes the artifacts directory
 
 DEVICE_FILE = ROOT / "bench" / "pi5_coral.yaml"
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 25, 32, 50, 64, 100, 128, 200, 256, 400)  # template batches considered

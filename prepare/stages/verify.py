@@ -24,7 +24,6 @@ import textwrap
 import time
 from dataclasses import asdict, replace
 
-import matplotlib
 import numpy as np
 
 from runner.bundle import Bundle
@@ -41,9 +40,6 @@ from ..smoothing import smooth
 from ..store import Store, atomic_write
 from .layers import model_weights, template_for
 from .placement import apply_placement, curve_points
-
-matplotlib.use("Agg")  # report.png is drawn without a screen
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 DEFAULT_SMOOTHING = 0.5  # the strength the "smoothing on" comparison uses when the build had none
 
@@ -207,8 +203,18 @@ def gap_floor(gaps: list[float]) -> float:
     return min(real) / 10 if real else 1e-6
 
 
+def pyplot():
+    """matplotlib.pyplot, imported on first use rather than at the top: it costs every doit
+    start, a no-op build too, half a second."""
+    import matplotlib
+    matplotlib.use("Agg")  # report.png is drawn without a screen
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def figure(report: dict):
     """Four panels: per-layer error, per-layer sensitivity, the CPU-kept curve, the comparisons."""
+    plt = pyplot()
     layers = report["layers"]
     fig, ax = plt.subplots(2, 2, figsize=(max(14, 0.12 * len(layers)), 9))
     x = np.arange(len(layers))
@@ -261,5 +267,5 @@ def plot(report: dict) -> bytes:
     fig = figure(report)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
     return buf.getvalue()

@@ -280,10 +280,12 @@ def task_layer_check():
 
 
 def task_bench():
-    """Benchmarks at real model sizes (bench/run.py; `only=clip` or `only=gemma`): bench/results/<date>.json, .md, .png."""
+    """Benchmarks at real model sizes beside ONNX Runtime and llama.cpp (bench/run.py; `only=clip` or
+    `only=gemma`, `peers=no`): bench/results/<date>.json, .md, .png."""
     def run():
         only = get_var("only")
         command = [sys.executable, str(Path(__file__).parent / "bench" / "run.py")] + (["--only", only] if only else [])
+        command += ["--no-peers"] if get_var("peers") == "no" else []
         if subprocess.run(command).returncode != 0:
             return TaskFailed(f"{' '.join(command)} failed (its output is above)")
         return None

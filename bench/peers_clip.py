@@ -40,12 +40,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT, use_artifacts  # noqa: E402
+
+ARTIFACTS = use_artifacts("bench-peers-clip")  # before prepare.store is imported: it fixes the artifacts directory
+from prepare.store import atomic_write  # noqa: E402
 from runner.families import CLIP_FAMILY  # noqa: E402
 from runner.images import load_image  # noqa: E402
 from runner.interpreter import use_threads  # noqa: E402
 from runner.load import clip_tokenizer, load  # noqa: E402
 
-ARTIFACTS = use_artifacts("bench-peers-clip")
 TEXTS = ["a photo of a cat", "a dog on a beach", "two people riding bicycles", "a red car parked outside",
          "a bowl of soup", "a mountain lake at sunrise", "a child holding a kite", "an old stone bridge"]
 
@@ -167,7 +169,7 @@ def main() -> None:
                                        "text": round(cosine(o[1], reference[1]), 5)} for side, o in outputs.items()},
     }
     out = ROOT / "bench" / "results" / f"peers-clip-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(out, json.dumps(result, indent=1) + "\n")
     print("| work | runner (cpu) | ONNX Runtime fp32 | ratio | ONNX Runtime int8 | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     for w, p in peers.items():

@@ -203,3 +203,46 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# The peers' works that bench/routes.py models on the Pi too: peer work -> (model, routes workload).
+PI_WORKLOADS = {("clip", "1 image"): "1 image", ("clip", "8 images"): "8 images",
+                ("gemma", "prefill 256"): "prefill, 256 tokens", ("gemma", "decode"): "decode, 1 token"}
+
+
+def peers_markdown(peers: dict) -> str:
+    """The runner against each peer on this machine, and what that makes of a Pi 5 with and
+    without the Coral (bench/pi5_coral.yaml, bench/routes.py)."""
+    if not peers:
+        return ""
+    from bench.routes import measure
+    from prepare.costmodel import Device
+
+    lines = ["### Against the CPU runtimes a user would pick (this machine, one thread a side, interleaved)", ""]
+    rows = [[model, work, f"{p['runner_ms']:.1f}", peer, f"{q['ms']:.1f}", f"**{q['ratio']:.2f}**"]
+            for model, works in peers.items() for work, p in works.items()
+            for peer, q in p.items() if peer != "runner_ms"]
+    lines += _table(["model", "work", "runner ms (cpu)", "peer", "peer ms", "ratio (runner / peer)"], rows) + [""]
+    device, routes = Device.load(), measure()["models"]
+    f = device.host_to_pi_cpu
+    lines += ["### On a Pi 5, modelled: the runner on its CPU, with the Coral (`--route auto`), and the peer", "",
+              f"Runner and peer: this machine's times x {f} (`host_to_pi_cpu`; this machine's ratio carried to the "
+              "Pi). With the Coral: the CPU time, less the linears' modelled CPU time, plus their modelled "
+              "`--route auto` time (bench/routes.py, `batch: auto` templates).", ""]
+    rows = []
+    for (model, work), label in PI_WORKLOADS.items():
+        if work not in peers.get(model, {}):
+            continue
+        p = peers[model][work]
+        r = routes[model]["workloads"][label]["auto"]
+        cpu = p["runner_ms"] * f
+        coral = max(0.0, cpu - r["cpu_only_ms"] + r["auto_ms"])
+        best_peer = min((peer for peer in p if peer != "runner_ms"), key=lambda peer: p[peer]["ms"])
+        peer_ms = p[best_peer]["ms"] * f
+        times = {"runner, CPU": cpu, "runner + Coral": coral, best_peer: peer_ms}
+        fastest = min(times, key=times.get)
+        second = sorted(times.values())[1]
+        rows.append([model, work, f"{cpu:.0f}", f"{coral:.0f}", f"{best_peer} {peer_ms:.0f}",
+                     f"{fastest} ({second / times[fastest]:.2f}x ahead)"])
+    lines += _table(["model", "work", "runner CPU ms", "runner + Coral ms", "best peer ms", "fastest"], rows) + [""]
+    return "\n".join(lines) + "\n"

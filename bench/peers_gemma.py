@@ -37,6 +37,7 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import hashlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -105,9 +106,13 @@ def sentencepiece_model(pieces: int = 512) -> bytes:
 
 
 def gguf_file(checkpoint: Path) -> Path:
-    """The checkpoint as llama.cpp Q8_0 GGUF, made once; its embedding must keep every row."""
-    out = ARTIFACTS / "model-q8_0.gguf"
-    config = json.loads((checkpoint / "config.json").read_text())
+    """The checkpoint as llama.cpp Q8_0 GGUF, made once per checkpoint (its config, and its
+    weights file's size and time, name the file); its embedding must keep every row."""
+    config_text = (checkpoint / "config.json").read_text()
+    weights = (checkpoint / "model.safetensors").stat()
+    key = hashlib.sha256(f"{config_text}{weights.st_size}{weights.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = ARTIFACTS / f"model-q8_0-{key}.gguf"
+    config = json.loads(config_text)
     if not out.is_file():
         source = ARTIFACTS / "hf"
         shutil.rmtree(source, ignore_errors=True)
@@ -120,6 +125,9 @@ def gguf_file(checkpoint: Path) -> Path:
         subprocess.run([sys.executable, str(converter()), str(source), "--outtype", "q8_0", "--outfile", str(partial)],
                        check=True, stdout=subprocess.DEVNULL)
         partial.rename(out)
+        for stale in ARTIFACTS.glob("model-q8_0-*.gguf"):  # other checkpoints' conversions
+            if stale != out:
+                stale.unlink()
     sys.path.insert(0, str(converter().parent / "gguf-py"))
     from gguf import GGUFReader
     shape = {t.name: [int(n) for n in t.shape] for t in GGUFReader(out).tensors}["token_embd.weight"]

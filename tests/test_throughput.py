@@ -73,3 +73,15 @@ def test_device_file_is_checked(tmp_path):
     bad.write_text(text)
     with pytest.raises(ValueError, match="usb_bytes_per_s must be a positive number"):
         Device.load(bad)
+
+
+def test_a_missing_peer_is_skipped_with_a_line(monkeypatch, capsys):
+    """`doit bench` without the bench extra: each peer says it is skipped, and nothing runs."""
+    import bench.run
+
+    monkeypatch.setattr(bench.run.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bench.run.subprocess, "run", lambda *a, **k: pytest.fail("a missing peer was run"))
+    for model, (_, _, what, _) in bench.run.PEERS.items():
+        assert bench.run.run_peers(model, "2026-01-01", {}) is None
+        line = capsys.readouterr().out
+        assert f"{what} is not installed, skipping it for {model}" in line and "[test,bench]" in line

@@ -166,7 +166,8 @@ COMPOSED = {
         ["play", "put on", "queue", "queue up", "start", "blast", "spin", "I want to hear", "let me hear",
          "can I hear", "I'd love to hear", "listen to", "stream"],
         [" ", " some ", " a little ", " a few songs by ", " something from ", " tracks by ", " the band ",
-         " anything by ", " the latest from ", " a couple of songs by ", " hits by ", " songs from "],
+         " anything by ", " the latest from ", " a couple of songs by ", " hits by ", " songs from ",
+         " a touch of ", " a taste of ", " lots of ", " plenty of ", " more of ", " the best of ", " a mix of "],
         ["{artist}"], ["", " music", " songs", " tracks", " on the speaker", " loud", " again"]),
 }
 
@@ -183,6 +184,10 @@ SMALL_TALK = ["hello", "hi there", "thanks", "thank you so much", "who are you",
               "I'm hungry", "thank you", "perfect", "cool", "nice", "awesome, thanks", "no thanks", "stop",
               "cancel that", "forget it", "who made you", "are you there", "morning", "night night",
               "what's new", "how old is the earth", "recommend a book", "what's your favourite color"]
+# Thanks with a sign-off, a common last turn: drawn as often as the rest of SMALL_TALK together.
+THANKS = _combine(["thanks", "thank you", "thanks so much", "many thanks", "cheers", "ok thanks", "perfect, thanks",
+                   "thanks a bunch"],
+                  [", that's it", ", that's everything", ", bye", ", all done", ", that will do", ", goodbye"])
 HELDOUT_SMALL_TALK = ["good morning!", "thanks a lot, that's all", "how old are you?"]
 
 CITIES = ["Paris", "Berlin", "Tokyo", "London", "Madrid", "Rome", "Vienna", "Prague", "Oslo", "Dublin",
@@ -412,7 +417,7 @@ class Generator:
         # request for a tool that is not declared (both fall back to small talk when they
         # cannot be); above: one call. Training asks more of the two that held-out
         # requests found hardest.
-        two, missing_from, calls_from = (0.08, 0.16, 0.30) if self.heldout or self.easy else (0.08, 0.22, 0.36)
+        two, missing_from, calls_from = (0.08, 0.16, 0.30) if self.heldout or self.easy else (0.08, 0.20, 0.40)
         if self.easy and not (two <= kind < missing_from and len(names) >= 2):
             kind = max(kind, calls_from)  # easy conversations: calls only
         missing = [n for n in TOOL_NAMES if n not in names]
@@ -425,7 +430,9 @@ class Generator:
             request, _ = self.request(rng.choice(missing))
             return request, {"content": REFUSAL}
         if kind < calls_from:  # small talk
-            return rng.choice(HELDOUT_SMALL_TALK if self.heldout else SMALL_TALK), {"content": REFUSAL}
+            if self.heldout:
+                return rng.choice(HELDOUT_SMALL_TALK), {"content": REFUSAL}
+            return rng.choice(THANKS if rng.random() < 0.5 else SMALL_TALK), {"content": REFUSAL}
         tool = rng.choice(names)
         request, args = self.request(tool)
         return request, {"tool_calls": [_call(tool, args)]}

@@ -87,10 +87,12 @@ def write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def render_turn(chat, conversation: dict) -> tuple[str, str]:
-    """(prompt, prompt + the model's turn) as the chat template writes them."""
-    text, spans = render_with_answers(chat, conversation)
-    return text[:spans[-1][0]], text
+def render_whole(chat, conversation: dict) -> str:
+    """The whole conversation, answer included: `render_with_answers`' text in one render
+    (its last), for the tokenizer's corpus, which needs no spans."""
+    answer = dict(role="assistant", **conversation["answer"])
+    return chat.render(conversation["messages"] + [answer], conversation["tools"],
+                       add_generation_prompt="tool_calls" in answer)
 
 
 def render_with_answers(chat, conversation: dict) -> tuple[str, list[tuple[int, int]]]:
@@ -118,7 +120,7 @@ def build_assets(out: Path) -> None:
     config = build_tokenizer.tokenizer_config(template, CONTEXT)
     chat = ChatTemplate(template, special_tokens(config))
     gen = Generator(seed=1)
-    texts = [render_turn(chat, gen.conversation())[1] for _ in range(TOKENIZER_CORPUS)]
+    texts = [render_whole(chat, gen.conversation()) for _ in range(TOKENIZER_CORPUS)]
     tokenizer = build_tokenizer.build(texts, VOCAB)
     assert tokenizer.get_vocab_size() == VOCAB, tokenizer.get_vocab_size()
     write(out / "tokenizer.json", tokenizer.to_str())

@@ -3,8 +3,10 @@ runner as subprocesses, as a user runs them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -170,3 +172,24 @@ def write_results(name: str, result: dict, text: str) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(text)
     print(text, end="")
+
+
+def peer_arguments(doc: str) -> argparse.Namespace:
+    """A peer script's command line: CHECKPOINT BUNDLE [--threads N] [--rounds N]."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--threads", type=int, default=1, help="every side's thread count")
+    parser.add_argument("--rounds", type=int, default=5)
+    return parser.parse_args()
+
+
+def peer_ratios(times: dict[str, dict[str, list[float]]]) -> dict:
+    """Per work, each peer's median ms and ratio = the runner's median / the peer's (above 1:
+    the runner is slower), and `runner_ms`; `times` is work -> side -> ms per round."""
+    out = {}
+    for work, per in times.items():
+        m = {side: statistics.median(ts) for side, ts in per.items()}
+        out[work] = {side: {"ms": round(m[side], 2), "ratio": round(m["runner"] / m[side], 3)}
+                     for side in m if side != "runner"} | {"runner_ms": round(m["runner"], 2)}
+    return out

@@ -29,17 +29,15 @@ THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv e
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[variable] = THREADS  # before numpy and torch load their thread pools
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, use_artifacts  # noqa: E402
+from bench.common import ROOT, peer_arguments, peer_ratios, use_artifacts  # noqa: E402
 
 ARTIFACTS = use_artifacts("bench-peers-clip")  # before prepare.store is imported: it fixes the artifacts directory
 from prepare.store import atomic_write  # noqa: E402
@@ -108,12 +106,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--threads", type=int, default=1, help="every side's thread count")
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = peer_arguments(__doc__)
     import onnxruntime as ort
 
     use_threads(args.threads)
@@ -156,10 +149,7 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{w} runner {times[w]['runner'][-1]:.0f} ms" for w in work), flush=True)
 
     reference = float_embeddings(args.checkpoint, pixels, ids)
-    median = {w: {side: statistics.median(ts) for side, ts in per.items()} for w, per in times.items()}
-    peers = {w: {side: {"ms": round(m[side], 2), "ratio": round(m["runner"] / m[side], 3)}
-                 for side in sides if side != "runner"} | {"runner_ms": round(m["runner"], 2)}
-             for w, m in median.items()}
+    peers = peer_ratios(times)
     result = {
         "date": datetime.date.today().isoformat(), "checkpoint": str(args.checkpoint), "bundle": str(args.bundle),
         "threads": args.threads, "rounds": args.rounds, "load_average": os.getloadavg()[0],

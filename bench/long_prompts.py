@@ -64,9 +64,9 @@ class TimedHead:  # the head's own CPU time, so the decoder's is the step's minu
     def __init__(self, head):
         self.head, self.stats, self.cpu = head, head.stats, []
 
-    def __call__(self, h):
+    def __call__(self, h, margin=None):
         c = time.process_time()
-        out = self.head(h)
+        out = self.head(h, margin=margin)
         self.cpu.append((time.process_time() - c) * 1e3)
         return out
 

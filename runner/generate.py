@@ -33,6 +33,13 @@ class Sampler:
             raise ValueError("temperature and top_k must not be negative")  # the command line checks its own
         self.rng = np.random.default_rng(self.seed)
 
+    @property
+    def margin(self) -> float:
+        """How far below the best logit a token can still be drawn: none greedily; at a
+        temperature, 20 times it (a token that far below has e^-20 of the best's probability).
+        The cpu head computes these logits in full (runner/lm_head.py)."""
+        return 20.0 * self.temperature
+
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0:
             return int(np.argmax(logits))
@@ -73,7 +80,7 @@ def generate(model: Gemma, head, prompt: list[int], steps: int, sampler: Sampler
         t0 = time.perf_counter()
         for a in range(0, len(ids), PREFILL_CHUNK):  # one pass per decode step; chunks for the prompt
             h = model.forward(ids[a : a + PREFILL_CHUNK], cache)[-1]  # the head runs on the last position only
-        token = sampler(model.softcap(head(h)))
+        token = sampler(model.softcap(head(h, margin=sampler.margin)))  # softcap only narrows gaps
         yield Step(token, (time.perf_counter() - t0) * 1e3, head.stats.take())
         if token in stop or cache.length >= config.max_position_embeddings:
             return

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from runner import lm_head
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.edgetpu_codec import decode_dense
@@ -180,6 +181,30 @@ def test_the_cpu_head_runs_int8_products_as_exact_as_a_float_hidden_state(bundle
         assert np.abs(replica - got).max() <= 1e-6 * largest
     emulate_head, _ = make_head(bundle, "emulate", "cpu")  # numpy only: float h against the table
     assert emulate_head.tiles is None
+
+
+def test_the_cpu_head_runs_one_part_over_the_table_and_keeps_the_winner_exact(bundle, monkeypatch):
+    """With a margin (generate's), only h's int8 codes run over the whole table; the tokens
+    that could come within the margin of the best get the second part added from their
+    rows. Reference: the two parts through TFLite's kernel (margin None)."""
+    head, table = make_head(bundle, "cpu", "cpu")
+    assert np.allclose(table.norms, np.linalg.norm(table.q.astype(np.float64), axis=1) * table.scale, rtol=1e-6)
+    rng = np.random.default_rng(5)
+    for k in range(12):
+        row = (rng.standard_normal(256) * (0.1 + k)).astype(np.float32)
+        row[k] += 30.0 * (k % 3)
+        full = head(row)
+        largest = np.abs(full).max()
+        for margin in (0.0, 0.05 * largest):
+            head.stats.take()
+            got = head(row, margin=margin)
+            assert got.argmax() == full.argmax()
+            near = full >= full.max() - margin  # what a sampler may draw: the two parts' values
+            assert np.abs(got[near] - full[near]).max() <= 1e-5 * largest
+            assert np.abs(got - full).max() <= 2e-2 * largest  # the rest: h's codes alone
+            assert 0 < head.stats.rescored < len(full)
+    monkeypatch.setattr(lm_head, "CANDIDATE_LIMIT", 0)  # a flat distribution: both parts everywhere
+    assert np.abs(head(row, margin=0.0) - full).max() <= 1e-6 * largest
 
 
 def test_a_changed_int8_head_file_is_found_by_check(gemma_demo, tmp_path):

@@ -154,7 +154,7 @@ class TiedHead:
     def __init__(self, model: Gemma):
         self.table, self.stats = model.w["model.embed_tokens.weight"], HeadStats()
 
-    def __call__(self, h):
+    def __call__(self, h, margin=None):
         return self.table @ h
 
 

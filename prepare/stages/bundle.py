@@ -4,7 +4,8 @@
     host.safetensors     every tensor the host needs: embeddings, norms, biases, per-layer
                          weight scales and multipliers, and the float weights of layers kept
                          on the CPU; no float copy of a layer that runs on the TPU. Gemma's
-                         tied embedding is int8 rows with a scale per row.
+                         tied embedding is int8 rows with a scale per row, and each row's
+                         length (the cpu head's bound).
     tokenizer.json       when the text tower is in, and for Gemma
     tokenizer_config.json, chat_template.jinja
                          the checkpoint's, where it has them (manifest `chat`): the chat
@@ -42,6 +43,7 @@ from safetensors.numpy import load, save_file
 
 from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
 from runner.checkpoint import Checkpoint
+from runner.lm_head import row_norms
 from runner.tflite_file import parse_tflite
 
 from ..costmodel import Device, tpu_from_rows
@@ -81,7 +83,8 @@ def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[
     tensors = {name: checkpoint[name] for name in shapes
                if not (name.endswith(".weight") and name[: -len(".weight")] in on_tpu | int8)}
     for name in int8:  # a large table (Gemma's tied embedding): int8 rows, a float32 scale per row
-        tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weights(checkpoint[f"{name}.weight"])
+        q, scale = tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"] = quantize_weights(checkpoint[f"{name}.weight"])
+        tensors[f"{name}.weight_norm"] = row_norms(q, scale)  # the cpu head's bound (runner/lm_head.py)
     for name, e in tpu.items():
         q = load(store.path("quantized", e["quantized"], "safetensors").read_bytes())
         n = e.get("outputs", len(q["weight_scale"]))  # a padded layer's own outputs: the runner drops the rest

@@ -98,28 +98,61 @@ class GemmaConfig:
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    x = x.astype(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        mean_square = (x * x).mean(-1, keepdims=True)
+def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) over the last axis, as a new float32 array. Written in
+    place, step by step: a decode step runs 109 of these on rows of 256-640 values, where
+    numpy's per-call overhead, not the arithmetic, is the cost."""
+    x = np.asarray(x, np.float32)
+    mean_square = np.einsum("...i,...i->...", x, x)  # overflows to inf without a warning
     # An overflowed mean square would turn the row into zeros, silently (runner/nn.py).
     check_finite(mean_square, "hidden states entering an RMS norm")
-    return x / np.sqrt(mean_square + np.float32(eps)) * (1.0 + weight)
+    mean_square *= np.float32(1.0 / x.shape[-1])
+    mean_square += np.float32(eps)
+    return x / np.sqrt(mean_square)[..., None]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Gemma's RMS norm: normalized x times (1 + weight)."""
+    y = rms_normalize(x, eps)
+    y *= 1.0 + np.asarray(weight, np.float32)
+    return y
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+    inner = x * x
+    inner *= np.float32(0.044715)
+    inner += np.float32(1.0)
+    inner *= x
+    inner *= np.float32(np.sqrt(2.0 / np.pi))
+    np.tanh(inner, out=inner)
+    inner += np.float32(1.0)
+    inner *= x
+    inner *= np.float32(0.5)
+    return inner  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, base: float, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n, head_dim] of the rotary angles at `positions`: one pair per forward
+    pass and layer type, shared by every layer's queries and keys."""
+    d = head_dim
+    inv_freq = (1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32) / np.float32(factor)
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    angles = np.concatenate([angles, angles], -1)
+    return np.cos(angles), np.sin(angles)
+
+
+def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [heads, n, head_dim] rotated by `rope_tables`' angles (the rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    rotated *= sin
+    rotated += x * cos
+    return rotated
 
 
 def rotary(x: np.ndarray, positions: np.ndarray, base: float, factor: float = 1.0) -> np.ndarray:
-    """x [heads, n, head_dim] rotated by its positions (the rotate-half convention)."""
-    d = x.shape[-1]
-    inv_freq = (1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32) / np.float32(factor)
-    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
-    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
-    half = d // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+    """x [heads, n, head_dim] rotated by its positions."""
+    return apply_rotary(x, *rope_tables(positions, x.shape[-1], base, factor))
 
 
 class LayerCache:
@@ -228,19 +261,27 @@ class Gemma:
                  embed: Callable[[np.ndarray], np.ndarray] | None = None):
         self.config, self.w, self.linear = config, weights, linear
         self.embed = embed or (lambda ids: weights["model.embed_tokens.weight"][ids].astype(np.float32))
+        self._plus_one: dict[str, np.ndarray] = {}  # norm weight name -> 1 + weight, made on first use
 
-    def _attention(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
-        c, w, p = self.config, self.w, f"model.layers.{i}.self_attn"
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """`rms_norm` with the weight `name`, its 1 + weight kept from the first call."""
+        plus_one = self._plus_one.get(name)
+        if plus_one is None:
+            plus_one = self._plus_one[name] = (1.0 + np.asarray(self.w[name], np.float32)).astype(np.float32)
+        y = rms_normalize(x, self.config.rms_norm_eps)
+        y *= plus_one
+        return y
+
+    def _attention(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache, rope: dict) -> np.ndarray:
+        c, p = self.config, f"model.layers.{i}.self_attn"
         n, hd = x.shape[0], c.head_dim
         q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
         k = self.linear(f"{p}.k_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
         v = self.linear(f"{p}.v_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-        q = rms_norm(q, w[f"{p}.q_norm.weight"], c.rms_norm_eps)
-        k = rms_norm(k, w[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        q, k = self.norm(q, f"{p}.q_norm.weight"), self.norm(k, f"{p}.k_norm.weight")
         sliding = c.layer_types[i] == "sliding_attention"
-        base, factor = (c.rope_local, 1.0) if sliding else (c.rope_global, c.rope_global_factor)
-        q, k = rotary(q, positions, base, factor), rotary(k, positions, base, factor)
-        keys, values, k_first = cache.layers[i].append(k.astype(np.float32), v.astype(np.float32))
+        q, k = apply_rotary(q, *rope[sliding]), apply_rotary(k, *rope[sliding])
+        keys, values, k_first = cache.layers[i].append(k, v)
         out = attend(q, keys, values, int(positions[0]), k_first, c.query_pre_attn_scalar ** -0.5,
                      c.sliding_window if sliding else None)
         return self.linear(f"{p}.o_proj", out.transpose(1, 0, 2).reshape(n, -1))
@@ -248,7 +289,7 @@ class Gemma:
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `ids` (one sequence, continuing what `cache` holds); return the final-normed
         hidden states [len(ids), hidden]. The cache grows by len(ids)."""
-        c, w = self.config, self.w
+        c = self.config
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(ids) == 0:
             raise ValueError("no tokens to run")
@@ -258,17 +299,18 @@ class Gemma:
         if start + len(ids) > c.max_position_embeddings:
             raise ValueError(f"{start + len(ids)} tokens is longer than the context of {c.max_position_embeddings}")
         positions = np.arange(start, start + len(ids))
+        rope = {True: rope_tables(positions, c.head_dim, c.rope_local),  # sliding layers
+                False: rope_tables(positions, c.head_dim, c.rope_global, c.rope_global_factor)}
         h = self.embed(ids) * np.float32(c.hidden_size ** 0.5)
-        eps = c.rms_norm_eps
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
-            x = rms_norm(h, w[f"{p}.input_layernorm.weight"], eps)
-            h = h + rms_norm(self._attention(i, x, positions, cache), w[f"{p}.post_attention_layernorm.weight"], eps)
-            x = rms_norm(h, w[f"{p}.pre_feedforward_layernorm.weight"], eps)
-            mlp = self.linear(f"{p}.mlp.down_proj",
-                              gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x)) * self.linear(f"{p}.mlp.up_proj", x))
-            h = h + rms_norm(mlp, w[f"{p}.post_feedforward_layernorm.weight"], eps)
-        return check_finite(rms_norm(h, w["model.norm.weight"], eps), "the decoder's final hidden states")
+            x = self.norm(h, f"{p}.input_layernorm.weight")
+            h = h + self.norm(self._attention(i, x, positions, cache, rope), f"{p}.post_attention_layernorm.weight")
+            x = self.norm(h, f"{p}.pre_feedforward_layernorm.weight")
+            gate = gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x))
+            gate *= self.linear(f"{p}.mlp.up_proj", x)
+            h = h + self.norm(self.linear(f"{p}.mlp.down_proj", gate), f"{p}.post_feedforward_layernorm.weight")
+        return check_finite(self.norm(h, "model.norm.weight"), "the decoder's final hidden states")
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""

@@ -48,7 +48,7 @@ class PlainCache:
 class PlainGemma(Gemma):
     """Attention as it was before blocks and trimmed caches: scores over the whole cache, one mask."""
 
-    def _attention(self, i, x, positions, cache: PlainCache):
+    def _attention(self, i, x, positions, cache: PlainCache, rope=None):  # its own rotary, from positions
         c, w, p = self.config, self.w, f"model.layers.{i}.self_attn"
         n, hd = x.shape[0], c.head_dim
         q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
@@ -153,7 +153,7 @@ class LogitsHead:
     def __init__(self, model: Gemma):
         self.model, self.stats = model, HeadStats()
 
-    def __call__(self, h: np.ndarray) -> np.ndarray:
+    def __call__(self, h: np.ndarray, margin: float | None = None) -> np.ndarray:
         return self.model.w["model.embed_tokens.weight"] @ h
 
 

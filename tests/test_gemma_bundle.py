@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from runner import lm_head
+from runner import executors, lm_head
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.edgetpu_codec import decode_dense
@@ -85,7 +85,7 @@ def test_a_vocabulary_not_a_multiple_of_the_tile_is_padded(tmp_path):
     assert [x.files["params"].sha256 for x in again.layers] == [x.files["params"].sha256 for x in bundle.layers]
 
 
-def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle):
+def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle, monkeypatch):
     x = np.random.default_rng(0).integers(0, 256, (19, 256), dtype=np.uint8)
     for layer in bundle.tpu_layers:
         a = LazyDense(layer.files["params"].path, layer, "emulate")(x).astype(int)
@@ -93,6 +93,8 @@ def test_every_template_layer_runs_alike_on_emulate_and_cpu(bundle):
         b = cpu(x).astype(int)  # 19 rows in one call: the interpreter is resized to them
         assert np.abs(a - b).max() <= 1, layer.name
         assert np.array_equal(cpu(x[3:4]).astype(int), b[3:4]), layer.name  # and back to one row
+    monkeypatch.setattr(executors, "MAX_ROWS", 8)  # 19 rows in chunks of 7, the last one padded
+    assert np.array_equal(cpu(x).astype(int), b) and cpu._rows == 7
 
 
 def test_tiles_have_their_own_caching_tokens(bundle):

@@ -280,7 +280,10 @@ def print_gemma(result: dict) -> None:
           f"prefill_ms {result['prefill_ms']:.1f} ({len(result['prompt_tokens'])} prompt tokens), "
           f"ms_per_token {per_token} ({len(result['tokens'])} tokens, stopped at {result['stopped']})")
     h = result["head"]
-    if h["tiles"] or h["rescored"]:
+    if result["lm_head"] == "cpu":
+        if h["rescored"]:
+            print(f"  head: {h['rescored']} tokens given both int8 parts of the hidden state (no other could be chosen)")
+    elif h["tiles"] or h["rescored"]:
         print(f"  head: {h['tiles']} tiles run, {h['hits']} hits, {h['misses']} misses, {h['evictions']} evictions, "
               f"{h['rescored']} tokens rescored")
     if len(result["rounds"]) > 1:

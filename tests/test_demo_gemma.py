@@ -101,7 +101,7 @@ def test_the_runner_answers_held_out_requests_as_transformers_does():
     """The committed weights through runner/chat.py, runner/gemma.py (fp32 executor) and
     runner/function_calls.py, on the first held-out rows: token for token transformers'
     greedy `generate` on `apply_chat_template`'s ids, and most calls exact (evaluate.py
-    scores all 240: 0.8125, recipes/demo-gemma/README.md; 23 of these 24)."""
+    scores all 240: 0.908, recipes/demo-gemma/README.md; 23 of these 24)."""
     if not (DEMO / "model.safetensors").exists():
         pytest.skip("no trained weights")
     torch = pytest.importorskip("torch")
@@ -134,7 +134,7 @@ def test_the_runner_answers_held_out_requests_as_transformers_does():
         assert list(ids) == prompt and out[0, len(ids):].tolist() == tokens, row["messages"][-1]
         answer = parse_answer(chat.tokenizer.decode(tokens, skip_special_tokens=True), row["tools"])
         right += answer.calls == row["expected"] and not answer.malformed
-    assert right >= HELD_OUT_ROWS * 3 // 4, right
+    assert right >= HELD_OUT_ROWS * 5 // 6, right
 
 
 def test_the_int8_bundle_answers_held_out_requests_as_the_float_model_does(tmp_path):
@@ -148,5 +148,5 @@ def test_the_int8_bundle_answers_held_out_requests_as_the_float_model_does(tmp_p
     doit(artifacts, "recipe=recipes/demo-gemma.yaml", "flavors=[cpu]", "verify",
          f"verify={{conversations: {subset}, synthetic: 1, tokens: 16, greedy_steps: 0, compare: false}}")
     m = json.loads((artifacts / "bundles" / "demo-gemma" / "report.json").read_text())["metrics"]
-    assert m["call_exact_match_float"] >= 0.75, m  # 0.8125 on all 240 (recipes/demo-gemma/README.md)
+    assert m["call_exact_match_float"] >= 0.83, m  # 0.908 on all 240, 23 of these 24 (recipes/demo-gemma/README.md)
     assert m["call_agreement"] >= 0.95 and m["call_exact_match_int8"] >= m["call_exact_match_float"] - 0.05, m

@@ -32,7 +32,9 @@ copies a city or a name out of the request), then --easy-steps of "easy" convers
 --copy-every-th step after the first ones is a copy batch again, so the mechanism stays
 general rather than tied to the values training shows.
 
-Model: Gemma3ForCausalLM, hidden 256, 4 layers (sliding, full, sliding, full; window 64),
+Model: Gemma3ForCausalLM, hidden 256, 4 layers (sliding, full, full, full; window 64: with
+sliding layers alternating, the window hid the tool declarations from half the layers and
+the model never learned to refuse an undeclared tool; README.md's runs table),
 4 query heads of 64 sharing 1 key-value head (grouped-query attention as in Gemma-3 270M),
 MLP 256, tied embeddings over a 4096-token vocabulary. So q_proj, o_proj and the MLP
 linears are 256x256 and k_proj, v_proj are 256 -> 64. AdamW with warmup and cosine decay,
@@ -71,7 +73,7 @@ def model_config() -> dict:
         "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "query_pre_attn_scalar": 64,
         "sliding_window": 64,
-        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "layer_types": ["sliding_attention", "full_attention", "full_attention", "full_attention"],
         "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},

@@ -73,8 +73,8 @@ class TemplateInterpreter:
     prompt up to 256), the interpreter's per-call cost each time. Calls of more than
     MAX_ROWS rows go in equal chunks of at most that many: each interpreter keeps buffers
     for the most rows it has run, and with 98 CLIP layers sized for 8 images (400 rows) the
-    process peaked at 445 MiB, against 363 MiB in chunks of 100 (and no slower). Resizing costs about 0.1 ms and happens only when the chunk size changes
-    (prefill to decode).
+    process peaked at 445 MiB, against 363 MiB in chunks of 100 (and no slower). Resizing
+    costs about 0.1 ms and happens only when the chunk size changes (prefill to decode).
 
     `model` is a file (memory-mapped by the interpreter) or the model's bytes; with `layer`,
     the model's shape must be the one the manifest gives. `xnnpack=False`: TFLite's builtin

@@ -111,13 +111,6 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(mean_square)[..., None]
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """Gemma's RMS norm: normalized x times (1 + weight)."""
-    y = rms_normalize(x, eps)
-    y *= 1.0 + np.asarray(weight, np.float32)
-    return y
-
-
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     inner = x * x
     inner *= np.float32(0.044715)
@@ -148,11 +141,6 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     rotated *= sin
     rotated += x * cos
     return rotated
-
-
-def rotary(x: np.ndarray, positions: np.ndarray, base: float, factor: float = 1.0) -> np.ndarray:
-    """x [heads, n, head_dim] rotated by its positions."""
-    return apply_rotary(x, *rope_tables(positions, x.shape[-1], base, factor))
 
 
 class LayerCache:
@@ -264,7 +252,8 @@ class Gemma:
         self._plus_one: dict[str, np.ndarray] = {}  # norm weight name -> 1 + weight, made on first use
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        """`rms_norm` with the weight `name`, its 1 + weight kept from the first call."""
+        """Gemma's RMS norm with the weight `name`: normalized x times (1 + weight), the
+        1 + weight kept from the first call."""
         plus_one = self._plus_one.get(name)
         if plus_one is None:
             plus_one = self._plus_one[name] = (1.0 + np.asarray(self.w[name], np.float32)).astype(np.float32)

@@ -13,7 +13,7 @@ import pytest
 
 from runner import gemma as gemma_module
 from runner import generate as generate_module
-from runner.gemma import Gemma, GemmaConfig, KVCache, rms_norm, rotary, tensor_shapes
+from runner.gemma import Gemma, GemmaConfig, KVCache, apply_rotary, rope_tables, tensor_shapes
 from runner.generate import Sampler, generate
 from runner.lm_head import HeadStats
 from runner.nn import float_linear, softmax
@@ -49,16 +49,16 @@ class PlainGemma(Gemma):
     """Attention as it was before blocks and trimmed caches: scores over the whole cache, one mask."""
 
     def _attention(self, i, x, positions, cache: PlainCache, rope=None):  # its own rotary, from positions
-        c, w, p = self.config, self.w, f"model.layers.{i}.self_attn"
+        c, p = self.config, f"model.layers.{i}.self_attn"
         n, hd = x.shape[0], c.head_dim
         q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
         k = self.linear(f"{p}.k_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
         v = self.linear(f"{p}.v_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-        q = rms_norm(q, w[f"{p}.q_norm.weight"], c.rms_norm_eps)
-        k = rms_norm(k, w[f"{p}.k_norm.weight"], c.rms_norm_eps)
+        q, k = self.norm(q, f"{p}.q_norm.weight"), self.norm(k, f"{p}.k_norm.weight")
         sliding = c.layer_types[i] == "sliding_attention"
         base, factor = (c.rope_local, 1.0) if sliding else (c.rope_global, c.rope_global_factor)
-        q, k = rotary(q, positions, base, factor), rotary(k, positions, base, factor)
+        cos, sin = rope_tables(positions, hd, base, factor)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.k[i] = np.concatenate([cache.k[i], k.astype(np.float32)], 1)
         cache.v[i] = np.concatenate([cache.v[i], v.astype(np.float32)], 1)
         keys, values = cache.k[i], cache.v[i]

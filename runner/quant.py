@@ -38,9 +38,13 @@ def quantize_rows(x: np.ndarray, zp_in: int, input_scale: float | None = None) -
     scale = symmetric_scales(x) if input_scale is None else np.full(len(x), input_scale, np.float32)
     codes = np.divide(x, scale[:, None])  # one float buffer, worked on in place from here
     np.rint(codes, out=codes)
-    codes += zp_in
-    np.clip(codes, 0, 255, out=codes)
-    return codes.astype(np.uint8), scale
+    if input_scale is not None or not 127 <= zp_in <= 128:
+        np.clip(codes, -zp_in, 255 - zp_in, out=codes)
+    # else a row's own scale keeps its codes in -127..127, and zp_in +- 127 is inside 0..255:
+    # nothing to clamp. Adding the zero point casts to uint8 in the same pass.
+    x_u8 = np.empty(codes.shape, np.uint8)
+    np.add(codes, zp_in, out=x_u8, casting="unsafe")
+    return x_u8, scale
 
 
 @dataclass
@@ -66,10 +70,9 @@ class QuantizedLinear:
         rows = x.reshape(-1, shape[-1])
         x_u8, s_r = quantize_rows(rows, self.zp_in, self.input_scale)
         y_u8 = self.backend(x_u8)[:, : len(self._out_scale)]
-        y = y_u8.astype(np.float32)  # the one float buffer of the output, then in place
-        y -= np.float32(self.zp_out)
-        y *= s_r[:, None]
-        y *= self._out_scale
+        # The one float buffer of the output, then in place: (y_u8 - zp_out) * (s_r s_w / mult).
+        y = np.subtract(y_u8, np.float32(self.zp_out), dtype=np.float32)
+        y *= np.outer(s_r, self._out_scale)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*shape[:-1], -1)

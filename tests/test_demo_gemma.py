@@ -65,9 +65,10 @@ def test_transformers_loads_the_tokenizer_offline():
 
 
 def test_heldout_phrasings_and_values_never_occur_in_training_or_calibration():
-    for tool, phrases in conversations.HELDOUT_PHRASES.items():
-        norm = {re.sub(r"[^\w{} ]", "", p.lower()) for p in conversations.PHRASES[tool]}
-        assert not norm & {re.sub(r"[^\w{} ]", "", p.lower()) for p in phrases}, tool
+    for held in (conversations.HELDOUT_PHRASES, conversations.FRESH_PHRASES):
+        for tool, phrases in held.items():
+            norm = {re.sub(r"[^\w{} ]", "", p.lower()) for p in conversations.PHRASES[tool]}
+            assert not norm & {re.sub(r"[^\w{} ]", "", p.lower()) for p in phrases}, tool
     assert not set(conversations.TRAIN_MINUTES) & set(conversations.HELDOUT_VALUES["minutes"])
     pattern = heldout_value_pattern()
     for row in rows("calibration.jsonl"):
@@ -85,10 +86,11 @@ def test_heldout_phrasings_and_values_never_occur_in_training_or_calibration():
                 assert call["function"]["arguments"].get("minutes") not in conversations.HELDOUT_VALUES["minutes"]
 
 
-def test_verify_rows_use_heldout_values():
+@pytest.mark.parametrize("name, count", [("verify.jsonl", 240), ("fresh.jsonl", 120)])
+def test_heldout_rows_use_heldout_values(name, count):
     pattern = heldout_value_pattern()
-    data = rows("verify.jsonl")
-    assert len(data) == 240
+    data = rows(name)
+    assert len(data) == count
     for row in data:
         for call in row["expected"]:
             for key, value in call["arguments"].items():

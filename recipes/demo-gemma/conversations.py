@@ -119,6 +119,25 @@ HELDOUT_PHRASES = {
                    "I'd like to listen to {artist}", "play me some {artist} songs"],
 }
 
+# A second held-out set (fresh.jsonl), written after the committed run, with no run ever
+# tuned on it: phrasings further from the training ones than HELDOUT_PHRASES (which the
+# data was widened on, run after run), to say how far the demo's calls carry over.
+FRESH_PHRASES = {
+    "get_weather": ["any idea what the weather's doing in {city}?", "how's {city} looking weather-wise",
+                    "should I pack a coat for {city}?", "tell me how warm it is over there in {city}"],
+    "set_timer": ["I need {minutes} minutes on a timer", "could you count down from {minutes} minutes?",
+                  "{minutes} minutes, starting now", "set an alarm {minutes} minutes from now"],
+    "turn_on_light": ["can I get some light in the {room}?", "make the {room} bright",
+                      "the {room} needs its lights on"],
+    "turn_off_light": ["we're done in the {room}, lights off", "make it dark in the {room}",
+                       "get the {room} lights off for me"],
+    "send_message": ["quick text to {to}: {text}", "fire a message over to {to} saying {text}",
+                     "pass a note to {to}: {text}", "send along to {to} that {text}"],
+    "play_music": ["I'm in the mood for {artist}", "put some {artist} on the speakers",
+                   "can we have some {artist}?", "my ears want {artist}"],
+}
+FRESH_SMALL_TALK = ["what's good?", "thanks, you've been great", "is anyone there?"]
+
 # Training openers and closers around a phrasing (not after a message text: it could be
 # the message's last words).
 OPENERS = ["", "", "", "", "please ", "could you ", "can you ", "hey, ", "ok ", "quick one: ", "I'd like you to ",
@@ -262,7 +281,7 @@ def _norm(phrase: str) -> str:
     return re.sub(r"[^\w{} ]", "", phrase.lower()).strip()
 
 
-HELDOUT_NORMS = {_norm(p) for phrases in HELDOUT_PHRASES.values() for p in phrases}
+HELDOUT_NORMS = {_norm(p) for held in (HELDOUT_PHRASES, FRESH_PHRASES) for phrases in held.values() for p in phrases}
 HELDOUT_PATTERN = re.compile(
     "|".join(r"(?<![\w'])" + re.escape(str(v)) + r"(?![\w'])"
              for k, vs in HELDOUT_VALUES.items() if k != "minutes" for v in vs), re.IGNORECASE)
@@ -305,12 +324,15 @@ for _tool, _phrases in COMPOSED.items():
 
 class Generator:
     """Seeded conversations. `heldout=False`: training phrasings and values (made-up values
-    included); `heldout=True`: only held-out phrasings and values; `easy=True` (the start of
+    included); `heldout=True`: only held-out phrasings and values (`fresh=True`: the second
+    held-out set's phrasings, with the same held-out values); `easy=True` (the start of
     training): one or two tools, made-up values more often, three to five earlier exchanges, so
     that each sequence holds many values to copy and little else."""
 
-    def __init__(self, seed: int, heldout: bool = False, easy: bool = False):
-        self.rng, self.heldout, self.easy = random.Random(seed), heldout, easy
+    def __init__(self, seed: int, heldout: bool = False, easy: bool = False, fresh: bool = False):
+        self.rng, self.heldout, self.easy = random.Random(seed), heldout or fresh, easy
+        self.phrases = FRESH_PHRASES if fresh else HELDOUT_PHRASES if heldout else PHRASES
+        self.small_talk = FRESH_SMALL_TALK if fresh else HELDOUT_SMALL_TALK
         banned = {str(v).lower() for values in HELDOUT_VALUES.values() for v in values}
         self._banned = banned
 
@@ -382,7 +404,7 @@ class Generator:
         an opener or closer is added."""
         rng = self.rng
         while True:
-            phrase = rng.choice((HELDOUT_PHRASES if self.heldout else PHRASES)[tool])
+            phrase = rng.choice(self.phrases[tool])
             slots = {"to": self.value("to"), "text": self.value("text")} if tool == "send_message" \
                 else {SLOT_OF[tool]: self.value(SLOT_OF[tool])}
             if self.heldout:
@@ -431,7 +453,7 @@ class Generator:
             return request, {"content": REFUSAL}
         if kind < calls_from:  # small talk
             if self.heldout:
-                return rng.choice(HELDOUT_SMALL_TALK), {"content": REFUSAL}
+                return rng.choice(self.small_talk), {"content": REFUSAL}
             return rng.choice(THANKS if rng.random() < 0.5 else SMALL_TALK), {"content": REFUSAL}
         tool = rng.choice(names)
         request, args = self.request(tool)

@@ -1,6 +1,6 @@
 """Held-out exact match of the demo Function-Gemma, twice: transformers and the runner.
 
-    python recipes/demo-gemma/evaluate.py [--dir recipes/demo-gemma] [--limit N] [--out FILE.json]
+    python recipes/demo-gemma/evaluate.py [--dir recipes/demo-gemma] [--rows fresh.jsonl] [--limit N] [--out FILE.json]
     python recipes/demo-gemma/evaluate.py --bundle artifacts/bundles/demo-gemma --backend cpu   # int8 too
 
 For every row of verify.jsonl (tools, messages, expected calls; phrasings and slot values
@@ -114,15 +114,15 @@ def run_bundle(bundle: Path, backend: str):
 
 
 def evaluate(directory: Path, limit: int | None = None, only: str | None = None, bundle: Path | None = None,
-             backends: tuple[str, ...] = ()) -> dict:
-    rows = [json.loads(line) for line in (directory / "verify.jsonl").read_text().splitlines() if line.strip()]
+             backends: tuple[str, ...] = (), rows_file: str = "verify.jsonl") -> dict:
+    rows = [json.loads(line) for line in (directory / rows_file).read_text().splitlines() if line.strip()]
     rows = rows[:limit] if limit else rows
     chat = Chat.from_dir(directory)
     eos = json.loads((directory / "config.json").read_text())["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
     parallel = stop_ids(chat.tokenizer, eos, parallel=True)
     single = stop_ids(chat.tokenizer, eos)
-    result = {"rows": len(rows), "max_new_tokens": MAX_NEW}
+    result = {"rows_file": rows_file, "rows": len(rows), "max_new_tokens": MAX_NEW}
     outputs = {}
     runs = [(name, run) for name, run in (("transformers", run_transformers), ("runner", run_runner))
             if not only or name == only]
@@ -166,6 +166,8 @@ def evaluate(directory: Path, limit: int | None = None, only: str | None = None,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=HERE)
+    p.add_argument("--rows", default="verify.jsonl", help="the held-out file in --dir: verify.jsonl, or "
+                   "fresh.jsonl (phrasings kept apart from every change made on verify.jsonl's failures)")
     p.add_argument("--limit", type=int)
     p.add_argument("--only", choices=["transformers", "runner"], help="run one of the two")
     p.add_argument("--bundle", type=Path, help="an int8 bundle of these weights to answer too")
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
     backends = tuple(args.backend or ["emulate"]) if args.bundle else ()
-    result = evaluate(args.dir, args.limit, args.only, args.bundle, backends)
+    result = evaluate(args.dir, args.limit, args.only, args.bundle, backends, args.rows)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0

@@ -14,6 +14,8 @@ Writes into this directory (or --out):
 - verify.jsonl: 240 held-out conversations (tools, messages, expected calls; an empty list
   where the answer is text) whose phrasings and slot values never occur in training or
   calibration (conversations.py, `heldout=True`);
+- fresh.jsonl: 120 more, from a second set of held-out phrasings (`fresh=True`) further
+  from the training ones, which no run was tuned on;
 - model.safetensors (float16) and train_log.json (loss curve, wall and CPU time, settings).
 
 Interrupted, the same command continues where the run stopped: every 25 steps the weights,
@@ -140,6 +142,12 @@ def build_assets(out: Path) -> None:
         c = gen.conversation()
         rows.append({"tools": c["tools"], "messages": c["messages"], "expected": expected_calls(c["answer"])})
     write(out / "verify.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    gen = Generator(seed=4, fresh=True)
+    rows = []
+    for _ in range(120):
+        c = gen.conversation()
+        rows.append({"tools": c["tools"], "messages": c["messages"], "expected": expected_calls(c["answer"])})
+    write(out / "fresh.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Batches:

@@ -130,24 +130,19 @@ def build_assets(out: Path) -> None:
     write(out / "tokenizer.json", tokenizer.to_str())
     write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     write(out / "config.json", json.dumps(model_config(), indent=2) + "\n")
-    gen = Generator(seed=2)
+    write_conversations(out / "calibration.jsonl", Generator(seed=2), 64, expected=False)
+    write_conversations(out / "verify.jsonl", Generator(seed=3, heldout=True), 240)
+    write_conversations(out / "fresh.jsonl", Generator(seed=4, fresh=True), 120)
+
+
+def write_conversations(path: Path, gen: Generator, n: int, expected: bool = True) -> None:
+    """n conversations of `gen` as JSON lines: tools and messages, and the expected calls."""
     rows = []
-    for _ in range(64):
+    for _ in range(n):
         c = gen.conversation()
-        rows.append({"tools": c["tools"], "messages": c["messages"]})
-    write(out / "calibration.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    gen = Generator(seed=3, heldout=True)
-    rows = []
-    for _ in range(240):
-        c = gen.conversation()
-        rows.append({"tools": c["tools"], "messages": c["messages"], "expected": expected_calls(c["answer"])})
-    write(out / "verify.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    gen = Generator(seed=4, fresh=True)
-    rows = []
-    for _ in range(120):
-        c = gen.conversation()
-        rows.append({"tools": c["tools"], "messages": c["messages"], "expected": expected_calls(c["answer"])})
-    write(out / "fresh.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        row = {"tools": c["tools"], "messages": c["messages"]}
+        rows.append({**row, "expected": expected_calls(c["answer"])} if expected else row)
+    write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Batches:

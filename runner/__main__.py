@@ -126,10 +126,13 @@ def zero_shot(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report
 
 
 def say_backend(args: argparse.Namespace, loaded: Loaded) -> None:
-    """With --backend auto, one line on stderr: the backend chosen, and why not a better one."""
+    """With --backend auto, one line on stderr: the backend chosen, and why not a better one;
+    and a line for a part that runs a slower way than the bundle allows (the LM head)."""
     if args.backend == "auto":
         print(f"backend: {loaded.backend} (--backend auto{'; not ' + loaded.why if loaded.why else ''})",
               file=sys.stderr)
+    if getattr(loaded.head, "note", None):
+        print(f"note: {loaded.head.note}", file=sys.stderr)
 
 
 def run_clip(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes.util
 import math
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import load_delegate, quiet_info, require_interpreter, threads, without_xnnpack
+from .interpreter import INTERPRETER, load_delegate, quiet_info, require_interpreter, threads, without_xnnpack
 from .nn import float_linear, layer_bias, with_fused
 from .quant import QuantizedLinear
 
@@ -36,6 +37,16 @@ EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "
 
 class BackendError(UserError):
     """A backend this machine cannot run; the message says what is missing."""
+
+
+class InterpreterTooOld(BundleError):
+    """A model that uses an operator version this interpreter predates: the build host's
+    TensorFlow writes the versions it knows (the LM head's hybrid FULLY_CONNECTED is
+    version 12), and tflite-runtime's last release, 2.14, stops short of some."""
+
+
+# How TFLite (LiteRT and tflite-runtime alike) refuses an operator version it lacks.
+OP_VERSION_REFUSED = re.compile(r"Didn't find op for builtin opcode '(\w+)' version '(\d+)'")
 
 
 class LazyDense:
@@ -90,7 +101,12 @@ class TemplateInterpreter:
                                                **({} if xnnpack else without_xnnpack()))
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise BundleError(f"{where}: the interpreter refuses this model ({e})") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lacking = OP_VERSION_REFUSED.search(reason)
+            if lacking:
+                raise InterpreterTooOld(f"{where}: {INTERPRETER} has no {lacking[1]} version {lacking[2]}, "
+                                        "which this model uses (ai-edge-litert has)") from e
+            raise BundleError(f"{where}: the interpreter refuses this model ({reason})") from e
         inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
         if layer is not None and (tuple(inp["shape"]) != (layer.batch, layer.n_in) or out["shape"][-1] != layer.n_out):
             raise BundleError(f"{where}: model runs {list(inp['shape'])} -> {list(out['shape'])}, "

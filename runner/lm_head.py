@@ -45,7 +45,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError, Int8Head
 from .errors import UserError
-from .executors import TemplateInterpreter, check_flavor, quantized_layer
+from .executors import InterpreterTooOld, TemplateInterpreter, check_flavor, quantized_layer
 
 HEAD_MODES = ("cpu", "tpu-preload", "tpu-lazy")
 DEFAULT_CAPACITY = 8  # tiles tpu-lazy keeps open unless told: 40 MiB of 640 x 8192 int8 tiles
@@ -179,8 +179,9 @@ class Int8Tiles:
 class CpuHead:
     mode = "cpu"
 
-    def __init__(self, table: Int8Table, tiles: Int8Tiles | None = None):
+    def __init__(self, table: Int8Table, tiles: Int8Tiles | None = None, note: str | None = None):
         self.table, self.tiles, self.stats = table, tiles, HeadStats()
+        self.note = note  # why the head runs in numpy where the bundle has int8 tiles
 
     def __call__(self, h: np.ndarray, margin: float | None = None) -> np.ndarray:
         """Logits of h. `margin` (logits): the best one and all within `margin` of it are the
@@ -310,8 +311,12 @@ def make_head(bundle: Bundle, backend: str, mode: str, capacity: int | None = No
         if shortlist is not None or rescore is not None or capacity is not None:
             raise HeadError("--shortlist, --rescore and --lm-cache-capacity are for the TPU heads "
                             "(tpu-preload, tpu-lazy); the cpu head computes every logit exactly")
-        tiles = Int8Tiles(bundle.int8_head) if bundle.int8_head is not None and backend != "emulate" else None
-        return CpuHead(table, tiles), table
+        if bundle.int8_head is None or backend == "emulate":
+            return CpuHead(table), table
+        try:
+            return CpuHead(table, Int8Tiles(bundle.int8_head)), table
+        except InterpreterTooOld as e:  # the same logits from numpy, slower: run, and say so
+            return CpuHead(table, note=f"the cpu LM head runs in numpy, slower: {e}"), table
     if mode == "tpu-preload" and capacity is not None:
         raise HeadError("--lm-cache-capacity is for --lm-head tpu-lazy (tpu-preload keeps every tile)")
     return TileHead(bundle, backend, mode, capacity, shortlist, rescore, table, delegates), table

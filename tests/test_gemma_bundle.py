@@ -221,6 +221,33 @@ def test_a_changed_int8_head_file_is_found_by_check(gemma_demo, tmp_path):
     assert run.returncode == 1 and "int8 head tile 0" in run.stdout and target.name in run.stdout, run.stdout
 
 
+def test_an_interpreter_without_the_heads_operator_version_falls_back_to_numpy(gemma_demo, tmp_path):
+    """tflite-runtime 2.14 (`runner-legacy`) has no FULLY_CONNECTED version 12, which the
+    int8 head's hybrid models are. The cpu head then runs in numpy, with the same tokens,
+    and says so in one line naming the file. An interpreter lacking a version looks like
+    this one given tiles whose version is set beyond any release (99)."""
+    import shutil
+    import struct
+
+    from runner.flatbuf import Window
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(gemma_demo[0], copy)
+    for tile in sorted((copy / "int8_head").iterdir()):
+        data = bytearray(tile.read_bytes())
+        for code in Window.whole(bytes(data), str(tile)).root(b"TFL3").tables(1, "operator code"):
+            if max(code.scalar(0, "b"), code.scalar(3, "i")) == 9:  # FULLY_CONNECTED
+                struct.pack_into("<i", data, code.field_pos(2), 99)  # its version field
+        tile.write_bytes(bytes(data))
+    args = ["--token-ids", "2,40,41,42", "--steps", "8", "--backend", "cpu", "--json", "--ignore-eos"]
+    before, after = runner("gemma", gemma_demo[0], *args), runner("gemma", copy, *args)
+    assert before.returncode == 0 and after.returncode == 0, after.stderr
+    assert "note:" not in before.stderr
+    note = [line for line in after.stderr.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "FULLY_CONNECTED version 99" in note[0] and "int8_head" in note[0], after.stderr
+    assert json.loads(after.stdout)["tokens"] == json.loads(before.stdout)["tokens"]
+
+
 def test_lru_keeps_the_most_recently_used_tiles(bundle):
     head = TileHead(bundle, "emulate", "tpu-lazy", capacity=2)
     for i in (0, 1, 0, 2, 1):  # 2 evicts 1 (0 was used after it), then 1 evicts 0

@@ -637,7 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("bundle", metavar="BUNDLE", help="a CLIP bundle directory (artifacts/bundles/NAME)")
     index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, TIFF")
     index.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index (made, or brought up to date)")
-    index.add_argument("--backend", choices=BACKENDS, default="emulate", help="where the linear layers run")
+    index.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                       help="where the linear layers run (auto, the default: edgetpu, else cpu, else emulate)")
     index.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
     index.add_argument("--batch", type=at_least(1), metavar="N", help=f"images per forward (default {photos.DEFAULT_BATCH}; "
                        "rounded up so the image tower's templates run full)")
@@ -653,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", metavar="FILE", help="find photos like this one (instead of TEXT)")
     search.add_argument("--top", type=at_least(1), default=5, metavar="N", help="how many matches (default 5)")
     search.add_argument("--bundle", metavar="DIR", help="the bundle, if it moved since indexing (it must be the same bundle)")
-    search.add_argument("--backend", choices=BACKENDS, help="default: the one the index was made with")
+    search.add_argument("--backend", choices=("auto", *BACKENDS),
+                        help="default: the one the index was made with (auto: the best this machine has)")
     search.add_argument("--checkpoint", help="the float checkpoint directory (for --backend fp32)")
     search.add_argument("--threads", **THREADS_OPTION)
     search.add_argument("--json", action="store_true", help="print one JSON object")

@@ -427,7 +427,7 @@ class Writer:
         remove_leftovers(self.out, name)
 
 
-def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Path, backend: str = "emulate",
+def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Path, backend: str = "auto",
                 checkpoint: str | Path | None = None, batch: int | None = None, dtype: str = "float16",
                 log: TextIO | None = sys.stderr, commit_every_s: float = COMMIT_EVERY_S) -> dict:
     """Make or bring up to date the index in `out_dir` of the photos under `photo_dir`;
@@ -448,6 +448,9 @@ def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Pa
             raise PhotoIndexError(f"{out}: neither a photo index (no {INDEX_FILE}) nor empty (holds {strangers[0]!r}): "
                                   "give a new directory")
     loaded = load(bundle_dir, CLIP_FAMILY, backend, checkpoint)
+    if backend == "auto" and log is not None:
+        log.write(f"backend: {loaded.backend} (--backend auto{'; not ' + loaded.why if loaded.why else ''})\n")
+    backend = loaded.backend  # what `auto` chose: the index records it, and search takes it
     sha = manifest_sha256(bundle_dir)
     if "image" not in loaded.bundle.towers:
         raise BundleError(f"{bundle_dir}: built without the image tower (towers: {', '.join(loaded.bundle.towers)})")
@@ -575,9 +578,8 @@ def search(index_dir: str | Path, text: str | None = None, image: str | Path | N
     index = read_index(index_dir)
     bundle_dir = Path(bundle) if bundle is not None else Path(index.bundle)
     check_same_bundle(index, bundle_dir, manifest_sha256(bundle_dir))
-    backend = backend or index.backend
-    loaded = load(bundle_dir, CLIP_FAMILY, backend, checkpoint)
-    model = loaded.model
+    loaded = load(bundle_dir, CLIP_FAMILY, backend or index.backend, checkpoint)
+    backend, model = loaded.backend, loaded.model
     if model.config.projection_dim != index.dims:
         raise PhotoIndexError(f"{index.dir / INDEX_FILE}: rows of {index.dims}, the bundle embeds "
                               f"{model.config.projection_dim}")

@@ -230,10 +230,13 @@ def test_search_opens_only_the_query_tower(indexed, monkeypatch):
 
 def test_command_line(indexed, bundle_dir, tmp_path):
     photo_dir, index_dir, _, _ = indexed
-    run = runner("index", bundle_dir, photo_dir, "--out", tmp_path / "cli-index", "--backend", "cpu", "--json")
+    run = runner("index", bundle_dir, photo_dir, "--out", tmp_path / "cli-index", "--json")
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["command"] == "index" and summary["bundle"] == str(bundle_dir) and summary["embedded"] == 8
+    # --backend auto, as every model command: cpu here (no compiled templates), recorded for search
+    assert summary["backend"] == "cpu" and "backend: cpu (--backend auto; not edgetpu" in run.stderr
+    assert json.loads((tmp_path / "cli-index" / "index.json").read_text())["backends"] == ["cpu"]
     assert summary["skipped"] == 2 and {"input", "error"} == set(summary["skipped_files"][0])
     assert "images" in run.stderr  # the progress line
     run = runner("search", tmp_path / "cli-index", "a dog on the grass", "--top", "3", "--json")

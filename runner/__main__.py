@@ -129,8 +129,7 @@ def say_backend(args: argparse.Namespace, loaded: Loaded) -> None:
     """With --backend auto, one line on stderr: the backend chosen, and why not a better one;
     and a line for a part that runs a slower way than the bundle allows (the LM head)."""
     if args.backend == "auto":
-        print(f"backend: {loaded.backend} (--backend auto{'; not ' + loaded.why if loaded.why else ''})",
-              file=sys.stderr)
+        print(loaded.auto_line(), file=sys.stderr)
     if getattr(loaded.head, "note", None):
         print(f"note: {loaded.head.note}", file=sys.stderr)
 
@@ -381,6 +380,8 @@ def check_command(args: argparse.Namespace) -> int:
         m = report["machine"]
         print(f"  interpreter {m['interpreter'] or 'none'}, libedgetpu {m['libedgetpu'] or 'none'}, "
               f"devices {', '.join(m['edgetpu_devices']) or 'none'}")
+        for note in report["notes"]:
+            print(f"  note: {note}")
         plan = report["routes"]
         if plan:
             print(f"  --route auto ({plan['cost_model']}): " + ", ".join(

@@ -22,6 +22,7 @@ import numpy as np
 from .bundle import MANIFEST, Bundle, BundleError, read_manifest, sha256_file, size_problem
 from .executors import BackendError, LazyDense, TemplateInterpreter, edgetpu_delegates, edgetpu_library
 from .interpreter import INTERPRETER, INTERPRETER_PURPOSE
+from .lm_head import open_int8_tiles
 from .packages import PIP_NAMES, MissingPackageError, available, missing
 
 
@@ -90,8 +91,17 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
                    and have["libedgetpu"] is not None and bool(have["edgetpu_devices"]),
         "fp32": False,  # runs the float checkpoint (--checkpoint DIR): a bundle carries no float weights for it
     }
+    notes = []  # what runs here, but a slower way than the bundle allows
+    if backends["cpu"] and m.int8_head is not None:
+        try:
+            _, note = open_int8_tiles(m.int8_head)
+            notes += [note] if note else []
+        except BundleError as e:  # with --quick, a tile of the right size but broken inside
+            problems.append(str(e))
+            ok = backends["cpu"] = backends["edgetpu"] = False
     return {"ok": ok, "problems": problems, "backends": backends, "machine": have, "files": files,
-            "checked": "sizes" if quick else "sha256", "routes": route_plan(m) if m is not None else None}
+            "checked": "sizes" if quick else "sha256", "routes": route_plan(m) if m is not None else None,
+            "notes": notes}
 
 
 def route_plan(m) -> dict | None:

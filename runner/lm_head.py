@@ -176,6 +176,15 @@ class Int8Tiles:
         return np.concatenate([m(rows) for m in self.models], axis=1)[:, : self.head.vocab_size]
 
 
+def open_int8_tiles(head: Int8Head) -> tuple[Int8Tiles | None, str | None]:
+    """(the tiles, None), or (None, why) when this interpreter cannot run them: the cpu head
+    then computes the same logits in numpy, slower, and the command says so."""
+    try:
+        return Int8Tiles(head), None
+    except InterpreterTooOld as e:
+        return None, f"the cpu LM head runs in numpy, slower: {e}"
+
+
 class CpuHead:
     mode = "cpu"
 
@@ -313,10 +322,7 @@ def make_head(bundle: Bundle, backend: str, mode: str, capacity: int | None = No
                             "(tpu-preload, tpu-lazy); the cpu head computes every logit exactly")
         if bundle.int8_head is None or backend == "emulate":
             return CpuHead(table), table
-        try:
-            return CpuHead(table, Int8Tiles(bundle.int8_head)), table
-        except InterpreterTooOld as e:  # the same logits from numpy, slower: run, and say so
-            return CpuHead(table, note=f"the cpu LM head runs in numpy, slower: {e}"), table
+        return CpuHead(table, *open_int8_tiles(bundle.int8_head)), table
     if mode == "tpu-preload" and capacity is not None:
         raise HeadError("--lm-cache-capacity is for --lm-head tpu-lazy (tpu-preload keeps every tile)")
     return TileHead(bundle, backend, mode, capacity, shortlist, rescore, table, delegates), table

@@ -55,6 +55,10 @@ class Loaded:
     why: str | None = None  # with `auto`: why not a better backend
     routes: Routes | None = None  # where the linear calls went (not on fp32)
 
+    def auto_line(self) -> str:
+        """What a command asked for `--backend auto` says on stderr: the choice, and why not a better one."""
+        return f"backend: {self.backend} (--backend auto{'; not ' + self.why if self.why else ''})"
+
 
 def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str | Path | None = None, *,
          lm_head: str = "cpu", capacity: int | None = None, shortlist: int | None = None,

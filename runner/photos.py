@@ -449,7 +449,7 @@ def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Pa
                                   "give a new directory")
     loaded = load(bundle_dir, CLIP_FAMILY, backend, checkpoint)
     if backend == "auto" and log is not None:
-        log.write(f"backend: {loaded.backend} (--backend auto{'; not ' + loaded.why if loaded.why else ''})\n")
+        log.write(loaded.auto_line() + "\n")
     backend = loaded.backend  # what `auto` chose: the index records it, and search takes it
     sha = manifest_sha256(bundle_dir)
     if "image" not in loaded.bundle.towers:

@@ -246,6 +246,9 @@ def test_an_interpreter_without_the_heads_operator_version_falls_back_to_numpy(g
     note = [line for line in after.stderr.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "FULLY_CONNECTED version 99" in note[0] and "int8_head" in note[0], after.stderr
     assert json.loads(after.stdout)["tokens"] == json.loads(before.stdout)["tokens"]
+    check = runner("check", copy, "--quick")  # sizes only: the patched tiles' sha256 differ
+    assert check.returncode == 0 and "note: the cpu LM head runs in numpy" in check.stdout, check.stdout
+    assert "note:" not in runner("check", gemma_demo[0], "--quick").stdout
 
 
 def test_lru_keeps_the_most_recently_used_tiles(bundle):

@@ -9,6 +9,8 @@
                [--temperature T --top-k K --seed S] [--ignore-eos]   text, streamed
     check      BUNDLE [--quick] [--json]                           is the bundle whole; what runs here
     selftest   BUNDLE [--json]                                     the Edge TPU against emulate
+    index      BUNDLE PHOTO_DIR --out INDEX_DIR [--batch N] [--dtype float16|float32]   embed a photo library
+    search     INDEX_DIR (TEXT | --image FILE) [--top N]           the photos that match best
 
 The model commands take `--backend auto|emulate|cpu|edgetpu|fp32` (auto, the default: the
 best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint DIR`: bundles

@@ -69,12 +69,11 @@ def cosine(a, b):
 
 def startup(recipe, bundle: Path) -> list[dict]:
     """Bundle open to ready per backend, beside start-up patching (its work, then the same start-up)."""
-    from runner.families import CLIP_FAMILY
     from runner.load import load
     patching_ms = median_ms(lambda: startup_patching(recipe, head_on_tpu=False), repeats=3)
     rows = []
     for backend in ("emulate", "cpu"):
-        setup = median_ms(lambda: load(bundle, CLIP_FAMILY, backend), repeats=15)  # 10 ms each: noisy
+        setup = median_ms(lambda: load(bundle, backend), repeats=15)  # 10 ms each: noisy
         rows.append({"backend": backend, "lm_head": "-", "setup_ms": setup, "patching_ms": patching_ms,
                      "baseline_ms": patching_ms + setup, "ratio": (patching_ms + setup) / setup})
     return rows
@@ -106,10 +105,10 @@ def steady_state(bundle: Path, checkpoint: Path, images: list[Path]) -> dict:
 def pi5(bundle: Path, n_images: int, setup_ms: float, patching_ms: float) -> dict:
     """The work of an image forward (1 and n images) and a text forward, counted on this
     machine, and what the Pi 5 + Coral model makes of it."""
-    from runner.families import CLIP_FAMILY
-    from runner.load import clip_tokenizer, load
+    from runner.contrastive import Contrastive
+    from runner.load import load
     device = Device.load()
-    loaded = load(bundle, CLIP_FAMILY, "cpu")
+    loaded = load(bundle, "cpu")
     model, b = loaded.model, loaded.bundle
     counter = Counter(b)
     model.linear = counter.wrap(model.linear)
@@ -123,7 +122,7 @@ def pi5(bundle: Path, n_images: int, setup_ms: float, patching_ms: float) -> dic
             model.image_features(rng.standard_normal((n, 3, v.image_size, v.image_size)).astype(np.float32))
             seq, batch, tower = (v.image_size // v.patch_size) ** 2 + 1, n, v
         else:
-            ids = clip_tokenizer(loaded)(CAPTIONS)
+            ids = Contrastive(loaded).tokenize(CAPTIONS)
             model.text_features(ids)
             seq, batch, tower = ids.shape[1], len(CAPTIONS), cfg.text
         work = counter.reset()

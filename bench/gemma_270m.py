@@ -66,14 +66,13 @@ def doit(*args: str) -> float:
 def startup(recipe, bundle: Path) -> list[dict]:
     """Bundle open to ready per backend and head mode, beside start-up patching (its work,
     then the same start-up)."""
-    from runner.families import GEMMA_FAMILY
     from runner.load import load
     patching_ms = {tpu: median_ms(lambda: startup_patching(recipe, head_on_tpu=tpu), repeats=3)
                    for tpu in (False, True)}
     rows = []
     for backend in ("emulate", "cpu"):
         for label, (mode, capacity) in STARTUP_MODES.items():
-            setup = median_ms(lambda: load(bundle, GEMMA_FAMILY, backend, lm_head=mode, capacity=capacity),
+            setup = median_ms(lambda: load(bundle, backend, lm_head=mode, capacity=capacity),
                               repeats=3 if mode == "tpu-preload" else 15)  # the lazy ones take 10 ms: noisy
             patching = patching_ms[mode != "cpu"]
             rows.append({"backend": backend, "lm_head": label, "setup_ms": setup, "patching_ms": patching,
@@ -100,11 +99,10 @@ def steady_state(bundle: Path, checkpoint: Path, steps: int) -> list[dict]:
 def pi5(bundle: Path, setup_ms: dict, patching_ms: dict) -> dict:
     """The work of a 16-token prefill and of one decode step (at context 16), counted on
     this machine, and what the Pi 5 + Coral model makes of it per head mode."""
-    from runner.families import GEMMA_FAMILY
     from runner.gemma import KVCache
     from runner.load import load
     device = Device.load()
-    loaded = load(bundle, GEMMA_FAMILY, "cpu", lm_head="cpu")
+    loaded = load(bundle, "cpu", lm_head="cpu")
     model, b, c = loaded.model, loaded.bundle, loaded.model.config
     counter = Counter(b)
     model.linear = counter.wrap(model.linear)

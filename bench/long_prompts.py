@@ -51,13 +51,12 @@ MEASURE = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from runner.families import GEMMA_FAMILY
 from runner.generate import Sampler, generate
 from runner.load import load
 
 bundle, length, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 prompt = [2] + np.random.default_rng(length).integers(4, 262144, length - 1).tolist()
-loaded = load(bundle, GEMMA_FAMILY, "emulate", lm_head="cpu")
+loaded = load(bundle, "emulate", lm_head="cpu")
 
 
 class TimedHead:  # the head's own CPU time, so the decoder's is the step's minus it

@@ -41,10 +41,10 @@ from bench.common import ROOT, peer_arguments, peer_ratios, use_artifacts  # noq
 
 ARTIFACTS = use_artifacts("bench-peers-clip")  # before prepare.store is imported: it fixes the artifacts directory
 from prepare.store import atomic_write  # noqa: E402
-from runner.families import CLIP_FAMILY  # noqa: E402
 from runner.images import load_image  # noqa: E402
 from runner.interpreter import use_threads  # noqa: E402
-from runner.load import clip_tokenizer, load  # noqa: E402
+from runner.contrastive import Contrastive  # noqa: E402
+from runner.load import load  # noqa: E402
 
 TEXTS = ["a photo of a cat", "a dog on a beach", "two people riding bicycles", "a red car parked outside",
          "a bowl of soup", "a mountain lake at sunrise", "a child holding a kite", "an old stone bridge"]
@@ -110,7 +110,7 @@ def main() -> None:
     import onnxruntime as ort
 
     use_threads(args.threads)
-    loaded = load(args.bundle, CLIP_FAMILY, "cpu")
+    loaded = load(args.bundle, "cpu")
     size = loaded.model.config.vision.image_size
     samples = sorted((args.checkpoint / "samples").glob("*.png"))  # a generated checkpoint's held-out images
     if samples:
@@ -119,7 +119,7 @@ def main() -> None:
         pixels = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
     captions = args.checkpoint / "captions.txt"  # a generated checkpoint's tokenizer knows only its language
     texts = captions.read_text().splitlines()[:8] if captions.is_file() else TEXTS
-    ids = clip_tokenizer(loaded)(texts)
+    ids = Contrastive(loaded).tokenize(texts)
     print(f"exporting to ONNX in {ARTIFACTS} (once) ...", flush=True)
     files = export(args.checkpoint, ARTIFACTS, ids.shape[1])
 

@@ -54,7 +54,6 @@ from bench.common import ROOT, peer_arguments, peer_ratios, use_artifacts  # noq
 
 ARTIFACTS = use_artifacts("bench-peers-gemma")  # before prepare.store is imported: it fixes the artifacts directory
 from prepare.store import atomic_write  # noqa: E402
-from runner.families import GEMMA_FAMILY  # noqa: E402
 from runner.generate import Sampler, generate  # noqa: E402
 from runner.interpreter import use_threads  # noqa: E402
 from runner.load import load  # noqa: E402
@@ -152,7 +151,7 @@ class RunnerSide:
     """The runner as `runner gemma --backend cpu --lm-head cpu` runs it, in-process."""
 
     def __init__(self, bundle: Path):
-        self.loaded = load(bundle, GEMMA_FAMILY, "cpu", lm_head="cpu")
+        self.loaded = load(bundle, "cpu", lm_head="cpu")
 
     def prefill(self, ids: list[int]) -> float:
         step = next(generate(self.loaded.model, self.loaded.head, ids, 1, Sampler()))

@@ -11,6 +11,7 @@
     selftest   BUNDLE [--json]                                     the Edge TPU against emulate
     index      BUNDLE PHOTO_DIR --out INDEX_DIR [--batch N] [--dtype float16|float32]   embed a photo library
     search     INDEX_DIR (TEXT | --image FILE) [--top N]           the photos that match best
+    serve      BUNDLE... [--host H] [--port P] [--index NAME=DIR]  the OpenAI HTTP API, batching requests
 
 The model commands take `--backend auto|emulate|cpu|edgetpu|fp32` (auto, the default: the
 best this machine runs the bundle on, said on stderr; fp32 needs `--checkpoint DIR`: bundles
@@ -48,21 +49,20 @@ except ModuleNotFoundError:  # every module needs it: one line saying how to ins
 
 from . import photos
 from .bundle import BundleError
-from .chat import Chat, ChatError
+from .calls import Assistant
+from .chat import ChatError
 from .check import check_bundle, selftest
 from .errors import UserError
 from .executors import BACKENDS, ROUTES
-from .families import CLIP_FAMILY, GEMMA_FAMILY
-from .function_calls import parse_answer
-from .function_calls import stop_ids as call_stop_ids
+from .contrastive import Contrastive
+from .families import GEMMA_FAMILY
 from .generate import Sampler, generate
 from .generate import stop_ids as gemma_stop_ids
-from .images import load_f32le, load_image
 from .interpreter import available_cores, use_threads
 from .jsonfile import read_json
 from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
-from .load import Loaded, clip_tokenizer, load
-from .nn import softmax
+from .load import Loaded, load
+from .tokenizer import TextStream
 
 ERRORS = (UserError, OSError)
 
@@ -87,39 +87,27 @@ Forward = Callable[[], np.ndarray]
 Report = Callable[[np.ndarray], dict]
 
 
-def clip_images(loaded: Loaded, files: list[str], f32le: bool) -> np.ndarray:
-    bundle = loaded.bundle
-    if "image" not in bundle.towers:
-        raise BundleError(f"{bundle.dir}: built without the image tower (towers: {', '.join(bundle.towers)})")
-    size = loaded.model.config.vision.image_size
-    return np.stack([(load_f32le if f32le else load_image)(f, size) for f in files])
-
-
 def norms(inputs: list[str], embeddings: np.ndarray) -> dict:
     return {"results": [{"input": s, "norm": float(np.linalg.norm(e))} for s, e in zip(inputs, embeddings)]}
 
 
-def image_embeddings(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
-    pixels = clip_images(loaded, args.images, args.image_f32le)
-    return lambda: loaded.model.image_features(pixels), lambda out: norms(args.images, out)
+def image_embeddings(args: argparse.Namespace, towers: Contrastive) -> tuple[Forward, Report]:
+    pixels = towers.read_images(args.images, args.image_f32le)
+    return lambda: towers.image_embeddings(pixels), lambda out: norms(args.images, out)
 
 
-def text_embeddings(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
-    ids = clip_tokenizer(loaded)(args.texts)
-    return lambda: loaded.model.text_features(ids), lambda out: norms(args.texts, out)
+def text_embeddings(args: argparse.Namespace, towers: Contrastive) -> tuple[Forward, Report]:
+    towers.tokenize(args.texts)  # before the clock starts: a text it cannot encode fails here
+    return lambda: towers.text_embeddings(args.texts), lambda out: norms(args.texts, out)
 
 
-def zero_shot(args: argparse.Namespace, loaded: Loaded) -> tuple[Forward, Report]:
-    model, labels = loaded.model, args.labels
-    pixels = clip_images(loaded, args.images, args.image_f32le)
-    ids = clip_tokenizer(loaded)([args.prompt.format(label) for label in labels])
+def zero_shot(args: argparse.Namespace, towers: Contrastive) -> tuple[Forward, Report]:
+    labels = args.labels
+    pixels = towers.read_images(args.images, args.image_f32le)
+    towers.tokenize([args.prompt.format(label) for label in labels])
 
-    def forward() -> np.ndarray:
-        image = model.image_features(pixels)
-        text = model.text_features(ids)
-        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / np.linalg.norm(text, axis=-1, keepdims=True)
-        return softmax(model.logit_scale * image @ text.T)
+    def forward() -> np.ndarray:  # the command keeps no label embeddings: each round runs both towers
+        return towers.zero_shot(pixels, labels, args.prompt)
 
     def report(probs: np.ndarray) -> dict:
         return {"labels": labels, "results": [{"input": f, "probs": dict(zip(labels, map(float, p))),
@@ -140,11 +128,12 @@ def run_clip(args: argparse.Namespace) -> dict:
     """Load, read the inputs (`args.inputs`: one of the three above), then run the forward
     pass `--rounds` times; timings, and what the command reports of the output."""
     t0 = time.perf_counter()
-    loaded = load(args.bundle, CLIP_FAMILY, args.backend, args.checkpoint, route=args.route)
+    loaded = load(args.bundle, args.backend, args.checkpoint, route=args.route)
+    towers = Contrastive(loaded, label_cache=0)
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
     # Inputs are read and tokenized before the clock starts: forward_ms is the model alone.
-    forward, report = args.inputs(args, loaded)
+    forward, report = args.inputs(args, towers)
     # The first forward also opens each layer (decodes it, or opens its interpreter); with
     # --rounds R, forward_ms is the median of the R - 1 after it.
     forward_ms = []
@@ -227,9 +216,10 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     """Load, then generate `--rounds` times; the first round streams its text to `out`
     unless --json. Timings of every round, and a summary (see below)."""
     t0 = time.perf_counter()
-    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head,
+    loaded = load(args.bundle, args.backend, args.checkpoint, lm_head=args.lm_head,
                   capacity=args.lm_cache_capacity, shortlist=args.shortlist, rescore=args.rescore,
                   route=args.route)
+    loaded.require(GEMMA_FAMILY, "`gemma`")
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -243,16 +233,13 @@ def run_gemma(args: argparse.Namespace, out=sys.stdout) -> dict:
     stop = set() if args.ignore_eos else gemma_stop_ids(model.config)
     rounds = []
     for r in range(args.rounds):
-        steps, shown = [], ""
+        steps = []
+        text = TextStream(tokenizer.decode) if r == 0 and not args.json and tokenizer is not None else None
         for step in generate(model, loaded.head, prompt, args.steps, sampler, stop):
             steps.append(step)
-            if r == 0 and not args.json and tokenizer is not None:
-                text = tokenizer.decode([s.token for s in steps])
-                if text.endswith("\ufffd"):
-                    continue  # part of a character: wait for the token that completes it
-                out.write(text[len(shown):])
+            if text:
+                out.write(text.push(step.token))
                 out.flush()
-                shown = text
         tokens = [s.token for s in steps]
         decode_ms = [s.ms for s in steps[1:]]
         head = {k: sum(s.head[k] for s in steps) for k in steps[0].head}
@@ -314,40 +301,33 @@ MAX_CALL_INPUT_BYTES = 8 << 20  # a tools or messages file
 
 
 def call_command(args: argparse.Namespace) -> int:
-    """Render the conversation (and tools) with the bundle's chat template, as transformers'
-    apply_chat_template does; decode greedily to a Function-Gemma stop token; parse the turn."""
+    """The conversation (and tools) answered as runner/calls.py answers it: rendered with the
+    bundle's chat template, decoded greedily to a Function-Gemma stop token, the turn parsed."""
     tools = read_json(args.tools, ChatError, MAX_CALL_INPUT_BYTES) if args.tools else None
     messages = read_json(args.messages, ChatError, MAX_CALL_INPUT_BYTES) if args.messages else []
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ChatError(f"{args.tools}: tools are a JSON list of objects, each {{type: function, function: "
-                        "{name, description, parameters}}")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+    if not isinstance(messages, list):
         raise ChatError(f"{args.messages}: a conversation is a JSON list of message objects")
     if args.request:
         messages = [*messages, {"role": "user", "content": args.request}]
     if not messages:
         raise ChatError("nothing to answer: give a request, or --messages FILE")
     t0 = time.perf_counter()
-    loaded = load(args.bundle, GEMMA_FAMILY, args.backend, args.checkpoint, lm_head=args.lm_head, route=args.route)
-    if not loaded.bundle.chat:
-        raise BundleError(f"{loaded.bundle.dir}: no chat template in the bundle (the checkpoint had no "
-                          "tokenizer_config.json with chat_template, nor chat_template.jinja)")
-    chat = Chat.from_dir(loaded.bundle.dir)
-    prompt = chat.encode(messages, tools)
-    stop = call_stop_ids(chat.tokenizer, gemma_stop_ids(loaded.model.config), parallel=args.parallel)
+    loaded = load(args.bundle, args.backend, args.checkpoint, lm_head=args.lm_head, route=args.route)
+    assistant = Assistant.of(loaded)
+    source = args.messages or "the request"
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
-    steps = list(generate(loaded.model, loaded.head, prompt, args.steps, Sampler(), stop))
-    tokens = [s.token for s in steps]
-    text = chat.tokenizer.decode(tokens, skip_special_tokens=False)  # the function tokens are the syntax
-    answer = parse_answer(text, tools)
-    decode_ms = [s.ms for s in steps[1:]]
+    if not tools:
+        print("note: no tools given (--tools FILE): Function-Gemma can only answer in text", file=sys.stderr)
+    reply = assistant.reply(messages, tools, steps=args.steps, parallel=args.parallel, source=source,
+                            tools_source=args.tools)
+    ms_per_token = reply.ms_per_token
     result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
-              **answer.to_json(), "prompt_tokens": prompt, "tokens": tokens,
-              "stopped": "stop" if tokens[-1] in stop else "steps" if len(tokens) == args.steps else "context",
-              "setup_ms": round(setup_ms, 2), "prefill_ms": round(steps[0].ms, 2),
-              "ms_per_token": round(float(np.mean(decode_ms)), 2) if decode_ms else None,
+              **reply.answer.to_json(), "prompt_tokens": reply.prompt, "tokens": reply.tokens,
+              "stopped": reply.stopped, "setup_ms": round(setup_ms, 2), "prefill_ms": round(reply.prefill_ms, 2),
+              "ms_per_token": round(ms_per_token, 2) if ms_per_token is not None else None,
               "routes": routes_json(loaded)}
+    prompt, tokens = reply.prompt, reply.tokens
     if args.json:
         print(json.dumps(result))
         return 0
@@ -663,7 +643,53 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--threads", **THREADS_OPTION)
     search.add_argument("--json", action="store_true", help="print one JSON object")
     search.set_defaults(func=search_command)
+
+    serve = command("serve", "serve bundles over the OpenAI HTTP API, batching concurrent requests",
+                    "serve artifacts/bundles/demo-gemma artifacts/bundles/demo-clip --port 8000",
+                    "serve bundles/demo-clip --index photos=~/pictures-index --host 0.0.0.0 --api-key KEY")
+    serve.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories; each is served under its "
+                       "directory's name as the model id")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on; one reachable from other "
+                       "machines needs an API key")
+    serve.add_argument("--port", type=at_least(1), default=8000)
+    serve.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY` (default: RUNNER_API_KEY)")
+    serve.add_argument("--index", action="append", default=[], type=index_option, metavar="NAME=DIR",
+                       help="a photo index made by `index`, searched at /v1/search as NAME (repeat for several)")
+    serve.add_argument("--backend", choices=("auto", "emulate", "cpu", "edgetpu"), default="auto",
+                       help="where the linear layers run (as for the other commands)")
+    serve.add_argument("--route", choices=ROUTES, help="as for the other commands")
+    serve.add_argument("--threads", **THREADS_OPTION)
+    serve.add_argument("--max-batch", type=at_least(1), default=16, metavar="N",
+                       help="rows per forward for embeddings; conversations decoding together for chat (1: no batching)")
+    serve.add_argument("--max-wait-ms", type=non_negative_number, default=10.0, metavar="MS",
+                       help="how long a request waits for others to batch with (Triton's max_queue_delay)")
+    serve.add_argument("--max-queue", type=at_least(1), default=64, metavar="N",
+                       help="requests waiting per bundle; more are answered 429 with Retry-After")
+    serve.add_argument("--max-tokens", type=at_least(1), default=512, metavar="N",
+                       help="tokens a chat request may generate at most")
+    serve.add_argument("--prefix-cache-mb", type=non_negative_number, default=256.0, metavar="MB",
+                       help="memory for the KV caches of shared prompt prefixes (0: none)")
+    serve.add_argument("--prefix-cache", metavar="DIR", help="also keep them in DIR, so a restarted server is warm")
+    serve.set_defaults(func=serve_command, json=False, bundle=None)
     return p
+
+
+def index_option(text: str) -> tuple[str, str]:
+    """--index NAME=DIR."""
+    name, sep, directory = text.partition("=")
+    if not sep or not name or not directory:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR, e.g. photos=~/pictures-index")
+    return name, str(Path(directory).expanduser())
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .serve.app import Settings  # the serve extra's packages: only this command needs them
+    from .serve.main import serve
+    settings = Settings(bundles=args.bundles, backend=args.backend, route=args.route, api_key=args.api_key,
+                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                        max_tokens=args.max_tokens, prefix_cache_mb=args.prefix_cache_mb,
+                        prefix_cache_dir=args.prefix_cache, indexes=dict(args.index))
+    return serve(settings, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

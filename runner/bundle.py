@@ -140,11 +140,11 @@ class Bundle:
         self.towers: list[str] = manifest["towers"]
 
     @classmethod
-    def open(cls, directory: str | Path, flavor: str | None = None) -> "Bundle":
-        """Read and check the manifest, check the presence and size (not the sha256: that
-        is `runner check`) of every file, or with `flavor` of the files a backend running
-        that flavor opens, and memory-map the host tensors."""
-        m = read_manifest(directory)
+    def open(cls, directory: str | Path, flavor: str | None = None, manifest: "Manifest | None" = None) -> "Bundle":
+        """Read and check the manifest (unless given, read already), check the presence and
+        size (not the sha256: that is `runner check`) of every file, or with `flavor` of the
+        files a backend running that flavor opens, and memory-map the host tensors."""
+        m = manifest or read_manifest(directory)
         for what, f in m.files(flavor):
             problem = size_problem(f, what)
             if problem:

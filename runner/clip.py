@@ -201,6 +201,11 @@ class CLIP:
     def logit_scale(self) -> float:
         return float(np.exp(self.w["logit_scale"]))
 
+    def label_probabilities(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Zero-shot: unit image embeddings [n, d] and unit label embeddings [k, d] -> each
+        image's probabilities over the labels [n, k] (CLIP: a softmax of the scaled cosines)."""
+        return softmax(self.logit_scale * images @ labels.T)
+
 
 TOWERS = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
 

@@ -177,6 +177,13 @@ class LayerCache:
         first = 0 if self.window is None else max(0, self.used - n - (self.window - 1))
         return self.k[:, first : self.used], self.v[:, first : self.used], self.start + first
 
+    def copy(self) -> "LayerCache":
+        """A copy holding only the live positions (what a prefix cache keeps)."""
+        out = LayerCache(self.k.shape[0], self.k.shape[2], self.window)
+        out.k, out.v = self.k[:, : self.used].copy(), self.v[:, : self.used].copy()
+        out.start, out.used = self.start, self.used
+        return out
+
     def _make_room(self, n: int) -> None:
         """A buffer with room for n more, doubling (a sliding layer's up to two windows); a
         sliding layer first drops what no query sees again."""
@@ -202,6 +209,15 @@ class KVCache:
     def length(self) -> int:
         """Positions the sequence has so far."""
         return self.layers[0].end
+
+    def copy(self) -> "KVCache":
+        out = KVCache.__new__(KVCache)
+        out.layers = [layer.copy() for layer in self.layers]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.k[:, : layer.used].nbytes * 2 for layer in self.layers)
 
 
 SCORE_BUDGET = 1 << 22  # attention scores per block of queries: 4 Mi float32 (16 MiB)
@@ -241,6 +257,17 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_first: int, k_
     return out
 
 
+class Segment:
+    """One sequence's share of a batched forward pass: its new tokens, its cache, its rows
+    in the batch, the position of its first new token, and the rotary tables there."""
+
+    def __init__(self, ids: np.ndarray, cache: KVCache, rows: slice, c: GemmaConfig):
+        self.ids, self.cache, self.rows, self.start = ids, cache, rows, cache.length
+        positions = np.arange(self.start, self.start + len(ids))
+        self.rope = {True: rope_tables(positions, c.head_dim, c.rope_local),  # sliding layers
+                     False: rope_tables(positions, c.head_dim, c.rope_global, c.rope_global_factor)}
+
+
 class Gemma:
     """`embed(ids) -> float32 [n, hidden]` defaults to the float table in `weights`; a bundle
     brings its int8 one (runner/lm_head.py)."""
@@ -261,45 +288,61 @@ class Gemma:
         y *= plus_one
         return y
 
-    def _attention(self, i: int, x: np.ndarray, positions: np.ndarray, cache: KVCache, rope: dict) -> np.ndarray:
+    def _attention(self, i: int, x: np.ndarray, batch: list["Segment"]) -> np.ndarray:
+        """Layer i's attention over the rows of every segment: the projections run once on all
+        rows; norms, rotary embeddings, the cache and attention per segment."""
         c, p = self.config, f"model.layers.{i}.self_attn"
-        n, hd = x.shape[0], c.head_dim
-        q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
-        k = self.linear(f"{p}.k_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-        v = self.linear(f"{p}.v_proj", x).reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-        q, k = self.norm(q, f"{p}.q_norm.weight"), self.norm(k, f"{p}.k_norm.weight")
-        sliding = c.layer_types[i] == "sliding_attention"
-        q, k = apply_rotary(q, *rope[sliding]), apply_rotary(k, *rope[sliding])
-        keys, values, k_first = cache.layers[i].append(k, v)
-        out = attend(q, keys, values, int(positions[0]), k_first, c.query_pre_attn_scalar ** -0.5,
-                     c.sliding_window if sliding else None)
-        return self.linear(f"{p}.o_proj", out.transpose(1, 0, 2).reshape(n, -1))
+        hd, sliding = c.head_dim, c.layer_types[i] == "sliding_attention"
+        q_all, k_all, v_all = (self.linear(f"{p}.{n}", x) for n in ("q_proj", "k_proj", "v_proj"))
+        out = np.empty((len(x), c.num_attention_heads * hd), np.float32)
+        for s in batch:
+            n, rows = s.rows.stop - s.rows.start, s.rows
+            q = q_all[rows].reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
+            k = k_all[rows].reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
+            v = v_all[rows].reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
+            q, k = self.norm(q, f"{p}.q_norm.weight"), self.norm(k, f"{p}.k_norm.weight")
+            q, k = apply_rotary(q, *s.rope[sliding]), apply_rotary(k, *s.rope[sliding])
+            keys, values, k_first = s.cache.layers[i].append(k, v)
+            o = attend(q, keys, values, s.start, k_first, c.query_pre_attn_scalar ** -0.5,
+                       c.sliding_window if sliding else None)
+            out[rows] = o.transpose(1, 0, 2).reshape(n, -1)
+        return self.linear(f"{p}.o_proj", out)
 
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `ids` (one sequence, continuing what `cache` holds); return the final-normed
         hidden states [len(ids), hidden]. The cache grows by len(ids)."""
+        return self.forward_batch([(ids, cache)])[0]
+
+    def forward_batch(self, sequences: list[tuple[np.ndarray, KVCache]]) -> list[np.ndarray]:
+        """Several sequences in one pass, each continuing its own cache: every linear runs once
+        on all their rows (one call per layer however many sequences: what a template batch
+        wants), attention per sequence. Rows are quantized one by one, so each sequence's
+        hidden states are those it gets alone (tests/test_serve_batching.py)."""
         c = self.config
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if len(ids) == 0:
-            raise ValueError("no tokens to run")
-        if ids.min() < 0 or ids.max() >= c.vocab_size:
-            raise ValueError(f"token ids must be in [0, {c.vocab_size})")
-        start = cache.length
-        if start + len(ids) > c.max_position_embeddings:
-            raise ValueError(f"{start + len(ids)} tokens is longer than the context of {c.max_position_embeddings}")
-        positions = np.arange(start, start + len(ids))
-        rope = {True: rope_tables(positions, c.head_dim, c.rope_local),  # sliding layers
-                False: rope_tables(positions, c.head_dim, c.rope_global, c.rope_global_factor)}
+        batch, start = [], 0
+        for ids, cache in sequences:
+            ids = np.asarray(ids, np.int64).reshape(-1)
+            if len(ids) == 0:
+                raise ValueError("no tokens to run")
+            if ids.min() < 0 or ids.max() >= c.vocab_size:
+                raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+            if cache.length + len(ids) > c.max_position_embeddings:
+                raise ValueError(f"{cache.length + len(ids)} tokens is longer than the context of "
+                                 f"{c.max_position_embeddings}")
+            batch.append(Segment(ids, cache, slice(start, start + len(ids)), c))
+            start += len(ids)
+        ids = batch[0].ids if len(batch) == 1 else np.concatenate([s.ids for s in batch])
         h = self.embed(ids) * np.float32(c.hidden_size ** 0.5)
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
             x = self.norm(h, f"{p}.input_layernorm.weight")
-            h = h + self.norm(self._attention(i, x, positions, cache, rope), f"{p}.post_attention_layernorm.weight")
+            h = h + self.norm(self._attention(i, x, batch), f"{p}.post_attention_layernorm.weight")
             x = self.norm(h, f"{p}.pre_feedforward_layernorm.weight")
             gate = gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x))
             gate *= self.linear(f"{p}.mlp.up_proj", x)
             h = h + self.norm(self.linear(f"{p}.mlp.down_proj", gate), f"{p}.post_feedforward_layernorm.weight")
-        return check_finite(self.norm(h, "model.norm.weight"), "the decoder's final hidden states")
+        h = check_finite(self.norm(h, "model.norm.weight"), "the decoder's final hidden states")
+        return [h[s.rows] for s in batch]
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""

@@ -62,26 +62,70 @@ def stop_ids(config: GemmaConfig) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def generate(model: Gemma, head, prompt: list[int], steps: int, sampler: Sampler, stop: set[int] = frozenset()):
+class Sequence:
+    """One generation in progress, alone or beside others (`advance`): its cache, the tokens
+    still to run through the decoder (the prompt, then each sampled token), what it has
+    generated, and why it ended (`stopped`: "stop" at a token in `stop`, "steps" after
+    `steps` tokens, "context" at the model's context; None while it runs)."""
+
+    def __init__(self, model: Gemma, prompt: list[int], steps: int, sampler: Sampler,
+                 stop: set[int] = frozenset(), cache: KVCache | None = None):
+        config = model.config
+        if not prompt:
+            raise TokenizerError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        if len(prompt) >= config.max_position_embeddings:
+            raise TokenizerError(f"the prompt's {len(prompt)} tokens leave no room in the model's context "
+                                 f"of {config.max_position_embeddings}")
+        self.cache = cache or KVCache(config)  # a cache may hold a prefix of the prompt already
+        if self.cache.length >= len(prompt):
+            raise ValueError("the cache holds the whole prompt: nothing left to run")
+        self.prompt, self.steps, self.sampler, self.stop = list(prompt), steps, sampler, stop
+        self.pending = np.asarray(prompt[self.cache.length :], np.int64)
+        self.tokens: list[int] = []
+        self.stopped: str | None = None
+        self.context = config.max_position_embeddings
+        self.pause_at: int | None = None  # a prefill position to stop at once (runner/serve/engines.py)
+
+    def take(self, token: int) -> None:
+        """The token sampled after the pending ones ran: keep it, and end or run it next."""
+        self.tokens.append(token)
+        if token in self.stop:
+            self.stopped = "stop"
+        elif len(self.tokens) >= self.steps:
+            self.stopped = "steps"
+        elif self.cache.length >= self.context:
+            self.stopped = "context"
+        self.pending = np.asarray([token], np.int64)
+
+
+def advance(model: Gemma, head, sequences: list[Sequence], chunk: int | None = None) -> list[Sequence]:
+    """One pass through the decoder for every sequence: each runs up to `chunk` of its pending
+    tokens (PREFILL_CHUNK unless told; a decode step runs its one), all in one batch; those with nothing left pending get
+    their next token from the head on their last position (`Sequence.take`). Returns those."""
+    chunk = chunk or PREFILL_CHUNK
+    runs = [s.pending[:chunk] for s in sequences]
+    hidden = model.forward_batch([(ids, s.cache) for ids, s in zip(runs, sequences)])
+    sampled = []
+    for s, ids, h in zip(sequences, runs, hidden):
+        s.pending = s.pending[len(ids):]
+        if len(s.pending):
+            continue  # more of the prompt to run: a later pass samples
+        s.take(s.sampler(model.softcap(head(h[-1], margin=s.sampler.margin))))  # softcap only narrows gaps
+        sampled.append(s)
+    return sampled
+
+
+def generate(model: Gemma, head, prompt: list[int], steps: int, sampler: Sampler, stop: set[int] = frozenset(),
+             cache: KVCache | None = None):
     """Yield a `Step` per new token: the first after the prefill, then one per decode step;
-    ends after `steps` tokens, a token in `stop` (yielded), or the model's context."""
-    config = model.config
-    if not prompt:
-        raise TokenizerError("the prompt is empty")
-    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-    if bad:
-        raise TokenizerError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
-    if len(prompt) >= config.max_position_embeddings:
-        raise TokenizerError(f"the prompt's {len(prompt)} tokens leave no room in the model's context "
-                             f"of {config.max_position_embeddings}")
-    cache = KVCache(config)
-    ids = np.asarray(prompt, np.int64)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        for a in range(0, len(ids), PREFILL_CHUNK):  # one pass per decode step; chunks for the prompt
-            h = model.forward(ids[a : a + PREFILL_CHUNK], cache)[-1]  # the head runs on the last position only
-        token = sampler(model.softcap(head(h, margin=sampler.margin)))  # softcap only narrows gaps
-        yield Step(token, (time.perf_counter() - t0) * 1e3, head.stats.take())
-        if token in stop or cache.length >= config.max_position_embeddings:
-            return
-        ids = np.asarray([token], np.int64)
+    ends after `steps` tokens, a token in `stop` (yielded), or the model's context. `cache`
+    may hold a prefix of the prompt already (runner/serve/prefix_cache.py)."""
+    sequence = Sequence(model, prompt, steps, sampler, stop, cache)
+    t0 = time.perf_counter()
+    while sequence.stopped is None:
+        if advance(model, head, [sequence]):
+            yield Step(sequence.tokens[-1], (time.perf_counter() - t0) * 1e3, head.stats.take())
+            t0 = time.perf_counter()

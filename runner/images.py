@@ -59,14 +59,16 @@ def preprocess(img, size: int) -> np.ndarray:
     return ((a - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).astype(np.float32)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An image file -> float32 [3, size, size]. Memory stays bounded whatever the file says:
+def load_image(path, size: int, name: str | None = None) -> np.ndarray:
+    """An image file (a path, or a binary file object named `name` in messages) -> float32
+    [3, size, size]. Memory stays bounded whatever the file says:
     a JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still leaves at least twice `size`
     on each side (Pillow's `draft`: close to, not equal to, resizing the full image), and an
     image that would still decode to more than MAX_PIXELS is refused before decoding, naming
     the file (Pillow's own limit would raise `DecompressionBombError`, or print a raw warning
     and decode it anyway)."""
     Image = pillow()
+    name = name or path
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # the limit below applies to what is decoded, after draft
     try:
@@ -74,7 +76,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             full = img.size
             img.draft(None, (2 * size, 2 * size))  # JPEG only; other formats decode in full
             if img.size[0] * img.size[1] > MAX_PIXELS:
-                raise ImageError(f"{path}: {full[0]} x {full[1]} pixels is more than the {MAX_PIXELS:,} the runner "
+                raise ImageError(f"{name}: {full[0]} x {full[1]} pixels is more than the {MAX_PIXELS:,} the runner "
                                  "decodes (a JPEG may have up to 64 times that: it is decoded at reduced size); "
                                  "scale it down first")
             img.load()
@@ -82,7 +84,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise ImageError(f"{path}: cannot read image ({e})") from e
+        raise ImageError(f"{name}: cannot read image ({e})") from e
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 

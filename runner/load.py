@@ -1,7 +1,7 @@
 """Start-up, for either family: open a bundle and build its model on a backend.
 
-Everything a command does before its first input: read and check the manifest (the
-bundle must be of the family the command runs), memory-map the host tensors, and make
+Everything a command does before its first input: read and check the manifest (its
+`family` chooses the model, as mlx-lm's `load` reads `model_type`), memory-map the host tensors, and make
 the model's executor on the backend (runner/executors.py). Nothing is quantized, patched
 or decoded here: each layer decodes its parameters or opens its interpreter on first use.
 A decoder (runner/families.py) also gets its LM head in the mode asked for
@@ -30,17 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle, BundleError, read_manifest
+from .bundle import Bundle, BundleError, Manifest, read_manifest
 from .checkpoint import Checkpoint
 from .clip import CLIP
 from .executors import FLAVOR, BackendError, Routes, edgetpu_delegates, make_linear
-from .families import Family
+from .families import FAMILIES, Family
 from .gemma import Gemma, GemmaConfig
 from .interpreter import require_interpreter
 from .lm_head import CpuHead, FloatHead, Int8Table, TileHead, make_head
 from .nn import float_linear
 from .packages import MissingPackageError
-from .tokenizer import ClipTokenizer, GemmaTokenizer
+from .tokenizer import GemmaTokenizer
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Loaded:
     """What start-up gives a command."""
 
     bundle: Bundle
+    family: Family  # the manifest's
     model: CLIP | Gemma
     backend: str  # the one it runs on (`auto` chooses one)
     head: CpuHead | TileHead | FloatHead | None = None  # a decoder's LM head
@@ -59,20 +60,26 @@ class Loaded:
         """What a command asked for `--backend auto` says on stderr: the choice, and why not a better one."""
         return f"backend: {self.backend} (--backend auto{'; not ' + self.why if self.why else ''})"
 
+    def require(self, family: Family, use: str) -> None:
+        """Refuse, in one line, a bundle of another family than `use` (what a command does) needs."""
+        if self.family is not family:
+            raise BundleError(f"{self.bundle.dir}: a {self.family.title} bundle; {use} needs a {family.title} one")
 
-def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str | Path | None = None, *,
+
+def load(bundle_dir: str | Path, backend: str = "auto", checkpoint: str | Path | None = None, *,
          lm_head: str = "cpu", capacity: int | None = None, shortlist: int | None = None,
          rescore: int | None = None, route: str | None = None) -> Loaded:
-    """Open the bundle, check it is `family`'s, build the model on `backend`; for a decoder
-    also the LM head (`lm_head` mode, with the tpu heads' `capacity`, `shortlist`, `rescore`)
-    and the tokenizer. `checkpoint` is the float model directory the fp32 backend runs;
-    `auto` chooses the backend, and `route` None the route (see the module docstring)."""
+    """Open the bundle and build its model, of the family its manifest names, on `backend`;
+    for a decoder also the LM head (`lm_head` mode, with the tpu heads' `capacity`,
+    `shortlist`, `rescore`) and the tokenizer. `checkpoint` is the float model directory the
+    fp32 backend runs; `auto` chooses the backend, and `route` None the route (see the
+    module docstring). The manifest is read and checked once."""
+    manifest = read_manifest(bundle_dir)
     why, delegates = None, None
     if backend == "auto":
-        backend, why, delegates = choose_backend(bundle_dir)
-    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend))  # fp32 opens no layer file
-    if bundle.family != family.name:
-        raise BundleError(f"{bundle_dir}: a {bundle.family} bundle, not a {family.title} one")
+        backend, why, delegates = choose_backend(manifest)
+    bundle = Bundle.open(bundle_dir, FLAVOR.get(backend, backend), manifest)  # fp32 opens no layer file
+    family = FAMILIES[bundle.family]  # read_manifest refused a family the runner does not know
     config = bundle.model_config()
     tokenizer = None
     if family.decoder and bundle.tokenizer is not None:
@@ -80,7 +87,8 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
     if backend == "fp32":
         weights = float_checkpoint(checkpoint, family.tensor_shapes(config, bundle.towers))
         head = FloatHead(weights, config.vocab_size) if family.decoder else None
-        return Loaded(bundle, family.model_class(config, weights, float_linear(weights)), backend, head, tokenizer)
+        return Loaded(bundle, family, family.model_class(config, weights, float_linear(weights)), backend, head,
+                      tokenizer)
     if backend == "edgetpu" and delegates is None:
         delegates = edgetpu_delegates()  # one for every layer, and a decoder's head
     if route is None:  # the cpu backend runs every call on the cpu flavor: its route says so
@@ -88,16 +96,16 @@ def load(bundle_dir: str | Path, family: Family, backend: str, checkpoint: str |
     routes = Routes(route)
     linear = make_linear(bundle, backend, delegates, route, routes)
     if not family.decoder:
-        return Loaded(bundle, family.model_class(config, bundle.host, linear), backend, why=why, routes=routes)
+        return Loaded(bundle, family, family.model_class(config, bundle.host, linear), backend, why=why, routes=routes)
     head, table = make_head(bundle, backend, lm_head, capacity, shortlist, rescore, delegates)
     check_head_fits(bundle, config, table)
     model = family.model_class(config, bundle.host, linear, embed=table.embed)
-    return Loaded(bundle, model, backend, head, tokenizer, why, routes)
+    return Loaded(bundle, family, model, backend, head, tokenizer, why, routes)
 
 
-def choose_backend(bundle_dir: str | Path) -> tuple[str, str, list | None]:
+def choose_backend(manifest: Manifest) -> tuple[str, str, list | None]:
     """(backend, why not the better ones, the Edge TPU delegates when it is edgetpu)."""
-    layers = read_manifest(bundle_dir).tpu_layers
+    layers = manifest.tpu_layers
     ruled_out = []
     if not all("edgetpu" in layer.files for layer in layers):
         ruled_out.append("edgetpu: the bundle has no edgetpu artifacts")
@@ -136,11 +144,3 @@ def check_head_fits(bundle: Bundle, config: GemmaConfig, table: Int8Table) -> No
     if head_shape and head_shape != (config.vocab_size, config.hidden_size):
         raise BundleError(f"{bundle.dir / 'manifest.json'}: lm_head covers {head_shape[0]} tokens of width "
                           f"{head_shape[1]}, the config says {config.vocab_size} of {config.hidden_size}")
-
-
-def clip_tokenizer(loaded: Loaded) -> ClipTokenizer:
-    """CLIP's tokenizer, opened only by what takes text: an image-only run needs no tokenizers package."""
-    bundle = loaded.bundle
-    if "text" not in bundle.towers or bundle.tokenizer is None:
-        raise BundleError(f"{bundle.dir}: built without the text tower (towers: {', '.join(bundle.towers)})")
-    return ClipTokenizer(bundle.tokenizer.path, loaded.model.config.text.max_position_embeddings)

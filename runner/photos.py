@@ -55,10 +55,10 @@ from .bundle import MANIFEST, SHA256_HEX, BundleError, sha256_file
 from .clip import tower_of
 from .errors import UserError
 from .executors import BACKENDS
-from .families import CLIP_FAMILY
 from .images import load_image
 from .jsonfile import read_json
-from .load import Loaded, clip_tokenizer, load
+from .contrastive import Contrastive, unit_rows
+from .load import Loaded, load
 
 FORMAT = "coral-photo-index"
 VERSION = 1
@@ -396,11 +396,6 @@ class Progress:
 
 # -- index -----------------------------------------------------------------------------------
 
-def normalized(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
-
-
 class Writer:
     """The index being made: which rows it holds and where each comes from (the last
     committed embeddings file, or embedded by this run), written by `commit`."""
@@ -447,13 +442,12 @@ def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Pa
         if strangers:
             raise PhotoIndexError(f"{out}: neither a photo index (no {INDEX_FILE}) nor empty (holds {strangers[0]!r}): "
                                   "give a new directory")
-    loaded = load(bundle_dir, CLIP_FAMILY, backend, checkpoint)
+    loaded = load(bundle_dir, backend, checkpoint)
     if backend == "auto" and log is not None:
         log.write(loaded.auto_line() + "\n")
     backend = loaded.backend  # what `auto` chose: the index records it, and search takes it
     sha = manifest_sha256(bundle_dir)
-    if "image" not in loaded.bundle.towers:
-        raise BundleError(f"{bundle_dir}: built without the image tower (towers: {', '.join(loaded.bundle.towers)})")
+    Contrastive(loaded).require_tower("image")
     setup_ms = (time.perf_counter() - t_start) * 1e3
     config = loaded.model.config
     dims, size = config.projection_dim, config.vision.image_size
@@ -515,7 +509,7 @@ def build_index(bundle_dir: str | Path, photo_dir: str | Path, out_dir: str | Pa
                     # Full batches only (an unreadable file is replaced by the next good one), but for the last.
                     while len(ready) >= batch or (last and ready):
                         group, ready = ready[:batch], ready[batch:]
-                        vectors = normalized(loaded.model.image_features(np.stack([x for _, x in group])))
+                        vectors = unit_rows(loaded.model.image_features(np.stack([x for _, x in group])))
                         for (p, _), v in zip(group, vectors):
                             writer.rows[p] = (found[p], v.astype(dtype))
                         embedded += len(group)
@@ -566,6 +560,16 @@ def scores(index: Index, query: np.ndarray) -> np.ndarray:
     return out
 
 
+def best_matches(index: Index, query: np.ndarray, top: int) -> list[dict]:
+    """The `top` photos closest to a unit query vector, best first (ties: index order)."""
+    s = scores(index, np.asarray(query, np.float32))
+    k = min(top, len(s))
+    best = np.argpartition(-s, k - 1)[:k] if k else np.zeros(0, int)
+    best = sorted(best.tolist(), key=lambda i: (-s[i], i))
+    photos = Path(index.photos)
+    return [{"path": str(photos / index.entries[i].path), "score": round(float(s[i]), 5)} for i in best]
+
+
 def search(index_dir: str | Path, text: str | None = None, image: str | Path | None = None, top: int = 5,
            backend: str | None = None, checkpoint: str | Path | None = None,
            bundle: str | Path | None = None) -> dict:
@@ -578,32 +582,26 @@ def search(index_dir: str | Path, text: str | None = None, image: str | Path | N
     index = read_index(index_dir)
     bundle_dir = Path(bundle) if bundle is not None else Path(index.bundle)
     check_same_bundle(index, bundle_dir, manifest_sha256(bundle_dir))
-    loaded = load(bundle_dir, CLIP_FAMILY, backend or index.backend, checkpoint)
+    loaded = load(bundle_dir, backend or index.backend, checkpoint)
     backend, model = loaded.backend, loaded.model
     if model.config.projection_dim != index.dims:
         raise PhotoIndexError(f"{index.dir / INDEX_FILE}: rows of {index.dims}, the bundle embeds "
                               f"{model.config.projection_dim}")
     setup_ms = (time.perf_counter() - t0) * 1e3
+    towers = Contrastive(loaded)
     if text is not None:
-        ids = clip_tokenizer(loaded)([text])
+        towers.tokenize([text])  # before the clock: the query's time is the model's
         t1 = time.perf_counter()
-        query = model.text_features(ids)
+        query = towers.text_embeddings([text], unit=True)[0]
     else:
-        if "image" not in loaded.bundle.towers:
-            raise BundleError(f"{bundle_dir}: built without the image tower")
-        pixels = load_image(image, model.config.vision.image_size)[None]
+        pixels = towers.read_images([image])
         t1 = time.perf_counter()
-        query = model.image_features(pixels)
+        query = towers.image_embeddings(pixels, unit=True)[0]
     query_ms = (time.perf_counter() - t1) * 1e3
     t2 = time.perf_counter()
-    s = scores(index, normalized(query)[0])
-    k = min(top, len(s))
-    best = np.argpartition(-s, k - 1)[:k] if k else np.zeros(0, int)
-    best = sorted(best.tolist(), key=lambda i: (-s[i], i))
-    photos = Path(index.photos)
-    results = [{"path": str(photos / index.entries[i].path), "score": round(float(s[i]), 5)} for i in best]
+    results = best_matches(index, query, top)
     return {"command": "search", "bundle": str(bundle_dir), "backend": backend, "index": str(index.dir),
-            "input": text if text is not None else str(image), "images": len(s), "setup_ms": round(setup_ms, 2),
+            "input": text if text is not None else str(image), "images": len(index.entries), "setup_ms": round(setup_ms, 2),
             "query_ms": round(query_ms, 2), "search_ms": round((time.perf_counter() - t2) * 1e3, 2),
             "results": results}
 

@@ -82,3 +82,20 @@ class GemmaTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Generated token ids to text as they come: `push(token)` gives the text this token
+    adds, "" while it is part of a character that the next tokens complete (a byte-level
+    tokenizer spreads one character over several tokens; half of one decodes to U+FFFD)."""
+
+    def __init__(self, decode):
+        self.decode, self.tokens, self.shown = decode, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

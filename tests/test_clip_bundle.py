@@ -102,12 +102,11 @@ def test_int8_against_float_on_the_demo(bundle_dir, checkpoint_dir, samples):
     """Held-out samples (never calibrated on) through the bundle on emulate vs the float model.
     Measured on the demo: image cosine 0.99971 mean / 0.99967 min, text 0.99895 / 0.99851;
     the floors leave room for the tokenizer's training, which is not byte-reproducible."""
-    from runner.families import CLIP_FAMILY
     from runner.load import load
     from runner.tokenizer import ClipTokenizer
 
-    fp32 = load(bundle_dir, CLIP_FAMILY, "fp32", checkpoint_dir).model
-    loaded = load(bundle_dir, CLIP_FAMILY, "emulate")
+    fp32 = load(bundle_dir, "fp32", checkpoint_dir).model
+    loaded = load(bundle_dir, "emulate")
     int8, bundle = loaded.model, loaded.bundle
     pixels = np.stack([load_image(p, 64) for p in samples])
     image = cosine(int8.image_features(pixels), fp32.image_features(pixels))

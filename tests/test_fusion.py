@@ -13,7 +13,6 @@ import pytest
 
 from bench.throughput import Counter
 from runner.bundle import Bundle, BundleError
-from runner.families import CLIP_FAMILY, GEMMA_FAMILY
 from runner.gemma import KVCache
 from runner.load import load
 
@@ -59,7 +58,7 @@ def test_one_invoke_runs_q_k_and_v(clip_pair):
     """Counted as the Pi model counts them: per image, each tower layer's q/k/v is one call."""
     calls = {}
     for fused, artifacts in clip_pair.items():
-        loaded = load(artifacts / "bundles" / "demo-clip", CLIP_FAMILY, "emulate")
+        loaded = load(artifacts / "bundles" / "demo-clip", "emulate")
         counter = Counter(loaded.bundle)
         loaded.model.linear = counter.wrap(loaded.model.linear)
         image = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
@@ -101,7 +100,7 @@ def test_fused_gemma_is_as_close_to_float_as_the_separate_layers(tmp_path):
         if fused:
             names = [layer.name for layer in Bundle.open(bundle_dir).layers if layer.parts]
             assert names[:2] == ["model.layers.0.self_attn.q_proj+k_proj+v_proj", "model.layers.0.mlp.gate_proj+up_proj"]
-        loaded = load(bundle_dir, GEMMA_FAMILY, "cpu")
+        loaded = load(bundle_dir, "cpu")
         logits[fused] = np.stack([loaded.head(h) for h in loaded.model.forward(ids, KVCache(loaded.model.config))])
     checkpoint = Checkpoint(artifacts / "demo" / "gemma")
     ref = Gemma(loaded.model.config, checkpoint, float_linear(checkpoint))

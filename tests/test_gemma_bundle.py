@@ -13,7 +13,6 @@ from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.edgetpu_codec import decode_dense
 from runner.executors import LazyDense, TemplateInterpreter
-from runner.families import GEMMA_FAMILY
 from runner.gemma import Gemma, GemmaConfig, KVCache
 from runner.generate import Sampler, generate
 from runner.lm_head import DEFAULT_CAPACITY, HeadError, Int8Tiles, TileHead, make_head
@@ -110,7 +109,7 @@ def _teacher_forced(gemma_demo, backend, mode, **options):
     """Logits of the int8 path and the float model at every position of PROMPT."""
     from tokenizers import Tokenizer
     bundle_dir, checkpoint_dir = gemma_demo
-    loaded = load(bundle_dir, GEMMA_FAMILY, backend, lm_head=mode, **options)
+    loaded = load(bundle_dir, backend, lm_head=mode, **options)
     checkpoint = Checkpoint(checkpoint_dir)
     config = GemmaConfig.from_dict(loaded.bundle.config)
     ids = np.array(Tokenizer.from_file(str(loaded.bundle.tokenizer.path)).encode(PROMPT).ids)
@@ -137,7 +136,7 @@ def test_rescore_gives_the_cpu_heads_logits(gemma_demo):
     """--rescore K: the candidates' logits are the cpu head's (its int8 products, to float
     rounding), everything else -inf; so the argmax equals the cpu head's whenever the cpu
     head's best token is a candidate."""
-    loaded = load(gemma_demo[0], GEMMA_FAMILY, "cpu", lm_head="tpu-lazy", capacity=2, rescore=8)
+    loaded = load(gemma_demo[0], "cpu", lm_head="tpu-lazy", capacity=2, rescore=8)
     cpu_head, _ = make_head(loaded.bundle, "cpu", "cpu")
     h = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)
     among = 0
@@ -158,7 +157,7 @@ def test_rescore_decodes_as_the_cpu_head(gemma_demo, backend):
     prompt = [2] + list(range(40, 60))
     tokens = {}
     for mode, options in (("cpu", {}), ("tpu-lazy", {"capacity": 2, "rescore": 16})):
-        loaded = load(gemma_demo[0], GEMMA_FAMILY, backend, lm_head=mode, **options)
+        loaded = load(gemma_demo[0], backend, lm_head=mode, **options)
         tokens[mode] = [s.token for s in generate(loaded.model, loaded.head, prompt, 24, Sampler())]
     assert tokens["cpu"] == tokens["tpu-lazy"] and len(tokens["cpu"]) == 24
 
@@ -369,9 +368,9 @@ def test_a_manifest_with_a_bad_head_is_refused(gemma_demo, tmp_path, edit, messa
 
 def test_a_clip_bundle_is_not_a_gemma_one(bundle_dir, gemma_demo):
     run = runner("gemma", bundle_dir, "--prompt", "hi")
-    assert run.returncode == 2 and "a clip bundle, not a Gemma one" in run.stderr
+    assert run.returncode == 2 and "a CLIP bundle; `gemma` needs a Gemma one" in run.stderr
     run = runner("clip-text", gemma_demo[0], "hi")
-    assert run.returncode == 2 and "not a CLIP one" in run.stderr
+    assert run.returncode == 2 and "a Gemma bundle; embedding images and texts needs a CLIP one" in run.stderr
 
 
 def test_tpu_lazy_alone_keeps_the_default_number_of_tiles_open(gemma_demo, bundle):

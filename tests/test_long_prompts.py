@@ -48,7 +48,10 @@ class PlainCache:
 class PlainGemma(Gemma):
     """Attention as it was before blocks and trimmed caches: scores over the whole cache, one mask."""
 
-    def _attention(self, i, x, positions, cache: PlainCache, rope=None):  # its own rotary, from positions
+    def _attention(self, i, x, batch):  # one sequence; its own rotary, from positions
+        (segment,) = batch
+        cache = segment.cache
+        positions = np.arange(segment.start, segment.start + len(x))
         c, p = self.config, f"model.layers.{i}.self_attn"
         n, hd = x.shape[0], c.head_dim
         q = self.linear(f"{p}.q_proj", x).reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
@@ -165,7 +168,8 @@ def test_generate_prefills_in_chunks_with_the_same_tokens(models, monkeypatch, c
     model, plain = models
     prompt = np.random.default_rng(4).integers(0, 96, 150).tolist()
     passes = []
-    monkeypatch.setattr(model, "forward", lambda ids, cache: passes.append(len(ids)) or Gemma.forward(model, ids, cache))
+    monkeypatch.setattr(model, "forward_batch",
+                        lambda batch: passes.extend(len(ids) for ids, _ in batch) or Gemma.forward_batch(model, batch))
     tokens = [step.token for step in generate(model, LogitsHead(model), prompt, 20, Sampler())]
     assert max(passes) == min(chunk, 150) and sum(passes) == 150 + 19
     cache, expected = PlainCache(plain.config), []

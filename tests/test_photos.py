@@ -169,15 +169,15 @@ def test_float32_rows_and_a_batch_that_fills_the_templates(tree, bundle_dir, tmp
 
 
 def test_search_by_text_ranks_as_the_bundle_does(indexed, bundle_dir, checkpoint_dir, tmp_path):
-    from runner.families import CLIP_FAMILY
     from runner.images import load_image
-    from runner.load import clip_tokenizer, load
+    from runner.contrastive import Contrastive
+    from runner.load import load
 
     photo_dir, index_dir, _, _ = indexed
     paths = sorted(IMAGES)
     images = tmp_path / "images.npy"
     assert runner("clip-image", bundle_dir, *(photo_dir / p for p in paths), "--out", images).returncode == 0
-    fp32 = load(bundle_dir, CLIP_FAMILY, "fp32", checkpoint_dir)
+    fp32 = load(bundle_dir, "fp32", checkpoint_dir)
     samples = np.stack([load_image(photo_dir / f"{c}.png", 64) for c in COLORS])
     float_images = unit(fp32.model.image_features(samples))
     for color in COLORS:
@@ -194,7 +194,7 @@ def test_search_by_text_ranks_as_the_bundle_does(indexed, bundle_dir, checkpoint
         assert got[0][1] == pytest.approx(max(reference.values()), abs=2e-3)
         # A model that tells colors (the float model ranks this color's sample first among
         # the four): the index's best match among the samples is that sample too.
-        float_text = unit(fp32.model.text_features(clip_tokenizer(fp32)([prompt])))[0]
+        float_text = unit(fp32.model.text_features(Contrastive(fp32).tokenize([prompt])))[0]
         if COLORS[int(np.argmax(float_images @ float_text))] == color:
             samples_ranked = [p for p, _ in got if p in {f"{c}.png" for c in COLORS}]
             assert samples_ranked[0] == f"{color}.png", prompt

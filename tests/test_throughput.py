@@ -10,12 +10,11 @@ import pytest
 
 from bench.throughput import Counter, Device, LinearWork, best_batch, recommend
 from prepare.costmodel import DEVICE_FILE
-from runner.families import CLIP_FAMILY
 from runner.load import load
 
 
 def test_counter_records_the_rows_every_linear_sees(bundle_dir):
-    loaded = load(bundle_dir, CLIP_FAMILY, "emulate")
+    loaded = load(bundle_dir, "emulate")
     model, bundle = loaded.model, loaded.bundle
     counter = Counter(bundle)
     model.linear = counter.wrap(model.linear)

@@ -23,14 +23,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runner.bundle import Bundle
+from runner.calls import Assistant
 from runner.chat import Chat
 from runner.checkpoint import Checkpoint, CheckpointError
-from runner.families import GEMMA_FAMILY
-from runner.function_calls import parse_answer
-from runner.function_calls import stop_ids as call_stop_ids
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
 from runner.generate import Sampler, generate
-from runner.generate import stop_ids as gemma_stop_ids
 from runner.lm_head import FloatHead, make_head
 from runner.load import load
 from runner.nn import Linear, float_linear
@@ -292,7 +289,7 @@ class Evaluation:
             prompts = [list(s[: max(1, len(s) // 2)]) for s in self.sequences[:GREEDY_PROMPTS]]
             heads = {"cpu": {}, "tpu-preload": {"rescore": k}} if bundle.lm_head is not None else {"cpu": {}}
             for mode, options in heads.items():
-                loaded = load(bundle.dir, GEMMA_FAMILY, "emulate", lm_head=mode, **options)
+                loaded = load(bundle.dir, "emulate", lm_head=mode, **options)
                 lengths = []
                 for prompt in prompts:
                     ref = [s.token for s in generate(float_model, float_head, prompt, steps, Sampler())]
@@ -312,14 +309,14 @@ class Evaluation:
         may hold several calls): the calls parsed against the conversation's tools and compared
         with the expected ones and with each other. `call_answers` lists every request's."""
         chat = Chat.from_dir(recipe.checkpoint_dir)
-        stop = call_stop_ids(chat.tokenizer, gemma_stop_ids(config), parallel=True)
-        loaded = load(bundle.dir, GEMMA_FAMILY, "emulate", lm_head="cpu")
-        models = {"float": (Gemma(config, checkpoint, float_linear(checkpoint)), FloatHead(checkpoint, config.vocab_size)),
-                  "int8": (loaded.model, loaded.head)}
+        loaded = load(bundle.dir, "emulate", lm_head="cpu")
+        assistants = {"float": Assistant(Gemma(config, checkpoint, float_linear(checkpoint)),
+                                         FloatHead(checkpoint, config.vocab_size), chat),
+                      "int8": Assistant(loaded.model, loaded.head, chat)}
         answers = []
         with progress_bar("calls (float, int8)", "conversation", len(self.conversations)) as update:
             for row in self.conversations:
-                answers.append(self._answer(row, chat, models, stop))
+                answers.append(self._answer(row, assistants, str(recipe.input_path("verify", "conversations"))))
                 update(1)
         return {"call_exact_match_float": float(np.mean([a["exact_float"] for a in answers])),
                 "call_exact_match_int8": float(np.mean([a["exact_int8"] for a in answers])),
@@ -327,13 +324,10 @@ class Evaluation:
                 "call_answers": answers}
 
     @staticmethod
-    def _answer(row: dict, chat: Chat, models: dict, stop: set[int]) -> dict:
+    def _answer(row: dict, assistants: dict[str, Assistant], source: str) -> dict:
         tools = row.get("tools") or None
-        prompt = chat.encode(row["messages"], tools)
-        got = {}
-        for label, (model, head) in models.items():
-            tokens = [s.token for s in generate(model, head, prompt, CALL_TOKENS, Sampler(), stop)]
-            got[label] = parse_answer(chat.tokenizer.decode(tokens, skip_special_tokens=False), tools)
+        got = {label: a.reply(row["messages"], tools, steps=CALL_TOKENS, parallel=True, source=source).answer
+               for label, a in assistants.items()}
         requests = [m.get("content") for m in row["messages"] if m.get("role") == "user"]
         return {"request": requests[-1] if requests else None, "expected": row["expected"],
                 **{label: a.to_json() for label, a in got.items()},

@@ -50,12 +50,11 @@ def load(directory: Path):
 
 
 def load_bundle(bundle_dir: Path, backend: str):
-    from runner.families import CLIP_FAMILY
-    from runner.load import clip_tokenizer
+    from runner.contrastive import Contrastive
     from runner.load import load as load_runner
 
-    loaded = load_runner(bundle_dir, CLIP_FAMILY, backend)
-    return loaded.model, clip_tokenizer(loaded)
+    loaded = load_runner(bundle_dir, backend)
+    return loaded.model, Contrastive(loaded).tokenize
 
 
 def score_files(model, tok, files: list[Path], metas: list[dict]) -> dict:

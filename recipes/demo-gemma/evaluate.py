@@ -9,12 +9,12 @@ never seen in training) the prompt is the chat template's, and the answer greedy
 - transformers: `AutoTokenizer.apply_chat_template(..., add_generation_prompt=True)` and
   `Gemma3ForCausalLM.generate` in float32 from the committed float16 weights;
 - the runner: runner/chat.py's prompt (checked equal to transformers' token for token),
-  runner/gemma.py's numpy decoder with the fp32 executor (runner.clip.float_linear over
-  the checkpoint's weights, as runner/generate.py's `load_gemma` builds it for
-  `--backend fp32`) and the float head, runner/generate.py's `generate`.
+  runner/gemma.py's numpy decoder with the fp32 executor (runner/nn.py's float_linear over
+  the checkpoint's weights) and the float head, answering as runner/calls.py answers for
+  every caller.
 
 With --bundle, the int8 bundle answers too, on each --backend asked for (emulate, cpu,
-edgetpu), with the exact `cpu` LM head: runner/load.py's `load`, as `runner call` runs it.
+edgetpu), with the exact `cpu` LM head, as `runner call` runs it.
 
 Every answer is parsed by runner/function_calls.py against the row's tools. A row is an
 exact match when the calls (names and every argument, typed, in order) equal the
@@ -36,8 +36,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from runner.calls import Assistant  # noqa: E402
 from runner.chat import Chat  # noqa: E402
+from runner.checkpoint import Checkpoint  # noqa: E402
 from runner.function_calls import parse_answer, stop_ids  # noqa: E402
+from runner.gemma import Gemma, GemmaConfig, tensor_shapes  # noqa: E402
+from runner.lm_head import FloatHead  # noqa: E402
+from runner.load import load  # noqa: E402
+from runner.nn import float_linear  # noqa: E402
 
 MAX_NEW = 64
 
@@ -81,36 +87,26 @@ def run_transformers(directory: Path, rows: list[dict], chat: Chat, stop: set[in
 
 
 def run_runner(directory: Path, rows: list[dict], chat: Chat, stop: set[int]) -> list[list[int]]:
-    from runner.checkpoint import Checkpoint
-    from runner.nn import float_linear
-    from runner.gemma import Gemma, GemmaConfig, tensor_shapes
-    from runner.generate import Sampler, generate
-    from runner.lm_head import FloatHead
-
+    """The float checkpoint through the runner's numpy decoder (the fp32 executor and head),
+    answered as every runner caller answers (runner/calls.py)."""
     config = GemmaConfig.from_dict(json.loads((directory / "config.json").read_text()))
     checkpoint = Checkpoint(directory)
     checkpoint.require(tensor_shapes(config))
     weights = {name: checkpoint[name] for name in checkpoint.keys()}  # float32, read once
-    model = Gemma(config, weights, float_linear(weights))
-    head = FloatHead(checkpoint, config.vocab_size)
-    outputs = []
-    for row in rows:
-        prompt = chat.encode(row["messages"], row["tools"])
-        outputs.append([s.token for s in generate(model, head, prompt, MAX_NEW, Sampler(), stop)])
-    return outputs
+    assistant = Assistant(Gemma(config, weights, float_linear(weights)), FloatHead(checkpoint, config.vocab_size), chat)
+    return answer_all(assistant, rows)
 
 
 def run_bundle(bundle: Path, backend: str):
     """The int8 bundle on `backend`, as `runner call` runs it (exact cpu head)."""
     def run(directory: Path, rows: list[dict], chat: Chat, stop: set[int]) -> list[list[int]]:
-        from runner.families import GEMMA_FAMILY
-        from runner.generate import Sampler, generate
-        from runner.load import load
-
-        loaded = load(bundle, GEMMA_FAMILY, backend, lm_head="cpu")
-        return [[s.token for s in generate(loaded.model, loaded.head, chat.encode(row["messages"], row["tools"]),
-                                           MAX_NEW, Sampler(), stop)] for row in rows]
+        return answer_all(Assistant.of(load(bundle, backend, lm_head="cpu")), rows)
     return run
+
+
+def answer_all(assistant: Assistant, rows: list[dict]) -> list[list[int]]:
+    """Each row's answer tokens, with the parallel stop rule (module docstring)."""
+    return [assistant.reply(row["messages"], row["tools"], steps=MAX_NEW, parallel=True).tokens for row in rows]
 
 
 def evaluate(directory: Path, limit: int | None = None, only: str | None = None, bundle: Path | None = None,

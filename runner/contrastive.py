@@ -1,0 +1,100 @@
+"""The use cases of a contrastive bundle (CLIP's image and text towers): embeddings and
+zero-shot labels.
+
+One implementation for everyone who asks: `runner clip-image`, `clip-text`, `zero-shot`,
+`index` and `search`, and the server's embeddings, classify and search endpoints
+(runner/serve/). What a family does its own way stays in its model: how two embeddings
+become a probability (`label_probabilities`).
+
+Embeddings come out as the model computes them or, with `unit=True`, scaled to length 1
+(`unit_rows`: what cosine similarity, search and zero-shot use; what the server returns).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import BundleError
+from .families import CLIP_FAMILY
+from .images import load_f32le, load_image
+from .load import Loaded
+from .tokenizer import ClipTokenizer
+
+LABEL_CACHE = 4096  # label embeddings kept (per template and label): 2 MiB at 512 floats
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (an all-zero row stays zero)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)
+
+
+class Contrastive:
+    """A loaded contrastive bundle's towers, with the tokenizer opened on first use (an
+    image-only run needs no tokenizers package) and the label embeddings zero-shot made,
+    kept per (template, label) up to `label_cache` of them."""
+
+    def __init__(self, loaded: Loaded, label_cache: int = LABEL_CACHE):
+        loaded.require(CLIP_FAMILY, "embedding images and texts")
+        self.loaded, self.model, self.config = loaded, loaded.model, loaded.model.config
+        self.label_cache = label_cache  # label embeddings kept at most (0: none, every call encodes its labels)
+        self._tokenizer: ClipTokenizer | None = None
+        self._labels: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def require_tower(self, tower: str) -> None:
+        bundle = self.loaded.bundle
+        if tower not in bundle.towers or (tower == "text" and bundle.tokenizer is None):
+            raise BundleError(f"{bundle.dir}: built without the {tower} tower (towers: {', '.join(bundle.towers)})")
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """int64 [len(texts), longest] token ids, as the text tower takes them."""
+        self.require_tower("text")
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer(self.loaded.bundle.tokenizer.path, self.config.text.max_position_embeddings)
+        return self._tokenizer(texts)
+
+    @property
+    def pad_id(self) -> int:
+        """The token `tokenize` pads rows with (CLIP's end-of-text)."""
+        self.tokenize(["a"])
+        return self._tokenizer.pad_id
+
+    def read_images(self, files: list[str | Path], f32le: bool = False) -> np.ndarray:
+        """Image files as the image tower's pixels [n, 3, S, S] (`f32le`: raw float32 files,
+        already normalized)."""
+        self.require_tower("image")
+        return np.stack([(load_f32le if f32le else load_image)(f, self.image_size) for f in files])
+
+    def image_embeddings(self, pixels: np.ndarray, unit: bool = False) -> np.ndarray:
+        self.require_tower("image")
+        out = self.model.image_features(pixels)
+        return unit_rows(out) if unit else out
+
+    def text_embeddings(self, texts: list[str], unit: bool = False) -> np.ndarray:
+        out = self.model.text_features(self.tokenize(texts))
+        return unit_rows(out) if unit else out
+
+    def label_embeddings(self, labels: list[str], template: str = "{}") -> np.ndarray:
+        """Unit text embeddings of `template` filled with each label; each encoded once and kept."""
+        missing = [label for label in dict.fromkeys(labels) if (template, label) not in self._labels]
+        if missing:
+            for label, e in zip(missing, self.text_embeddings([template.format(m) for m in missing], unit=True)):
+                self._labels[(template, label)] = e
+        out = np.stack([self._labels[(template, label)] for label in labels])
+        for label in labels:
+            self._labels.move_to_end((template, label))
+        while len(self._labels) > self.label_cache:
+            self._labels.popitem(last=False)
+        return out
+
+    def zero_shot(self, pixels: np.ndarray, labels: list[str], template: str = "{}") -> np.ndarray:
+        """Each image's probabilities over `labels` [n, len(labels)]."""
+        images = self.image_embeddings(pixels, unit=True)
+        return self.model.label_probabilities(images, self.label_embeddings(labels, template))

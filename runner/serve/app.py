@@ -1,0 +1,525 @@
+"""`python -m runner serve`: bundles behind the OpenAI HTTP API, on Starlette and uvicorn.
+
+    POST /v1/chat/completions   a Function-Gemma bundle: messages and tools in, tool_calls out (stream: SSE)
+    POST /v1/embeddings         a CLIP bundle: texts, or images as data:image/...;base64, URIs
+    POST /v1/classify           zero-shot: images, labels, a prompt template ("a photo of {}")
+    POST /v1/search             a text or an image against an index named with --index NAME=DIR
+    GET  /v1/models, /health (503 while loading, then 200), /metrics (Prometheus)
+
+Each bundle is served under its directory's name. The models run on engine threads
+(runner/serve/engines.py); this module reads requests, checks them (runner/serve/api.py
+says how a bad one is answered) and waits for the engine. Safe to leave running: binds
+127.0.0.1 unless told, and then only with an API key; bounded body, inputs, tokens and
+queue; a client that leaves frees its place; SIGTERM finishes what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import json
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..calls import Assistant
+from ..chat import ChatError
+from ..conversation import FIRST_ONLY
+from ..contrastive import Contrastive
+from ..errors import UserError
+from ..families import CLIP_FAMILY
+from ..function_calls import START_CALL
+from ..generate import Sampler
+from ..images import load_image
+from ..load import Loaded, load
+from ..packages import require
+from ..photos import Index, best_matches, check_same_bundle, manifest_sha256, read_index
+from .api import APIError, chunk, completion, content, field as get, finish_reason, image_bytes, new_id, \
+    parse_json, tool_calls, usage
+from .engines import ChatEngine, ChatRequest, EmbeddingEngine, Engine, Job, Overloaded
+from .metrics import METRICS
+from .prefix_cache import PrefixCache
+
+starlette = require("starlette", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
+from sse_starlette.sse import EventSourceResponse  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+
+@dataclass
+class Settings:
+    bundles: list[str]
+    backend: str = "auto"
+    route: str | None = None
+    api_key: str | None = None
+    max_batch: int = 16  # rows per forward (embeddings), conversations decoding together (chat)
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    max_body_bytes: int = 16 << 20
+    max_inputs: int = 256  # texts or images per embeddings request
+    max_images: int = 16  # images per request
+    max_tokens: int = 512  # generated tokens per chat request at most
+    prefill_chunk: int = 64
+    prefix_cache_mb: float = 256.0
+    prefix_cache_dir: str | None = None
+    indexes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Served:
+    """One bundle as the server runs it."""
+
+    id: str
+    loaded: Loaded
+    engine: Engine
+    towers: Contrastive | None = None
+    assistant: Assistant | None = None
+
+
+class Server:
+    """The models, their engines and indexes; loaded on a thread while /health says loading."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models: dict[str, Served] = {}
+        self.indexes: dict[str, tuple[Index, str]] = {}  # name -> (index, model id)
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.on_failure = lambda: None  # main.py: stop the server
+        self.started = time.time()
+
+    def load(self) -> None:
+        try:
+            for bundle in self.settings.bundles:
+                self.models[Path(bundle).name] = self.serve(bundle)
+            for name, directory in self.settings.indexes.items():
+                self.indexes[name] = self.open_index(name, directory)
+            for m in self.models.values():
+                m.engine.start()
+            self.ready.set()
+        except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            self.failed = str(e)
+            print(f"error: {e}", file=sys.stderr)
+            self.on_failure()
+
+    def serve(self, bundle: str) -> Served:
+        s = self.settings
+        loaded = load(bundle, s.backend, route=s.route)
+        name = Path(bundle).name
+        print(f"{name}: {loaded.family.title} on {loaded.backend}" + (f" ({loaded.auto_line()})" if s.backend == "auto"
+                                                                      else ""), file=sys.stderr)
+        if loaded.family is CLIP_FAMILY:
+            towers = Contrastive(loaded)
+            return Served(name, loaded, EmbeddingEngine(name, towers, s.max_batch, s.max_wait_ms, s.max_queue), towers)
+        assistant = Assistant.of(loaded)
+        cache = None
+        if s.prefix_cache_mb > 0:
+            directory = Path(s.prefix_cache_dir) / name if s.prefix_cache_dir else None
+            cache = PrefixCache(loaded.model.config, manifest_sha256(bundle), int(s.prefix_cache_mb * (1 << 20)),
+                                directory)
+        decode = assistant.chat.tokenizer.decode  # skip_special_tokens: the text a stream shows
+        engine = ChatEngine(name, loaded.model, loaded.head, decode, s.max_batch, s.max_queue, cache, s.prefill_chunk)
+        return Served(name, loaded, engine, assistant=assistant)
+
+    def open_index(self, name: str, directory: str) -> tuple[Index, str]:
+        index = read_index(directory)
+        sha = index.manifest_sha256
+        for m in self.models.values():
+            if m.towers is not None and manifest_sha256(m.loaded.bundle.dir) == sha:
+                check_same_bundle(index, m.loaded.bundle.dir, sha)
+                return index, m.id
+        raise UserError(f"{directory}: index {name} was made with {index.bundle}, which is not served "
+                        "(give that bundle too)")
+
+    def stop(self) -> None:
+        for m in self.models.values():
+            m.engine.stop()
+
+    def model(self, body: dict, kind: str) -> Served:
+        if not self.ready.is_set():
+            raise APIError(503, "the server is loading its models", code="loading", headers={"Retry-After": "1"})
+        name = get(body, "model", str)
+        served = self.models.get(name)
+        if served is None:
+            raise APIError(404, f"no model {name!r} here (models: {', '.join(self.models)})", param="model",
+                           code="model_not_found")
+        if kind == "chat" and served.assistant is None or kind == "embeddings" and served.towers is None:
+            use = "chat completions" if kind == "chat" else "embeddings, classify and search"
+            raise APIError(400, f"model {name!r} is a {served.loaded.family.title} bundle; {use} need "
+                           f"{'a Function-Gemma' if kind == 'chat' else 'a CLIP'} one", param="model",
+                           code="wrong_model")
+        return served
+
+
+# -- the endpoints -------------------------------------------------------------------------
+
+async def read_body(request: Request) -> dict:
+    limit = request.app.state.server.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the body is {declared} bytes; at most {limit}", code="body_too_large")
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise APIError(413, f"the body is more than {limit} bytes", code="body_too_large")
+    return parse_json(bytes(raw))
+
+
+async def submit(request: Request, served: Served, job: Job) -> None:
+    try:
+        served.engine.submit(job)
+    except Overloaded as e:
+        raise APIError(429, f"{e}: try again shortly", code="queue_full", headers={"Retry-After": "1"}) from None
+
+
+async def wait(request: Request, job: Job) -> tuple:
+    """The job's next event; a client that left cancels the job (the engine drops it)."""
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise asyncio.CancelledError from None
+            continue
+        if event[0] == "error":
+            raise event[1]
+        return event
+
+
+async def embed(request: Request, served: Served, kind: str, payload, rows: int) -> np.ndarray:
+    job = Job(asyncio.get_running_loop(), kind, payload, rows)
+    await submit(request, served, job)
+    try:
+        return (await wait(request, job))[1]
+    finally:
+        job.cancelled = True
+
+
+async def decode_images(served: Served, values: list[str], param: str) -> np.ndarray:
+    size = served.towers.image_size
+    served.towers.require_tower("image")
+
+    def one(i: int, raw: bytes) -> np.ndarray:
+        return load_image(io.BytesIO(raw), size, name=f"{param}[{i}]")
+    decoded = [image_bytes(v, f"{param}[{i}]") for i, v in enumerate(values)]
+    missing = [i for i, d in enumerate(decoded) if d is None]
+    if missing:
+        raise APIError(400, f"{param}[{missing[0]}] is not a data:image/...;base64, URI", param=param,
+                       code="invalid_value")
+    return np.stack(await asyncio.to_thread(lambda: [one(i, raw) for i, raw in enumerate(decoded)]))
+
+
+async def embeddings(request: Request) -> Response:
+    server: Server = request.app.state.server
+    body = await read_body(request)
+    served = server.model(body, "embeddings")
+    inputs = get(body, "input", (str, list))
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    s = server.settings
+    if not inputs or len(inputs) > s.max_inputs or not all(isinstance(x, str) for x in inputs):
+        raise APIError(400, f"'input' must be a string or a list of 1 to {s.max_inputs} strings", param="input",
+                       code="invalid_value")
+    encoding = get(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be float or base64", param="encoding_format",
+                       code="invalid_value")
+    images = {i: x for i, x in enumerate(inputs) if x.startswith(("data:", "http://", "https://"))}
+    texts = {i: x for i, x in enumerate(inputs) if i not in images}
+    if len(images) > s.max_images:
+        raise APIError(400, f"{len(images)} images; at most {s.max_images} per request", param="input",
+                       code="too_many_images")
+    out: dict[int, np.ndarray] = {}
+    tokens = 0
+    if texts:
+        try:
+            ids = served.towers.tokenize(list(texts.values()))  # a text it cannot encode is the request's fault
+        except UserError as e:
+            raise APIError(400, str(e), param="input", code="invalid_value") from None
+        tokens += int(np.count_nonzero(ids != served.towers.pad_id)) + len(texts)  # each text's end-of-text too
+        vectors = await embed(request, served, "text", list(texts.values()), len(texts))
+        out.update(zip(texts, vectors))
+    if images:
+        pixels = await decode_images(served, list(images.values()), "input")
+        out.update(zip(images, await embed(request, served, "image", pixels, len(images))))
+    data = [{"object": "embedding", "index": i,
+             "embedding": out[i].astype(np.float32).tolist() if encoding == "float"
+             else base64.b64encode(out[i].astype("<f4").tobytes()).decode()}
+            for i in range(len(inputs))]
+    return JSONResponse({"object": "list", "data": data, "model": served.id, "usage": usage(tokens, 0)})
+
+
+async def classify(request: Request) -> Response:
+    """Zero-shot: each image's probabilities over the labels (the label embeddings are kept
+    per bundle, template and label, so repeated labels are encoded once)."""
+    server: Server = request.app.state.server
+    body = await read_body(request)
+    served = server.model(body, "embeddings")
+    images = get(body, "images", list)
+    labels = get(body, "labels", list)
+    template = get(body, "prompt", str, "{}")
+    if not images or len(images) > server.settings.max_images or not all(isinstance(x, str) for x in images):
+        raise APIError(400, f"'images' must list 1 to {server.settings.max_images} data URIs", param="images",
+                       code="invalid_value")
+    if not labels or len(labels) > server.settings.max_inputs or not all(isinstance(x, str) and x.strip()
+                                                                          for x in labels):
+        raise APIError(400, f"'labels' must list 1 to {server.settings.max_inputs} non-empty strings",
+                       param="labels", code="invalid_value")
+    if "{}" not in template:
+        raise APIError(400, "'prompt' needs a {} where the label goes", param="prompt", code="invalid_value")
+    try:
+        served.towers.tokenize([template.replace("{}", label) for label in labels])
+    except UserError as e:
+        raise APIError(400, str(e), param="labels", code="invalid_value") from None
+    pixels = await decode_images(served, images, "images")
+    probs = await embed(request, served, "classify", (pixels, labels, template), len(images))
+    data = [{"index": i, "labels": dict(zip(labels, map(float, p))), "best": labels[int(np.argmax(p))]}
+            for i, p in enumerate(probs)]
+    return JSONResponse({"object": "list", "data": data, "model": served.id})
+
+
+async def search(request: Request) -> Response:
+    server: Server = request.app.state.server
+    body = await read_body(request)
+    if not server.ready.is_set():
+        server.model(body, "embeddings")  # 503
+    name = get(body, "index", str)
+    if name not in server.indexes:
+        raise APIError(404, f"no index {name!r} here (indexes: {', '.join(server.indexes) or 'none'}; "
+                       "serve one with --index NAME=DIR)", param="index", code="index_not_found")
+    index, model_id = server.indexes[name]
+    served = server.models[model_id]
+    query, image = get(body, "query", str, None), get(body, "image", str, None)
+    top = get(body, "top_k", int, 5, low=1, high=1000)
+    if (query is None) == (image is None):
+        raise APIError(400, "give 'query' (a text) or 'image' (a data URI), one of the two", param="query",
+                       code="invalid_value")
+    if query is not None:
+        if not query.strip():
+            raise APIError(400, "'query' is empty", param="query", code="invalid_value")
+        try:
+            served.towers.tokenize([query])
+        except UserError as e:
+            raise APIError(400, str(e), param="query", code="invalid_value") from None
+        vector = (await embed(request, served, "text", [query], 1))[0]
+    else:
+        vector = (await embed(request, served, "image", await decode_images(served, [image], "image"), 1))[0]
+    return JSONResponse({"object": "list", "index": name, "model": model_id, "images": len(index.entries),
+                         "data": best_matches(index, vector, top)})
+
+
+async def chat_completions(request: Request) -> Response:
+    server: Server = request.app.state.server
+    body = await read_body(request)
+    served = server.model(body, "chat")
+    assistant = served.assistant
+    s = server.settings
+    messages = get(body, "messages", list)
+    tools = get(body, "tools", list, None)
+    choice = body.get("tool_choice", "auto")
+    max_tokens = get(body, "max_completion_tokens", int, None, low=1, high=s.max_tokens) \
+        or get(body, "max_tokens", int, 128 if s.max_tokens >= 128 else s.max_tokens, low=1, high=s.max_tokens)
+    temperature = get(body, "temperature", (int, float), 0.0, low=0, high=2)
+    seed = get(body, "seed", int, 0, low=0, high=2**63 - 1)
+    stream = get(body, "stream", bool, False)
+    if get(body, "n", int, 1) != 1:
+        raise APIError(400, "'n' must be 1", param="n", code="invalid_value")
+    # tool_choice: "none" declares no tools (a text answer); "required" starts the answer with
+    # <start_function_call>, one token the model itself writes there; a named function is the
+    # only tool declared, and the answer starts with a call. (Forcing the text "call:NAME{"
+    # instead would split tokens where the model never does, and it loses the argument keys.)
+    forced = ""
+    if choice == "none":
+        tools = None
+    elif choice == "required":
+        forced = START_CALL
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        named = [t for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function", t), dict)
+                 and t.get("function", t).get("name") == name]
+        if not named:
+            raise APIError(400, f"tool_choice names {name!r}, which 'tools' does not declare", param="tool_choice",
+                           code="invalid_value")
+        tools, forced = named, START_CALL
+    elif choice != "auto":
+        raise APIError(400, "'tool_choice' must be auto, none, required or {type: function, function: {name}}",
+                       param="tool_choice", code="invalid_value")
+    try:
+        prompt = assistant.prompt(messages, tools, "messages", "tools")
+        prefix = shared_prefix(assistant, messages, tools, prompt)
+        forced_ids = assistant.chat.tokenizer.encode(forced, add_special_tokens=False).ids if forced else []
+    except (ChatError, UserError) as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+    prompt = prompt + forced_ids
+    context = served.loaded.model.config.max_position_embeddings
+    if len(prompt) + max_tokens > context:
+        raise APIError(422, f"the conversation is {len(prompt)} tokens; with max_tokens {max_tokens} that is more "
+                       f"than the model's context of {context}", param="messages", code="context_length_exceeded")
+    sampler = Sampler(float(temperature), 0, seed)
+    parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
+    job = Job(asyncio.get_running_loop(), "chat", ChatRequest(prompt, prefix, max_tokens, sampler,
+                                                             assistant.stop(parallel)))
+    await submit(request, served, job)
+
+    def answer(tokens: list[int]):
+        return assistant.read(forced_ids + tokens, tools)
+
+    if not stream:
+        try:
+            while True:
+                event = await wait(request, job)
+                if event[0] == "done":
+                    break
+        finally:
+            job.cancelled = True
+        sequence = event[1]
+        METRICS.generated_tokens.labels(served.id).inc(len(sequence.tokens))
+        return JSONResponse(completion(served.id, answer(sequence.tokens), sequence.stopped, len(prompt),
+                                       len(sequence.tokens)))
+
+    start_call = assistant.chat.tokenizer.token_to_id(START_CALL)
+    stream_id = new_id("chatcmpl")
+
+    async def events():
+        try:
+            yield chunk(stream_id, served.id, {"role": "assistant", "content": ""})
+            in_call = bool(forced)
+            while True:
+                event = await wait(request, job)
+                if event[0] == "done":
+                    break
+                _, token, text = event
+                in_call = in_call or token == start_call
+                if text and not in_call:  # a call's text is sent as tool_calls once it is whole
+                    yield chunk(stream_id, served.id, {"content": text})
+            sequence = event[1]
+            METRICS.generated_tokens.labels(served.id).inc(len(sequence.tokens))
+            result = answer(sequence.tokens)
+            for i, call in enumerate(tool_calls(result)):
+                yield chunk(stream_id, served.id, {"tool_calls": [{"index": i, **call}]})
+            if in_call and not result.calls and content(result):  # a call the model got wrong: its text
+                yield chunk(stream_id, served.id, {"content": "".join(m.raw for m in result.malformed)})
+            yield chunk(stream_id, served.id, {}, finish_reason(result, sequence.stopped),
+                        usage(len(prompt), len(sequence.tokens)))
+            yield "[DONE]"
+        except APIError as e:
+            yield json.dumps(e.body())
+        except UserError as e:
+            yield json.dumps(APIError(400, str(e)).body())
+        finally:
+            job.cancelled = True  # done, or the client left: the engine drops it
+
+    return EventSourceResponse(events(), ping=15)
+
+
+def shared_prefix(assistant: Assistant, messages: list, tools, prompt: list[int]) -> int:
+    """How many of the prompt's tokens are its developer turn (a system message and the tool
+    declarations), which requests of one application share; 0 when it has none or when it
+    does not tokenize as a prefix of the whole."""
+    head = messages[:1] if messages and isinstance(messages[0], dict) and messages[0].get("role") in FIRST_ONLY else []
+    if not head and not tools:
+        return 0
+    try:
+        text = assistant.chat.template.render(head or [{"role": "system", "content": ""}], tools, False)
+    except ChatError:
+        return 0
+    ids = assistant.chat.tokenizer.encode(text, add_special_tokens=False).ids
+    return len(ids) if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids else 0
+
+
+async def models(request: Request) -> Response:
+    server: Server = request.app.state.server
+    return JSONResponse({"object": "list", "data": [
+        {"id": m.id, "object": "model", "created": int(server.started), "owned_by": "coral-bundles",
+         "family": m.loaded.family.name, "backend": m.loaded.backend} for m in server.models.values()]})
+
+
+async def health(request: Request) -> Response:
+    server: Server = request.app.state.server
+    if server.ready.is_set():
+        return JSONResponse({"status": "ready", "models": list(server.models)})
+    return JSONResponse({"status": "failed" if server.failed else "loading", **({"error": server.failed}
+                                                                                 if server.failed else {})}, 503)
+
+
+async def metrics(request: Request) -> Response:
+    server: Server = request.app.state.server
+    for m in server.models.values():
+        for side, v in (m.loaded.routes.to_json() if m.loaded.routes else {}).items():
+            if side != "route":
+                METRICS.routes.labels(m.id, side, "calls").set(v["calls"])
+                METRICS.routes.labels(m.id, side, "rows").set(v["rows"])
+    return Response(METRICS.text(), media_type="text/plain; version=0.0.4")
+
+
+# -- the application -----------------------------------------------------------------------
+
+ENDPOINTS = {"/v1/chat/completions": ("POST", chat_completions), "/v1/embeddings": ("POST", embeddings),
+             "/v1/classify": ("POST", classify), "/v1/search": ("POST", search), "/v1/models": ("GET", models),
+             "/health": ("GET", health), "/metrics": ("GET", metrics)}
+
+
+def endpoint(path: str, method: str, handler):
+    """The handler with what every endpoint does: the API key, the error object, the metrics."""
+    async def run(request: Request) -> Response:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            server: Server = request.app.state.server
+            key = server.settings.api_key
+            if key and path != "/health":
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                    raise APIError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                                   code="invalid_api_key")
+            response = await handler(request)
+        except APIError as e:
+            response = JSONResponse(e.body(), e.status, headers=e.headers)
+        except UserError as e:  # the request's input (an image it cannot read, a text it cannot encode)
+            response = JSONResponse(APIError(400, str(e)).body(), 400)
+        except asyncio.CancelledError:
+            status = 499  # the client left
+            raise
+        except Exception:  # noqa: BLE001 - a bug: in the log, never in the response; the server goes on
+            traceback.print_exc()
+            response = JSONResponse(APIError(500, "internal error (see the server's log)").body(), 500)
+        finally:
+            if status != 499:
+                status = response.status_code if "response" in locals() else 500
+            METRICS.requests.labels(path, str(status)).inc()
+            METRICS.latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+    return Route(path, run, methods=[method])
+
+
+def make_app(settings: Settings) -> Starlette:
+    server = Server(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loading = threading.Thread(target=server.load, name="loading", daemon=True)
+        loading.start()
+        yield
+        server.stop()
+
+    async def not_found(request: Request, exc) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return JSONResponse(APIError(status, f"no {request.method} {request.url.path} here").body(), status)
+
+    app = Starlette(routes=[endpoint(path, method, handler) for path, (method, handler) in ENDPOINTS.items()],
+                    lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = server
+    return app

@@ -1,0 +1,234 @@
+"""The server's workers: one thread per bundle runs its model; requests reach it as jobs.
+
+The HTTP side (runner/serve/app.py) runs on asyncio; the models run numpy and TFLite,
+which block. So each bundle has one engine thread that owns its model (one device, one
+interpreter per layer: calls are serialized anyway) and a bounded queue of jobs. A job
+carries its request's event loop; the engine posts results into the job's asyncio queue.
+
+- `EmbeddingEngine` (CLIP): dynamic batching, as Triton's. Jobs for the same tower wait
+  until `max_batch` rows are there or the oldest has waited `max_wait_ms`, then run as one
+  forward and are split back. Rows are quantized one by one (runner/quant.py), so an
+  answer is the same, bit for bit, batched or alone (tests/test_serve.py).
+- `ChatEngine` (Function-Gemma): continuous batching. Up to `max_batch` conversations
+  decode together, each with its own KV cache: every step is one call per linear with one
+  row per decoding sequence, plus at most one chunk (`prefill_chunk` tokens) of a waiting
+  prompt, so a long prefill never stalls the others for more than a chunk. New requests
+  join between steps, finished or abandoned ones leave. Greedy answers are those each
+  request gets alone. The prompt-prefix cache (runner/serve/prefix_cache.py) gives a
+  prompt whose developer turn was seen before its cache at that point.
+
+`Overloaded` when a queue is full: the app answers 429 with Retry-After; memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..contrastive import Contrastive
+from ..errors import UserError
+from ..generate import PREFILL_CHUNK, Sampler, Sequence, advance
+from ..tokenizer import TextStream
+from .metrics import METRICS
+from .prefix_cache import PrefixCache
+
+
+class Overloaded(Exception):
+    """The engine's queue is full."""
+
+
+@dataclass
+class Job:
+    """One request's work. `events` gets what the engine has for the request: for embeddings
+    one ("done", array) or ("error", exception); for chat ("token", id, text) per token, then
+    ("done", sequence) or ("error", exception)."""
+
+    loop: asyncio.AbstractEventLoop
+    kind: str  # "image", "text" (embeddings), "chat"
+    payload: object
+    rows: int = 1
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the client left: the engine drops it
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def post(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine(threading.Thread):
+    """A worker thread with a bounded queue of jobs."""
+
+    def __init__(self, name: str, max_queue: int):
+        super().__init__(name=f"engine-{name}", daemon=True)
+        self.model_id, self.jobs = name, queue.Queue(maxsize=max_queue)
+        self.running = True
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"{self.model_id}: {self.jobs.maxsize} requests are waiting") from None
+        METRICS.queue_depth.labels(self.model_id).set(self.jobs.qsize())
+
+    def stop(self) -> None:
+        self.running = False
+
+    def next_job(self, timeout: float | None) -> Job | None:
+        try:
+            job = self.jobs.get(timeout=timeout) if timeout is None or timeout > 0 else self.jobs.get_nowait()
+        except queue.Empty:
+            return None
+        METRICS.queue_depth.labels(self.model_id).set(self.jobs.qsize())
+        return job
+
+    def fail(self, job: Job, e: BaseException) -> None:
+        if not isinstance(e, UserError):  # a bug: in the log once, never in a response
+            traceback.print_exc()
+        job.post("error", e)
+
+
+class EmbeddingEngine(Engine):
+    def __init__(self, name: str, towers: Contrastive, max_batch: int, max_wait_ms: float, max_queue: int):
+        super().__init__(name, max_queue)
+        self.towers, self.max_batch, self.max_wait = towers, max_batch, max_wait_ms / 1e3
+        self.held: deque[Job] = deque()  # taken from the queue, waiting for a batch of their tower
+
+    def run(self) -> None:
+        while self.running:
+            job = self.held.popleft() if self.held else self.next_job(0.2)
+            if job is None:
+                continue
+            batch, rows = [job], job.rows
+            deadline = job.queued_at + self.max_wait
+            while rows < self.max_batch:
+                other = self.next_job(deadline - time.perf_counter())
+                if other is None:
+                    break
+                if other.kind != job.kind or rows + other.rows > self.max_batch:
+                    self.held.append(other)
+                    if rows + other.rows > self.max_batch:
+                        break
+                    continue
+                batch.append(other)
+                rows += other.rows
+            self.run_batch([j for j in batch if not j.cancelled])
+
+    def run_batch(self, batch: list[Job]) -> None:
+        if not batch:
+            return
+        kind = batch[0].kind
+        if kind == "classify" and len(batch) > 1:  # each its own labels: one at a time
+            for job in batch:
+                self.run_batch([job])
+            return
+        try:
+            if kind == "classify":
+                out = self.towers.zero_shot(*batch[0].payload)
+            elif kind == "image":
+                out = self.towers.image_embeddings(np.concatenate([j.payload for j in batch]), unit=True)
+            else:
+                out = self.towers.text_embeddings([t for j in batch for t in j.payload], unit=True)
+        except Exception as e:  # noqa: BLE001 - one bad batch fails its jobs, never the engine
+            if len(batch) > 1:  # find whose input it was: each alone
+                for job in batch:
+                    self.run_batch([job])
+                return
+            self.fail(batch[0], e)
+            return
+        METRICS.batch_rows.labels(self.model_id, kind).observe(len(out))
+        start = 0
+        for job in batch:
+            job.post("done", out[start : start + job.rows])
+            start += job.rows
+
+
+@dataclass
+class ChatRequest:
+    prompt: list[int]
+    prefix: int  # tokens of the shared prefix (the developer turn) worth caching; 0: none
+    steps: int
+    sampler: Sampler
+    stop: set[int]
+
+
+class ChatEngine(Engine):
+    def __init__(self, name: str, model, head, decode, max_batch: int, max_queue: int,
+                 prefix_cache: PrefixCache | None, prefill_chunk: int = 64):
+        super().__init__(name, max_queue)
+        self.model, self.head, self.decode = model, head, decode
+        self.max_batch, self.prefix_cache, self.prefill_chunk = max_batch, prefix_cache, prefill_chunk
+        self.active: list[tuple[Job, Sequence, TextStream]] = []
+
+    def run(self) -> None:
+        while self.running:
+            self.admit()
+            self.active = [(j, s, t) for j, s, t in self.active if not j.cancelled]
+            METRICS.active_sequences.labels(self.model_id).set(len(self.active))
+            if self.active:
+                self.step()
+
+    def admit(self) -> None:
+        """New jobs join between steps, up to max_batch sequences (waiting when there are none)."""
+        while len(self.active) < self.max_batch:
+            job = self.next_job(None if not self.active else 0)
+            if job is None:
+                return
+            if job.cancelled:
+                continue
+            try:
+                self.active.append((job, self.begin(job.payload), TextStream(self.decode)))
+            except Exception as e:  # noqa: BLE001
+                self.fail(job, e)
+
+    def begin(self, r: ChatRequest) -> Sequence:
+        cache = None
+        if self.prefix_cache is not None:
+            found = self.prefix_cache.longest(r.prompt)
+            METRICS.prefix_cache.labels(self.model_id, "hit" if found else "miss").inc()
+            if found:
+                cache = found[0]
+        sequence = Sequence(self.model, r.prompt, r.steps, r.sampler, r.stop, cache)
+        # Prefill stops at the end of the shared prefix once, so its cache can be kept there.
+        sequence.pause_at = r.prefix if self.prefix_cache is not None and r.prefix > sequence.cache.length else None
+        return sequence
+
+    def step(self) -> None:
+        """One pass: every decoding sequence's token, and one chunk of the first prefilling one."""
+        decoding = [(j, s, t) for j, s, t in self.active if len(s.pending) == 1 and s.tokens]
+        prefilling = [(j, s, t) for j, s, t in self.active if not (len(s.pending) == 1 and s.tokens)][:1]
+        batch = decoding + prefilling
+        try:
+            chunk = self.prefill_chunk
+            if prefilling:
+                s = prefilling[0][1]
+                if s.pause_at:
+                    chunk = min(chunk, s.pause_at - s.cache.length)
+            rows = sum(min(len(s.pending), chunk) for _, s, _ in batch)
+            sampled = advance(self.model, self.head, [s for _, s, _ in batch], chunk)
+        except Exception as e:  # noqa: BLE001 - the batch's requests fail; the server goes on
+            for job, _, _ in batch:
+                self.fail(job, e)
+            ids = {id(j) for j, _, _ in batch}
+            self.active = [(j, s, t) for j, s, t in self.active if id(j) not in ids]
+            return
+        METRICS.batch_rows.labels(self.model_id, "chat").observe(rows)
+        for job, s, _ in prefilling:
+            if s.pause_at and s.cache.length == s.pause_at:
+                self.prefix_cache.put(s.prompt[: s.pause_at], s.cache)
+                s.pause_at = None
+        done = set()
+        for job, s, text in batch:
+            if s not in sampled:
+                continue
+            job.post("token", s.tokens[-1], text.push(s.tokens[-1]))
+            if s.stopped:
+                job.post("done", s)
+                done.add(id(job))
+        self.active = [(j, s, t) for j, s, t in self.active if id(j) not in done]

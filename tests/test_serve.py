@@ -1,0 +1,384 @@
+"""`python -m runner serve`: started as a subprocess on a free loopback port and spoken to with
+the real `openai` client, as an application would; the answers are those of the command line
+(`runner call`, `runner clip-text`), batched or not, with or without the prefix cache.
+
+Every load loop here is bounded in requests and time; the server binds 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from runner.calls import Assistant
+from runner.contrastive import Contrastive
+from runner.generate import Sampler, Sequence, advance
+from runner.load import load
+
+from .conftest import ROOT, doit, runner, warm_artifacts
+
+DEMO = ROOT / "recipes" / "demo-gemma"
+TOOLS = json.loads((DEMO / "tools.json").read_text())
+REQUESTS = ["set a timer for 7 minutes", "what's the weather in Lisbon", "turn on the kitchen light",
+            "send a message to Ana saying I'm late", "play some music by Miles Davis", "turn off the bedroom light"]
+SAMPLES = sorted((ROOT / "recipes" / "demo-clip" / "samples").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def bundles(demo, tmp_path_factory) -> dict[str, Path]:
+    """The demo CLIP bundle and the trained demo Function-Gemma's (cpu flavor)."""
+    artifacts = warm_artifacts(demo, tmp_path_factory.mktemp("serve"))
+    doit(artifacts, "recipe=recipes/demo-gemma.yaml", "flavors=[cpu]")
+    return {"demo-clip": demo[0] / "bundles" / "demo-clip", "demo-gemma": artifacts / "bundles" / "demo-gemma"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`runner serve` in a subprocess; stopped (SIGTERM) when the test ends."""
+
+    def __init__(self, bundles, *options: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runner", "serve", *map(str, bundles), "--port", str(self.port), "--backend", "cpu",
+             "--threads", "1", *options], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {})))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not get ready in 60 s")
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=(env or {}).get("RUNNER_API_KEY", "none"),
+                                    max_retries=0, timeout=120)
+
+    def metric(self, name: str, **labels) -> float:
+        """The sum of a metric's samples whose labels include `labels`."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+            if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
+
+    def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=60)
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def server(bundles):
+    s = Server(bundles.values())
+    yield s
+    s.stop()
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def cli_call(bundle: Path, request: str) -> list[dict]:
+    run = runner("call", bundle, request, "--tools", DEMO / "tools.json", "--backend", "cpu", "--json", "--parallel")
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)["calls"]
+
+
+def calls_of(message) -> list[dict]:
+    return [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in message.tool_calls or []]
+
+
+# -- answers equal the command line's ------------------------------------------------------
+
+def test_a_call_equals_runner_calls_streamed_or_not(server, bundles):
+    for request in REQUESTS[:3]:
+        expected = cli_call(bundles["demo-gemma"], request)
+        assert expected, request  # the demo answers these with a call
+        messages = [{"role": "user", "content": request}]
+        reply = server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS)
+        assert calls_of(reply.choices[0].message) == expected
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.usage.completion_tokens > 0
+        calls, finish = {}, None
+        for chunk in server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS,
+                                                           stream=True):
+            for d in chunk.choices[0].delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert [{"name": c["name"], "arguments": json.loads(c["arguments"])} for _, c in sorted(calls.items())] \
+            == expected and finish == "tool_calls"
+
+
+def test_a_conversation_in_openai_form_with_a_tool_result(server):
+    """An assistant turn with tool_calls (arguments as a JSON string) and the tool's result by
+    tool_call_id: the model answers the result in text, as Function-Gemma does."""
+    messages = [{"role": "user", "content": "what's the weather in Porto"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Porto\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "{\"weather\": \"sunny\"}"}]
+    reply = server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS, max_tokens=24)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_choice_none_auto_and_a_named_function(server):
+    """The demo answers this in text by itself; told to call get_weather, it does, with the city."""
+    messages = [{"role": "user", "content": "I'm flying to Lisbon tomorrow"}]
+
+    def ask(choice):
+        return server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS,
+                                                     tool_choice=choice).choices[0]
+    assert ask("auto").message.tool_calls is None and ask("none").message.tool_calls is None
+    named = ask({"type": "function", "function": {"name": "get_weather"}})
+    assert calls_of(named.message) == [{"name": "get_weather", "arguments": {"city": "Lisbon"}}]
+    assert named.finish_reason == "tool_calls"
+
+
+def test_embeddings_equal_the_command_lines(server, bundles, tmp_path):
+    texts = ["a red circle", "a small blue star"]
+    run = runner("clip-text", bundles["demo-clip"], *texts, "--backend", "cpu", "--out", tmp_path / "t.npy")
+    assert run.returncode == 0, run.stderr
+    expected = np.load(tmp_path / "t.npy", allow_pickle=False)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    got = server.client.embeddings.create(model="demo-clip", input=texts)
+    assert np.array_equal(np.array([d.embedding for d in got.data], np.float32), expected)
+    run = runner("clip-image", bundles["demo-clip"], SAMPLES[0], "--backend", "cpu", "--out", tmp_path / "i.npy")
+    expected = np.load(tmp_path / "i.npy", allow_pickle=False)[0]
+    got = server.client.embeddings.create(model="demo-clip", input=data_uri(SAMPLES[0]), encoding_format="base64")
+    raw = got.data[0].embedding
+    vector = np.frombuffer(base64.b64decode(raw), "<f4") if isinstance(raw, str) else np.array(raw, np.float32)
+    assert np.array_equal(vector, expected / np.linalg.norm(expected))
+
+
+def test_classify_names_the_samples_colors(server):
+    labels = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black"]
+    response = httpx.post(f"{server.url}/v1/classify", timeout=60, json={
+        "model": "demo-clip", "images": [data_uri(p) for p in SAMPLES[:4]], "labels": labels,
+        "prompt": "a photo of a {} object"})
+    assert response.status_code == 200, response.text
+    colors = [p.stem.split("-")[1] for p in SAMPLES[:4]]
+    assert [d["best"] for d in response.json()["data"]] == colors
+
+
+# -- batching ------------------------------------------------------------------------------
+
+def test_16_concurrent_requests_are_answered_right_in_batches(server, bundles):
+    expected = {r: cli_call(bundles["demo-gemma"], r) for r in REQUESTS[:4]}
+    rows_before = server.metric("runner_batch_rows_sum", kind="chat")
+    steps_before = server.metric("runner_batch_rows_count", kind="chat")
+
+    def ask(i):
+        request = REQUESTS[i % 4]
+        reply = server.client.chat.completions.create(model="demo-gemma", tools=TOOLS,
+                                                      messages=[{"role": "user", "content": request}])
+        return calls_of(reply.choices[0].message) == expected[request]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(ask, range(16)))
+    rows = server.metric("runner_batch_rows_sum", kind="chat") - rows_before
+    steps = server.metric("runner_batch_rows_count", kind="chat") - steps_before
+    decode_steps_alone = sum(len(v) for v in expected.values())  # at least a step per generated token
+    assert steps < 16 * 4 and rows / steps > 1.5, (rows, steps, decode_steps_alone)
+
+    texts = [f"a {c} circle" for c in ("red", "green", "blue", "yellow")] * 4
+    alone = np.array(server.client.embeddings.create(model="demo-clip", input=texts[:4]).data[0].embedding)
+    text_batches = server.metric("runner_batch_rows_count", kind="text")
+    with ThreadPoolExecutor(16) as pool:
+        out = list(pool.map(lambda t: server.client.embeddings.create(model="demo-clip", input=t).data[0].embedding,
+                            texts))
+    assert np.array_equal(np.array(out[0]), alone)  # batched or not, bit for bit
+    assert server.metric("runner_batch_rows_count", kind="text") - text_batches < 16
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulate"])
+def test_batched_decoding_gives_each_sequence_its_own_tokens(bundles, backend):
+    """Continuous batching, in-process: sequences that start at different steps and decode
+    together give, token for token, what each gives alone (greedy)."""
+    loaded = load(bundles["demo-gemma"], backend)
+    assistant = Assistant.of(loaded)
+    prompts = [assistant.prompt([{"role": "user", "content": r}], TOOLS) for r in REQUESTS]
+    stop = assistant.stop()
+    alone = [assistant.reply([{"role": "user", "content": r}], TOOLS, steps=24).tokens for r in REQUESTS]
+    active, done, waiting = [], [], list(prompts)
+    for step in range(400):
+        if waiting and step % 3 == 0:  # a new request joins every third step
+            active.append(Sequence(loaded.model, waiting.pop(0), 24, Sampler(), stop))
+        if not active and not waiting:
+            break
+        if active:
+            advance(loaded.model, loaded.head, active, chunk=48)
+            done += [s for s in active if s.stopped]
+            active = [s for s in active if not s.stopped]
+    assert sorted(s.tokens for s in done) == sorted(alone)
+
+
+def test_batched_embeddings_are_bit_for_bit_those_alone(bundles):
+    for backend in ("cpu", "emulate"):
+        towers = Contrastive(load(bundles["demo-clip"], backend))
+        texts = ["a red circle", "a photo of a big green star on white", "blue"]
+        together = towers.text_embeddings(texts)
+        assert all(np.array_equal(towers.text_embeddings([t])[0], e) for t, e in zip(texts, together))
+        pixels = towers.read_images(SAMPLES[:3])
+        together = towers.image_embeddings(pixels)
+        assert all(np.array_equal(towers.image_embeddings(pixels[i : i + 1])[0], together[i]) for i in range(3))
+
+
+# -- errors --------------------------------------------------------------------------------
+
+def post(server, path: str, body, headers=None) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def test_bad_requests_get_openais_error_object(server):
+    chat = {"model": "demo-gemma", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("/v1/chat/completions", {**chat, "model": "nope"}, 404, "model_not_found"),
+        ("/v1/chat/completions", {**chat, "messages": "hi"}, 400, "invalid_type"),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+        ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"description": "x"}}]}, 400,
+         None),
+        ("/v1/chat/completions", {**chat, "max_tokens": 0}, 400, "invalid_value"),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "timer " * 3000}],
+                                  "max_tokens": 64}, 422, "context_length_exceeded"),
+        ("/v1/embeddings", {"model": "demo-gemma", "input": "hi"}, 400, "wrong_model"),
+        ("/v1/embeddings", {"model": "demo-clip", "input": "https://example.com/cat.png"}, 400, "invalid_value"),
+        ("/v1/embeddings", {"model": "demo-clip", "input": "data:image/png;base64,AAAA"}, 400, None),
+        ("/v1/search", {"index": "photos", "query": "cat"}, 404, "index_not_found"),
+    ]
+    for path, body, status, code in cases:
+        response = post(server, path, body)
+        assert response.status_code == status, (body, response.text)
+        error = error_of(response)
+        assert code is None or error["code"] == code, error
+    wizard = error_of(post(server, "/v1/chat/completions", cases[2][1]))["message"]
+    assert "message 0" in wizard and "wizard" in wizard and "tokenizer_config" not in wizard
+    big = httpx.post(f"{server.url}/v1/embeddings", content=b"x" * (17 << 20), timeout=60)
+    assert big.status_code == 413 and error_of(big)["code"] == "body_too_large"
+    assert httpx.post(f"{server.url}/v1/embeddings", content=b"{not json", timeout=10).status_code == 400
+    # the server is still well
+    assert server.client.embeddings.create(model="demo-clip", input="a red circle").data
+
+
+def test_an_api_key_is_needed_when_given_and_off_loopback(bundles):
+    refused = runner("serve", bundles["demo-clip"], "--host", "0.0.0.0", "--port", str(free_port()))
+    assert refused.returncode == 2 and "API key" in refused.stderr and "Traceback" not in refused.stderr
+    s = Server([bundles["demo-clip"]], env={"RUNNER_API_KEY": "sesame"})
+    try:
+        assert post(s, "/v1/embeddings", {"model": "demo-clip", "input": "a"}).status_code == 401
+        wrong = post(s, "/v1/embeddings", {"model": "demo-clip", "input": "a"}, {"Authorization": "Bearer open"})
+        assert wrong.status_code == 401 and error_of(wrong)["type"] == "authentication_error"
+        assert s.client.embeddings.create(model="demo-clip", input="a red circle").data
+    finally:
+        s.stop()
+
+
+def test_a_full_queue_answers_429_with_retry_after(bundles):
+    s = Server([bundles["demo-gemma"]], "--max-queue", "1", "--max-batch", "1")
+    try:
+        body = {"model": "demo-gemma", "messages": [{"role": "user", "content": "set a timer for 7 minutes"}],
+                "tools": TOOLS, "max_tokens": 64}
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: post(s, "/v1/chat/completions", body), range(12)))
+        statuses = [r.status_code for r in responses]
+        assert 429 in statuses and 200 in statuses, statuses
+        limited = next(r for r in responses if r.status_code == 429)
+        assert limited.headers["retry-after"] and error_of(limited)["type"] == "rate_limit_error"
+    finally:
+        s.stop()
+
+
+# -- leaving, stopping, restarting ---------------------------------------------------------
+
+def test_a_client_that_leaves_mid_stream_frees_its_place(server):
+    body = {"model": "demo-gemma", "messages": [{"role": "user", "content": "set a timer for 7 minutes"}],
+            "tools": TOOLS, "max_tokens": 400, "stream": True, "temperature": 1.5, "seed": 3}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())  # the first chunk, then gone
+    deadline = time.monotonic() + 30
+    while server.metric("runner_active_sequences", model="demo-gemma") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("runner_active_sequences", model="demo-gemma") == 0
+    assert server.client.chat.completions.create(model="demo-gemma", tools=TOOLS,
+                                                 messages=[{"role": "user", "content": REQUESTS[0]}]).choices
+
+
+def test_sigterm_finishes_what_is_in_flight_and_exits_0(bundles):
+    s = Server([bundles["demo-gemma"]])
+    result = {}
+
+    def ask():
+        result["reply"] = s.client.chat.completions.create(
+            model="demo-gemma", tools=TOOLS, max_tokens=200, temperature=1.5, seed=1,
+            messages=[{"role": "user", "content": "send a message to Ana saying I'm late"}])
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(0.3)
+    status, err = s.stop()
+    asking.join(60)
+    assert status == 0, err
+    assert result["reply"].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert "Traceback" not in err
+
+
+def test_a_restarted_server_finds_its_prefix_cache(bundles, tmp_path):
+    cache = tmp_path / "prefix-cache"
+    messages = [{"role": "system", "content": "You are a home assistant."},
+                {"role": "user", "content": "set a timer for 7 minutes"}]
+    first = Server([bundles["demo-gemma"]], "--prefix-cache", str(cache))
+    try:
+        cold = first.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS)
+    finally:
+        first.stop()
+    assert list(cache.rglob("*.prefix.safetensors"))
+    again = Server([bundles["demo-gemma"]], "--prefix-cache", str(cache))
+    try:
+        warm = again.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS)
+        assert again.metric("runner_prefix_cache_total", result="hit") == 1
+    finally:
+        again.stop()
+    assert calls_of(warm.choices[0].message) == calls_of(cold.choices[0].message) != []
+    # a damaged entry is skipped with a warning, not trusted
+    entry = next(cache.rglob("*.prefix.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:100])
+    damaged = Server([bundles["demo-gemma"]], "--prefix-cache", str(cache))
+    try:
+        reply = damaged.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS)
+        assert damaged.metric("runner_prefix_cache_total", result="hit") == 0
+    finally:
+        _, err = damaged.stop()
+    assert calls_of(reply.choices[0].message) == calls_of(cold.choices[0].message)
+    assert "skipped" in err

@@ -3,8 +3,14 @@
 Where things are, from the command line down:
 
     __main__.py       the command line: clip-image, clip-text, zero-shot, gemma, call, check,
-                      selftest, index, search
-    load.py           start-up for either family: open a bundle, build its model on a backend
+                      selftest, index, search, serve (it parses arguments and prints)
+    serve/            `serve`: the OpenAI HTTP API, dynamic and continuous batching, the prefix cache
+
+    contrastive.py    the use cases of a CLIP bundle: embeddings, label embeddings, zero-shot
+    calls.py          the use case of a Function-Gemma bundle: a conversation and tools in, calls out
+    conversation.py   a user's messages and tools checked, in the chat template's form
+
+    load.py           start-up: open a bundle, build the model of its manifest's family on a backend
     families.py       the model families by the name a manifest gives them (the one place that names them)
     bundle.py         a bundle's manifest read and checked; its host tensors memory-mapped
     check.py          `check` and `selftest`: is a bundle whole, what runs here, does the TPU agree

@@ -2,9 +2,10 @@
 (bench/clip_vit_b32.py, bench/gemma_270m.py, each in its own process and artifacts
 directory), then the CPU runtimes a user compares with on the same checkpoints and
 bundles (bench/peers_clip.py: ONNX Runtime fp32 and int8; bench/peers_gemma.py: llama.cpp
-Q8_0), gathered into bench/results/<date>.json, <date>.md and <date>.png.
+Q8_0), then `runner serve` under load beside llama-cpp-python's server (bench/serve.py,
+under `serve`), gathered into bench/results/<date>.json, <date>.md and <date>.png.
 
-    .venv/bin/python bench/run.py [--only clip|gemma] [--no-peers]      (or: doit bench)
+    .venv/bin/python bench/run.py [--only clip|gemma|serve] [--no-peers] [--no-serve]   (or: doit bench)
 
 About 15 minutes on 2 cores for the models, most of it cold builds and the runner's
 steady-state runs, and a few more for the peers (their first run also exports ONNX files
@@ -54,8 +55,10 @@ def run_peers(model: str, date: str, env: dict) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=sorted(SCRIPTS), action="append", help="run only this model (repeatable)")
+    ap.add_argument("--only", choices=[*sorted(SCRIPTS), "serve"], action="append",
+                    help="run only this model, or only the server bench (repeatable)")
     ap.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime and llama.cpp")
+    ap.add_argument("--no-serve", action="store_true", help="skip bench/serve.py (`runner serve` under load)")
     args = ap.parse_args()
     date = datetime.date.today().isoformat()
     results_dir = ROOT / "bench" / "results"
@@ -63,7 +66,7 @@ def main() -> int:
     # One BLAS thread: the runner and the build share 2 cores with whatever else runs, and
     # OpenBLAS threads spinning against each other made timings 5-10x worse.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
-    for model in args.only or list(SCRIPTS):
+    for model in [m for m in args.only or list(SCRIPTS) if m != "serve"]:
         path = results_dir / RESULTS[model].format(date=date)
         subprocess.run([sys.executable, str(ROOT / "bench" / SCRIPTS[model]), "--out", str(path)], check=True,
                        cwd=ROOT, env=env)
@@ -71,15 +74,26 @@ def main() -> int:
         peer = None if args.no_peers else run_peers(model, date, env)
         if peer:
             peers[model] = peer["peers"][model]
+    serve = None
+    if not args.no_serve and (not args.only or "serve" in args.only):
+        # `runner serve` batching on and off, and llama-cpp-python's server (skipped, saying
+        # why, when it is not installed), at the peers' thread count
+        command = [sys.executable, str(ROOT / "bench" / "serve.py"), "--threads", str(PEER_THREADS)]
+        subprocess.run(command + (["--no-llama"] if args.no_peers else []), check=True, cwd=ROOT, env=env)
+        serve = json.loads((results_dir / f"serve-{date}.json").read_text())
+    from bench.serve import markdown as serve_markdown  # it sets this process's thread variables: only now
     out = results_dir / f"{date}.json"
     if args.only and out.exists():  # --only updates that model's part of today's results
         before = json.loads(out.read_text())
         peers = {**before.pop("peers", {}), **peers}
+        serve = serve or before.pop("serve", None)
+        before.pop("serve", None)
         results = {**before, **results}
-    atomic_write(out, json.dumps({**results, "peers": peers}, indent=2) + "\n")
-    text = markdown(results) + peers_markdown(peers)
+    atomic_write(out, json.dumps({**results, "peers": peers} | ({"serve": serve} if serve else {}), indent=2) + "\n")
+    text = (markdown(results) if results else "") + peers_markdown(peers) + ("\n" + serve_markdown(serve) if serve else "")
     atomic_write(out.with_suffix(".md"), f"# Benchmarks, {date}\n\n" + text)
-    plot(results, out.with_suffix(".png"))
+    if results:
+        plot(results, out.with_suffix(".png"))
     print(text)
     print(f"written: {out.relative_to(ROOT)}, .md, .png")
     return 0

@@ -1,0 +1,676 @@
+"""The runner as a server (`python -m runner serve`) under load from the `openai` client:
+batching on against `--max-batch 1` in the same run, and Function-Gemma calls beside
+llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on the same weights.
+
+    .venv/bin/python bench/serve.py [--rounds 3] [--threads 1] [--only chat|embeddings|restart ...]
+
+Every server is a subprocess bound to 127.0.0.1 on a free port, ready when `/health` says
+so (ours) or `/v1/models` answers (llama's); no request goes anywhere else. Every load loop
+stops after its requests or its seconds, whichever comes first. Workloads:
+
+- chat: Function-Gemma tool calls, streamed, the six tools of recipes/demo-gemma/tools.json
+  and the first-turn requests of recipes/demo-gemma/verify.jsonl, greedy, on the demo
+  bundle (artifacts/bundles/demo-gemma, `doit recipe=recipes/demo-gemma.yaml`), at
+  concurrency 1, 4 and 16, against ours batching, ours with `--max-batch 1`, and
+  llama-cpp-python's server on the checkpoint converted to Q8_0 GGUF;
+- embeddings: CLIP text embeddings of recipes/demo-clip captions at concurrency 16, batching
+  on against `--max-batch 1` (artifacts/bundles/demo-clip);
+- restart: the first call after a restart with a saved prefix cache (`--prefix-cache DIR`)
+  against one with an empty DIR, on Gemma-3 at 270M's size (bench/gemma_270m.py's random
+  checkpoint with the demo's tokenizer and chat template, built here into
+  <artifacts>/bench-serve).
+
+Per request: latency, time to the first token (the first chunk with text or a tool call),
+completion tokens (the stream's usage, else its chunks). Per loop: requests/s, tokens/s,
+p50/p95 of both times, the server's resident memory (VmRSS of it and its children) idle
+before and at most during the loop. Each round runs every server once per concurrency, in
+turn; ratios are taken within a round and reported as the median, min and max over rounds.
+
+The peer. llama.cpp's converter (from bench/peers_gemma.py) turns the checkpoint into Q8_0
+GGUF with three changes made by patching it in the converting process: (1) the vocabulary
+is written as the checkpoint's own tokens (its pre-tokenizer is unknown to llama.cpp, so
+its hash check is skipped: the server tokenizes with the checkpoint's tokenizer.json
+instead, `--hf_pretrained_model_name_or_path`); (2) the layers' sliding/full pattern is
+written from `layer_types` (llama.cpp otherwise assumes Gemma-3's five sliding to one
+full, wrong for the demo's sliding, full, full, full); (3) the embedding keeps every row
+of the config's vocabulary (the converter cuts it to the tokenizer's, which would shrink
+the 270M's head 64x). The GGUF carries the chat template from tokenizer_config.json;
+with no `--chat_format`, llama-cpp-python renders it with jinja2 (`Jinja2ChatFormatter`:
+messages, tools, bos/eos tokens as strings), so both servers get the same prompt. It then
+encodes that text with `add_special_tokens=True`, so the tokenizer it is given has no
+post-processor (the template writes <bos> itself; the runner encodes the same way).
+llama-cpp-python parses no Function-Gemma calls: its answer is the call syntax as text,
+parsed here with runner.function_calls to compare answers. `--interrupt_requests false`:
+by default a new request cuts the stream of the one running.
+
+Results: bench/results/serve-<date>.json; bench/run.py copies it under `serve` in
+<date>.json. A server that is not installed (llama_cpp) or not there yet (runner serve)
+is skipped with a line saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+for variable in THREAD_VARIABLES:
+    os.environ[variable] = THREADS  # this process's and every server's, before numpy loads
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import ROOT  # noqa: E402
+
+ARTIFACTS = (Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / "bench-serve").resolve()
+DEMO_GEMMA = ROOT / "artifacts" / "bundles" / "demo-gemma"
+DEMO_CLIP = ROOT / "artifacts" / "bundles" / "demo-clip"
+GEMMA_DIR = ROOT / "recipes" / "demo-gemma"
+NAME_270M = "bench-serve-gemma-270m"
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 4, 16)
+MAX_TOKENS = 64
+# Function-Gemma's turn ends at <start_function_response> after its calls (parallel calls, as
+# OpenAI's default) or <end_of_turn> (an EOG token in llama.cpp): llama's server is told the first.
+LLAMA_STOP = ["<start_function_response>"]
+
+
+# -- servers -----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its descendants (VmRSS), in MiB."""
+    total, pids = 0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        pids += map(int, children)
+    return total / 1024
+
+
+@dataclass
+class Server:
+    """A server as a subprocess on a free loopback port; `with` starts it, waits until it
+    is ready and stops it (SIGTERM, then SIGKILL after 30 s). Its output goes to a log."""
+    name: str
+    command: list[str]   # without --host and --port
+    ready_path: str      # "/health" (ours: 200 when ready) or "/v1/models" (llama's)
+    model: str
+    cwd: Path = ROOT
+    start_timeout_s: float = 600
+    port: int = 0
+    process: subprocess.Popen | None = None
+    startup_s: float = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def __enter__(self) -> "Server":
+        self.port = free_port()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.log = ARTIFACTS / f"{self.name}.log"
+        env = {**os.environ, **{v: THREADS for v in THREAD_VARIABLES}}
+        t0 = time.perf_counter()
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([*self.command, "--host", HOST, "--port", str(self.port)], cwd=self.cwd,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = t0 + self.start_timeout_s
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode} while starting: "
+                                   f"{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=5):  # 200: ready (else HTTPError)
+                    self.startup_s = time.perf_counter() - t0
+                    return self
+            except OSError:  # refused while starting; 503 while loading
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} was not ready after {self.start_timeout_s:.0f} s: {self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> int | None:
+        """SIGTERM, its exit status (None when it had to be killed)."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return None
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.process.pid)
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def ours(name: str, bundles: list[Path], *options: str, command: list[str]) -> Server:
+    return Server(name, [*command, *map(str, bundles), "--threads", THREADS, "--backend", "cpu", *options],
+                  "/health", bundles[0].name)
+
+
+def llama(name: str, gguf: Path, tokenizer_dir: Path, *options: str) -> Server:
+    """llama-cpp-python's server at its best settings for this machine: every thread count
+    the same as ours, a context for the longest prompt, the checkpoint's tokenizer."""
+    return Server(name, [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "model",
+                         "--n_threads", THREADS, "--n_threads_batch", THREADS, "--n_ctx", "2048",
+                         "--hf_pretrained_model_name_or_path", str(tokenizer_dir), "--interrupt_requests", "false",
+                         *options], "/v1/models", "model")
+
+
+def runner_serve_missing(command: list[str]) -> str | None:
+    """Why `runner serve` cannot be measured, or None."""
+    if command[1:3] == ["-m", "runner"] and not list((ROOT / "runner").glob("serve*")):
+        return "runner/serve* is not in the tree yet"
+    probe = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"`{' '.join(command)} --help` failed: {probe.stderr.strip()[-300:]}"
+
+
+# -- the peer's model -------------------------------------------------------------------------------
+
+PATCHED_CONVERTER = """\
+import runpy, sys
+script = sys.argv.pop(1)
+from conversion.base import TextModel
+from conversion.gemma import Gemma3Model
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+set_parameters, modify = Gemma3Model.set_gguf_parameters, Gemma3Model.modify_tensors
+def set_gguf_parameters(self):
+    set_parameters(self)
+    self.gguf_writer.add_sliding_window_pattern([t == "sliding_attention" for t in self.hparams["layer_types"]])
+def modify_tensors(self, data, name, bid):
+    if "embed_tokens.weight" in name:
+        return TextModel.modify_tensors(self, data, name, bid)
+    return modify(self, data, name, bid)
+Gemma3Model.set_gguf_parameters, Gemma3Model.modify_tensors = set_gguf_parameters, modify_tensors
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def peer_tokenizer(checkpoint: Path) -> Path:
+    """The checkpoint's tokenizer for llama-cpp-python: its files, without the
+    post-processor that adds <bos> (the chat template writes it)."""
+    out = ARTIFACTS / f"tokenizer-{checkpoint.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    shutil.copy(checkpoint / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
+def peer_gguf(checkpoint: Path) -> Path:
+    """The checkpoint as Q8_0 GGUF with its own vocabulary, layer pattern and chat
+    template (see the module's docstring), made once per checkpoint."""
+    from bench.peers_gemma import converter  # it fixes CORAL_ARTIFACTS for its own downloads: import late
+    files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    stats = [(checkpoint / f).stat() for f in files]
+    key = hashlib.sha256(repr([(s.st_size, s.st_mtime_ns) for s in stats]).encode()).hexdigest()[:12]
+    out = ARTIFACTS / f"{checkpoint.name}-q8_0-{key}.gguf"
+    if out.is_file():
+        return out
+    source = ARTIFACTS / f"hf-{checkpoint.name}"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    for f in files:
+        (source / f).symlink_to((checkpoint / f).resolve())
+    script = converter()
+    partial = out.with_suffix(".partial")
+    print(f"serve: converting {checkpoint} to GGUF Q8_0 (once) ...", flush=True)
+    done = subprocess.run([sys.executable, "-c", PATCHED_CONVERTER, str(script), str(source), "--outtype", "q8_0",
+                           "--outfile", str(partial)], cwd=script.parent, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{script.parent}:{script.parent / 'gguf-py'}"})
+    if done.returncode != 0:
+        raise SystemExit(f"converting {checkpoint} failed:\n{done.stderr[-3000:]}")
+    partial.rename(out)
+    config = json.loads((checkpoint / "config.json").read_text())
+    sys.path.insert(0, str(script.parent / "gguf-py"))
+    from gguf import GGUFReader
+    reader = GGUFReader(out)
+    shape = {t.name: [int(n) for n in t.shape] for t in reader.tensors}["token_embd.weight"]
+    if shape != [config["hidden_size"], config["vocab_size"]]:
+        raise SystemExit(f"{out}: token_embd is {shape}, not {config['hidden_size']} x {config['vocab_size']}")
+    if "tokenizer.chat_template" not in reader.fields:
+        raise SystemExit(f"{out} has no chat template")
+    return out
+
+
+def checkpoint_270m() -> Path:
+    """bench/gemma_270m.py's checkpoint (270M's dimensions, seeded random bfloat16 weights),
+    made here, with the demo Function-Gemma's tokenizer and chat template (its 4096 ids are
+    valid in the larger vocabulary), so that both servers render real tool prompts."""
+    from prepare.demo_models import make_random_gemma_270m
+    out = ARTIFACTS / "checkpoint-270m"
+    if not (out / "model.safetensors").is_file():
+        print("serve: the 270M checkpoint (once) ...", flush=True)
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        make_random_gemma_270m(partial)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(GEMMA_DIR / f, partial / f)
+        partial.rename(out)
+    return out
+
+
+def bundle_270m(checkpoint: Path) -> Path:
+    """The 270M bundle (cpu flavor), built by doit into <artifacts>/bench-serve."""
+    variables = ["recipe=recipes/functiongemma-270m.yaml", f"checkpoint={checkpoint}", f"name={NAME_270M}",
+                 "flavors=[cpu]", "calibration={prompts: prompts.txt, synthetic: 16}"]
+    print("serve: building the 270M bundle (doit, the first time a few minutes) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), *variables], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "CORAL_ARTIFACTS": str(ARTIFACTS)})
+    return ARTIFACTS / "bundles" / NAME_270M
+
+
+# -- requests and load ------------------------------------------------------------------------------
+
+def chat_requests() -> list[dict]:
+    """verify.jsonl's first-turn requests (a system turn and one user turn; the developer
+    role as `system`, which the template renders the same), each with all six tools."""
+    tools = json.loads((GEMMA_DIR / "tools.json").read_text())
+    out = []
+    for line in (GEMMA_DIR / "verify.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        messages = row["messages"]
+        if [m["role"] for m in messages] == ["developer", "user"]:
+            out.append({"messages": [{"role": "system", "content": messages[0]["content"]}, messages[1]],
+                        "tools": tools})
+    return out
+
+
+def clip_inputs() -> list[str]:
+    return (ROOT / "recipes" / "demo-clip" / "captions.txt").read_text().splitlines()
+
+
+@dataclass
+class Sample:
+    latency_s: float
+    ttft_s: float | None = None
+    tokens: int = 0
+    tokens_from_usage: bool = False
+    text: str = ""
+    calls: list = field(default_factory=list)
+
+
+async def chat_once(client, server: Server, request: dict) -> Sample:
+    """One streamed chat completion; the assembled answer's text and calls."""
+    extra = {"stop": LLAMA_STOP} if server.ready_path == "/v1/models" else {}
+    t0 = time.perf_counter()
+    stream = await client.chat.completions.create(model=server.model, **{"max_tokens": MAX_TOKENS, **request},
+                                                  temperature=0, seed=0, stream=True,
+                                                  stream_options={"include_usage": True}, **extra)
+    sample, chunks, calls, finish = Sample(0), 0, {}, None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            sample.tokens, sample.tokens_from_usage = chunk.usage.completion_tokens, True
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            delta = choice.delta
+            if delta.content or delta.tool_calls:
+                sample.ttft_s = sample.ttft_s or time.perf_counter() - t0
+                chunks += 1
+            sample.text += delta.content or ""
+            for call in delta.tool_calls or []:
+                c = calls.setdefault(call.index, {"name": "", "arguments": ""})
+                if call.function is not None:
+                    c["name"] += call.function.name or ""
+                    c["arguments"] += call.function.arguments or ""
+    sample.latency_s = time.perf_counter() - t0
+    if not sample.tokens_from_usage:  # llama's stream: a chunk per token, none for the stop string it ends at
+        sample.tokens = chunks + (finish == "stop")
+    sample.calls = [calls[i] for i in sorted(calls)]
+    return sample
+
+
+async def embed_once(client, server: Server, text: str) -> Sample:
+    t0 = time.perf_counter()
+    await client.embeddings.create(model=server.model, input=text)
+    return Sample(time.perf_counter() - t0)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, round(q * (len(values) - 1)))], 1)
+
+
+async def load(server: Server, send, inputs: list, concurrency: int, requests: int, seconds: float) -> dict:
+    """`concurrency` clients sending `inputs` in turn until `requests` have been sent or
+    `seconds` have passed (each request also times out): throughput, latency, memory."""
+    import openai
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    samples, errors, sent, rss = [], [], 0, [server.rss_mib()]
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    async def worker():
+        nonlocal sent
+        while sent < requests and time.perf_counter() < deadline:
+            item = inputs[sent % len(inputs)]
+            sent += 1
+            try:
+                samples.append(await send(client, server, item))
+            except Exception as e:  # noqa: BLE001 - counted and reported, the loop goes on
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+
+    async def memory():
+        while True:
+            rss.append(server.rss_mib())
+            await asyncio.sleep(0.2)
+
+    watch = asyncio.create_task(memory())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), seconds + 150)
+    finally:
+        watch.cancel()
+        await client.close()
+    elapsed = time.perf_counter() - t0
+    latency = [s.latency_s * 1e3 for s in samples]
+    ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
+    tokens = sum(s.tokens for s in samples)
+    return {"concurrency": concurrency, "requests": len(samples), "errors": len(errors),
+            "error_examples": sorted(set(errors))[:3], "seconds": round(elapsed, 2),
+            "requests_per_s": round(len(samples) / elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2),
+            "completion_tokens": tokens, "tokens_from_usage": all(s.tokens_from_usage for s in samples),
+            "latency_ms": {"p50": percentile(latency, 0.5), "p95": percentile(latency, 0.95)},
+            "ttft_ms": {"p50": percentile(ttft, 0.5), "p95": percentile(ttft, 0.95)},
+            "rss_mib": {"idle": round(rss[0], 1), "load_max": round(max(rss), 1)}}
+
+
+def run_load(*args) -> dict:
+    return asyncio.run(load(*args))
+
+
+def spread(values: list[float]) -> dict:
+    """The median of per-round ratios with their min and max."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "rounds": 0}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "rounds": len(values)}
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def metrics_text(server: Server) -> dict:
+    """Samples of ours' /metrics whose name speaks of batches, queues or the prefix cache."""
+    out = {}
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line and not line.startswith("#") and any(w in line for w in ("batch", "queue", "prefix", "rows")):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# -- workloads --------------------------------------------------------------------------------------
+
+def answers(server: Server, requests: list[dict]) -> list[dict]:
+    """Each request's answer at concurrency 1, as calls ({"name", "arguments"} with the
+    arguments parsed): ours' tool_calls, or llama's text parsed as Function-Gemma calls."""
+    from runner.function_calls import parse_answer
+
+    async def all_():
+        import openai
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        out = []
+        for r in requests:
+            s = await chat_once(client, server, r)
+            if s.calls:
+                calls = [{"name": c["name"], "arguments": json.loads(c["arguments"] or "{}")} for c in s.calls]
+            else:
+                answer = parse_answer(s.text, r["tools"])
+                calls = answer.calls if answer.calls else [{"text": answer.text}]
+            out.append({"calls": calls, "completion_tokens": s.tokens})
+        await client.close()
+        return out
+    return asyncio.run(all_())
+
+
+def chat(args, ours_command: list[str] | None) -> dict:
+    """Function-Gemma calls: ours batching, ours --max-batch 1, llama-cpp-python."""
+    requests = chat_requests()
+    servers = []
+    if ours_command:
+        servers += [ours("runner", [DEMO_GEMMA], command=ours_command),
+                    ours("runner-max-batch-1", [DEMO_GEMMA], "--max-batch", "1", command=ours_command)]
+    if args.llama:
+        servers.append(llama("llama.cpp", peer_gguf(GEMMA_DIR), peer_tokenizer(GEMMA_DIR)))
+    if not servers:
+        return {"skipped": "no server to measure"}
+    result = {"model": "demo-gemma", "requests_available": len(requests), "max_tokens": MAX_TOKENS,
+              "llama_stop": LLAMA_STOP, "servers": {}, "rounds": []}
+    started = []
+    try:
+        for s in servers:
+            started.append(s.__enter__())
+            print(f"serve: {s.name} ready in {s.startup_s:.1f} s", flush=True)
+        check = requests[:args.check]
+        for s in servers:  # also the warm-up
+            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
+                                         "rss_mib_idle": round(s.rss_mib(), 1), "answers": answers(s, check)}
+        sides = list(result["servers"])
+        result["same_answers"] = {b: sum(x["calls"] == y["calls"] for x, y in zip(result["servers"][sides[0]]["answers"],
+                                                                                   result["servers"][b]["answers"]))
+                                  for b in sides[1:]} | {"of": len(check), "against": sides[0]}
+        for r in range(args.rounds):
+            row = {}
+            for c in CONCURRENCY:
+                for s in servers:
+                    m = run_load(s, chat_once, requests[r::args.rounds] or requests, c, max(8, 4 * c), args.seconds)
+                    row[f"{s.name}@{c}"] = m
+                    print(f"serve: round {r + 1} chat {s.name} c={c}: {m['requests_per_s']:.2f} req/s, "
+                          f"{m['tokens_per_s']:.1f} tok/s, p50 {m['latency_ms']['p50']} ms, "
+                          f"ttft p50 {m['ttft_ms']['p50']} ms, errors {m['errors']}", flush=True)
+            result["rounds"].append(row)
+        for s in servers:
+            if s.ready_path == "/health":
+                result["servers"][s.name]["metrics"] = metrics_text(s)
+    finally:
+        for s in started:
+            result["servers"].setdefault(s.name, {})["exit_status"] = s.stop()
+    result["ratios"] = chat_ratios(result["rounds"], [s.name for s in servers])
+    return result
+
+
+def chat_ratios(rounds: list[dict], names: list[str]) -> dict:
+    """Per concurrency, per-round ratios: ours' tokens/s over --max-batch 1's, ours'
+    requests/s over llama's, llama's p50 time to first token over ours'."""
+    out = {}
+    for c in CONCURRENCY:
+        def per(metric, a, b, key=None):
+            if a not in names or b not in names:
+                return None
+            return spread([ratio(row[f"{a}@{c}"][metric] if not key else row[f"{a}@{c}"][metric][key],
+                                 row[f"{b}@{c}"][metric] if not key else row[f"{b}@{c}"][metric][key]) for row in rounds])
+        out[str(c)] = {"tokens_per_s_batching_over_max_batch_1": per("tokens_per_s", "runner", "runner-max-batch-1"),
+                       "requests_per_s_runner_over_llama": per("requests_per_s", "runner", "llama.cpp"),
+                       "requests_per_s_max_batch_1_over_llama": per("requests_per_s", "runner-max-batch-1", "llama.cpp"),
+                       "ttft_p50_llama_over_runner": per("ttft_ms", "llama.cpp", "runner", "p50")}
+    return out
+
+
+def embeddings(args, ours_command: list[str]) -> dict:
+    """CLIP text embeddings at concurrency 16: batching on against --max-batch 1."""
+    texts = clip_inputs()
+    servers = [ours("runner", [DEMO_CLIP], command=ours_command),
+               ours("runner-max-batch-1", [DEMO_CLIP], "--max-batch", "1", command=ours_command)]
+    result = {"model": "demo-clip", "concurrency": 16, "rounds": [], "servers": {}}
+    with servers[0], servers[1]:
+        for s in servers:
+            run_load(s, embed_once, texts, 4, 8, args.seconds)  # warm-up
+            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2)}
+        for r in range(args.rounds):
+            row = {}
+            for s in servers:
+                row[s.name] = m = run_load(s, embed_once, texts, 16, 256, args.seconds)
+                print(f"serve: round {r + 1} embeddings {s.name}: {m['requests_per_s']:.1f} req/s, "
+                      f"p50 {m['latency_ms']['p50']} ms, errors {m['errors']}", flush=True)
+            result["rounds"].append(row)
+        result["servers"]["runner"]["metrics"] = metrics_text(servers[0])
+    result["ratios"] = {"requests_per_s_batching_over_max_batch_1": spread(
+        [ratio(row["runner"]["requests_per_s"], row["runner-max-batch-1"]["requests_per_s"]) for row in result["rounds"]])}
+    return result
+
+
+def restart(args, ours_command: list[str]) -> dict:
+    """The first call after a restart on the 270M bundle: a saved prefix cache against an
+    empty one. Each round: start on an empty DIR, one call (cold) and a second one (warm in
+    memory), stop (it saves DIR); start again on DIR (saved) and on a new empty DIR (none).
+    A call asks for one token, so its latency is the time to the first token (random
+    weights: most tokens are past the tokenizer's 4096 and stream no text)."""
+    bundle = bundle_270m(checkpoint_270m())
+    requests = [{**r, "max_tokens": 1} for r in chat_requests()]
+    result = {"model": NAME_270M, "rounds": []}
+    for r in range(args.rounds):
+        saved, empty = ARTIFACTS / "prefix-cache-saved", ARTIFACTS / "prefix-cache-empty"
+        for d in (saved, empty):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        row = {}
+
+        def first_call(name: str, directory: Path, request: dict, second: dict | None = None) -> dict:
+            with ours(name, [bundle], "--prefix-cache", str(directory), command=ours_command) as s:
+                out = {"startup_s": round(s.startup_s, 2)}
+                calls = [("first", request)] + ([("second", second)] if second else [])
+                for label, req in calls:
+                    m = run_load(s, chat_once, [req], 1, 1, args.seconds)
+                    out[label] = {"first_token_ms": m["latency_ms"]["p50"], "errors": m["error_examples"]}
+                out["exit_status"] = s.stop()
+            out["cache_bytes"] = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+            return out
+
+        row["fill"] = first_call("runner-fill", saved, requests[3 * r], requests[3 * r + 1])
+        row["saved"] = first_call("runner-saved", saved, requests[3 * r + 2])
+        row["empty"] = first_call("runner-empty", empty, requests[3 * r + 2])
+        print(f"serve: round {r + 1} restart: first token in {row['empty']['first']['first_token_ms']} ms with an "
+              f"empty cache, {row['saved']['first']['first_token_ms']} ms with the saved one", flush=True)
+        result["rounds"].append(row)
+    result["ratios"] = {"first_ttft_saved_over_empty": spread(
+        [ratio(row["saved"]["first"]["first_token_ms"], row["empty"]["first"]["first_token_ms"])
+         for row in result["rounds"]])}
+    return result
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+def markdown(serve: dict) -> str:
+    """The serve section of a results page."""
+    lines = ["## The server (`runner serve`) under load", ""]
+    for why in serve.get("skipped", {}).values():
+        lines.append(f"- skipped: {why}")
+    chat_result = serve.get("chat", {})
+    if chat_result.get("rounds"):
+        lines += ["", f"Function-Gemma calls (demo-gemma), {len(chat_result['rounds'])} rounds, "
+                  f"{serve['threads']} thread(s) a side; medians over rounds:", "",
+                  "| server | concurrency | req/s | tok/s | p50 ms | p95 ms | TTFT p50 ms | RSS idle / load MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for key in chat_result["rounds"][0]:
+            ms = [row[key] for row in chat_result["rounds"]]
+
+            def med(f):
+                values = [f(m) for m in ms if f(m) is not None]
+                return f"{statistics.median(values):.1f}" if values else "-"
+            name, c = key.rsplit("@", 1)
+            lines.append(f"| {name} | {c} | {med(lambda m: m['requests_per_s'])} | {med(lambda m: m['tokens_per_s'])} "
+                         f"| {med(lambda m: m['latency_ms']['p50'])} | {med(lambda m: m['latency_ms']['p95'])} "
+                         f"| {med(lambda m: m['ttft_ms']['p50'])} | {med(lambda m: m['rss_mib']['idle'])} / "
+                         f"{med(lambda m: m['rss_mib']['load_max'])} |")
+    lines += ["", "Ratios within a round (median [min, max] over rounds):", ""]
+    for part in ("chat", "embeddings", "restart"):
+        for key, value in _flatten(serve.get(part, {}).get("ratios", {})):
+            if value.get("median") is not None:
+                lines.append(f"- {part} {key}: {value['median']:.2f} [{value['min']:.2f}, {value['max']:.2f}]")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and "median" not in v:
+            yield from _flatten(v, f"{prefix}{k} ")
+        elif isinstance(v, dict):
+            yield f"{prefix}{k}", v
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("chat", "embeddings", "restart"), action="append")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="every side's thread count")
+    ap.add_argument("--seconds", type=float, default=60, help="the most one load loop sends for")
+    ap.add_argument("--check", type=int, default=16, help="requests whose answers are compared across servers")
+    ap.add_argument("--ours", default=f"{sys.executable} -m runner serve",
+                    help="the command that serves a bundle (a stand-in while developing)")
+    ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip llama-cpp-python's server")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    date = datetime.date.today().isoformat()
+    ours_command = args.ours.split()
+    skipped = {}
+    if why := runner_serve_missing(ours_command):
+        skipped["runner"] = why
+        ours_command = None
+    if args.llama and importlib.util.find_spec("llama_cpp") is None:
+        skipped["llama.cpp"] = "llama-cpp-python is not installed (pip install -e '.[bench]' 'llama-cpp-python[server]')"
+        args.llama = False
+    for why in skipped.values():
+        print(f"serve: skipping: {why}", flush=True)
+    result = {"date": date, "threads": int(THREADS), "rounds": args.rounds, "load_average": os.getloadavg()[0],
+              "skipped": skipped}
+    if args.llama:
+        import llama_cpp
+        result["llama_cpp_python"] = llama_cpp.__version__
+    parts = args.only or ["chat", "embeddings", "restart"]
+    if "chat" in parts:
+        result["chat"] = chat(args, ours_command)
+    if "embeddings" in parts and ours_command:
+        result["embeddings"] = embeddings(args, ours_command)
+    if "restart" in parts and ours_command:
+        result["restart"] = restart(args, ours_command)
+    out = args.out or ROOT / "bench" / "results" / f"serve-{date}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,20 +37,20 @@ def check_tools(tools: Any, source: str) -> list[dict] | None:
     if tools is None:
         return None
     if not isinstance(tools, list):
-        raise ChatError(f"{source}: tools are a JSON list of {{type: function, function: {{name, description, "
-                        f"parameters}}}}, not a {_kind(tools)}")
+        raise ChatError(f"{source}: tools are a JSON list of objects, each {{type: function, function: {{name, "
+                        f"description, parameters}}}}; this is {_kind(tools)}")
     if len(tools) > MAX_TOOLS:
         raise ChatError(f"{source}: {len(tools)} tools; at most {MAX_TOOLS}")
     seen = set()
     for i, tool in enumerate(tools):
         where = f"{source}: tool {i}"
         if not isinstance(tool, Mapping):
-            raise ChatError(f"{where} is a {_kind(tool)}, not an object")
+            raise ChatError(f"{where} is {_kind(tool)}, not an object")
         if "type" in tool and tool["type"] != "function":
             raise ChatError(f"{where}: type {tool['type']!r}; only 'function' tools are supported")
         function = tool.get("function", tool)
         if not isinstance(function, Mapping):
-            raise ChatError(f"{where}: 'function' is a {_kind(function)}, not an object")
+            raise ChatError(f"{where}: 'function' is {_kind(function)}, not an object")
         name = function.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ChatError(f"{where}: " + ('no "name"' if name is None else f"name {name!r} is not a function "
@@ -82,7 +82,7 @@ def check_messages(messages: Any, source: str) -> list[dict]:
     for i, message in enumerate(messages):
         where = f"{source}: message {i}"
         if not isinstance(message, Mapping):
-            raise ChatError(f"{where} is a {_kind(message)}, not an object")
+            raise ChatError(f"{where} is {_kind(message)}, not an object")
         role = message.get("role")
         if role not in ROLES:
             raise ChatError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
@@ -125,12 +125,12 @@ def _text(content: Any, where: str) -> str:
                 raise ChatError(f"{where}: content part {j} is not a text part ({{type: text, text: ...}})")
             parts.append(part["text"])
         return "".join(parts)
-    raise ChatError(f"{where}: content is a {_kind(content)}, not text")
+    raise ChatError(f"{where}: content is {_kind(content)}, not text")
 
 
 def _tool_call(call: Any, where: str, calls: dict[str, str]) -> dict:
     if not isinstance(call, Mapping):
-        raise ChatError(f"{where} is a {_kind(call)}, not an object")
+        raise ChatError(f"{where} is {_kind(call)}, not an object")
     function = call.get("function", call)
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -167,5 +167,6 @@ def _list(value: Any, where: str) -> list:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    """What a JSON value is, with its article, for a message."""
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(value), f"a {type(value).__name__}")

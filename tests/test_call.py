@@ -212,3 +212,27 @@ def test_the_shipped_conversations_are_read_and_held_out():
         rows = read_conversations(held_out, expected=True)
         assert len(rows) >= 48 and not seen & {r["messages"][-1]["content"] for r in rows}
         assert any(r["expected"] for r in rows) and any(not r["expected"] for r in rows)
+
+
+@pytest.mark.parametrize("tools, messages, where", [
+    ([{"type": "function", "function": {"description": "no name"}}], None, 'tools.json: tool 0: no "name"'),
+    (None, [{"role": "wizard", "content": "hi"}], "conversation.json: message 0: role 'wizard'"),
+])
+def test_a_mistake_in_the_users_files_names_that_file_not_the_template(fg_bundle, tmp_path, tools, messages, where):
+    args = []
+    if tools is not None:
+        (tmp_path / "tools.json").write_text(json.dumps(tools))
+        args += ["--tools", tmp_path / "tools.json"]
+    if messages is not None:
+        (tmp_path / "conversation.json").write_text(json.dumps(messages))
+        args += ["--messages", tmp_path / "conversation.json"]
+    run = runner("call", fg_bundle, *args, *(["hello"] if messages is None else []), "--backend", "emulate")
+    line = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and where in line and "tokenizer_config" not in line, run.stderr
+
+
+def test_a_call_without_tools_says_the_model_can_only_answer_in_text(fg_bundle, tmp_path):
+    (tmp_path / "none.json").write_text("[]")
+    for args in ([], ["--tools", tmp_path / "none.json"]):
+        run = runner("call", fg_bundle, "set a timer", *args, "--steps", "3", "--backend", "emulate")
+        assert run.returncode == 0 and "note: no tools given" in run.stderr, run.stderr

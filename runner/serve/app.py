@@ -105,6 +105,7 @@ class Server:
             for name, directory in self.settings.indexes.items():
                 self.indexes[name] = self.open_index(name, directory)
             for m in self.models.values():
+                m.engine.warm_up()  # every layer opened now, not on the first request
                 m.engine.start()
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why

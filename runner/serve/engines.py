@@ -80,6 +80,10 @@ class Engine(threading.Thread):
     def stop(self) -> None:
         self.running = False
 
+    def warm_up(self) -> None:
+        """One pass through the model before the first request: each layer decodes its
+        parameters or opens its interpreter here (start-up maps files only)."""
+
     def next_job(self, timeout: float | None) -> Job | None:
         try:
             job = self.jobs.get(timeout=timeout) if timeout is None or timeout > 0 else self.jobs.get_nowait()
@@ -99,6 +103,13 @@ class EmbeddingEngine(Engine):
         super().__init__(name, max_queue)
         self.towers, self.max_batch, self.max_wait = towers, max_batch, max_wait_ms / 1e3
         self.held: deque[Job] = deque()  # taken from the queue, waiting for a batch of their tower
+
+    def warm_up(self) -> None:
+        bundle = self.towers.loaded.bundle
+        if "image" in bundle.towers:
+            self.towers.image_embeddings(np.zeros((1, 3, self.towers.image_size, self.towers.image_size), np.float32))
+        if "text" in bundle.towers and bundle.tokenizer is not None:
+            self.towers.text_embeddings(["a"])
 
     def run(self) -> None:
         while self.running:
@@ -165,6 +176,11 @@ class ChatEngine(Engine):
         self.model, self.head, self.decode = model, head, decode
         self.max_batch, self.prefix_cache, self.prefill_chunk = max_batch, prefix_cache, prefill_chunk
         self.active: list[tuple[Job, Sequence, TextStream]] = []
+
+    def warm_up(self) -> None:
+        config = self.model.config
+        sequence = Sequence(self.model, [config.bos_token_id, config.bos_token_id], 1, Sampler())
+        advance(self.model, self.head, [sequence])
 
     def run(self) -> None:
         while self.running:

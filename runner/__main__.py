@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .packages import missing
+from .packages import missing, require
 
 try:
     import numpy as np
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory's name as the model id")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on; one reachable from other "
                        "machines needs an API key")
-    serve.add_argument("--port", type=at_least(1), default=8000)
+    serve.add_argument("--port", type=at_least(1), default=8000, help="the port to listen on")
     serve.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY` (default: RUNNER_API_KEY)")
     serve.add_argument("--index", action="append", default=[], type=index_option, metavar="NAME=DIR",
                        help="a photo index made by `index`, searched at /v1/search as NAME (repeat for several)")
@@ -683,13 +683,14 @@ def index_option(text: str) -> tuple[str, str]:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from .serve.app import Settings  # the serve extra's packages: only this command needs them
-    from .serve.main import serve
-    settings = Settings(bundles=args.bundles, backend=args.backend, route=args.route, api_key=args.api_key,
+    # The serve extra's packages (Starlette, uvicorn, ...): only this command needs them, and a
+    # missing one is one line naming it and its install command.
+    server = require("runner.serve.main", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
+    settings = server.Settings(bundles=args.bundles, backend=args.backend, route=args.route, api_key=args.api_key,
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                         max_tokens=args.max_tokens, prefix_cache_mb=args.prefix_cache_mb,
                         prefix_cache_dir=args.prefix_cache, indexes=dict(args.index))
-    return serve(settings, args.host, args.port)
+    return server.serve(settings, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_argument_has_help_and_every_command_an_example():
     found = commands()
-    assert set(found) == {"clip-image", "clip-text", "zero-shot", "gemma", "call", "check", "selftest", "index",
+    assert set(found) == {"clip-image", "clip-text", "zero-shot", "gemma", "call", "check", "selftest", "index", "serve",
                           "search"}
     for name, parser in found.items():
         missing = [a.dest for a in parser._actions if not (a.help or "").strip()]

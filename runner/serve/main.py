@@ -10,7 +10,7 @@ from ..bundle import read_manifest
 from ..errors import UserError
 from ..packages import require
 from ..photos import read_index
-from .app import Settings, make_app
+from .app import Settings, make_app  # noqa: F401 - Settings is the command line's
 
 uvicorn = require("uvicorn", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
 LOOPBACK = ("localhost",)

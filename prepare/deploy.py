@@ -13,6 +13,7 @@ DEST is `user@host:/path` (over ssh) or a local path. The layout at DEST:
 
 from __future__ import annotations
 
+import difflib
 import re
 import shlex
 import shutil
@@ -56,10 +57,18 @@ def bundle_path(value: str) -> Path:
     return bundle_dir(value) if len(Path(value).parts) == 1 and not Path(value).is_absolute() else resolve(value)
 
 
+def no_such_bundle(bundle: Path) -> str:
+    """Why `bundle` cannot be deployed, naming the bundle beside it whose name is closest."""
+    beside = sorted(d.name for d in bundle.parent.glob("*/") if (d / "manifest.json").is_file())
+    close = difflib.get_close_matches(bundle.name, beside, n=1)
+    return (f"{bundle}: no such bundle" + (f"; did you mean bundle={close[0]}?" if close else "")
+            + f" ({'bundles there: ' + ', '.join(beside) if beside else 'no bundles'} in {bundle.parent}; "
+            "build one with `doit recipe=...`)")
+
+
 def deploy(bundle: Path, target: str) -> dict:
     if not (bundle / "manifest.json").is_file():
-        raise DeployError(f"{bundle}: no such bundle (build it with `doit recipe=...`; bundles are in "
-                          f"{bundle.parent})")
+        raise DeployError(no_such_bundle(bundle))
     if shutil.which("rsync") is None:
         raise DeployError("rsync is not installed here (Debian/Ubuntu: apt install rsync); the Pi needs it too")
     if not target:

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from prepare.deploy import DeployError, deploy
+
 from .conftest import doit, runner
 
 
@@ -149,3 +151,15 @@ def test_check_lists_a_file_it_cannot_read(copy, monkeypatch, capsys):
     assert main(["clip-text", str(copy), "a cat", "--backend", "emulate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {victim}: cannot be read (permission denied)") and err.count("\n") == 1
+
+
+def test_deploy_of_a_mistyped_bundle_names_the_closest(tmp_path):
+    """`doit deploy bundle=demo-clp` said "no such bundle" without the runner's suggestion."""
+    for name in ("demo-clip", "demo-gemma"):
+        (tmp_path / "bundles" / name).mkdir(parents=True)
+        (tmp_path / "bundles" / name / "manifest.json").write_text("{}")
+    with pytest.raises(DeployError) as e:
+        deploy(tmp_path / "bundles" / "demo-clp", "somewhere")
+    assert str(e.value) == (f"{tmp_path / 'bundles' / 'demo-clp'}: no such bundle; did you mean bundle=demo-clip? "
+                            f"(bundles there: demo-clip, demo-gemma in {tmp_path / 'bundles'}; build one with "
+                            "`doit recipe=...`)")

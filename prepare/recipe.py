@@ -21,6 +21,8 @@ import os
 import re
 import reprlib
 import shlex
+import shutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,12 +150,31 @@ def calibration_path(value: str | None, checkpoint: str) -> Path | None:
 HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+def _runnable(path: Path) -> str:
+    """A program's path as a command from here: relative when it is under the current directory."""
+    path = Path(os.path.abspath(path))
+    return shlex.quote(str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path))
+
+
+def hf_program() -> str:
+    """`hf` as the user's shell can run it: by name where it is on PATH; else the one this
+    Python's environment has (`.venv/bin/hf`: the README's commands never activate the
+    environment, so its programs are not on PATH); else that, after installing it."""
+    if shutil.which("hf"):
+        return "hf"
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / "hf").is_file():
+        return _runnable(bin_dir / "hf")
+    return f"{_runnable(bin_dir / 'pip')} install huggingface_hub && {_runnable(bin_dir / 'hf')}"
+
+
 def download_command(repo: str, directory: str) -> str:
     """How to get a recipe's checkpoint (README, "Getting a checkpoint"): `hf` comes with
     huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
-    return (f"hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
+    hf = hf_program()
+    return (f"{hf} download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
             f"(if the model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} "
-            "and run `hf auth login` first)")
+            f"and run `{hf.split(' && ')[-1]} auth login` first)")
 
 
 class RecipeError(UserError):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from prepare.recipe import RecipeError, load_recipe
+from prepare.recipe import RecipeError, download_command, hf_program, load_recipe
 
 from .conftest import ROOT, doit, runner, specials_first, warm_artifacts
 
@@ -275,10 +275,11 @@ def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo
     missing = tmp_path / "nowhere"
     with pytest.raises(RecipeError) as e:
         load_recipe(recipe, {"checkpoint": str(missing)})
+    hf = hf_program()
     assert str(e.value) == (
         f"{recipe}: key 'checkpoint': '{missing}' is not a model directory (no config.json there); download it "
-        f"there: hf download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (if the "
-        f"model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} and run `hf auth login` "
+        f"there: {hf} download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (if the "
+        f"model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} and run `{hf} auth login` "
         "first)")
     # The recipe's comment, the README and the recipe's own checkpoint key say the same.
     text = (ROOT / recipe).read_text()
@@ -287,6 +288,24 @@ def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo
     command = f"hf download {repo} --include '*.json' --include '*.safetensors'"
     assert command in text and f"--local-dir {checkpoint}" in text
     assert f"{command} --local-dir {checkpoint}" in (ROOT / "README.md").read_text()
+
+
+def test_the_download_command_names_an_hf_the_shell_can_run(tmp_path, monkeypatch):
+    """It said `hf download ...`, but `hf` is in .venv/bin/, which the README's commands never
+    put on PATH: the shell said `hf: command not found`."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    assert download_command("a/b", "ck").startswith("venv/bin/pip install huggingface_hub && venv/bin/hf download a/b ")
+    (venv / "hf").write_text("")
+    command = download_command("a/b", "ck")
+    assert command.startswith("venv/bin/hf download a/b ") and "run `venv/bin/hf auth login` first" in command
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "hf").write_text("")
+    (tmp_path / "empty" / "hf").chmod(0o755)
+    assert download_command("a/b", "ck").startswith("hf download a/b ")
 
 
 def test_hf_repo_is_checked(tmp_path, checkpoint_dir):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -144,3 +145,17 @@ def test_a_progress_bar_off_a_terminal_is_one_line_when_it_ends(capsys):
             time.sleep(0.15)
             update(1)
     assert re.fullmatch(r"sensitivity: 3 layers, 0\.\d s\n", capsys.readouterr().err)
+
+
+def test_a_long_loop_off_a_terminal_says_how_far_it_is_now_and_then(capsys, monkeypatch):
+    """Gemma's `doit verify` with its output redirected said nothing for 250 s: its loops
+    printed one line each, when they ended."""
+    clock = iter([0.0, 20.0, 40.0, 50.0, 75.0, 76.0])  # start, four updates, the end
+    monkeypatch.setattr("prepare.progress.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with progress_bar("calls (float, int8)", "conversation", 4) as update:
+        for _ in range(4):
+            update(1)
+    assert capsys.readouterr().err.splitlines() == [
+        "calls (float, int8): 2 of 4 conversations so far, 40 s",  # 30 s after the start
+        "calls (float, int8): 4 of 4 conversations so far, 75 s",  # 30 s after that line
+        "calls (float, int8): 4 conversations, 76.0 s"]

@@ -129,7 +129,8 @@ def zero_point_problems(template: dict, where: str) -> tuple[list[str], list[str
 @contextlib.contextmanager
 def quiet_output():
     """Silence what TensorFlow prints from C++ and Python (file descriptors 1 and 2);
-    show it only if the block fails, since then it may say why."""
+    show it only if the block fails, since then it may say why (not on Ctrl-C, which is
+    no failure of the block's)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -138,7 +139,7 @@ def quiet_output():
         os.dup2(sink.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except Exception:
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             sink.seek(0)
@@ -156,11 +157,13 @@ def quiet_output():
 def _import_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import absl.logging
+    # absl's handler writes to the sys.stderr of its import, which in a doit action is doit's
+    # stand-in; at exit, logging closes the handler, which closes the stream, and doit's has
+    # no close: a traceback. Point it at the real stderr at once, before the seconds of
+    # TensorFlow's import in which a Ctrl-C may come.
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
     import keras
     import tensorflow as tf
-    # absl's handler writes to the sys.stderr of import time, which doit replaces and
-    # closes; point it at the real stderr so exit does not print a traceback.
-    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
     return tf, keras
 
 

@@ -86,7 +86,11 @@ def resume_on_interrupt(argv: list[str]) -> None:
 
 
 class TimedReporter(ConsoleReporter):
-    """doit's console output, plus each task's time as it ends and the total at the end."""
+    """doit's console output, plus each task's time as it ends and the total at the end.
+
+    doit reports the end of the run from a `finally`, so on Ctrl-C too: then a task has
+    started and not ended, and the run was interrupted, which `resume_on_interrupt` says.
+    A total ("1 task run") printed before that line read as if the build had ended."""
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
@@ -98,13 +102,14 @@ class TimedReporter(ConsoleReporter):
         self.started[task.name] = time.perf_counter()
 
     def _elapsed(self, task) -> float:
-        return time.perf_counter() - self.started.get(task.name, time.perf_counter())
+        return time.perf_counter() - self.started.pop(task.name, time.perf_counter())
 
     def add_success(self, task):
         super().add_success(task)
+        seconds = self._elapsed(task)
         if task.actions and not task.name.startswith("_"):
             self.ran += 1
-            self.write(f"   {task.title()}: {self._elapsed(task):.1f} s\n")
+            self.write(f"   {task.title()}: {seconds:.1f} s\n")
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
@@ -116,5 +121,7 @@ class TimedReporter(ConsoleReporter):
 
     def complete_run(self):
         super().complete_run()
+        if self.started:  # a task that never ended: interrupted
+            return
         self.write(f"doit: {self.ran} task{'s' if self.ran != 1 else ''} run, {self.up_to_date} up to date, "
                    f"{time.perf_counter() - STARTED:.1f} s in all\n")

@@ -159,3 +159,19 @@ def test_a_long_loop_off_a_terminal_says_how_far_it_is_now_and_then(capsys, monk
         "calls (float, int8): 2 of 4 conversations so far, 40 s",  # 30 s after the start
         "calls (float, int8): 4 of 4 conversations so far, 75 s",  # 30 s after that line
         "calls (float, int8): 4 conversations, 76.0 s"]
+
+
+def test_ctrl_c_while_making_templates_is_one_line(tmp_path):
+    """Ctrl-C during TensorFlow's import printed absl's `'Writer' object has no attribute
+    'close'` traceback at exit, and `doit: 1 task run` before `interrupted`."""
+    build = Build(tmp_path / "artifacts", "flavors=[]", "templates")
+    build.wait_for(".  template:256x256b1\n")
+    time.sleep(1.0)  # into TensorFlow's import (several seconds)
+    os.killpg(build.proc.pid, signal.SIGINT)
+    stderr = build.proc.stderr.read()
+    build.proc.wait(timeout=60)
+    build.reader.join(timeout=10)
+    assert build.proc.returncode != 0
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        f"interrupted: what finished is kept; `doit -f {ROOT / 'dodo.py'} 'flavors=[]' templates` again resumes"], stderr
+    assert not any(line.startswith("doit: ") for line in build.out), build.out

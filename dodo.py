@@ -4,6 +4,7 @@
     doit recipe=recipes/x.yaml             another recipe
     doit templates=DIR batch=4 ...         override any top-level recipe key
     doit list                              every task
+    doit TASK --help                       what a task does
 
 Data flow: checkpoint (generated demos only) -> template:<shape> -> compile:<shape> ->
 templates -> layers (calibrate, quantize, patch) -> bundle.
@@ -20,57 +21,44 @@ from doit import get_var
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from prepare.demo_models import DEMO_VERSION, GENERATED_MARK, generate
+from prepare.demo_models import DEMO_VERSION, GENERATED_FILES, GENERATED_MARK, generate
 from prepare.deploy import bundle_path, deploy
 from prepare.doit_support import (
+    Build,
+    CommandLine,
     TimedReporter,
-    builds,
-    check_variables,
+    check_command_line,
     resume_on_interrupt,
-    split_arguments,
+    state_name,
+    describe_tasks,
 )
 from prepare.families import family_of
+from prepare.inputs import checkpoint_files, generated_inputs, input_files
 from prepare.paths import bundle_dir, doit_state_path, layers_index_path, placement_path, templates_index_path
-from prepare.recipe import INPUT_KEYS, KEYS, Recipe, RecipeError, load_recipe, resolve
+from prepare.recipe import KEYS, resolve
 from prepare.stages.bundle import write_bundle
 from prepare.stages.layer_check import check_templates_index
 from prepare.stages.layers import LAYER_VERSION, build_layers
 from prepare.stages.placement import select_cpu_layers
-from prepare.stages.templates import (
-    Toolchain,
-    build_compiled,
-    build_uncompiled,
-    check_prebuilt,
-    missing_message,
-    plan,
-    recipe_shapes,
-    write_index,
-)
+from prepare.stages.templates import build_compiled, build_uncompiled, check_prebuilt, missing_message, write_index
 from prepare.stages.verify import verify
-from prepare.store import ARTIFACTS, Store, lock_artifacts, remove_leftovers
 from runner.errors import UserError
 
 # Every variable some task reads: the recipe, its keys, and those of deploy and bench.
 VARIABLES = {"recipe": "the recipe file", **dict.fromkeys(KEYS, "a recipe key"),
-             "bundle": "doit deploy", "to": "doit deploy", "only": "doit bench"}
+             "bundle": "doit deploy", "to": "doit deploy", "only": "doit bench", "peers": "doit bench"}
 EXPECTED = (UserError, OSError)
-ARGUMENTS, WORDS = split_arguments(sys.argv[1:])
+COMMAND_LINE = CommandLine.read(sys.argv[1:])
 resume_on_interrupt(sys.argv[1:])
-try:
-    check_variables(ARGUMENTS, VARIABLES)
-except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-# One doit at a time per artifacts directory: a second one waits here, before doit opens
-# its dependency file, so it then sees the first one's work as done. Holding the lock,
-# every temporary file or directory there is a killed build's. Commands that only read
-# (`doit list`) neither wait nor clean.
-if builds(WORDS):
-    BUILD_LOCK = lock_artifacts(ARTIFACTS)
-    LEFTOVERS = remove_leftovers(ARTIFACTS)
-    if LEFTOVERS:
-        print(f"removed {len(LEFTOVERS)} temporary file(s) left by an interrupted build in {ARTIFACTS}")
+# Importing this file only describes the tasks: the recipe, the compiler and (for a command
+# that writes) the artifacts directory's lock come when doit first asks for a task, after
+# the command line is checked at the end of this file.
+BUILD = Build(writes=COMMAND_LINE.builds)
+# Each recipe keeps doit's state of its tasks in a file of its own: the task names are the
+# same for every recipe, so one shared file made a switch to another recipe and back redo
+# checkpoint check, calibration and bundle each time.
+DOIT_CONFIG = {"default_tasks": ["build"], "verbosity": 2, "dep_file": str(doit_state_path(state_name(COMMAND_LINE.variables))),
+               "backend": "sqlite3", "reporter": TimedReporter}
 
 
 def step(fn, *args):
@@ -85,183 +73,138 @@ def step(fn, *args):
     return action
 
 
-def _load() -> Recipe:
-    overrides = {k: get_var(k) for k in KEYS if get_var(k) is not None}
-    try:
-        return load_recipe(get_var("recipe"), overrides)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _plans():
-    try:
-        return plan(RECIPE, recipe_shapes(RECIPE), Toolchain.find(RECIPE))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-RECIPE = _load()
-STORE = Store()
-PLANS = _plans()
-# A model recipe ends in a bundle; a templates-only recipe in the layer check. Each recipe
-# (by name) keeps doit's state of its tasks in a file of its own: the task names are the
-# same for every recipe, so one shared file made a switch to another recipe and back redo
-# checkpoint check, calibration and bundle each time.
-DOIT_CONFIG = {"default_tasks": ["bundle"] if RECIPE.family else ["templates", "layer_check"], "verbosity": 2,
-               "dep_file": str(doit_state_path(RECIPE.name)), "backend": "sqlite3", "reporter": TimedReporter}
+def task_build():
+    """Build the recipe (plain `doit`): its bundle, or without a model its templates and the layer check."""
+    recipe = BUILD.recipe
+    return {"actions": None, "task_dep": ["bundle"] if recipe.family else ["templates", "layer_check"]}
 
 
 def task_checkpoint():
-    """Every tensor the build reads checked (present, shape, float dtype, finite), first made
-    where the recipe names a built-in generator (`generate:`, seeded, no network)."""
-    if not RECIPE.family:
+    """Check every tensor the build reads, first making the checkpoint if the recipe names a generator.
+
+    Each tensor present, of its config's shape, a float dtype, finite. `generate:` names a
+    built-in generator: the model is made seeded, with no network."""
+    recipe = BUILD.recipe
+    if not recipe.family:
         return
-    directory = RECIPE.checkpoint_dir
-    if RECIPE.generate is not None:
-        yield {"name": RECIPE.generate,
-               "actions": [step(generate, RECIPE.generate, directory, RECIPE.seed)],
-               "targets": [directory / f for f in (*GENERATED_FILES, GENERATED_MARK)] + _generated_inputs(),
-               "uptodate": [config_changed({"generator": RECIPE.generate, "seed": RECIPE.seed,
+    directory = recipe.checkpoint_dir
+    if recipe.generate is not None:
+        yield {"name": recipe.generate,
+               "actions": [step(generate, recipe.generate, directory, recipe.seed)],
+               "targets": [directory / f for f in (*GENERATED_FILES, GENERATED_MARK)] + generated_inputs(recipe),
+               "uptodate": [config_changed({"generator": recipe.generate, "seed": recipe.seed,
                                             "version": DEMO_VERSION})]}
     yield {"name": "check",
-           "actions": [step(family_of(RECIPE.family).open_checkpoint, RECIPE)],
-           "task_dep": [f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else [],
-           "file_dep": _checkpoint_files(inputs=False),
-           "uptodate": [config_changed(RECIPE.settings("towers"))]}
+           "actions": [step(family_of(recipe.family).open_checkpoint, recipe)],
+           "task_dep": [f"checkpoint:{recipe.generate}"] if recipe.generate else [],
+           "file_dep": checkpoint_files(recipe, inputs=False),
+           "uptodate": [config_changed(recipe.settings("towers"))]}
 
 
 def task_template():
-    """Uncompiled Dense templates (TensorFlow), one per shape and batch."""
-    for p in PLANS:
+    """Make the uncompiled Dense templates with TensorFlow, one per shape and batch."""
+    recipe = BUILD.recipe
+    for p in BUILD.plans:
         yield {"name": str(p.shape),
-               "task_dep": ["checkpoint"] if RECIPE.family else [],
-               "actions": [step(build_uncompiled, p, RECIPE.seed, STORE)],
+               "task_dep": ["checkpoint"] if recipe.family else [],
+               "actions": [step(build_uncompiled, p, recipe.seed, BUILD.store)],
                "file_dep": [str(p.prebuilt.uncompiled)] if p.prebuilt else [],
-               "targets": [STORE.path("uncompiled", p.uncompiled_key, "tflite"),
-                           STORE.meta_path("uncompiled", p.uncompiled_key)],
+               "targets": [BUILD.store.path("uncompiled", p.uncompiled_key, "tflite"),
+                           BUILD.store.meta_path("uncompiled", p.uncompiled_key)],
                "uptodate": [True]}
 
 
 def task_compile():
-    """Compiled Edge TPU templates (edgetpu_compiler or a prebuilt pair), each self-checked."""
-    for p in PLANS:
+    """Compile the Edge TPU templates (edgetpu_compiler, or a prebuilt pair), each self-checked."""
+    for p in BUILD.plans:
         if not p.compiled_key:
             continue
         yield {"name": str(p.shape),
-               "actions": [step(check_prebuilt, p), step(build_compiled, p, STORE)],
-               "file_dep": [str(STORE.path("uncompiled", p.uncompiled_key, "tflite"))]
+               "actions": [step(check_prebuilt, p), step(build_compiled, p, BUILD.store)],
+               "file_dep": [str(BUILD.store.path("uncompiled", p.uncompiled_key, "tflite"))]
                            + ([str(p.prebuilt.compiled)] if p.prebuilt else []),
-               "targets": [STORE.path("compiled", p.compiled_key, "tflite"),
-                           STORE.meta_path("compiled", p.compiled_key)],
+               "targets": [BUILD.store.path("compiled", p.compiled_key, "tflite"),
+                           BUILD.store.meta_path("compiled", p.compiled_key)],
                "uptodate": [True]}
 
 
 def task_templates():
-    """The recipe's template index; says once which shapes lack a compiled template."""
+    """Write the recipe's template index, saying once which shapes lack a compiled template."""
+    recipe = BUILD.recipe
+
     def run():
-        index = write_index(RECIPE, PLANS, STORE)
+        index = write_index(recipe, BUILD.plans, BUILD.store)
         for line in index["warnings"]:
             print(f"warning: {line}")
         if index["missing_compiled"]:
             print(missing_message(index["missing_compiled"]))
-    summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in PLANS]
-    deps = [f"template:{p.shape}" for p in PLANS] + [f"compile:{p.shape}" for p in PLANS if p.compiled_key]
+    summary = [(str(p.shape), p.uncompiled_key, p.compiled_key) for p in BUILD.plans]
+    deps = [f"template:{p.shape}" for p in BUILD.plans] + [f"compile:{p.shape}" for p in BUILD.plans if p.compiled_key]
     return {"actions": [step(run)], "task_dep": deps,
-            "targets": [templates_index_path(RECIPE.name)],
-            "uptodate": [config_changed(repr(summary) + repr(RECIPE.flavors))]}  # flavors: what it says
-
-
-def _checkpoint_files(inputs: bool = True) -> list[str]:
-    """What the layer stage reads from the checkpoint (a generated one exists only later),
-    with the recipe's calibration inputs unless `inputs` is False."""
-    d = RECIPE.checkpoint_dir
-    if RECIPE.generate is not None:
-        files = [d / f for f in GENERATED_FILES]
-    else:
-        files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
-        if (d / "tokenizer.json").is_file():
-            files.append(d / "tokenizer.json")
-    return [str(f) for f in files] + (_input_files("calibration") if inputs else [])
-
-
-def _generated_inputs() -> list[Path]:
-    """The recipe's `calibration` and `verify` inputs that a generated checkpoint brings (one
-    gone makes the checkpoint task generate it again)."""
-    paths = [RECIPE.input_path(section, key) for section in ("calibration", "verify") for key in INPUT_KEYS]
-    return [p for p in paths if p is not None and p.is_relative_to(RECIPE.checkpoint_dir)]
-
-
-def _input_files(section: str) -> list[str]:
-    """The recipe's own `calibration` or `verify` input files (a generated checkpoint's own
-    files change with its generator, which the checkpoint task tracks)."""
-    files = []
-    for key in INPUT_KEYS + (("labels",) if section == "verify" else ()):
-        path = RECIPE.input_path(section, key)
-        if path is None or (RECIPE.generate is not None and path.is_relative_to(RECIPE.checkpoint_dir)):
-            continue
-        files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return [str(f) for f in files]
+            "targets": [templates_index_path(recipe.name)],
+            "uptodate": [config_changed(repr(summary) + repr(recipe.flavors))]}  # flavors: what it says
 
 
 def task_layers():
     """Calibrate on the float model, then quantize and patch every linear (cached per layer)."""
-    if not RECIPE.family:
+    recipe = BUILD.recipe
+    if not recipe.family:
         return
-    settings = RECIPE.settings("towers", "quantization", "calibration", "flavors", "cpu_layers", "lm_head",
+    settings = recipe.settings("towers", "quantization", "calibration", "flavors", "cpu_layers", "lm_head",
                                "checkpoint", "fuse", "pad_outputs")
-    return {"actions": [step(build_layers, RECIPE, STORE)],
-            "task_dep": ["templates"] + ([f"checkpoint:{RECIPE.generate}"] if RECIPE.generate else []),
-            "file_dep": [str(templates_index_path(RECIPE.name))] + _checkpoint_files(),
-            "targets": [layers_index_path(RECIPE.name)],
+    return {"actions": [step(build_layers, recipe, BUILD.store)],
+            "task_dep": ["templates"] + ([f"checkpoint:{recipe.generate}"] if recipe.generate else []),
+            "file_dep": [str(templates_index_path(recipe.name))] + checkpoint_files(recipe),
+            "targets": [layers_index_path(recipe.name)],
             "uptodate": [config_changed({"settings": settings, "version": LAYER_VERSION})]}
 
 
 def task_select():
-    """With a recipe `target`: the fewest linears kept on the CPU that reach it (sensitivity on held-out inputs)."""
-    if not RECIPE.family or not RECIPE.target:
+    """Keep the fewest linears on the CPU that reach the recipe's `target` (sensitivity on held-out inputs)."""
+    recipe = BUILD.recipe
+    if not recipe.family or not recipe.target:
         return
-    return {"actions": [step(select_cpu_layers, RECIPE, STORE)], "task_dep": ["layers"],
-            "file_dep": [str(layers_index_path(RECIPE.name))] + _input_files("verify"),
-            "targets": [placement_path(RECIPE.name)],
-            "uptodate": [config_changed(RECIPE.settings("target", "verify"))]}
+    return {"actions": [step(select_cpu_layers, recipe, BUILD.store)], "task_dep": ["layers"],
+            "file_dep": [str(layers_index_path(recipe.name))] + input_files(recipe, "verify"),
+            "targets": [placement_path(recipe.name)],
+            "uptodate": [config_changed(recipe.settings("target", "verify"))]}
 
 
 def task_bundle():
     """Gather the layer artifacts and host tensors into artifacts/bundles/<name>/."""
-    if not RECIPE.family:
+    recipe = BUILD.recipe
+    if not recipe.family:
         return
-    placement = placement_path(RECIPE.name) if RECIPE.target else None
+    placement = placement_path(recipe.name) if recipe.target else None
 
     def run():
-        write_bundle(RECIPE, json.loads(layers_index_path(RECIPE.name).read_text()), STORE,
+        write_bundle(recipe, json.loads(layers_index_path(recipe.name).read_text()), BUILD.store,
                      json.loads(placement.read_text()) if placement else None)
-        print(f"bundle: {bundle_dir(RECIPE.name)}")
+        print(f"bundle: {bundle_dir(recipe.name)}")
     # with both flavors the bundle records routes from the cost model: editing it rebuilds
-    cost_model = [str(resolve(RECIPE.cost_model))] if RECIPE.has_routes else []
+    cost_model = [str(resolve(recipe.cost_model))] if recipe.has_routes else []
     return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
-            "file_dep": [str(layers_index_path(RECIPE.name))] + ([str(placement)] if placement else []) + cost_model,
-            "targets": [bundle_dir(RECIPE.name) / "manifest.json"]}
+            "file_dep": [str(layers_index_path(recipe.name))] + ([str(placement)] if placement else []) + cost_model,
+            "targets": [bundle_dir(recipe.name) / "manifest.json"]}
 
 
 def task_verify():
-    """Float against int8 (emulate) on held-out inputs: report.json, report.png and a summary in the bundle."""
-    if not RECIPE.family:
+    """Compare the bundle (emulate) with the float model on held-out inputs: report.json and report.png."""
+    recipe = BUILD.recipe
+    if not recipe.family:
         return
-    directory = bundle_dir(RECIPE.name)
-    return {"actions": [step(verify, RECIPE, STORE)], "task_dep": ["bundle"],
-            "file_dep": [str(directory / "manifest.json")] + _input_files("verify"),
+    directory = bundle_dir(recipe.name)
+    return {"actions": [step(verify, recipe, BUILD.store)], "task_dep": ["bundle"],
+            "file_dep": [str(directory / "manifest.json")] + input_files(recipe, "verify"),
             "targets": [directory / "report.json", directory / "report.png"],
-            "uptodate": [config_changed(RECIPE.settings("verify"))]}
+            "uptodate": [config_changed(recipe.settings("verify"))]}
 
 
 def task_deploy():
     """Copy a bundle and the runner with rsync: doit deploy bundle=NAME|PATH to=user@host:/path."""
     def run():
         try:
-            report = deploy(bundle_path(get_var("bundle", RECIPE.name)), get_var("to", ""))
+            report = deploy(bundle_path(get_var("bundle") or BUILD.recipe.name), get_var("to", ""))
         except UserError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")
@@ -272,21 +215,40 @@ def task_deploy():
 
 def task_layer_check():
     """Patch a random layer into every template; emulate and TFLite (cpu) must agree."""
+    recipe = BUILD.recipe
+
     def run():
-        lines, failure = check_templates_index(json.loads(templates_index_path(RECIPE.name).read_text()), STORE.root)
+        lines, failure = check_templates_index(json.loads(templates_index_path(recipe.name).read_text()), BUILD.store.root)
         print("\n".join(lines))
         return TaskFailed(failure) if failure else None
-    return {"actions": [run], "task_dep": ["templates"], "file_dep": [templates_index_path(RECIPE.name)]}
+    return {"actions": [run], "task_dep": ["templates"], "file_dep": [templates_index_path(recipe.name)]}
 
 
 def task_bench():
-    """Benchmarks at real model sizes beside ONNX Runtime and llama.cpp (bench/run.py; `only=clip` or
-    `only=gemma`, `peers=no`): bench/results/<date>.json, .md, .png."""
+    """Run the benchmarks at real model sizes (bench/run.py): doit bench [only=clip|gemma] [peers=no].
+
+    Beside ONNX Runtime and llama.cpp unless peers=no; the results go to
+    bench/results/<date>.json, .md and .png."""
     def run():
-        only = get_var("only")
+        only, peers = get_var("only"), get_var("peers", "yes")
+        if peers not in ("yes", "no"):
+            return TaskFailed(f"peers={peers}: say peers=no to leave out ONNX Runtime and llama.cpp (yes by default)")
         command = [sys.executable, str(Path(__file__).parent / "bench" / "run.py")] + (["--only", only] if only else [])
-        command += ["--no-peers"] if get_var("peers") == "no" else []
+        command += ["--no-peers"] if peers == "no" else []
         if subprocess.run(command).returncode != 0:
             return TaskFailed(f"{' '.join(command)} failed (its output is above)")
         return None
     return {"actions": [run], "uptodate": [False], "verbosity": 2}
+
+
+# The command line, checked now that every task is defined: an unknown variable or task is
+# refused before doit asks any task for its description (which waits for another build's lock).
+TASKS = {name.removeprefix("task_"): creator for name, creator in dict(globals()).items() if name.startswith("task_")}
+try:
+    check_command_line(COMMAND_LINE, VARIABLES, TASKS)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+if COMMAND_LINE.help:
+    print(describe_tasks(COMMAND_LINE, TASKS))
+    raise SystemExit(0)

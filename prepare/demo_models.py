@@ -244,6 +244,8 @@ DEMO_VERSION = 4  # bump when a generator makes something different (2: the demo
 # What `generate` leaves in every checkpoint it makes: the generator and seed. A directory
 # holding a model without it is someone's own checkpoint, which no generator may replace.
 GENERATED_MARK = "generated.json"
+# The model files every generator writes (besides its calibration and held-out inputs).
+GENERATED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
 def replaceable(directory: str | Path) -> bool:

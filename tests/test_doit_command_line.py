@@ -147,18 +147,65 @@ def test_a_progress_bar_off_a_terminal_is_one_line_when_it_ends(capsys):
     assert re.fullmatch(r"sensitivity: 3 layers, 0\.\d s\n", capsys.readouterr().err)
 
 
-def test_a_long_loop_off_a_terminal_says_how_far_it_is_now_and_then(capsys, monkeypatch):
-    """Gemma's `doit verify` with its output redirected said nothing for 250 s: its loops
-    printed one line each, when they ended."""
-    clock = iter([0.0, 20.0, 40.0, 50.0, 75.0, 76.0])  # start, four updates, the end
-    monkeypatch.setattr("prepare.progress.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    with progress_bar("calls (float, int8)", "conversation", 4) as update:
-        for _ in range(4):
-            update(1)
-    assert capsys.readouterr().err.splitlines() == [
-        "calls (float, int8): 2 of 4 conversations so far, 40 s",  # 30 s after the start
-        "calls (float, int8): 4 of 4 conversations so far, 75 s",  # 30 s after that line
-        "calls (float, int8): 4 conversations, 76.0 s"]
+def test_the_bench_variables_are_known(tmp_path):
+    """`doit bench peers=no only=clip`, as documented, said `unknown variable peers=`."""
+    run = doit(tmp_path / "artifacts", "peers=no", "only=clip", "list", check=False)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+def test_a_task_says_what_it_does_with_help(tmp_path):
+    """`doit bench --help` gave doit's `option --help not recognized`."""
+    run = doit(tmp_path / "artifacts", "bench", "--help", check=False)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.startswith("doit bench: Run the benchmarks")
+    assert "only=clip|gemma" in run.stdout and "peers=no" in run.stdout
+    assert not (tmp_path / "artifacts" / "build.lock").exists()  # it built nothing, nor waited to
+
+
+def test_doit_list_shows_each_task_in_a_whole_sentence(tmp_path):
+    """doit shows a docstring's first line: `doit list` and `doit help bench` stopped mid-sentence."""
+    out = doit(tmp_path / "artifacts", "list").stdout
+    lines = out.splitlines()
+    assert {line.split()[0] for line in lines} >= {"build", "bench", "checkpoint", "verify", "deploy"}, out
+    for line in lines:
+        assert line.rstrip().endswith("."), line
+
+
+def test_a_mistyped_task_is_refused_at_once_naming_the_closest(tmp_path):
+    """`doit recipe=recipes/demo-gemma.yaml verfy` first waited for another build's lock, then
+    said doit's plain "Invalid parameter"."""
+    artifacts = tmp_path / "artifacts"
+    lock = lock_artifacts(artifacts)  # this process is another build
+    try:
+        run = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "recipe=recipes/demo-gemma.yaml",
+                              "verfy"], env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts)), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)  # it waited for the lock, for ever
+    finally:
+        os.close(lock)
+    assert run.returncode == 2 and "waiting for" not in run.stderr and run.stdout == ""
+    assert run.stderr.startswith("error: no task 'verfy'; did you mean verify? (tasks: ")
+    assert len(run.stderr.splitlines()) == 1
+
+
+def test_importing_dodo_does_no_work(tmp_path):
+    """dodo.py took the lock, cleaned leftovers, read the recipe and probed the compiler at
+    import, before doit had read its command line: now doit's first request for a task does."""
+    artifacts = tmp_path / "artifacts"
+    leftover = artifacts / "cache" / "params" / ".k.bin.x.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"")
+    lock = lock_artifacts(artifacts)
+    try:
+        run = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['doit', sys.argv[1]]; import dodo",
+                              "recipe=nowhere.yaml"], env=dict(os.environ, CORAL_ARTIFACTS=str(artifacts)),
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(lock)
+    assert run.returncode == 0 and run.stdout == run.stderr == "", run.stderr
+    assert leftover.exists()
+    failed = doit(artifacts, "recipe=nowhere.yaml", check=False)  # the recipe is read when doit asks for tasks
+    assert failed.returncode == 2 and failed.stderr == "error: nowhere.yaml: cannot read recipe (No such file or directory)\n"
+    assert not leftover.exists()  # under the lock, which a build takes before the recipe
 
 
 def test_ctrl_c_while_making_templates_is_one_line(tmp_path):
@@ -175,3 +222,17 @@ def test_ctrl_c_while_making_templates_is_one_line(tmp_path):
     assert [line for line in stderr.splitlines() if line.strip()] == [
         f"interrupted: what finished is kept; `doit -f {ROOT / 'dodo.py'} 'flavors=[]' templates` again resumes"], stderr
     assert not any(line.startswith("doit: ") for line in build.out), build.out
+
+
+def test_a_long_loop_off_a_terminal_says_how_far_it_is_now_and_then(capsys, monkeypatch):
+    """Gemma's `doit verify` with its output redirected said nothing for 250 s: its loops
+    printed one line each, when they ended."""
+    clock = iter([0.0, 20.0, 40.0, 50.0, 75.0, 76.0])  # start, four updates, the end
+    monkeypatch.setattr("prepare.progress.time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with progress_bar("calls (float, int8)", "conversation", 4) as update:
+        for _ in range(4):
+            update(1)
+    assert capsys.readouterr().err.splitlines() == [
+        "calls (float, int8): 2 of 4 conversations so far, 40 s",  # 30 s after the start
+        "calls (float, int8): 4 of 4 conversations so far, 75 s",  # 30 s after that line
+        "calls (float, int8): 4 conversations, 76.0 s"]

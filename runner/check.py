@@ -14,6 +14,7 @@ step, 1 on a mismatch, 2 when there is no device or library.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -59,12 +60,15 @@ def machine() -> dict:
 def check_bundle(directory: str | Path, quick: bool = False) -> dict:
     """{"ok", "problems", "backends", "machine", "files"}: every problem found, not just the first.
     A file that cannot be read is a problem naming it; a package this Python lacks is in
-    `machine.missing`, and without safetensors the bundle cannot be opened here (not `ok`)."""
+    `machine.missing`, and without safetensors the bundle cannot be opened here (not `ok`).
+    A directory without a manifest is no bundle to report on: BundleError, one line."""
     problems, files = [], 0
     flavors: set[str] = set()
     try:
         m = read_manifest(directory)
     except BundleError as e:
+        if not os.path.lexists(Path(directory) / MANIFEST):
+            raise  # a report would list "backends here: emulate no, cpu no, ..." for a mistyped path
         m = None
         problems.append(str(e))
     if m is not None:
@@ -107,12 +111,15 @@ def check_bundle(directory: str | Path, quick: bool = False) -> dict:
 def route_plan(m) -> dict | None:
     """What `--route auto` does with this bundle: the cost model it was built with, and per
     threshold (rows per call from which the TPU is cheaper) the layers that have it; None
-    when the bundle has no routes."""
+    when the bundle has no routes. The cost model's figures are in the manifest; the file
+    they came from is the build host's (`doit deploy` does not carry bench/ to a Pi), so it
+    is named as such, not as a file to look for here."""
     if not m.manifest.get("route"):
         return None
     by_rows = Counter(str(layer.tpu_from_rows or "never") for layer in m.layers
                       if layer.placement == "tpu")  # not the LM-head tiles
-    return {"cost_model": m.manifest["route"].get("cost_model"),
+    source = m.manifest["route"].get("cost_model")
+    return {"cost_model": f"{MANIFEST}'s device figures" + (f", from the build host's {source}" if source else ""),
             "tpu_from_rows": dict(sorted(by_rows.items(), key=lambda kv: (kv[0] == "never", kv[0])))}
 
 

@@ -82,7 +82,8 @@ def test_check_does_not_offer_fp32(bundle_dir):
 @pytest.mark.parametrize("args, error", [
     (["clip-text", "nowhere", "a cat"], "nowhere: not a bundle"),
     (["clip-text", "{bundle}", "a cat", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
-    (["selftest", "nowhere"], "nowhere: not a bundle"),  # check lists it among the problems (exit 1)
+    (["selftest", "nowhere"], "nowhere: not a bundle"),
+    (["check", "nowhere"], "nowhere: not a bundle"),
 ])
 def test_an_error_with_json_is_a_json_object(bundle_dir, args, error):
     run = runner(*[str(a).format(bundle=bundle_dir) for a in args], "--json")

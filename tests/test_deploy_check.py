@@ -163,3 +163,18 @@ def test_deploy_of_a_mistyped_bundle_names_the_closest(tmp_path):
     assert str(e.value) == (f"{tmp_path / 'bundles' / 'demo-clp'}: no such bundle; did you mean bundle=demo-clip? "
                             f"(bundles there: demo-clip, demo-gemma in {tmp_path / 'bundles'}; build one with "
                             "`doit recipe=...`)")
+
+
+def test_check_of_a_directory_that_is_no_bundle_is_one_error_line(tmp_path):
+    """It printed a report of a bundle: `backends here: emulate no, cpu no, edgetpu no`."""
+    run = runner("check", tmp_path)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"error: {tmp_path}: not a bundle (no manifest.json; build one with doit)\n"
+
+
+def test_check_names_the_cost_model_as_the_build_hosts(bundle_dir):
+    """On a Pi it cited bench/pi5_coral.yaml, which `doit deploy` does not carry there."""
+    out = runner("check", bundle_dir, "--quick").stdout
+    (line,) = [line for line in out.splitlines() if "--route auto" in line]
+    assert line.startswith("  --route auto (manifest.json's device figures, from the build host's "
+                           "bench/pi5_coral.yaml): "), line

@@ -248,3 +248,4 @@ class ChatEngine(Engine):
                 job.post("done", s)
                 done.add(id(job))
         self.active = [(j, s, t) for j, s, t in self.active if id(j) not in done]
+        METRICS.active_sequences.labels(self.model_id).set(len(self.active))  # before admit() may wait idle

@@ -15,7 +15,6 @@ from prepare.families import gemma as gemma_family
 from prepare.quantize import quantize
 from prepare.recipe import Quantization, load_recipe
 from prepare.smoothing import SmoothedWeights, smooth_rows, smoothing_factors
-from prepare.stages.verify import figure, plot
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
 from runner.clip import CLIP, CLIPConfig
@@ -296,28 +295,3 @@ def test_a_floor_keeps_few_row_layers_from_clamping_held_out_inputs():
     many = rng.standard_normal((4096, 256)).astype(np.float32)  # enough rows: no floor, same multipliers
     assert np.array_equal(quantize(weight, many, template, Quantization(), None)[0].multipliers,
                           quantize(weight, many, template, Quantization(floor_rows=0), None)[0].multipliers)
-
-
-# --- report.png ---------------------------------------------------------------------------
-
-def _report(top1_as_built: float) -> dict:
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "vision_model.encoder.layers.3.fc1"]
-    metrics = {"logits_cosine_mean": 0.9991, "top1_agreement": top1_as_built}
-    return {"recipe": "r", "metrics": metrics, "sensitivity_metric": ["logits_cosine_mean"],
-            "curve_metrics": ["logits_cosine_mean", "top1_agreement"],
-            "layers": [{"name": n, "placement": "tpu", "relative_error": 0.01, "sensitivity": 1e-4} for n in names],
-            "curve": [{"cpu_layers": k, **metrics} for k in (0, 1, 3)],
-            "comparisons": [{"variant": "weights per-tensor", "logits_cosine_mean": 0.998, "top1_agreement": 0.97}]}
-
-
-def test_report_png_names_the_linears_and_keeps_a_perfect_score_on_scale():
-    """Linears were labelled by index; a top-1 of exactly 1 was drawn at 1 - metric = 1e-9,
-    stretching the comparisons' log axis over six decades no score was in."""
-    fig = figure(_report(1.0))
-    errors, sensitivity, _, comparisons = fig.axes
-    for panel in (errors, sensitivity):
-        assert [t.get_text() for t in panel.get_xticklabels()] == ["0.q_proj", "0.down_proj", "vision.3.fc1"]
-    smallest_gap = 1 - 0.9991
-    assert comparisons.get_xlim()[0] > smallest_gap / 100
-    assert " 1 (exact)" in [t.get_text() for t in comparisons.texts]
-    assert plot(_report(0.99))[:8] == b"\x89PNG\r\n\x1a\n"

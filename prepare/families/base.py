@@ -5,6 +5,8 @@ A family module (clip.py, gemma.py) defines:
     TOWERS            the towers a recipe may choose (CLIP: image, text; Gemma: decoder)
     GENERATORS        its built-in checkpoint generators (prepare/demo_models.py)
     TARGET_METRICS    what a recipe's `target` may ask of the int8 model (its Evaluation's metrics)
+    GOAL              what this project calls close enough to float ({metric: value}, some of
+                      TARGET_METRICS): report.png's goal lines when the recipe has no `target`
     INT8_TABLES       tensors the bundle keeps as int8 rows with a float32 scale per row
     model_config(recipe)                     the model's config (before a generated checkpoint exists too)
     specs(recipe, config)                    its linear layers in execution order (LinearSpec)

@@ -43,6 +43,7 @@ from .base import HEAD_TILE, LinearSpec, fuse, is_host_layer, pad_outputs, parse
 TOWERS = ("decoder",)
 GENERATORS = ("demo-gemma", "demo-gemma-outliers", "random-gemma-270m", "random-gemma-270m-outliers")
 TARGET_METRICS = ("top1_agreement", "logits_cosine_mean", "logits_cosine_min")
+GOAL = {"top1_agreement": 0.99}  # bench/fidelity.py's GEMMA_GOAL
 LM_HEAD = True  # the tied head is cut into TPU tiles (the recipe's `lm_head`)
 SYNTHETIC_TOKENS = 128  # longest seeded synthetic calibration sequence (prompts and conversations keep their length)
 # The Edge TPU has about 8 MiB of on-chip parameter memory (edgetpu-format.md); a head tile's

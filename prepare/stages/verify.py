@@ -18,13 +18,9 @@ Writes `report.json` and `report.png` into the bundle directory and prints a sum
 
 from __future__ import annotations
 
-import io
 import json
-import textwrap
 import time
 from dataclasses import asdict, replace
-
-import numpy as np
 
 from runner.bundle import Bundle
 from runner.checkpoint import Checkpoint
@@ -36,6 +32,7 @@ from ..paths import bundle_dir, layers_index_path, placement_path
 from ..progress import progress_bar
 from ..quantize import quantize
 from ..recipe import Quantization, Recipe
+from ..report_plot import plot
 from ..smoothing import smooth
 from ..store import Store, atomic_write
 from .layers import model_weights, template_for
@@ -100,6 +97,7 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     report: dict = {"recipe": recipe.name, "family": recipe.family, "backend": "emulate",
                     "inputs": ev.inputs_summary(), "quantization": asdict(recipe.quantization),
                     "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
+    report["goals"] = goals(recipe)
     report["metrics"] = ev.bundle_metrics(bundle, probe, recipe, checkpoint, config)
     if "call_answers" in report["metrics"]:  # Gemma with held-out conversations: every request's answers
         report["calls"] = report["metrics"].pop("call_answers")
@@ -144,6 +142,15 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     return report
 
 
+def goals(recipe: Recipe) -> dict:
+    """What the bundle should reach, for report.png's goal lines and the summary: the recipe's
+    `target`, else its family's `GOAL`."""
+    if recipe.target:
+        return {"values": recipe.target, "source": "the recipe's target"}
+    return {"values": family_of(recipe.family).GOAL,
+            "source": f"the {recipe.family} default; set `target:` in the recipe for your own"}
+
+
 def _line(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.5f}" for k, v in metrics.items() if isinstance(v, float))
 
@@ -155,6 +162,10 @@ def summary(report: dict, directory) -> str:
     lines += [f"  {k:<28} {v:.5f}" for k, v in m.items() if isinstance(v, float)]
     lines += [f"  {k:<28} {v['mean']:.1f} of {v['steps']} tokens (min {v['min']})"
               for k, v in m.items() if isinstance(v, dict)]
+    goals = report.get("goals", {"values": {}})
+    if goals["values"]:
+        lines.append(f"  goals ({goals['source']}): " + ", ".join(
+            f"{k} >= {g}: {m[k]:.5f} {'met' if m[k] >= g else 'MISSED'}" for k, g in goals["values"].items()))
     differ = [c for c in report.get("calls", []) if not c["agree"] or c["exact_float"] != c["exact_int8"]]
     if "calls" in report:
         lines.append(f"  calls: {len(differ)} of {len(report['calls'])} held-out requests answered differently "
@@ -164,8 +175,7 @@ def summary(report: dict, directory) -> str:
                          f"expected {json.dumps(c['expected'])}")
     worst = sorted((e for e in report["layers"] if e["relative_error"] is not None),
                    key=lambda e: -e["relative_error"])[:3]
-    lines.append("  worst linears on held-out inputs (relative error, outputs clamped): "
-                 + ", ".join(f"{e['name']} {e['relative_error']:.4f} {e['clamped'] or 0:.2%}" for e in worst))
+    lines += worst_table(worst)
     key = report["curve_metrics"][0]
     lines.append(f"  {key} with k linears on the CPU: " + ", ".join(f"{p['cpu_layers']}: {p[key]:.5f}"
                                                                       for p in report["curve"]))
@@ -179,93 +189,16 @@ def summary(report: dict, directory) -> str:
     return "\n".join(lines)
 
 
+def worst_table(worst: list[dict]) -> list[str]:
+    """The linears farthest from float on held-out inputs, as a table with its column names."""
+    width = max([len(e["name"]) for e in worst] + [len("linear")])
+    return (["  the linears farthest from float on held-out inputs:",
+             f"    {'linear':<{width}}  relative error  outputs clamped"]
+            + [f"    {e['name']:<{width}}  {e['relative_error']:>14.4f}  {e['clamped'] or 0:>15.2%}" for e in worst])
+
+
 def _calls(answer: dict) -> str:
     """An answer in a summary line: its calls as JSON, else its text (or what is malformed)."""
     if answer["calls"]:
         return json.dumps(answer["calls"])
     return f"malformed {answer['malformed'][0]['raw']!r}" if answer["malformed"] else f"text {answer['text']!r}"
-
-
-GENERIC_PARTS = {"model", "encoder", "decoder", "layers", "self_attn", "mlp"}  # left out of axis labels
-
-
-def short_name(layer: str) -> str:
-    """A linear's name on an axis: its Hugging Face path without the parts every layer has
-    (vision_model.encoder.layers.3.self_attn.q_proj -> vision.3.q_proj)."""
-    parts = [p.removesuffix("_model") for p in layer.split(".") if p not in GENERIC_PARTS]
-    return ".".join(parts) or layer
-
-
-def gap_floor(gaps: list[float]) -> float:
-    """Where a log axis of `1 - metric` puts a perfect score: a decade under the smallest
-    real gap (a fixed 1e-9 stretched the axis over decades no score is in)."""
-    real = [g for g in gaps if g > 0]
-    return min(real) / 10 if real else 1e-6
-
-
-def pyplot():
-    """matplotlib.pyplot, imported on first use rather than at the top: it costs every doit
-    start, a no-op build too, half a second."""
-    import matplotlib
-    matplotlib.use("Agg")  # report.png is drawn without a screen
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def figure(report: dict):
-    """Four panels: per-layer error, per-layer sensitivity, the CPU-kept curve, the comparisons."""
-    plt = pyplot()
-    layers = report["layers"]
-    fig, ax = plt.subplots(2, 2, figsize=(max(14, 0.12 * len(layers)), 9))
-    x = np.arange(len(layers))
-    colors = ["tab:blue" if e["placement"] == "tpu" else "tab:orange" for e in layers]
-    err = [e["relative_error"] or 0 for e in layers]
-    ax[0, 0].bar(x, err, color=colors)
-    ax[0, 0].set(title="each linear's relative output error, held-out inputs (orange: on the CPU)",
-                 ylabel="||int8 - float|| / ||float||")
-    sens = [max(e["sensitivity"] or 0, 1e-12) for e in layers]
-    ax[0, 1].bar(x, sens, color=colors)
-    loss_name = " + ".join(f"(1 - {k})" for k in report["sensitivity_metric"])
-    ax[0, 1].set(title=f"sensitivity: {loss_name}, that linear alone in int8", yscale="log")
-    for panel in (ax[0, 0], ax[0, 1]):  # every linear by name, in execution order
-        panel.set_xticks(x, [short_name(e["name"]) for e in layers], rotation=90,
-                         fontsize=max(4, min(8, 400 / max(len(layers), 1))))
-    curve = report["curve"]
-    ks = [p["cpu_layers"] for p in curve]
-    for metric in report["curve_metrics"] + [k for k in report.get("target", {}).get("target", {})
-                                             if k not in report["curve_metrics"]]:
-        ax[1, 0].plot(ks, [p[metric] for p in curve], "o-", label=metric)
-    for metric, value in report.get("target", {}).get("target", {}).items():
-        ax[1, 0].axhline(value, ls="--", color="gray")
-        ax[1, 0].text(0, value, f" target {metric} {value}", va="bottom", fontsize=8)
-    ax[1, 0].set(title="linears kept on the CPU (most sensitive first)", xlabel="linears on the CPU",
-                 xscale="symlog", ylabel="metric")
-    ax[1, 0].legend(fontsize=8)
-    comps = [{"variant": "as built (bundle)", **report["metrics"]}] + report.get("comparisons", [])
-    metrics = report["curve_metrics"]
-    height = 0.8 / len(metrics)
-    floor = gap_floor([1 - c[m] for c in comps for m in metrics])
-    for j, metric in enumerate(metrics):
-        gaps = [max(1 - c[metric], floor) for c in comps]
-        y = np.arange(len(comps)) + j * height
-        ax[1, 1].barh(y, gaps, height, label=metric)
-        for i, c in enumerate(comps):
-            ax[1, 1].text(gaps[i], y[i], " 1 (exact)" if c[metric] >= 1 else f" {c[metric]:.5f}", va="center",
-                          fontsize=7)
-    ax[1, 1].set_yticks(np.arange(len(comps)) + height * (len(metrics) - 1) / 2, [c["variant"] for c in comps])
-    ax[1, 1].set(title="one quantization choice flipped: 1 - metric (smaller is closer to float)", xscale="log")
-    ax[1, 1].legend(fontsize=8)
-    title = f"verify {report['recipe']}: " + _line(report["metrics"])
-    width = int(fig.get_figwidth() * 16)  # characters of 9-point text across the figure, about
-    fig.suptitle(textwrap.fill(title, width), fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot(report: dict) -> bytes:
-    """report.png: `figure` as PNG."""
-    fig = figure(report)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    pyplot().close(fig)
-    return buf.getvalue()

@@ -38,6 +38,11 @@ from .families import family_of
 from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
+# Compiled templates every build uses unless the recipe or the command line names others
+# (`templates=DIR`) or none (`templates=null`): one `doit templates=DIR` was not remembered,
+# so the next plain `doit` dropped the edgetpu artifacts. Beside the artifacts directory: the
+# project's templates/ (git-ignored), and a test's own with CORAL_ARTIFACTS.
+DEFAULT_TEMPLATES = ARTIFACTS.parent / "templates"
 FLAVORS = ("edgetpu", "cpu")
 MAX_INPUTS = 1 << 20  # synthetic calibration or verify inputs
 MAX_SEED = 2**63 - 1  # numpy's generators take non-negative seeds
@@ -234,7 +239,9 @@ class Recipe:
     # both edgetpu and cpu flavors records, per layer, the rows per call from which the TPU
     # is cheaper (runner `--route auto`; prepare/costmodel.py). Edit it and rebuild.
     cost_model: str = "bench/pi5_coral.yaml"
-    # A directory of prebuilt (X.tflite, X_edgetpu.tflite) pairs made on another machine.
+    # A directory of prebuilt (X.tflite, X_edgetpu.tflite) pairs made on another machine;
+    # unset, `templates/` beside the artifacts directory where it exists (DEFAULT_TEMPLATES);
+    # null: none.
     templates: str | None = None
     # The compiler: a name on PATH or a path; its extra command-line flags.
     compiler: str = "edgetpu_compiler"
@@ -459,6 +466,8 @@ def load_recipe(path: str | Path | None = None, overrides: dict | None = None) -
             values[key] = _parse_yaml(text) if isinstance(text, str) else text
         except _YAML_ERRORS as e:
             raise RecipeError(f"{path}: override {key}={_shown(text)} is not a YAML value") from e
+    if "templates" not in values and DEFAULT_TEMPLATES.is_dir():
+        values["templates"] = str(DEFAULT_TEMPLATES)
     for key in ("templates", "checkpoint"):
         if isinstance(values.get(key), str):
             if path_problem(values[key]):

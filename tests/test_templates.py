@@ -23,6 +23,7 @@ from prepare.dense_templates import (
     zero_point_problems,
 )
 from prepare.store import Store, key_of
+from prepare.recipe import load_recipe
 from runner.edgetpu_codec import parse_compiled
 from runner.flatbuf import Window
 from runner.interpreter import require_interpreter
@@ -189,6 +190,36 @@ def test_doit_with_prebuilt_fixture_directory(tmp_path, fixture_dir):
     assert ".  compile:256x256b1" in out and "No compiled" not in out
     index = json.loads((tmp_path / "artifacts" / "work" / "t" / "templates.json").read_text())
     assert index["templates"][0]["source"] == "prebuilt"
+
+
+def test_the_templates_directory_beside_artifacts_keeps_every_build_compiled(tmp_path, fixture_dir):
+    """`doit templates=DIR` built the edgetpu flavor; the next plain `doit` dropped it (and the
+    verify report with it). Compiled pairs in templates/ beside the artifacts directory are
+    every build's, unless the recipe or the command line names others or none."""
+    (tmp_path / "templates").symlink_to(fixture_dir)  # the project's templates/ for this artifacts directory
+    recipe = _recipe(tmp_path, "name: t\nshapes: [[256, 256]]\n")
+    out = _doit(tmp_path, recipe)
+    assert ".  compile:256x256b1" in out and "No compiled" not in out, out
+    index = json.loads((tmp_path / "artifacts" / "work" / "t" / "templates.json").read_text())
+    assert index["templates"][0]["source"] == "prebuilt"
+    assert "No compiled Edge TPU template" in _doit(tmp_path, recipe, "templates=null")
+
+
+def test_a_recipe_or_the_command_line_names_templates_over_the_default(tmp_path, monkeypatch):
+    default, own = tmp_path / "templates", tmp_path / "own"
+    default.mkdir()
+    own.mkdir()
+    monkeypatch.setattr("prepare.recipe.DEFAULT_TEMPLATES", default)
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nshapes: [[256, 256]]\n")
+    assert load_recipe(path).templates == str(default)
+    assert load_recipe(path, {"templates": "null"}).templates is None
+    assert load_recipe(path, {"templates": str(own)}).templates == str(own)
+    path.write_text(f"name: t\nshapes: [[256, 256]]\ntemplates: {own}\n")
+    assert load_recipe(path).templates == str(own)
+    path.write_text("name: t\nshapes: [[256, 256]]\n")
+    default.rmdir()
+    assert load_recipe(path).templates is None  # none where there is no such directory
 
 
 def _check_templates(directory):

@@ -39,8 +39,8 @@ from ..dense_templates import (
 from ..families import family_of
 from ..families.base import is_host_layer
 from ..paths import templates_index_path
-from ..recipe import Recipe, resolve
-from ..store import Store, atomic_write, key_of
+from ..recipe import DEFAULT_TEMPLATES, Recipe, resolve
+from ..store import ROOT, Store, atomic_write, key_of
 
 
 @dataclass
@@ -184,6 +184,12 @@ def missing_message(missing: list[str]) -> str:
         "  1. install edgetpu_compiler on this x86 Linux host (Google's Coral apt repository, "
         "package edgetpu-compiler) and run doit again;\n"
         "  2. compile the uncompiled templates listed in "
-        "artifacts/work/<name>/templates.json on a machine that has the compiler, put each X.tflite "
-        "beside its X_edgetpu.tflite in one directory, and run `doit templates=DIR`."
+        "artifacts/work/<name>/templates.json on a machine that has the compiler, and put each X.tflite "
+        f"beside its X_edgetpu.tflite in {_shown_dir(DEFAULT_TEMPLATES)}, which every build then uses "
+        "(or in another directory: `doit templates=DIR`, or the recipe's `templates:`)."
     )
+
+
+def _shown_dir(path: Path) -> str:
+    """A directory as the user would type it: relative to the project when inside it."""
+    return f"{path.relative_to(ROOT)}/" if path.is_relative_to(ROOT) else f"{path}/"

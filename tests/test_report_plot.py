@@ -98,11 +98,14 @@ def test_the_function_calls_are_a_panel_of_their_own():
                                                                     "int8 answers as float"]
 
 
-def test_the_goals_are_the_recipes_target_else_the_familys():
+def test_the_goals_are_the_recipes_target_else_the_familys_of_what_it_measures():
     demo = ROOT / "recipes" / "demo-clip.yaml"
-    assert goals(load_recipe(demo))["values"] == {"image_cosine_mean": 0.999, "image_cosine_min": 0.995}
-    assert goals(load_recipe(demo, {"target": "{text_cosine_min: 0.99}"})) == {
+    both = dict.fromkeys(["image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min"], 0.9)
+    assert goals(load_recipe(demo), both)["values"] == {"image_cosine_mean": 0.999, "image_cosine_min": 0.995}
+    assert goals(load_recipe(demo, {"target": "{text_cosine_min: 0.99}"}), both) == {
         "values": {"text_cosine_min": 0.99}, "source": "the recipe's target"}
+    text_only = {"text_cosine_mean": 0.9, "text_cosine_min": 0.9}  # built with towers [text]: no image metrics
+    assert goals(load_recipe(demo, {"towers": "[text]"}), text_only)["values"] == {}
 
 
 def test_the_summary_names_its_columns():

@@ -97,8 +97,8 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     report: dict = {"recipe": recipe.name, "family": recipe.family, "backend": "emulate",
                     "inputs": ev.inputs_summary(), "quantization": asdict(recipe.quantization),
                     "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")}}
-    report["goals"] = goals(recipe)
     report["metrics"] = ev.bundle_metrics(bundle, probe, recipe, checkpoint, config)
+    report["goals"] = goals(recipe, report["metrics"])
     if "call_answers" in report["metrics"]:  # Gemma with held-out conversations: every request's answers
         report["calls"] = report["metrics"].pop("call_answers")
     progress("verify: bundle (emulate) " + _line(report["metrics"]))
@@ -142,13 +142,16 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     return report
 
 
-def goals(recipe: Recipe) -> dict:
+def goals(recipe: Recipe, metrics: dict) -> dict:
     """What the bundle should reach, for report.png's goal lines and the summary: the recipe's
-    `target`, else its family's `GOAL`."""
+    `target`, else its family's `GOAL`; of either, the metrics this build measures (a CLIP
+    built with its text tower alone has no image metrics)."""
     if recipe.target:
-        return {"values": recipe.target, "source": "the recipe's target"}
-    return {"values": family_of(recipe.family).GOAL,
-            "source": f"the {recipe.family} default; set `target:` in the recipe for your own"}
+        values, source = recipe.target, "the recipe's target"
+    else:
+        values = family_of(recipe.family).GOAL
+        source = f"the {recipe.family} default; set `target:` in the recipe for your own"
+    return {"values": {k: v for k, v in values.items() if k in metrics}, "source": source}
 
 
 def _line(metrics: dict) -> str:

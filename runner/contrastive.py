@@ -53,18 +53,21 @@ class Contrastive:
         if tower not in bundle.towers or (tower == "text" and bundle.tokenizer is None):
             raise BundleError(f"{bundle.dir}: built without the {tower} tower (towers: {', '.join(bundle.towers)})")
 
-    def tokenize(self, texts: list[str]) -> np.ndarray:
-        """int64 [len(texts), longest] token ids, as the text tower takes them."""
+    def tokenizer(self) -> ClipTokenizer:
+        """The text tower's tokenizer, opened on first use."""
         self.require_tower("text")
         if self._tokenizer is None:
             self._tokenizer = ClipTokenizer(self.loaded.bundle.tokenizer.path, self.config.text.max_position_embeddings)
-        return self._tokenizer(texts)
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """int64 [len(texts), longest] token ids, as the text tower takes them."""
+        return self.tokenizer()(texts)
 
     @property
     def pad_id(self) -> int:
         """The token `tokenize` pads rows with (CLIP's end-of-text)."""
-        self.tokenize(["a"])
-        return self._tokenizer.pad_id
+        return self.tokenizer().pad_id
 
     def read_images(self, files: list[str | Path], f32le: bool = False) -> np.ndarray:
         """Image files as the image tower's pixels [n, 3, S, S] (`f32le`: raw float32 files,
@@ -78,7 +81,11 @@ class Contrastive:
         return unit_rows(out) if unit else out
 
     def text_embeddings(self, texts: list[str], unit: bool = False) -> np.ndarray:
-        out = self.model.text_features(self.tokenize(texts))
+        return self.token_embeddings(self.tokenize(texts), unit)
+
+    def token_embeddings(self, ids: np.ndarray, unit: bool = False) -> np.ndarray:
+        """Texts already tokenized (`tokenize`): a caller that times the model alone."""
+        out = self.model.text_features(ids)
         return unit_rows(out) if unit else out
 
     def label_embeddings(self, labels: list[str], template: str = "{}") -> np.ndarray:

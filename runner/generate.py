@@ -89,6 +89,11 @@ class Sequence:
         self.context = config.max_position_embeddings
         self.pause_at: int | None = None  # a prefill position to stop at once (runner/serve/engines.py)
 
+    def run_length(self, chunk: int) -> int:
+        """How many pending tokens the next pass runs: up to `chunk`, and not past `pause_at`."""
+        n = min(len(self.pending), chunk)
+        return min(n, self.pause_at - self.cache.length) if self.pause_at else n
+
     def take(self, token: int) -> None:
         """The token sampled after the pending ones ran: keep it, and end or run it next."""
         self.tokens.append(token)
@@ -103,10 +108,11 @@ class Sequence:
 
 def advance(model: Gemma, head, sequences: list[Sequence], chunk: int | None = None) -> list[Sequence]:
     """One pass through the decoder for every sequence: each runs up to `chunk` of its pending
-    tokens (PREFILL_CHUNK unless told; a decode step runs its one), all in one batch; those with nothing left pending get
+    tokens (PREFILL_CHUNK unless told; a decode step runs its one; a prefill stops at its
+    `pause_at` once), all in one batch; those with nothing left pending get
     their next token from the head on their last position (`Sequence.take`). Returns those."""
     chunk = chunk or PREFILL_CHUNK
-    runs = [s.pending[:chunk] for s in sequences]
+    runs = [s.pending[: s.run_length(chunk)] for s in sequences]
     hidden = model.forward_batch([(ids, s.cache) for ids, s in zip(runs, sequences)])
     sampled = []
     for s, ids, h in zip(sequences, runs, hidden):

@@ -590,9 +590,9 @@ def search(index_dir: str | Path, text: str | None = None, image: str | Path | N
     setup_ms = (time.perf_counter() - t0) * 1e3
     towers = Contrastive(loaded)
     if text is not None:
-        towers.tokenize([text])  # before the clock: the query's time is the model's
+        ids = towers.tokenize([text])  # before the clock: the query's time is the model's
         t1 = time.perf_counter()
-        query = towers.text_embeddings([text], unit=True)[0]
+        query = towers.token_embeddings(ids, unit=True)[0]
     else:
         pixels = towers.read_images([image])
         t1 = time.perf_counter()

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..contrastive import Contrastive
 from ..errors import UserError
-from ..generate import PREFILL_CHUNK, Sampler, Sequence, advance
+from ..generate import Sampler, Sequence, advance
 from ..tokenizer import TextStream
 from .metrics import METRICS
 from .prefix_cache import PrefixCache
@@ -221,13 +221,8 @@ class ChatEngine(Engine):
         prefilling = [(j, s, t) for j, s, t in self.active if not (len(s.pending) == 1 and s.tokens)][:1]
         batch = decoding + prefilling
         try:
-            chunk = self.prefill_chunk
-            if prefilling:
-                s = prefilling[0][1]
-                if s.pause_at:
-                    chunk = min(chunk, s.pause_at - s.cache.length)
-            rows = sum(min(len(s.pending), chunk) for _, s, _ in batch)
-            sampled = advance(self.model, self.head, [s for _, s, _ in batch], chunk)
+            rows = sum(s.run_length(self.prefill_chunk) for _, s, _ in batch)
+            sampled = advance(self.model, self.head, [s for _, s, _ in batch], self.prefill_chunk)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail; the server goes on
             for job, _, _ in batch:
                 self.fail(job, e)

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from ..gemma import GemmaConfig, KVCache, LayerCache
 from ..packages import require
+from ..photos import atomic_write
 
 SUFFIX = ".prefix.safetensors"
 MAX_ENTRY_BYTES = 1 << 30
@@ -101,15 +100,11 @@ class PrefixCache:
         meta = {"bundle": self.bundle_key, "tokens": json.dumps(list(tokens)),
                 "starts": json.dumps([layer.start for layer in entry.layers])}
         target = self.dir / f"{self.key(tokens)}{SUFFIX}"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{target.name}.", suffix=".tmp")
+        data = st.save(tensors, metadata=meta)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(st.save(tensors, metadata=meta))
-            os.replace(tmp, target)
+            atomic_write(target, lambda f: f.write(data))
         except OSError as e:
             print(f"warning: {target}: cannot save the prefix cache ({e.strerror or e})", file=sys.stderr)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def _read_saved(self) -> None:
         """The directory's entries for this bundle, each checked; most recently written last."""

@@ -33,18 +33,37 @@ def load_tokenizer(path: str | Path):
         raise TokenizerError(f"{path}: not a usable tokenizer.json ({e})") from e
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text`. A tokenizer whose vocabulary lacks a character the text has, and
-    lacks its unknown token too, raises a bare Exception: that is a TokenizerError here."""
+def encode(tokenizer, text: str, path: str | Path = "the tokenizer") -> list[int]:
+    """Token ids of `text`. A vocabulary that cannot spell a word of the text and has no
+    unknown token to stand in for it makes `tokenizers` raise a bare Exception about its
+    unknown token; here that is a TokenizerError naming the word and the file."""
     try:
         return tokenizer.encode(text).ids
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-        raise TokenizerError(f"cannot tokenize {text[:60]!r} ({e})") from e
+    except Exception as e:  # tokenizers raises a bare Exception
+        word = _unencodable_word(tokenizer, text)
+        where = f"in {text[:60]!r}: " if word != text else ""
+        raise TokenizerError(
+            f"{path}: cannot encode {word[:60]!r} ({where}its vocabulary of {tokenizer.get_vocab_size()} "
+            f"pieces cannot spell it and has no unknown token to stand in; a tokenizer trained on a "
+            f"few captions, as the demo's, knows only their words)") from e
+
+
+def _unencodable_word(tokenizer, text: str) -> str:
+    """The first word (as the tokenizer's pre-tokenizer cuts words) that alone fails to encode;
+    the whole text when the pre-tokenizer is absent or every word alone encodes."""
+    if tokenizer.pre_tokenizer is None:
+        return text
+    for _, (start, end) in tokenizer.pre_tokenizer.pre_tokenize_str(text):
+        try:
+            tokenizer.encode(text[start:end])
+        except Exception:  # noqa: BLE001 - as above
+            return text[start:end]
+    return text
 
 
 class ClipTokenizer:
     def __init__(self, path: str | Path, context: int):
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer, self.path = load_tokenizer(path), path
         # CLIP pads with its end-of-text token; pooling takes the first one in a row.
         self.eos_id = self.tokenizer.token_to_id(EOS)
         if self.eos_id is None:
@@ -57,7 +76,7 @@ class ClipTokenizer:
             raise TokenizerError("no text given")
         rows = []
         for text in texts:
-            ids = encode(self.tokenizer, text)
+            ids = encode(self.tokenizer, text, self.path)
             if len(ids) > self.context:
                 ids = ids[: self.context - 1] + [self.eos_id]
             if self.eos_id not in ids:
@@ -72,12 +91,12 @@ class ClipTokenizer:
 
 class GemmaTokenizer:
     def __init__(self, path: str | Path, bos_id: int):
-        self.tokenizer, self.bos_id = load_tokenizer(path), bos_id
+        self.tokenizer, self.path, self.bos_id = load_tokenizer(path), path, bos_id
 
     def encode(self, text: str) -> list[int]:
         if not text.strip():
             raise TokenizerError("the prompt is empty")
-        ids = encode(self.tokenizer, text)
+        ids = encode(self.tokenizer, text, self.path)
         return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
 
     def decode(self, ids: list[int]) -> str:

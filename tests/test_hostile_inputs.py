@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from runner.clip import CLIP, CLIPConfig
 from runner.gemma import Gemma, GemmaConfig
@@ -120,13 +121,21 @@ def test_clip_text_features_of_long_and_empty_text_match_transformers(checkpoint
     np.testing.assert_allclose(ours.text_features(ids), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_text_the_tokenizer_cannot_encode_is_a_tokenizer_error(checkpoint_dir, bundle_dir):
+def test_text_the_tokenizer_cannot_encode_is_a_tokenizer_error(checkpoint_dir, bundle_dir, tmp_path):
     """The demo's BPE knows only the characters of its training captions and has no unknown
-    token in its vocabulary: tokenizers raises a bare Exception, which must not escape."""
-    with pytest.raises(TokenizerError, match="cannot tokenize 'x'"):
-        ClipTokenizer(checkpoint_dir / "tokenizer.json", 32)(["x"])
-    run = runner("clip-text", bundle_dir, "x")
-    assert run.returncode == 2 and "cannot tokenize 'x'" in run.stderr and "Traceback" not in run.stderr
+    token in its vocabulary: tokenizers raises a bare Exception, which must not escape. The
+    message names the word the vocabulary cannot spell (not the library's unknown-token
+    internals) and the tokenizer file."""
+    path = checkpoint_dir / "tokenizer.json"
+    with pytest.raises(TokenizerError, match=r"cannot encode 'x' \(its vocabulary of \d+ pieces"):
+        ClipTokenizer(path, 32)(["x"])
+    with pytest.raises(TokenizerError, match="cannot encode 'bleu' \\(in 'a photo of a bleu cube'") as caught:
+        ClipTokenizer(path, 32)(["a red cube", "a photo of a bleu cube"])
+    assert str(path) in str(caught.value) and "Unk token" not in str(caught.value)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    run = runner("zero-shot", bundle_dir, "--labels", "rouge,bleu,vert", tmp_path / "red.png")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "cannot encode 'bleu'" in run.stderr and "Unk token" not in run.stderr, run.stderr
 
 
 def test_cli_embeds_empty_and_overlong_text(bundle_dir):

@@ -75,6 +75,13 @@ class Checkpoint:
                 if name in self._where:
                     raise CheckpointError(f"{path}: tensor {name!r} also in {self._where[name]}")
                 self._where[name], self._data[name] = path, spec
+        # nn.MultiheadAttention keeps its packed in-projection as `in_proj_weight` and
+        # `in_proj_bias`: they are read as the linear `in_proj` (`in_proj.weight`, `in_proj.bias`),
+        # named as every other linear is (SigLIP's pooling head, runner/siglip.py).
+        for name in [n for n in self._where if n.endswith((".in_proj_weight", ".in_proj_bias"))]:
+            alias = name.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
+            if alias not in self._where:
+                self._where[alias], self._data[alias] = self._where[name], self._data[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
+from .images import ImageProcessing
 from .nn import Linear, check_finite, softmax
 
 
@@ -69,13 +70,17 @@ class CLIPConfig:
     vision: TowerConfig
     text: TowerConfig
     projection_dim: int
+    processing: ImageProcessing  # a `preprocessor` key (the checkpoint's preprocessor_config.json), else CLIP's
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CLIPConfig":
         """A Hugging Face CLIP config.json; `ConfigError` (a ValueError) names a missing or bad key."""
         f = ConfigFields(d)
-        return cls(TowerConfig.from_dict(f.raw("vision_config"), "vision_config"),
-                   TowerConfig.from_dict(f.raw("text_config"), "text_config"), f.integer("projection_dim", 512))
+        vision = TowerConfig.from_dict(f.raw("vision_config"), "vision_config")
+        processing = ImageProcessing.from_dict(f.raw("preprocessor", {}), vision.image_size,
+                                               ImageProcessing(vision.image_size))
+        return cls(vision, TowerConfig.from_dict(f.raw("text_config"), "text_config"), f.integer("projection_dim", 512),
+                   processing)
 
 
 def quick_gelu(x: np.ndarray) -> np.ndarray:
@@ -91,6 +96,7 @@ ACTIVATIONS = {
     "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0))),
     "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3))),
 }
+ACTIVATIONS["gelu_pytorch_tanh"] = ACTIVATIONS["gelu_new"]  # the same tanh approximation (SigLIP's)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -205,6 +211,14 @@ class CLIP:
         """Zero-shot: unit image embeddings [n, d] and unit label embeddings [k, d] -> each
         image's probabilities over the labels [n, k] (CLIP: a softmax of the scaled cosines)."""
         return softmax(self.logit_scale * images @ labels.T)
+
+    def rows_per_image(self, layer: str) -> int | None:
+        """The rows an image brings to a call of the image tower's `layer` (None: a text layer):
+        the patches and the class token, the projection one."""
+        if tower_of(layer) != "image":
+            return None
+        v = self.config.vision
+        return 1 if layer == "visual_projection" else (v.image_size // v.patch_size) ** 2 + 1
 
 
 TOWERS = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}

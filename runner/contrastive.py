@@ -1,10 +1,13 @@
-"""The use cases of a contrastive bundle (CLIP's image and text towers): embeddings and
-zero-shot labels.
+"""The use cases of a contrastive bundle (CLIP's or SigLIP's image and text towers):
+embeddings and zero-shot labels.
 
 One implementation for everyone who asks: `runner clip-image`, `clip-text`, `zero-shot`,
 `index` and `search`, and the server's embeddings, classify and search endpoints
-(runner/serve/). What a family does its own way stays in its model: how two embeddings
-become a probability (`label_probabilities`).
+(runner/serve/), for any contrastive family (runner/families.py) without naming one. What a
+family does its own way stays in its model and its family: how an image becomes pixels (the
+config's `processing`), how texts become ids (the family's `tokenizer`), how two embeddings
+become a probability (`label_probabilities`: CLIP's softmax over the labels, SigLIP's sigmoid
+of each).
 
 Embeddings come out as the model computes them or, with `unit=True`, scaled to length 1
 (`unit_rows`: what cosine similarity, search and zero-shot use; what the server returns).
@@ -18,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError
-from .families import CLIP_FAMILY
-from .images import load_f32le, load_image
+from .families import CONTRASTIVE
+from .images import ImageProcessing, load_f32le, load_image
 from .load import Loaded
-from .tokenizer import ClipTokenizer
 
 LABEL_CACHE = 4096  # label embeddings kept (per template and label): 2 MiB at 512 floats
 
@@ -38,42 +40,52 @@ class Contrastive:
     kept per (template, label) up to `label_cache` of them."""
 
     def __init__(self, loaded: Loaded, label_cache: int = LABEL_CACHE):
-        loaded.require(CLIP_FAMILY, "embedding images and texts")
+        if not loaded.family.contrastive:
+            raise BundleError(f"{loaded.bundle.dir}: a {loaded.family.title} bundle; embedding images and texts "
+                              f"needs a {CONTRASTIVE} one")
         self.loaded, self.model, self.config = loaded, loaded.model, loaded.model.config
         self.label_cache = label_cache  # label embeddings kept at most (0: none, every call encodes its labels)
-        self._tokenizer: ClipTokenizer | None = None
+        self._tokenizer = None
         self._labels: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 
     @property
     def image_size(self) -> int:
         return self.config.vision.image_size
 
+    @property
+    def processing(self) -> ImageProcessing:
+        """How an image file becomes the image tower's pixels (the checkpoint's processor)."""
+        return self.config.processing
+
     def require_tower(self, tower: str) -> None:
         bundle = self.loaded.bundle
         if tower not in bundle.towers or (tower == "text" and bundle.tokenizer is None):
             raise BundleError(f"{bundle.dir}: built without the {tower} tower (towers: {', '.join(bundle.towers)})")
 
-    def tokenizer(self) -> ClipTokenizer:
-        """The text tower's tokenizer, opened on first use."""
+    def tokenizer(self):
+        """The text tower's tokenizer (the family's), opened on first use."""
         self.require_tower("text")
         if self._tokenizer is None:
-            self._tokenizer = ClipTokenizer(self.loaded.bundle.tokenizer.path, self.config.text.max_position_embeddings)
+            self._tokenizer = self.loaded.family.tokenizer(self.loaded.bundle.tokenizer.path, self.config)
         return self._tokenizer
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
-        """int64 [len(texts), longest] token ids, as the text tower takes them."""
+        """int64 [len(texts), L] token ids, as the text tower takes them (CLIP: L the longest
+        text's; SigLIP: its context)."""
         return self.tokenizer()(texts)
 
     @property
     def pad_id(self) -> int:
-        """The token `tokenize` pads rows with (CLIP's end-of-text)."""
+        """The token `tokenize` pads rows with (CLIP's end-of-text; SigLIP's pad)."""
         return self.tokenizer().pad_id
 
     def read_images(self, files: list[str | Path], f32le: bool = False) -> np.ndarray:
         """Image files as the image tower's pixels [n, 3, S, S] (`f32le`: raw float32 files,
         already normalized)."""
         self.require_tower("image")
-        return np.stack([(load_f32le if f32le else load_image)(f, self.image_size) for f in files])
+        if f32le:
+            return np.stack([load_f32le(f, self.image_size) for f in files])
+        return np.stack([load_image(f, self.processing) for f in files])
 
     def image_embeddings(self, pixels: np.ndarray, unit: bool = False) -> np.ndarray:
         self.require_tower("image")

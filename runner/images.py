@@ -1,9 +1,10 @@
-"""Images in, CLIP pixels out: what CLIP's image processor does, with Pillow.
+"""Images in, model pixels out: what a Hugging Face image processor does, with Pillow.
 
-Resize so the shortest side is `size` (bicubic), center crop `size` x `size`,
-scale to [0, 1], normalize with CLIP's mean and std, channels first. Any Pillow
-mode is converted to RGB first: grayscale, palette, RGBA (alpha dropped, as
-CLIP's processor does) and 16-bit images. Raw float32 CHW files, already
+`ImageProcessing` says how, as the checkpoint's `preprocessor_config.json` does: CLIP's
+resizes so the shortest side is `size` and center crops `size` x `size`; SigLIP's resizes
+both sides to `size`. Then scale to [0, 1], normalize with the model's mean and std,
+channels first. Any Pillow mode is converted to RGB first: grayscale, palette, RGBA
+(alpha dropped, as the processors do) and 16-bit images. Raw float32 CHW files, already
 normalized, are read as they are (`--image-f32le`, as the reference project).
 
 Pillow is an optional dependency (the runner extra), imported where it is used: text
@@ -13,15 +14,62 @@ inputs and raw float32 files run without it. Large files are decoded within MAX_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
+from .config_values import ConfigFields, ConfigError
 from .errors import UserError
 from .packages import require
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC"}  # PIL's numbering, as processors write it
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """How a model's image processor makes its pixels [3, size, size]."""
+    size: int
+    crop: bool = True  # shortest side to `size`, then a center crop (CLIP); False: both sides to `size` (SigLIP)
+    mean: tuple[float, ...] = tuple(CLIP_MEAN.tolist())
+    std: tuple[float, ...] = tuple(CLIP_STD.tolist())
+    resample: int = 3  # bicubic
+
+    @classmethod
+    def from_dict(cls, d: Mapping, size: int, default: "ImageProcessing") -> "ImageProcessing":
+        """The keys of a `preprocessor_config.json` the runner uses (`image_mean`, `image_std`,
+        `resample`, `do_center_crop`), checked; what is absent is `default`'s. The model's
+        `image_size` is the pixels' size: a processor that disagrees is a ConfigError."""
+        f = ConfigFields(d, "preprocessor")
+        crop = f.raw("do_center_crop", default.crop)
+        if not isinstance(crop, bool):
+            raise ConfigError(f"config key {f.name('do_center_crop')!r} must be true or false, got {crop!r}")
+        mean, std = (_triple(f, key, fallback) for key, fallback in (("image_mean", default.mean),
+                                                                       ("image_std", default.std)))
+        if min(std) <= 0:
+            raise ConfigError(f"config key {f.name('image_std')!r} must be positive, got {list(std)}")
+        resample = f.integer("resample", default.resample, low=0, high=3)
+        out = f.raw("crop_size" if crop else "size", None)
+        sides = out.values() if isinstance(out, Mapping) else [out] if out is not None else []
+        if any(side != size for side in sides):
+            raise ConfigError(f"config key {f.name('crop_size' if crop else 'size')!r} is {out!r}, but the model "
+                              f"takes images of {size} x {size}")
+        return cls(size, crop, mean, std, resample)
+
+
+def _triple(f: ConfigFields, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    value = f.raw(key, default)
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)):
+        raise ConfigError(f"config key {f.name(key)!r} must be three numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def clip_processing(size: int) -> ImageProcessing:
+    return ImageProcessing(size)
 
 
 class ImageError(UserError):
@@ -45,23 +93,37 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def preprocess(img, size: int) -> np.ndarray:
-    """A Pillow image -> float32 [3, size, size], as CLIPImageProcessor."""
-    img = to_rgb(img)
+def preprocess(img, processing: ImageProcessing | int) -> np.ndarray:
+    """A Pillow image -> float32 [3, size, size], as the model's image processor (an int:
+    CLIPImageProcessor at that size)."""
+    p = clip_processing(processing) if isinstance(processing, int) else processing
+    size, img = p.size, to_rgb(img)
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    img = img.resize((new_w, new_h), resample=pillow().Resampling.BICUBIC, reducing_gap=None)
+    if p.crop:
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    else:
+        new_w, new_h = size, size
+    resample = getattr(pillow().Resampling, RESAMPLE[p.resample])
+    img = img.resize((new_w, new_h), resample=resample, reducing_gap=None)
     a = np.asarray(img, dtype=np.float32)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     a = a[top : top + size, left : left + size] / 255.0
-    return ((a - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).astype(np.float32)
+    mean, std = np.array(p.mean, np.float32), np.array(p.std, np.float32)
+    return ((a - mean) / std).transpose(2, 0, 1).astype(np.float32)
 
 
-def load_image(path, size: int, name: str | None = None) -> np.ndarray:
+def normalize(pixels01: np.ndarray, processing: ImageProcessing) -> np.ndarray:
+    """Pixels [3, S, S] in [0, 1] normalized with the model's mean and std (synthetic images)."""
+    mean, std = (np.array(v, np.float32)[:, None, None] for v in (processing.mean, processing.std))
+    return ((pixels01 - mean) / std).astype(np.float32)
+
+
+def load_image(path, processing: ImageProcessing | int, name: str | None = None) -> np.ndarray:
     """An image file (a path, or a binary file object named `name` in messages) -> float32
-    [3, size, size]. Memory stays bounded whatever the file says:
+    [3, size, size], as `processing` says (an int: CLIP's at that size). Memory stays
+    bounded whatever the file says:
     a JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still leaves at least twice `size`
     on each side (Pillow's `draft`: close to, not equal to, resizing the full image), and an
     image that would still decode to more than MAX_PIXELS is refused before decoding, naming
@@ -69,6 +131,7 @@ def load_image(path, size: int, name: str | None = None) -> np.ndarray:
     and decode it anyway)."""
     Image = pillow()
     name = name or path
+    size = processing if isinstance(processing, int) else processing.size
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # the limit below applies to what is decoded, after draft
     try:
@@ -80,7 +143,7 @@ def load_image(path, size: int, name: str | None = None) -> np.ndarray:
                                  "decodes (a JPEG may have up to 64 times that: it is decoded at reduced size); "
                                  "scale it down first")
             img.load()
-            return preprocess(img, size)
+            return preprocess(img, processing)
     except ImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError

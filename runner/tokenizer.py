@@ -4,6 +4,9 @@ CLIP, as CLIP does: the tokenizer adds the start- and end-of-text tokens; a text
 than the context is cut and its last token replaced by end-of-text (so pooling at
 end-of-text still works); rows are padded to the longest text with the pad token.
 
+SigLIP (`FixedLengthTokenizer`): the tokenizer adds the end token; every row is padded to
+the context, as the model was trained.
+
 Gemma: one prompt, <bos> first (added when the tokenizer does not add it), and the
 generated ids back to text without special tokens.
 """
@@ -85,6 +88,27 @@ class ClipTokenizer:
             rows.append(ids)
         out = np.full((len(rows), max(map(len, rows))), self.pad_id, np.int64)
         for i, ids in enumerate(rows):
+            out[i, : len(ids)] = ids
+        return out
+
+
+class FixedLengthTokenizer:
+    """SigLIP's: every row padded to the context with `pad_id`, as the model was trained (its
+    text tower pools the last position, padding or not). The tokenizer adds the end token; a
+    longer text is cut to the context, keeping that last token."""
+
+    def __init__(self, path: str | Path, context: int, pad_id: int):
+        self.tokenizer, self.context, self.pad_id = load_tokenizer(path), context, pad_id
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """int64 [len(texts), context] token ids."""
+        if not texts:
+            raise TokenizerError("no text given")
+        out = np.full((len(texts), self.context), self.pad_id, np.int64)
+        for i, text in enumerate(texts):
+            ids = encode(self.tokenizer, text)
+            if len(ids) > self.context:
+                ids = ids[: self.context - 1] + ids[-1:]
             out[i, : len(ids)] = ids
         return out
 

@@ -370,7 +370,7 @@ def test_a_clip_bundle_is_not_a_gemma_one(bundle_dir, gemma_demo):
     run = runner("gemma", bundle_dir, "--prompt", "hi")
     assert run.returncode == 2 and "a CLIP bundle; `gemma` needs a Gemma one" in run.stderr
     run = runner("clip-text", gemma_demo[0], "hi")
-    assert run.returncode == 2 and "a Gemma bundle; embedding images and texts needs a CLIP one" in run.stderr
+    assert run.returncode == 2 and "a Gemma bundle; embedding images and texts needs a CLIP or SigLIP one" in run.stderr
 
 
 def test_tpu_lazy_alone_keeps_the_default_number_of_tiles_open(gemma_demo, bundle):

@@ -1,7 +1,7 @@
 """`python -m runner serve`: bundles behind the OpenAI HTTP API, on Starlette and uvicorn.
 
     POST /v1/chat/completions   a Function-Gemma bundle: messages and tools in, tool_calls out (stream: SSE)
-    POST /v1/embeddings         a CLIP bundle: texts, or images as data:image/...;base64, URIs
+    POST /v1/embeddings         a CLIP or SigLIP bundle: texts, or images as data:image/...;base64, URIs
     POST /v1/classify           zero-shot: images, labels, a prompt template ("a photo of {}")
     POST /v1/search             a text or an image against an index named with --index NAME=DIR
     GET  /v1/models, /health (503 while loading, then 200), /metrics (Prometheus)
@@ -35,7 +35,7 @@ from ..chat import ChatError
 from ..conversation import FIRST_ONLY
 from ..contrastive import Contrastive
 from ..errors import UserError
-from ..families import CLIP_FAMILY
+from ..families import CONTRASTIVE
 from ..function_calls import START_CALL
 from ..generate import Sampler
 from ..images import load_image
@@ -121,7 +121,7 @@ class Server:
         name = Path(bundle).name
         print(f"{name}: {loaded.family.title} on {loaded.backend}" + (f" ({loaded.auto_line()})" if s.backend == "auto"
                                                                       else ""), file=sys.stderr)
-        if loaded.family is CLIP_FAMILY:
+        if loaded.family.contrastive:
             towers = Contrastive(loaded)
             return Served(name, loaded, EmbeddingEngine(name, towers, s.max_batch, s.max_wait_ms, s.max_queue), towers)
         assistant = Assistant.of(loaded)
@@ -159,7 +159,7 @@ class Server:
         if kind == "chat" and served.assistant is None or kind == "embeddings" and served.towers is None:
             use = "chat completions" if kind == "chat" else "embeddings, classify and search"
             raise APIError(400, f"model {name!r} is a {served.loaded.family.title} bundle; {use} need "
-                           f"{'a Function-Gemma' if kind == 'chat' else 'a CLIP'} one", param="model",
+                           f"{'a Function-Gemma' if kind == 'chat' else 'a ' + CONTRASTIVE} one", param="model",
                            code="wrong_model")
         return served
 
@@ -211,11 +211,11 @@ async def embed(request: Request, served: Served, kind: str, payload, rows: int)
 
 
 async def decode_images(served: Served, values: list[str], param: str) -> np.ndarray:
-    size = served.towers.image_size
+    processing = served.towers.processing
     served.towers.require_tower("image")
 
     def one(i: int, raw: bytes) -> np.ndarray:
-        return load_image(io.BytesIO(raw), size, name=f"{param}[{i}]")
+        return load_image(io.BytesIO(raw), processing, name=f"{param}[{i}]")
     decoded = [image_bytes(v, f"{param}[{i}]") for i, v in enumerate(values)]
     missing = [i for i, d in enumerate(decoded) if d is None]
     if missing:

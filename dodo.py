@@ -183,8 +183,11 @@ def task_bundle():
         print(f"bundle: {bundle_dir(recipe.name)}")
     # with both flavors the bundle records routes from the cost model: editing it rebuilds
     cost_model = [str(resolve(recipe.cost_model))] if recipe.has_routes else []
+    tools = [str(recipe.tools_path)] if recipe.tools_path else []
     return {"actions": [step(run)], "task_dep": ["layers"] + (["select"] if placement else []),
-            "file_dep": [str(layers_index_path(recipe.name))] + ([str(placement)] if placement else []) + cost_model,
+            "file_dep": [str(layers_index_path(recipe.name))] + ([str(placement)] if placement else []) + cost_model
+            + tools,
+            "uptodate": [config_changed(recipe.settings("tools"))],
             "targets": [bundle_dir(recipe.name) / "manifest.json"]}
 
 

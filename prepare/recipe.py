@@ -29,8 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from runner.chat import ChatError
 from runner.config_values import ConfigError, option, path_problem, read_fields
+from runner.conversation import check_tools
 from runner.errors import UserError
+from runner.jsonfile import read_json
 
 from .demo_models import replaceable
 from .families import NAMES as FAMILY_NAMES
@@ -259,6 +262,10 @@ class Recipe:
     workload: Workload = field(default_factory=Workload)
     # Held-out inputs of `doit verify` and the target search.
     verify: Verify = field(default_factory=Verify)
+    # Gemma: a JSON list of tools (OpenAI form) the bundle carries as tools.json, offered to
+    # the model by `runner call` when given no --tools. Relative to the checkpoint unless it
+    # starts with recipes/ or artifacts/, like the calibration inputs.
+    tools: str | None = None
     # Fidelity the int8 model must reach ({metric: value}); the build keeps the fewest
     # linears on the CPU that reach it (prepare/stages/placement.py). Empty: every linear on the TPU.
     target: dict = field(default_factory=dict)
@@ -278,6 +285,10 @@ class Recipe:
     @property
     def checkpoint_dir(self) -> Path | None:
         return Path(self.checkpoint) if self.checkpoint else None
+
+    @property
+    def tools_path(self) -> Path | None:
+        return calibration_path(self.tools, self.checkpoint)
 
     def input_path(self, section: str, key: str) -> Path | None:
         """An input of `calibration` or `verify` (images, captions, prompts), resolved: the
@@ -407,6 +418,8 @@ def _check_model(recipe: str, values: dict) -> None:
         raise RecipeError(f"{recipe}: key 'cpu_layers' must be a list of layer-name patterns")
     if values.get("lm_head") and not model.LM_HEAD:
         raise RecipeError(f"{recipe}: key 'lm_head' is for a model with a tiled LM head, not {family}")
+    if values.get("tools") is not None:
+        _check_tools(recipe, values["tools"], family, checkpoint, generate, model.LM_HEAD)
     for key, section in SECTIONS.items():
         try:
             values[key] = read_fields(section, values.get(key, {}), key)
@@ -440,6 +453,27 @@ def _check_model(recipe: str, values: dict) -> None:
                               f"(known for {family}: {', '.join(model.TARGET_METRICS)})")
         if not _is(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
             raise RecipeError(f"{recipe}: key target.{metric} must be a number in (0, 1], got {_shown(value)}")
+
+
+MAX_TOOLS_BYTES = 8 << 20  # as `runner call` reads a tools file
+
+
+def _check_tools(recipe: str, value, family: str, checkpoint: str, generate: str | None, calls: bool) -> None:
+    """The `tools` key: a file of tools as `runner call --tools` reads them, checked as it checks them."""
+    if not calls:
+        raise RecipeError(f"{recipe}: key 'tools' is for a model that calls functions (gemma), not {family}")
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{recipe}: key 'tools' must be the path of a JSON list of tools, got {_shown(value)}")
+    path = calibration_path(value, checkpoint)
+    if generate and path.is_relative_to(Path(checkpoint)):
+        return  # a generated checkpoint brings its own files, made after this check
+    if not path.is_file():
+        raise RecipeError(f"{recipe}: key 'tools': {path} does not exist (relative to the checkpoint "
+                          f"{checkpoint} unless it starts with recipes/ or artifacts/)")
+    try:
+        check_tools(read_json(path, ChatError, MAX_TOOLS_BYTES), str(path))
+    except ChatError as e:
+        raise RecipeError(f"{recipe}: key 'tools': {e}") from e
 
 
 # What safe_load raises besides YAMLError: RecursionError for nesting deeper than Python's

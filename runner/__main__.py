@@ -3,7 +3,7 @@
     clip-image BUNDLE IMAGE...  [--image-f32le] [--out FILE.npy]   image embeddings
     clip-text  BUNDLE TEXT...   [--out FILE.npy]                   text embeddings
     zero-shot  BUNDLE IMAGE... --labels "a cat,a dog"              label probabilities per image
-    call       BUNDLE [REQUEST] --tools tools.json [--messages conversation.json]   a function call, parsed
+    call       BUNDLE [REQUEST] [--tools tools.json] [--messages conversation.json]  a function call, parsed
     gemma      BUNDLE (--prompt TEXT | --token-ids 2,818,5279) --steps N --lm-head cpu|tpu-preload|tpu-lazy
                [--lm-cache-capacity N] [--shortlist N] [--rescore K]
                [--temperature T --top-k K --seed S] [--ignore-eos]   text, streamed
@@ -317,10 +317,15 @@ def call_command(args: argparse.Namespace) -> int:
     source = args.messages or "the request"
     setup_ms = (time.perf_counter() - t0) * 1e3
     say_backend(args, loaded)
+    tools_source = args.tools
+    if tools is None and loaded.bundle.tools is not None:  # the recipe's tools, carried in the bundle
+        tools_source = str(loaded.bundle.tools.path)
+        tools = read_json(tools_source, ChatError, MAX_CALL_INPUT_BYTES)
+        print(f"tools: {tools_source} (the bundle's; --tools FILE gives others)", file=sys.stderr)
     if not tools:
         print("note: no tools given (--tools FILE): Function-Gemma can only answer in text", file=sys.stderr)
     reply = assistant.reply(messages, tools, steps=args.steps, parallel=args.parallel, source=source,
-                            tools_source=args.tools)
+                            tools_source=tools_source)
     ms_per_token = reply.ms_per_token
     result = {"command": args.command, "bundle": args.bundle, "backend": loaded.backend, "threads": args.threads,
               **reply.answer.to_json(), "prompt_tokens": reply.prompt, "tokens": reply.tokens,
@@ -587,13 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     gemma.set_defaults(func=gemma_command)
 
     call = command("call", "a Function-Gemma bundle: tools and a request in, the function call out",
-                   'call artifacts/bundles/demo-gemma --tools recipes/demo-gemma/tools.json "Set a timer for 10 minutes"',
-                   "call artifacts/bundles/demo-gemma --tools recipes/demo-gemma/tools.json --messages conversation.json "
-                   "--json",
+                   'call artifacts/bundles/demo-gemma "Set a timer for 10 minutes"',
+                   "call artifacts/bundles/demo-gemma --tools my-tools.json --messages conversation.json --json",
                    parents=[common])
     call.add_argument("request", nargs="?", metavar="REQUEST", help="the user's request (a last user turn)")
     call.add_argument("--tools", metavar="FILE", help="a JSON list of tools, {type: function, function: {name, "
-                      "description, parameters}}, as transformers' apply_chat_template(tools=...) takes them")
+                      "description, parameters}}, as transformers' apply_chat_template(tools=...) takes them (default: the "
+                      "tools the bundle's recipe names, where it does)")
     call.add_argument("--messages", metavar="FILE", help="a JSON list of messages before REQUEST (roles developer, "
                       "system, user, model, assistant, tool), e.g. a function's result to answer")
     call.add_argument("--steps", type=at_least(1), default=128, metavar="N", help="tokens to generate at most")

@@ -32,6 +32,7 @@ FORMAT = "coral-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where transformers looks for a chat template
+TOOLS_FILE = "tools.json"  # a recipe's tools (OpenAI form), carried for `runner call`
 HOST_FILE = "host.safetensors"
 MAX_MANIFEST_BYTES = 64 << 20
 FLAVORS = ("params", "cpu", "edgetpu")
@@ -132,9 +133,9 @@ class HostTensors:
 class Bundle:
     def __init__(self, directory: Path, manifest: dict, layers: list[Layer], host: HostTensors,
                  tokenizer: BundleFile | None, lm_head: LMHead | None = None, int8_head: Int8Head | None = None,
-                 chat: list[BundleFile] | None = None):
+                 chat: list[BundleFile] | None = None, tools: BundleFile | None = None):
         self.dir, self.manifest, self.layers, self.host, self.tokenizer = directory, manifest, layers, host, tokenizer
-        self.lm_head, self.int8_head, self.chat = lm_head, int8_head, chat or []
+        self.lm_head, self.int8_head, self.chat, self.tools = lm_head, int8_head, chat or [], tools
         self.family: str = manifest["family"]
         self.config: dict = manifest["config"]
         self.towers: list[str] = manifest["towers"]
@@ -149,7 +150,8 @@ class Bundle:
             problem = size_problem(f, what)
             if problem:
                 raise BundleError(problem)
-        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head, m.int8_head, m.chat)
+        return cls(m.dir, m.manifest, m.layers, HostTensors(m.host.path), m.tokenizer, m.lm_head, m.int8_head, m.chat,
+                   m.tools)
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -192,6 +194,7 @@ class Manifest:
     lm_head: LMHead | None = None
     int8_head: Int8Head | None = None
     chat: list[BundleFile] = field(default_factory=list)  # tokenizer_config.json, chat_template.jinja
+    tools: BundleFile | None = None  # tools.json: the recipe's tools, `runner call`'s when given none
 
     @property
     def tpu_layers(self) -> list[Layer]:
@@ -201,7 +204,7 @@ class Manifest:
         """Every file the manifest names (with `flavor`, of the layers only that flavor's),
         with what it is for."""
         out = [("host tensors", self.host)] + ([("tokenizer", self.tokenizer)] if self.tokenizer else [])
-        out += [(f"chat {f.path.name}", f) for f in self.chat]
+        out += [(f"chat {f.path.name}", f) for f in self.chat] + ([("tools", self.tools)] if self.tools else [])
         for layer in self.tpu_layers:
             out += [(f"layer {layer.name} {f}", file) for f, file in layer.files.items() if flavor in (None, f)]
         if self.int8_head and flavor != "params":  # the cpu head's, on the interpreter backends
@@ -309,7 +312,12 @@ def read_manifest(directory: str | Path) -> Manifest:
         if not (isinstance(e, dict) and e.get("path") in CHAT_FILES):
             raise BundleError(f"{where}: chat[{i}]: one of {', '.join(CHAT_FILES)}, beside the manifest")
         chat.append(file(e, f"chat[{i}]"))
-    return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head, chat)
+    tools = manifest.get("tools")
+    if tools is not None:
+        if not (isinstance(tools, dict) and tools.get("path") == TOOLS_FILE):
+            raise BundleError(f"{where}: tools: {TOOLS_FILE}, beside the manifest")
+        tools = file(tools, "tools")
+    return Manifest(directory, manifest, layers, host, tokenizer, head, int8_head, chat, tools)
 
 
 def _lm_head(where: str, head: dict, layer) -> "LMHead":

@@ -233,6 +233,53 @@ def test_a_mistake_in_the_users_files_names_that_file_not_the_template(fg_bundle
 
 def test_a_call_without_tools_says_the_model_can_only_answer_in_text(fg_bundle, tmp_path):
     (tmp_path / "none.json").write_text("[]")
-    for args in ([], ["--tools", tmp_path / "none.json"]):
-        run = runner("call", fg_bundle, "set a timer", *args, "--steps", "3", "--backend", "emulate")
-        assert run.returncode == 0 and "note: no tools given" in run.stderr, run.stderr
+    run = runner("call", fg_bundle, "set a timer", "--tools", tmp_path / "none.json", "--steps", "3",
+                 "--backend", "emulate")
+    assert run.returncode == 0 and "note: no tools given" in run.stderr, run.stderr
+
+
+def test_the_recipes_tools_travel_in_the_bundle_and_serve_when_none_are_given(fg_bundle, tmp_path):
+    """demo-gemma.yaml names `tools:`; the bundle carries them (listed in the manifest, so
+    `runner check` and deploy see them) and `runner call` renders them when given no --tools:
+    the same prompt as --tools with the same file, and a longer one than no tools at all."""
+    manifest = json.loads((fg_bundle / "manifest.json").read_text())
+    assert manifest["tools"]["path"] == "tools.json"
+    assert json.loads((fg_bundle / "tools.json").read_text()) == json.loads(TOOLS.read_text())
+    (tmp_path / "none.json").write_text("[]")
+    prompts = {}
+    for name, args in (("bundle's", []), ("given", ["--tools", TOOLS]), ("none", ["--tools", tmp_path / "none.json"])):
+        run = runner("call", fg_bundle, "set a timer", *args, "--steps", "2", "--backend", "emulate", "--json")
+        assert run.returncode == 0, run.stderr
+        prompts[name] = json.loads(run.stdout)["prompt_tokens"]
+        assert ("(the bundle's; --tools FILE gives others)" in run.stderr) == (name == "bundle's"), run.stderr
+    assert prompts["bundle's"] == prompts["given"] and len(prompts["given"]) > len(prompts["none"]) + 100
+    check = runner("check", fg_bundle, "--json")
+    assert check.returncode == 0, check.stderr
+    (fg_bundle / "tools.json").write_text(TOOLS.read_text() + " ")  # a changed file is found by check
+    try:
+        check = runner("check", fg_bundle)
+        assert check.returncode != 0 and "tools" in check.stdout + check.stderr, check.stdout + check.stderr
+    finally:
+        shutil.copyfile(TOOLS, fg_bundle / "tools.json")
+
+
+@pytest.mark.parametrize("tools, needle", [
+    ("missing.json", "key 'tools': {checkpoint}/missing.json does not exist"),
+    ("bad.json", "key 'tools': {checkpoint}/bad.json: tool 0: no \"name\""),
+])
+def test_a_bad_tools_key_is_one_line_before_any_work(tmp_path, tools, needle):
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (checkpoint / name).symlink_to(DEMO / name)
+    (checkpoint / "bad.json").write_text('[{"type": "function", "function": {"description": "no name"}}]')
+    run = doit(tmp_path / "artifacts", "recipe=recipes/demo-gemma.yaml", "generate=null", f"checkpoint={checkpoint}",
+               f"tools={tools}", check=False)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert needle.format(checkpoint=checkpoint) in lines[0] and "recipes/demo-gemma.yaml" in lines[0], lines
+
+
+def test_tools_are_for_a_model_that_calls_functions(tmp_path):
+    run = doit(tmp_path / "artifacts", "recipe=recipes/demo-clip.yaml", f"tools={TOOLS}", check=False)
+    assert run.returncode == 2 and "key 'tools' is for a model that calls functions" in run.stderr, run.stderr

@@ -10,6 +10,8 @@
     tokenizer_config.json, chat_template.jinja
                          the checkpoint's, where it has them (manifest `chat`): the chat
                          template `runner call` renders
+    tools.json           the recipe's `tools` (manifest `tools`): what `runner call` offers
+                         the model when not given --tools
     layers/<layer>.params.bin | .cpu.tflite | .edgetpu.tflite
                          every linear, and every LM-head tile (`lm_head.tiles.<i>`: listed
                          apart in the manifest's `lm_head`). With both the edgetpu and the
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save_file
 
-from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, VERSION, sha256_file
+from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, TOOLS_FILE, VERSION, sha256_file
 from runner.checkpoint import Checkpoint
 from runner.lm_head import row_norms
 from runner.tflite_file import parse_tflite
@@ -184,6 +186,10 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                 if (recipe.checkpoint_dir / name).is_file():
                     shutil.copyfile(recipe.checkpoint_dir / name, tmp / name)
                     chat.append(_file_entry(tmp, name))
+        tools = None
+        if recipe.tools_path is not None:  # checked by the recipe; `runner call` uses them when given none
+            shutil.copyfile(recipe.tools_path, tmp / TOOLS_FILE)
+            tools = _file_entry(tmp, TOOLS_FILE)
         layers, tiles = [], []
         for e in index["layers"]:
             entry = {k: e[k] for k in ("name", "in", "out", "placement")}
@@ -220,7 +226,8 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",
                                             "output_scale", "output_zero_point", "source")}
                           for t in index["templates"]],
-            "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "chat": chat, "layers": layers,
+            "host": _file_entry(tmp, HOST_FILE), "tokenizer": tokenizer, "chat": chat, "tools": tools,
+            "layers": layers,
             "lm_head": lm_head, "int8_head": int8_head, "route": route,
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }

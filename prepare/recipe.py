@@ -177,7 +177,7 @@ def hf_program() -> str:
 
 
 def download_command(repo: str, directory: str) -> str:
-    """How to get a recipe's checkpoint (README, "Getting a checkpoint"): `hf` comes with
+    """How to get a recipe's checkpoint (README, "Real checkpoints"): `hf` comes with
     huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
     hf = hf_program()
     return (f"{hf} download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "

@@ -1,4 +1,4 @@
-"""The Pi side: run a bundle with numpy and a TFLite interpreter (README, "The runner").
+"""The Pi side: run a bundle with numpy and a TFLite interpreter (runner/README.md).
 
 Where things are, from the command line down:
 

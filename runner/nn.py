@@ -7,7 +7,7 @@ behind it decides where the layer runs (runner/executors.py). `float_linear` is 
 that runs the float weights as they are: the fp32 backend, and the layers a recipe keeps
 on the CPU.
 
-What the forward passes do with numbers float32 cannot hold (README, "Hardening"): inputs
+What the forward passes do with numbers float32 cannot hold (bench/hardening.md): inputs
 must be finite, and a forward pass whose hidden states overflow float32 stops with
 `NonFiniteError` instead of returning a wrong answer. The quiet failure this prevents: a
 norm's variance overflowing to Inf turns its whole row into zeros (x / sqrt(inf)), a

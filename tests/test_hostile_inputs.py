@@ -1,6 +1,6 @@
 """Hostile runner input: NaN and Inf in images, hidden states that overflow float32, empty text,
 text longer than CLIP's context, prompts longer than Gemma's. Each has a defined behaviour
-(README, "Hardening"), checked here against transformers where it computes the same thing."""
+(bench/hardening.md), checked here against transformers where it computes the same thing."""
 
 from __future__ import annotations
 

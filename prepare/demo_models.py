@@ -20,6 +20,10 @@ from runner.clip import CLIPConfig, tensor_shapes
 from runner.errors import UserError
 from runner.gemma import GemmaConfig
 from runner.gemma import tensor_shapes as gemma_shapes
+from runner.siglip import SiglipConfig
+from runner.siglip import tensor_shapes as siglip_shapes
+
+from .convert_tokenizer import SENTENCEPIECE_FILE, siglip_tokenizer_json
 
 from .store import ARTIFACTS, atomic_write, replace_dir
 
@@ -236,8 +240,121 @@ def with_outliers(tensors: dict[str, np.ndarray], rng: np.random.Generator) -> d
     return out
 
 
-GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32}
-CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config}
+# --- random SigLIP ----------------------------------------------------------------------------
+# Words the SigLIP tokenizer learns beside the captions: accents, other scripts and emoji, so
+# that its conversion to tokenizer.json is tested on more than ASCII (prepare/convert_tokenizer.py).
+WORLD_WORDS = ["café", "naïve", "crème", "brûlée", "jalapeño", "straße", "über", "façade", "smørrebrød", "garçon",
+               "東京", "写真", "Москва", "кошка", "Ελλάδα", "γάτα", "🙂", "🐶", "🐱", "🌳", "🚗"]
+
+
+def siglip_config(vision: dict, text: dict, image_size: int, patch_size: int) -> dict:
+    return {"architectures": ["SiglipModel"], "model_type": "siglip",
+            "vision_config": dict(vision, model_type="siglip_vision_model", image_size=image_size,
+                                  patch_size=patch_size, num_channels=3, hidden_act="gelu_pytorch_tanh",
+                                  layer_norm_eps=1e-6),
+            "text_config": dict(text, model_type="siglip_text_model", max_position_embeddings=64,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, projection_size=vision["hidden_size"],
+                                pad_token_id=1, eos_token_id=1, bos_token_id=None)}
+
+
+def random_siglip_config() -> dict:
+    """A small SigLIP: every encoder linear 256x256 (the pooling head's in-projection 256x768)."""
+    tower = dict(hidden_size=WIDTH, intermediate_size=WIDTH, num_hidden_layers=2, num_attention_heads=4)
+    return siglip_config(tower, dict(tower, vocab_size=1024), image_size=64, patch_size=16)
+
+
+def siglip_base_config() -> dict:
+    """The dimensions of google/siglip-base-patch16-224 (its config.json, trimmed)."""
+    tower = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    return siglip_config(tower, dict(tower, vocab_size=32000), image_size=224, patch_size=16)
+
+
+def write_siglip_tokenizer(directory: Path) -> None:
+    """spiece.model, a SentencePiece unigram model numbered as SigLIP's (<pad> 0, </s> 1,
+    <unk> 2), trained on the captions and WORLD_WORDS; tokenizer_config.json; and the
+    tokenizer.json the build makes of them."""
+    import io
+
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    lines = captions() + [" ".join(rng.choice(WORLD_WORDS, 4)) + " " + c for c in captions()[:200]]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, character_coverage=1.0, num_threads=1, minloglevel=2)
+    atomic_write(directory / SENTENCEPIECE_FILE, model.getvalue())
+    atomic_write(directory / "tokenizer_config.json", json.dumps(
+        {"tokenizer_class": "SiglipTokenizer", "model_max_length": 64, "do_lower_case": True, "eos_token": "</s>",
+         "pad_token": "</s>", "unk_token": "<unk>"}, indent=1))
+    atomic_write(directory / "tokenizer.json", siglip_tokenizer_json(directory))
+
+
+def random_siglip_weights(config: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded weights in Hugging Face naming (the packed in-projection as nn.MultiheadAttention
+    names it), scaled so activations keep a trained model's size; SigLIP's initial logit scale
+    and bias (log 10, -10)."""
+    tensors = {}
+    for name, shape in siglip_shapes(SiglipConfig.from_dict(config)).items():
+        if name == "logit_scale":
+            value = np.full(shape, np.log(10.0))
+        elif name == "logit_bias":
+            value = np.full(shape, -10.0)
+        elif "norm" in name and name.endswith("weight"):
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            value = 0.02 * rng.standard_normal(shape)
+        elif "embedding" in name and "patch" not in name or name.endswith("probe"):
+            value = 0.02 * rng.standard_normal(shape) if "embedding" in name else rng.standard_normal(shape)
+        else:  # linear weights and the patch kernel: a scale that keeps the residual stream of the right size
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        tensors[name.replace(".in_proj.", ".in_proj_")] = np.asarray(value, np.float32)
+    return tensors
+
+
+def write_siglip(directory: Path, config: dict, seed: int, outliers: bool) -> Path:
+    """config.json, preprocessor_config.json, the tokenizer files, model.safetensors,
+    calibration and held-out captions and images (as write_clip's)."""
+    from safetensors.numpy import save
+
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    size = config["vision_config"]["image_size"]
+    atomic_write(directory / "config.json", json.dumps(config, indent=2))
+    atomic_write(directory / "preprocessor_config.json", json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, indent=1))
+    write_siglip_tokenizer(directory)
+    tensors = random_siglip_weights(config, rng)
+    if outliers:
+        tensors = with_outliers(tensors, np.random.default_rng(seed + 1))
+    atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
+    all_captions = captions()
+    order = rng.permutation(len(all_captions))
+    atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
+    atomic_write(directory / "heldout-captions.txt", "\n".join(all_captions[i] for i in order[48:64]) + "\n")
+    for k in range(16):
+        _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
+    for k, color in enumerate(["red", "green", "blue", "yellow"]):
+        _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+    return directory
+
+
+def make_random_siglip(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
+    return write_siglip(Path(directory), random_siglip_config(), seed, outliers)
+
+
+def make_random_siglip_base(directory: str | Path, seed: int = 0, outliers: bool = False) -> Path:
+    """A SigLIP of siglip-base-patch16-224's real dimensions with seeded random weights (for
+    benchmarks); its tokenizer is the small one, whose ids are valid in the larger vocabulary."""
+    return write_siglip(Path(directory), siglip_base_config(), seed, outliers)
+
+
+GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32,
+              "random-siglip": make_random_siglip, "random-siglip-base": make_random_siglip_base}
+CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config,
+           "random-siglip": random_siglip_config, "random-siglip-base": siglip_base_config}
 DEMO_VERSION = 4  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
 
 

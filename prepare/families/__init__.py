@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("clip", "gemma")
+NAMES = ("clip", "siglip", "gemma")
 
 
 def family_of(name: str) -> ModuleType:

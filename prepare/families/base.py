@@ -25,12 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from runner.checkpoint import CheckpointError, read_config
 from runner.config_values import ConfigError
+from runner.jsonfile import read_json
 from runner.nn import layer_bias
 
 from ..demo_models import CONFIGS
@@ -149,10 +151,24 @@ def parse_config(values: dict, parse: Callable[[dict], object], recipe: Recipe, 
         raise CheckpointError(f"{recipe.checkpoint_dir / 'config.json'}: not a usable {what} config ({e})") from e
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"  # a Hugging Face checkpoint's image processor
+MAX_PREPROCESSOR_BYTES = 1 << 20
+
+
+def with_preprocessor(values: dict, directory: Path) -> dict:
+    """A checkpoint's config with its preprocessor_config.json, where it has one, as its
+    `preprocessor`: how the runner makes an image's pixels (runner/images.py), kept in the
+    bundle's config."""
+    path = Path(directory) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return values
+    return {**values, "preprocessor": read_json(path, CheckpointError, MAX_PREPROCESSOR_BYTES)}
+
+
 def read_model_config(recipe: Recipe, parse: Callable[[dict], object], what: str):
-    """The checkpoint's config, or, before a generated checkpoint exists, the generator's (its
-    layer shapes do not depend on anything generated)."""
+    """The checkpoint's config (with its preprocessor), or, before a generated checkpoint
+    exists, the generator's (its layer shapes do not depend on anything generated)."""
     directory = recipe.checkpoint_dir
     if (directory / "config.json").is_file() or recipe.generate is None:
-        return parse_config(read_config(directory), parse, recipe, what)
+        return parse_config(with_preprocessor(read_config(directory), directory), parse, recipe, what)
     return parse_config(CONFIGS[recipe.generate](), parse, recipe, what)

@@ -17,7 +17,7 @@ import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError
 from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
-from runner.images import CLIP_MEAN, CLIP_STD, load_image
+from runner.images import load_image, normalize as normalize_pixels
 from runner.jsonfile import read_json
 from runner.nn import Linear, float_linear
 from runner.tokenizer import EOS, ClipTokenizer, TokenizerError, load_tokenizer
@@ -26,7 +26,7 @@ from ..calibrate import InputRecorder
 from ..evaluate import cosines, normalize
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
-from .base import LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config
+from .base import LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config, with_preprocessor
 
 TOWERS = ("image", "text")
 GENERATORS = ("demo-clip", "demo-clip-outliers", "random-clip-vit-b32", "random-clip-vit-b32-outliers")
@@ -80,7 +80,8 @@ def needs_tokenizer(recipe: Recipe) -> bool:
 def open_checkpoint(recipe: Recipe) -> tuple[Checkpoint, CLIPConfig]:
     """Open and check every tensor the recipe's towers need, before any long work."""
     checkpoint = Checkpoint(recipe.checkpoint_dir)
-    config = parse_config(checkpoint.config, CLIPConfig.from_dict, recipe, "CLIP")
+    config = parse_config(with_preprocessor(checkpoint.config, recipe.checkpoint_dir), CLIPConfig.from_dict, recipe,
+                          "CLIP")
     checkpoint.require(tensor_shapes(config, recipe.towers))
     if "text" in recipe.towers:
         if not (recipe.checkpoint_dir / "tokenizer.json").is_file():
@@ -170,16 +171,16 @@ def image_files(recipe: Recipe, section: str = "calibration") -> list[Path]:
 
 def calibration_images(recipe: Recipe, config: CLIPConfig, section: str = "calibration") -> np.ndarray:
     """Pixels [N, 3, S, S]: the recipe's image directory, then seeded synthetic images
-    (of `calibration`, or of `verify`: the held-out ones)."""
+    (of `calibration`, or of `verify`: the held-out ones), as the model's processor makes them."""
     size = config.vision.image_size
     inputs = getattr(recipe, section)
-    images = [load_image(p, size) for p in image_files(recipe, section)]
+    images = [load_image(p, config.processing) for p in image_files(recipe, section)]
     rng = np.random.default_rng(inputs.seed)
     for _ in range(inputs.synthetic):
-        # Smooth colored noise in [0, 1], normalized as CLIP's processor does.
+        # Smooth colored noise in [0, 1], normalized as the model's processor does.
         coarse = rng.uniform(0, 1, (3, 8, 8)).astype(np.float32)
         up = np.kron(coarse, np.ones((1, -(-size // 8), -(-size // 8)), np.float32))[:, :size, :size]
-        images.append((up - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None])
+        images.append(normalize_pixels(up, config.processing))
     return np.stack(images).astype(np.float32)
 
 
@@ -201,10 +202,11 @@ def calibration_texts(recipe: Recipe, config: CLIPConfig, section: str = "calibr
 
 
 def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: CLIPConfig,
-                       progress=lambda n: None) -> dict[str, np.ndarray]:
-    """Each linear's input rows over the calibration inputs, through the float model."""
+                       progress=lambda n: None, model_class=CLIP, texts=None) -> dict[str, np.ndarray]:
+    """Each linear's input rows over the calibration inputs, through the float model
+    (`model_class`, `texts` the calibration texts: another contrastive family's, SigLIP's)."""
     recorder = InputRecorder(float_linear(checkpoint), recipe.calibration.max_rows, recipe.calibration.seed)
-    model = CLIP(config, checkpoint, recorder)
+    model = model_class(config, checkpoint, recorder)
     if "image" in recipe.towers:
         pixels = calibration_images(recipe, config)
         for k in range(0, len(pixels), CALIBRATION_BATCH):
@@ -213,7 +215,7 @@ def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: CLIPConfi
     if "text" in recipe.towers:
         # One text at a time: rows after end-of-text would be padding, which CLIP computes
         # but never uses, and which would only skew the recorded ranges.
-        for ids in calibration_texts(recipe, config):
+        for ids in (texts or calibration_texts)(recipe, config):
             model.text_features(ids[None])
             progress(1)
     return recorder.inputs()
@@ -233,19 +235,24 @@ def calibration_count(recipe: Recipe) -> int:
 
 class Evaluation:
     """Held-out images and texts, and the float model's embeddings of them; with the recipe's
-    `verify.labels`, what each image shows and the candidate labels a user would ask about."""
+    `verify.labels`, what each image shows and the candidate labels a user would ask about.
+    Another contrastive family (SigLIP) evaluates the same way with its own model and texts."""
+
+    model_class = CLIP
+    calibration_texts = staticmethod(calibration_texts)
+    tokenizer_for = staticmethod(tokenizer_for)
 
     def __init__(self, recipe: Recipe, config, weights: Mapping[str, np.ndarray]):
         self.config, self.towers = config, recipe.towers
         # What the sensitivity ranks by: the recipe's towers' mean cosines.
         self.sensitivity_keys = tuple(f"{tower}_cosine_mean" for tower in TOWERS if tower in self.towers)
         self.pixels = calibration_images(recipe, config, "verify") if "image" in self.towers else None
-        self.texts = calibration_texts(recipe, config, "verify") if "text" in self.towers else None
+        self.texts = self.calibration_texts(recipe, config, "verify") if "text" in self.towers else None
         self.truth, self.label_texts = None, None  # index of each labelled image's label among the candidates
         if recipe.verify.labels is not None and len(self.towers) == 2:
             names = [p.name for p in image_files(recipe, "verify")]
             candidates, self.truth = read_labels(recipe, names)
-            tokenizer = tokenizer_for(recipe.checkpoint_dir, config)
+            tokenizer = self.tokenizer_for(recipe.checkpoint_dir, config)
             self.label_texts = [tokenizer([c])[0] for c in candidates]
             self.candidates = candidates
         self.reference = self.outputs(weights, float_linear(weights))
@@ -258,7 +265,7 @@ class Evaluation:
     def outputs(self, weights, linear: Linear, towers=None) -> dict[str, np.ndarray]:
         """Normalized embeddings of the towers asked for (default: the recipe's): images, held-out
         texts and, with labels, the candidate labels."""
-        model, out = CLIP(self.config, weights, linear), {}
+        model, out = self.model_class(self.config, weights, linear), {}
         towers = self.towers if towers is None else towers
         if "image" in towers:
             out["image"] = normalize(np.concatenate([model.image_features(self.pixels[k : k + EVALUATION_BATCH])

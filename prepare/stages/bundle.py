@@ -51,6 +51,7 @@ from runner.tflite_file import parse_tflite
 from ..costmodel import Device, tpu_from_rows
 from ..dense_templates import hybrid_key_inputs, make_hybrid
 from ..families import family_of
+from ..families.base import with_preprocessor
 from ..patch import patch_hybrid
 from ..paths import bundle_dir
 from ..quantize import quantize_weights
@@ -220,7 +221,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
         lm_head = {"tile_rows": tiles[0]["out"], "vocab_size": tiles[-1]["rows"][1], "tiles": tiles} if tiles else None
         manifest = {
             "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
-            "towers": recipe.towers, "config": checkpoint.config,
+            "towers": recipe.towers, "config": with_preprocessor(checkpoint.config, recipe.checkpoint_dir),
             "quantization": asdict(recipe.quantization), "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")},
             "flavors": recipe.flavors, "cpu_layers": recipe.cpu_layers,
             "templates": [{k: t[k] for k in ("in", "out", "batch", "input_scale", "input_zero_point",

@@ -6,7 +6,9 @@ checkpoints (google/siglip-*) ship only `spiece.model`, which transformers reads
 SentencePiece converter turns it into a `tokenizer.json`, plus what the slow tokenizer does
 in Python before SentencePiece sees the text (its `canonicalize_text`: lower case, ASCII
 punctuation removed, runs of whitespace made one space, ends stripped) and the end-of-text
-token it appends. tests/test_siglip_tokenizer.py checks the two token for token.
+token it appends. tests/test_siglip_tokenizer.py checks the two token for token; they differ
+only on "</s>" or "<unk>" typed inside a text, which SiglipTokenizer reads as the control
+token and tokenizer.json as text.
 
 transformers and sentencepiece are build-host packages, imported where they are used.
 """

@@ -448,7 +448,7 @@ def train(args, tokenizer, config, forbidden: set[str], watch: list):
         return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     tokenize = ClipTokenizer.__new__(ClipTokenizer)  # the runner's padding, on the tokenizer in memory
-    tokenize.tokenizer, tokenize.context = tokenizer, CONTEXT
+    tokenize.tokenizer, tokenize.context, tokenize.path = tokenizer, CONTEXT, "the tokenizer being trained"
     tokenize.eos_id = tokenize.pad_id = tokenizer.token_to_id("<|endoftext|>")
     losses = []
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True,

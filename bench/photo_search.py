@@ -106,7 +106,8 @@ def decode_rate(paths: list[Path], image_size: int) -> float:
 
 def scoring_ms(rows: int, dims: int, repeats: int = 5) -> float:
     """Median ms to score a float16 index of `rows` x `dims` (memory-mapped from disk, as search does)."""
-    from runner.photos import Entry, Index, scores, write_rows
+    from runner.photos.search import scores
+    from runner.photos.store import Entry, Index, write_rows
     directory = ARTIFACTS / "scoring"
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ from runner.chat import ChatError
 from runner.config_values import ConfigError, option, path_problem, read_fields
 from runner.conversation import check_tools
 from runner.errors import UserError
-from runner.jsonfile import read_json
+from runner.files import read_json
 
 from .demo_models import replaceable
 from .families import NAMES as FAMILY_NAMES

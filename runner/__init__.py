@@ -24,7 +24,7 @@ Where things are, from the command line down:
     chat.py           a checkpoint's chat template rendered as transformers does (jinja2's sandbox)
     function_calls.py Function-Gemma answers parsed into calls typed by the tools' schemas
     images.py         images to CLIP pixels
-    photos.py         `index` and `search`: a directory of photos embedded once, searched by text or image
+    photos/           `index` and `search`: a directory of photos embedded once, searched by text or image
 
     executors.py      the backends behind `linear(name, x)`: emulate, cpu, edgetpu, fp32
     quant.py          the host side of an int8 linear: rows quantized in, dequantized out
@@ -36,7 +36,7 @@ Where things are, from the command line down:
 
     checkpoint.py     Hugging Face checkpoints (the fp32 backend), opened lazily
     config_values.py  typed, bounded reads of a model config
-    jsonfile.py       JSON files from outside, every failure one error naming the file
+    files.py          JSON files from outside read (every failure one error naming the file); files written atomically
     errors.py         UserError, the base of every error a user can cause and fix
     packages.py       the optional packages: imported when needed, a missing one named with its install command
 

@@ -59,7 +59,7 @@ from .families import GEMMA_FAMILY
 from .generate import Sampler, generate
 from .generate import stop_ids as gemma_stop_ids
 from .interpreter import available_cores, use_threads
-from .jsonfile import read_json
+from .files import read_json
 from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
 from .load import Loaded, load
 from .tokenizer import TextStream

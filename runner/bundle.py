@@ -23,7 +23,7 @@ from .checkpoint import safetensors_layout
 from .config_values import ConfigError
 from .errors import UserError
 from .families import FAMILIES
-from .jsonfile import read_json
+from .files import read_json
 from .packages import MissingPackageError
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import UserError
-from .jsonfile import read_json
+from .files import read_json
 from .packages import missing
 from .tokenizer import TokenizerError, load_tokenizer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .jsonfile import read_json
+from .files import read_json
 from .packages import MissingPackageError, require
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}

@@ -1,4 +1,4 @@
-"""Photo search (runner/photos.py): `index` and `search` on the demo CLIP bundle.
+"""Photo search (runner/photos/): `index` and `search` on the demo CLIP bundle.
 
 The demo's towers are seeded random weights: its image tower tells colors apart (discs of
 one color land close together), its text tower knows no words. So text search is checked
@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner import images, photos
+from runner import images
 from runner.clip import CLIP
 from runner.errors import UserError
-from runner.photos import INDEX_FILE, PhotoIndexError, build_index, read_index, search
+from runner.photos import INDEX_FILE, PhotoIndexError, build_index, read_index, search, store
 
 from .conftest import ROOT, runner
 
@@ -282,33 +282,30 @@ def test_an_index_of_another_bundle_is_refused(indexed, bundle_dir, tmp_path):
 CRASH = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from runner import photos
+    from runner.photos import build_index, store
 
     point = sys.argv[1]
-    original_rows, original_write = photos.write_rows, photos.atomic_write
+    original_rows, original_write = store.write_rows, store.atomic_write
 
     def half_rows(f, rows, old, dims, dtype):  # the embeddings half written, then killed
         original_rows(f, rows[: len(rows) // 2], old, dims, dtype)
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def half_index(path, write):  # the embeddings whole and renamed; index.json half written, then killed
+    def half_index(path, data):  # the embeddings whole and renamed; index.json half written, then killed
         if path.name != "index.json":
-            return original_write(path, write)
+            return original_write(path, data)
         def half(f):
-            import io
-            buffer = io.BytesIO()
-            write(buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.write(data.encode()[: len(data) // 2])
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return original_write(path, half)
 
     if point == "embeddings":
-        photos.write_rows = half_rows
+        store.write_rows = half_rows
     else:
-        photos.atomic_write = half_index
-    photos.build_index(*sys.argv[2:5], "emulate", log=None)
+        store.atomic_write = half_index
+    build_index(*sys.argv[2:5], "emulate", log=None)
 """)
 
 
@@ -365,7 +362,7 @@ def test_a_decompression_bomb_is_a_warning_and_counted(tree, bundle_dir, tmp_pat
 
 def test_another_index_run_at_the_same_time_is_refused(indexed, bundle_dir):
     photo_dir, index_dir, _, _ = indexed
-    with photos.Lock(index_dir), pytest.raises(PhotoIndexError, match="another `index` is writing"):
+    with store.Lock(index_dir), pytest.raises(PhotoIndexError, match="another `index` is writing"):
         build_index(bundle_dir, photo_dir, index_dir, "emulate", log=None)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from runner.checkpoint import CheckpointError, read_config
 from runner.config_values import ConfigError
-from runner.jsonfile import read_json
+from runner.files import read_json
 from runner.nn import layer_bias
 
 from ..demo_models import CONFIGS

@@ -18,7 +18,7 @@ import numpy as np
 from runner.checkpoint import Checkpoint, CheckpointError
 from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
 from runner.images import load_image, normalize as normalize_pixels
-from runner.jsonfile import read_json
+from runner.files import read_json
 from runner.nn import Linear, float_linear
 from runner.tokenizer import EOS, ClipTokenizer, TokenizerError, load_tokenizer
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from ..gemma import GemmaConfig, KVCache, LayerCache
 from ..packages import require
-from ..photos import atomic_write
 
 SUFFIX = ".prefix.safetensors"
 MAX_ENTRY_BYTES = 1 << 30

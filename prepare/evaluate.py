@@ -1,6 +1,6 @@
 """How far an int8 model is from the float one, on held-out inputs (the recipe's `verify`).
 
-Each family's `Evaluation` (prepare/families/) holds the held-out inputs and the float
+Each family's `Evaluation` (prepare/evaluations/) holds the held-out inputs and the float
 model's outputs on them, and scores any executor `linear(name, x)` run through the same
 model code. Every evaluation offers:
 

@@ -1,10 +1,11 @@
 """What every family module shares, and the names each one offers.
 
-A family module (clip.py, gemma.py) defines:
+A family module (clip.py, siglip.py, gemma.py) defines what the family is; how its int8
+model is scored against float is its Evaluation, in prepare/evaluations/. It defines:
 
     TOWERS            the towers a recipe may choose (CLIP: image, text; Gemma: decoder)
     GENERATORS        its built-in checkpoint generators (prepare/demo_models.py)
-    TARGET_METRICS    what a recipe's `target` may ask of the int8 model (its Evaluation's metrics)
+    TARGET_METRICS    what a recipe's `target` may ask of the int8 model (metrics of its Evaluation)
     GOAL              what this project calls close enough to float ({metric: value}, some of
                       TARGET_METRICS): report.png's goal lines when the recipe has no `target`
     INT8_TABLES       tensors the bundle keeps as int8 rows with a float32 scale per row
@@ -18,7 +19,6 @@ A family module (clip.py, gemma.py) defines:
     norm_groups(config, towers)              which norm feeds which linears (prepare/smoothing.py)
     calibration_count(recipe)                forward inputs calibration runs (for the progress bar)
     record_calibration(recipe, checkpoint, config, progress)   each linear's input rows
-    Evaluation(recipe, config, weights)      held-out inputs and float's outputs on them (prepare/evaluate.py)
 """
 
 from __future__ import annotations

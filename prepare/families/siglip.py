@@ -168,11 +168,3 @@ def record_calibration(recipe: Recipe, checkpoint: Checkpoint, config: SiglipCon
                        progress=lambda n: None) -> dict[str, np.ndarray]:
     """Each linear's input rows over the calibration inputs, through the float model."""
     return clip.record_calibration(recipe, checkpoint, config, progress, SigLIP, calibration_texts)
-
-
-class Evaluation(clip.Evaluation):
-    """CLIP's: held-out images and texts, cosines and zero-shot agreement, float against int8."""
-
-    model_class = SigLIP
-    calibration_texts = staticmethod(calibration_texts)
-    tokenizer_for = staticmethod(tokenizer_for)

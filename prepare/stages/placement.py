@@ -1,7 +1,7 @@
 """The recipe's `target`: keep the fewest linears on the CPU that make the int8 model reach it.
 
 1. Sensitivity: each linear's own contribution to the error, measured on the held-out
-   inputs with that layer alone in int8 (prepare/evaluate.py, each family's Evaluation).
+   inputs with that layer alone in int8 (prepare/evaluate.py, the family's Evaluation in prepare/evaluations/).
 2. Keep the k most sensitive in float, the rest in int8, and find the smallest k that meets
    every target metric: k = 0, 1, 2, 4, ... until one meets it, then bisection between the
    last miss and the first hit. This is the smallest prefix of the sensitivity ranking,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from ..evaluate import Memo, QuantizedLayers, sensitivity
+from ..evaluations import EVALUATIONS
 from ..families import family_of
 from ..families.base import host_entries
 from ..paths import layers_index_path, placement_path
@@ -75,7 +76,7 @@ def select_cpu_layers(recipe: Recipe, store: Store) -> dict:
     family = family_of(recipe.family)
     index = json.loads(layers_index_path(recipe.name).read_text())
     weights = Memo(model_weights(recipe, index, store))
-    ev = family.Evaluation(recipe, family.model_config(recipe), weights)
+    ev = EVALUATIONS[recipe.family](recipe, family.model_config(recipe), weights)
     layers = QuantizedLayers(index, store, weights)
     with progress_bar("sensitivity", "layer", len(layers.names)) as update:
         sens = sensitivity(ev, layers, update)

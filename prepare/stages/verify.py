@@ -3,7 +3,7 @@
 On held-out inputs (the recipe's `verify`, never the calibration inputs):
 
 1. the bundle itself, run by the runner's `emulate` backend (the exact bytes the TPU gets),
-   against the float checkpoint: the family's metrics (each family's Evaluation, prepare/families/), and each
+   against the float checkpoint: the family's metrics (its Evaluation, prepare/evaluations/), and each
    linear's relative output error on the same inputs as float;
    Gemma also: the TPU head's top-1 (plain and with `--rescore`), and greedy decoding
    against float's (tokens until the first difference);
@@ -27,6 +27,7 @@ from runner.checkpoint import Checkpoint
 from runner.executors import make_linear
 
 from ..evaluate import ErrorProbe, Memo, QuantizedLayers, emulated, mixed, sensitivity
+from ..evaluations import EVALUATIONS
 from ..families import family_of
 from ..paths import bundle_dir, layers_index_path, placement_path
 from ..progress import progress_bar
@@ -90,7 +91,7 @@ def verify(recipe: Recipe, store: Store, progress=print) -> dict:
     weights = Memo(model_weights(recipe, index, store, checkpoint))  # what the layers were quantized from
     config = family.model_config(recipe)
     progress("verify: float reference on held-out inputs")
-    ev = family.Evaluation(recipe, config, checkpoint)
+    ev = EVALUATIONS[recipe.family](recipe, config, checkpoint)
 
     # 1. The bundle itself on the emulate backend.
     probe = ErrorProbe(make_linear(bundle, "emulate"), weights, bundle)

@@ -106,22 +106,33 @@ class Sequence:
         self.pending = np.asarray([token], np.int64)
 
 
-def advance(model: Gemma, head, sequences: list[Sequence], chunk: int | None = None) -> list[Sequence]:
-    """One pass through the decoder for every sequence: each runs up to `chunk` of its pending
-    tokens (PREFILL_CHUNK unless told; a decode step runs its one; a prefill stops at its
-    `pause_at` once), all in one batch; those with nothing left pending get
-    their next token from the head on their last position (`Sequence.take`). Returns those."""
+def advance(model: Gemma, head, sequences: list[Sequence], chunk: int | None = None,
+            lengths: list[int] | None = None) -> list[Sequence]:
+    """One pass through the decoder for every sequence: each runs `lengths[i]` of its pending
+    tokens, or up to `chunk` (PREFILL_CHUNK unless told; a decode step runs its one; a
+    prefill stops at its `pause_at` once), all in one batch; those with nothing left pending
+    get their next token from the head on their last position (`Sequence.take`), all in one
+    call where the head can (`CpuHead.rows`). Returns those."""
     chunk = chunk or PREFILL_CHUNK
-    runs = [s.pending[: s.run_length(chunk)] for s in sequences]
+    lengths = lengths or [s.run_length(chunk) for s in sequences]
+    runs = [s.pending[:n] for s, n in zip(sequences, lengths)]
     hidden = model.forward_batch([(ids, s.cache) for ids, s in zip(runs, sequences)])
-    sampled = []
+    ready, last = [], []
     for s, ids, h in zip(sequences, runs, hidden):
         s.pending = s.pending[len(ids):]
-        if len(s.pending):
-            continue  # more of the prompt to run: a later pass samples
-        s.take(s.sampler(model.softcap(head(h[-1], margin=s.sampler.margin))))  # softcap only narrows gaps
-        sampled.append(s)
-    return sampled
+        if not len(s.pending):  # else more of the prompt to run: a later pass samples
+            ready.append(s)
+            last.append(h[-1])
+    if not ready:
+        return []
+    margins = [s.sampler.margin for s in ready]
+    if len(ready) > 1 and hasattr(head, "rows"):
+        logits = head.rows(np.stack(last), margins)
+    else:
+        logits = [head(h, margin=m) for h, m in zip(last, margins)]
+    for s, row in zip(ready, logits):
+        s.take(s.sampler(model.softcap(row)))  # softcap only narrows gaps
+    return ready
 
 
 def generate(model: Gemma, head, prompt: list[int], steps: int, sampler: Sampler, stop: set[int] = frozenset(),

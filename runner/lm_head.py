@@ -202,14 +202,29 @@ class CpuHead:
         if margin is None:
             both = self.tiles(rows)
             return both[0] + both[1]
-        logits = self.tiles(rows[:1])[0]
+        return self._add_second_part(self.tiles(rows[:1])[0], rows[1:], second, margin)
+
+    def rows(self, h: np.ndarray, margins: list[float]) -> list[np.ndarray]:
+        """The logits of each row of h [n, hidden] at its margin, those `self(h[i], margins[i])`
+        gives, with the first parts of all rows in one call over the table: the serve engine's
+        sequences decoding together read the table once per step, not once each. (The kernel
+        quantizes each row alone, so a row's values do not depend on the others.)"""
+        if self.tiles is None or any(m is None for m in margins):
+            return [self(x, m) for x, m in zip(h, margins)]
+        parts = [two_part_rows(x) for x in h]
+        first = self.tiles(np.stack([rows[0] for rows, _ in parts]))
+        return [self._add_second_part(logits, rows[1:], second, m)
+                for logits, (rows, (_, second)), m in zip(first, parts, margins)]
+
+    def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second, margin: float) -> np.ndarray:
+        """The first part's logits with the second part added where it can matter (module docstring)."""
         s, zp, codes = second
         bound = self.table.norms * np.float32(np.linalg.norm(s * (codes - zp).astype(np.float64)))
         bound += np.float32(1e-5) * np.abs(logits).max()  # float rounding in both computations
         floor = (logits - bound).max() - margin  # the best token's logit is above (logits - bound).max()
         candidates = np.flatnonzero(logits + bound >= floor)
         if len(candidates) > CANDIDATE_LIMIT:  # a flat distribution: the second part over the whole table
-            logits += self.tiles(rows[1:])[0]
+            logits += self.tiles(rest)[0]
             self.stats.rescored += len(logits)
             return logits
         logits[candidates] += self.table.second_part(second, candidates)

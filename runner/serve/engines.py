@@ -11,10 +11,10 @@ carries its request's event loop; the engine posts results into the job's asynci
   answer is the same, bit for bit, batched or alone (tests/test_serve.py).
 - `ChatEngine` (Function-Gemma): continuous batching. Up to `max_batch` conversations
   decode together, each with its own KV cache: every step is one call per linear with one
-  row per decoding sequence, plus at most one chunk (`prefill_chunk` tokens) of a waiting
-  prompt, so a long prefill never stalls the others for more than a chunk. New requests
-  join between steps, finished or abandoned ones leave. Greedy answers are those each
-  request gets alone. The prompt-prefix cache (runner/serve/prefix_cache.py) gives a
+  row per decoding sequence, plus at most `prefill_chunk` tokens of waiting prompts (several
+  short ones together), so a long prefill never stalls the others for more than a chunk;
+  the head runs once per step on every sequence that samples. New requests join between
+  steps, finished or abandoned ones leave. Greedy answers are those each request gets alone. The prompt-prefix cache (runner/serve/prefix_cache.py) gives a
   prompt whose developer turn was seen before its cache at that point.
 
 `Overloaded` when a queue is full: the app answers 429 with Retry-After; memory stays bounded.
@@ -216,13 +216,21 @@ class ChatEngine(Engine):
         return sequence
 
     def step(self) -> None:
-        """One pass: every decoding sequence's token, and one chunk of the first prefilling one."""
+        """One pass: every decoding sequence's token, and `prefill_chunk` prompt tokens of the
+        prefilling ones, oldest first (several short prompts share a pass: a burst of requests
+        is prefilled together, not one per step while the others wait)."""
         decoding = [(j, s, t) for j, s, t in self.active if len(s.pending) == 1 and s.tokens]
-        prefilling = [(j, s, t) for j, s, t in self.active if not (len(s.pending) == 1 and s.tokens)][:1]
+        prefilling, lengths, budget = [], [], self.prefill_chunk
+        for j, s, t in self.active:
+            if budget > 0 and not (len(s.pending) == 1 and s.tokens):
+                prefilling.append((j, s, t))
+                lengths.append(s.run_length(budget))
+                budget -= lengths[-1]
         batch = decoding + prefilling
         try:
-            rows = sum(s.run_length(self.prefill_chunk) for _, s, _ in batch)
-            sampled = advance(self.model, self.head, [s for _, s, _ in batch], self.prefill_chunk)
+            lengths = [1] * len(decoding) + lengths
+            rows = sum(lengths)
+            sampled = advance(self.model, self.head, [s for _, s, _ in batch], lengths=lengths)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail; the server goes on
             for job, _, _ in batch:
                 self.fail(job, e)

@@ -49,11 +49,16 @@ from .metrics import METRICS
 from .prefix_cache import PrefixCache
 
 starlette = require("starlette", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
+import anyio._backends._asyncio  # noqa: E402, F401 - sse-starlette imports it on the first stream: 35 ms of it
 from sse_starlette.sse import EventSourceResponse  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
+
+
+WARM_UP_TOOL = {"type": "function", "function": {"name": "f", "description": "d",
+                                                  "parameters": {"type": "object", "properties": {}}}}
 
 
 @dataclass
@@ -106,6 +111,8 @@ class Server:
                 self.indexes[name] = self.open_index(name, directory)
             for m in self.models.values():
                 m.engine.warm_up()  # every layer opened now, not on the first request
+                if m.assistant is not None:  # the chat template compiled now (100 ms), not on the first request
+                    m.assistant.prompt([{"role": "user", "content": "hi"}], [WARM_UP_TOOL])
                 m.engine.start()
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why

@@ -23,11 +23,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from starlette.testclient import TestClient
 
 from runner.calls import Assistant
 from runner.contrastive import Contrastive
 from runner.generate import Sampler, Sequence, advance
 from runner.load import load
+from runner.serve.app import Settings, make_app
 
 from .conftest import ROOT, doit, runner, warm_artifacts
 
@@ -238,6 +240,16 @@ def test_batched_decoding_gives_each_sequence_its_own_tokens(bundles, backend):
     assert sorted(s.tokens for s in done) == sorted(alone)
 
 
+def test_the_lm_head_on_rows_together_gives_each_rows_logits_alone(bundles):
+    """The engine's sequences that sample in one step share a head call (CpuHead.rows): each
+    row's logits are those it gets alone, bit for bit, at its own margin."""
+    loaded = load(bundles["demo-gemma"], "cpu")
+    h = np.random.default_rng(0).standard_normal((5, loaded.model.config.hidden_size)).astype(np.float32) * 3
+    margins = [0.0, 0.0, 20.0, 0.0, 2.0]
+    together = loaded.head.rows(h, margins)
+    assert all(np.array_equal(loaded.head(x, margin=m), t) for x, m, t in zip(h, margins, together))
+
+
 def test_batched_embeddings_are_bit_for_bit_those_alone(bundles):
     for backend in ("cpu", "emulate"):
         towers = Contrastive(load(bundles["demo-clip"], backend))
@@ -290,6 +302,31 @@ def test_bad_requests_get_openais_error_object(server):
     assert httpx.post(f"{server.url}/v1/embeddings", content=b"{not json", timeout=10).status_code == 400
     # the server is still well
     assert server.client.embeddings.create(model="demo-clip", input="a red circle").data
+
+
+def test_503_while_loading_then_answers(bundles):
+    """Until its models are loaded the server answers every model endpoint 503 with
+    Retry-After, and /health says loading; once loaded, the same requests are answered.
+    The app is driven without its lifespan, so nothing loads until the test says so."""
+    app = make_app(Settings([str(bundles["demo-clip"]), str(bundles["demo-gemma"])], backend="cpu"))
+    client = TestClient(app)
+    requests = [("/v1/embeddings", {"model": "demo-clip", "input": "a red circle"}),
+                ("/v1/search", {"index": "photos", "query": "a red circle"}),
+                ("/v1/chat/completions", {"model": "demo-gemma", "tools": TOOLS, "max_tokens": 4,
+                                          "messages": [{"role": "user", "content": REQUESTS[0]}]})]
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "loading"
+    for path, body in requests:
+        response = client.post(path, json=body)
+        assert response.status_code == 503 and response.headers["retry-after"], (path, response.text)
+        assert error_of(response)["code"] == "loading"
+    app.state.server.load()
+    try:
+        assert client.get("/health").json() == {"status": "ready", "models": ["demo-clip", "demo-gemma"]}
+        assert client.post(requests[0][0], json=requests[0][1]).json()["data"][0]["embedding"]
+        assert client.post(requests[2][0], json=requests[2][1]).json()["choices"][0]["finish_reason"]
+    finally:
+        app.state.server.stop()
 
 
 def test_an_api_key_is_needed_when_given_and_off_loopback(bundles):

@@ -381,14 +381,26 @@ def safe_path(directory: Path, rel: str, where: str, real_dirs: dict | None = No
         raise BundleError(f"{where}: path {rel!r} leaves the bundle")
     base = str(directory)
     full = os.path.join(base, rel)
-    parent = os.path.dirname(full)
     real_dirs = {} if real_dirs is None else real_dirs
-    for d in (base, parent):
-        if d not in real_dirs:
-            real_dirs[d] = os.path.realpath(d)
-    real = os.path.join(real_dirs[parent], parts[-1])
-    if os.path.islink(real):  # os.path, not pathlib: a symlink loop stays inside, then reads as missing
+    real_base, _ = _real_dir(base, real_dirs)
+    real_parent, links = _real_dir(os.path.dirname(full), real_dirs)
+    real = os.path.join(real_parent, parts[-1])
+    if parts[-1] in links:  # os.path, not pathlib: a symlink loop stays inside, then reads as missing
         real = os.path.realpath(real)
-    if not real.startswith(real_dirs[base] + os.sep):
+    if not real.startswith(real_base + os.sep):
         raise BundleError(f"{where}: path {rel!r} leads out of the bundle (through a symlink)")
     return Path(full)
+
+
+def _real_dir(directory: str, cache: dict) -> tuple[str, set[str]]:
+    """A directory's real path and the names of the symlinks in it, once per manifest: one
+    listing of a directory, not an lstat of each of its 200 files at every start-up."""
+    if directory not in cache:
+        real = os.path.realpath(directory)
+        try:
+            with os.scandir(real) as entries:
+                links = {e.name for e in entries if e.is_symlink()}
+        except OSError:  # missing or unreadable: its files are reported as such when opened
+            links = set()
+        cache[directory] = (real, links)
+    return cache[directory]

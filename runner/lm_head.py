@@ -161,26 +161,39 @@ def row_norms(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class Int8Tiles:
     """The bundle's `int8_head`: the table as hybrid TFLite models, each run on h's two int8 parts."""
 
-    def __init__(self, head: Int8Head):
+    def __init__(self, head: Int8Head, open_all: bool = False):
         self.head = head
-        # Without XNNPACK: it would pack a copy of the table (168 MB at 270M) for 1.5x the speed
-        # (measured: 27 against 41 ms per head call, peak RSS 376 against 213 MiB).
-        self.models = [TemplateInterpreter(f.path, xnnpack=False) for f in head.files]
-        for f, m in zip(head.files, self.models):
+        self.models: list[TemplateInterpreter | None] = [None] * len(head.files)
+        # The first tile opens now: an interpreter too old for the tiles' ops says so at
+        # start-up, where the head can still fall back to numpy. The others open on first
+        # use, as the layers do (16 interpreters at 270M were half of Gemma's start-up).
+        for i in range(len(head.files) if open_all else 1):
+            self.model(i)
+
+    def model(self, i: int) -> TemplateInterpreter:
+        if self.models[i] is None:
+            f, head = self.head.files[i], self.head
+            # Without XNNPACK: it would pack a copy of the table (168 MB at 270M) for 1.5x the speed
+            # (measured: 27 against 41 ms per head call, peak RSS 376 against 213 MiB).
+            m = TemplateInterpreter(f.path, xnnpack=False)
             if (m.batch, m.n_in) != (head.batch, head.n_in) or head.batch != 2:
                 raise BundleError(f"{f.path}: runs {m.batch} rows of {m.n_in}; the manifest's int8_head says "
                                   f"{head.batch} of {head.n_in}, and the head runs 2")
+            self.models[i] = m
+        return self.models[i]
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """rows [n, in] float32 against the whole table: [n, vocab]."""
-        return np.concatenate([m(rows) for m in self.models], axis=1)[:, : self.head.vocab_size]
+        return np.concatenate([self.model(i)(rows) for i in range(len(self.models))],
+                              axis=1)[:, : self.head.vocab_size]
 
 
-def open_int8_tiles(head: Int8Head) -> tuple[Int8Tiles | None, str | None]:
+def open_int8_tiles(head: Int8Head, open_all: bool = False) -> tuple[Int8Tiles | None, str | None]:
     """(the tiles, None), or (None, why) when this interpreter cannot run them: the cpu head
-    then computes the same logits in numpy, slower, and the command says so."""
+    then computes the same logits in numpy, slower, and the command says so. `open_all`
+    opens every tile now (`runner check`: a broken one is found there), not on first use."""
     try:
-        return Int8Tiles(head), None
+        return Int8Tiles(head, open_all), None
     except InterpreterTooOld as e:
         return None, f"the cpu LM head runs in numpy, slower: {e}"
 

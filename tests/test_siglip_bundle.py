@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -129,3 +130,25 @@ def test_clip_text_and_image_commands(built, reference, tmp_path):
     with torch.no_grad():
         ref = model.text_model(input_ids=ids).pooler_output.numpy()
     assert cosine(np.load(out, allow_pickle=False), ref).min() > 0.998
+
+
+def test_index_and_search_take_a_siglip_bundle(built, tmp_path):
+    """`runner index` and `search` on SigLIP: the runner's pixels are SiglipImageProcessor's
+    (resize, mean and std 0.5, from the bundle's preprocessor), and each photo's score is the
+    cosine of its image embedding and the text's."""
+    bundle, checkpoint = built
+    files = sorted((checkpoint / "samples").glob("*.png"))
+    processor = transformers.SiglipImageProcessor.from_pretrained(str(checkpoint))
+    pixels = processor([Image.open(f).convert("RGB") for f in files], return_tensors="np")["pixel_values"]
+    assert np.abs(Contrastive(load(bundle, "emulate")).read_images(files) - pixels).max() < 1e-6
+    run = runner("index", bundle, checkpoint / "samples", "--out", tmp_path / "index", "--backend", "emulate",
+                 "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["embedded"] == 4
+    run = runner("search", tmp_path / "index", "a red circle", "--top", "4", "--json")
+    assert run.returncode == 0, run.stderr
+    got = {r["path"].rsplit("/", 1)[-1]: r["score"] for r in json.loads(run.stdout)["results"]}
+    # The index's scores are the towers' own cosines (emulate), as stored (float16).
+    towers = Contrastive(load(bundle, "emulate"))
+    want = towers.image_embeddings(pixels, unit=True) @ towers.text_embeddings(["a red circle"], unit=True)[0]
+    assert np.abs(np.array([got[f.name] for f in files]) - want).max() < 2e-3

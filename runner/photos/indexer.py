@@ -22,10 +22,9 @@ from typing import TextIO
 
 import numpy as np
 
-from ..clip import tower_of
 from ..contrastive import Contrastive, unit_rows
 from ..errors import UserError
-from ..images import load_image
+from ..images import ImageProcessing, load_image
 from ..load import Loaded, load
 from .store import (
     DTYPES,
@@ -81,12 +80,13 @@ def scan(photo_dir: Path, exclude: Path | None, warn) -> tuple[dict[str, Entry],
     return found, unreadable, others
 
 
-def decode(photo_dir: Path, paths: list[str], size: int) -> list[tuple[str, np.ndarray | None, str | None]]:
+def decode(photo_dir: Path, paths: list[str], processing: ImageProcessing
+           ) -> list[tuple[str, np.ndarray | None, str | None]]:
     """(path, pixels or None, what was wrong) for each path."""
     out = []
     for rel in paths:
         try:
-            out.append((rel, load_image(photo_dir / rel, size), None))
+            out.append((rel, load_image(photo_dir / rel, processing), None))
         except Exception as e:  # noqa: BLE001 - see below
             # Any photo of a directory the user did not make can be broken in a way Pillow reports
             # with its own exception (DecompressionBombError, SyntaxError, struct.error...): one
@@ -122,13 +122,12 @@ def check_places(photo_dir: Path, out: Path, dtype: str) -> None:
 
 def fill_unit(loaded: Loaded) -> int:
     """The fewest images per forward that leave no template row empty in the image tower:
-    its encoder layers see (patches + 1) rows per image, the projection one."""
-    v = loaded.model.config.vision
-    tokens = (v.image_size // v.patch_size) ** 2 + 1
+    each layer sees the rows per image its model says (CLIP's encoder the patches and the
+    class token, its projection one)."""
     unit = 1
     for layer in loaded.bundle.tpu_layers:
-        if tower_of(layer.name) == "image":
-            rows = 1 if layer.name == "visual_projection" else tokens
+        rows = loaded.model.rows_per_image(layer.name)
+        if rows is not None:
             need = layer.batch // gcd(layer.batch, rows)
             unit = unit * need // gcd(unit, need)
     return unit
@@ -199,16 +198,16 @@ def embed(loaded: Loaded, writer: Writer, photo_dir: Path, todo: list[str], foun
           progress: Progress, skipped_now: list[dict], commit_every_s: float) -> tuple[int, int]:
     """Embed the photos `todo` into `writer`'s rows, committing every `commit_every_s`:
     how many were embedded, and how many could not be read."""
-    size, dtype = loaded.model.config.vision.image_size, writer.dtype
+    processing, dtype = loaded.model.config.processing, writer.dtype
     embedded, failed, t_commit = 0, 0, time.monotonic()
     chunks = [todo[k:k + batch] for k in range(0, len(todo), batch)]
     ready: list[tuple[str, np.ndarray]] = []  # decoded, waiting until a batch is full
     with ThreadPoolExecutor(1) as pool:  # the next paths decode while the model runs
-        pending = pool.submit(decode, photo_dir, chunks[0], size) if chunks else None
+        pending = pool.submit(decode, photo_dir, chunks[0], processing) if chunks else None
         for k in range(len(chunks)):
             decoded = pending.result()
             last = k + 1 == len(chunks)
-            pending = None if last else pool.submit(decode, photo_dir, chunks[k + 1], size)
+            pending = None if last else pool.submit(decode, photo_dir, chunks[k + 1], processing)
             for p, pixels, error in decoded:
                 if error is None:
                     ready.append((p, pixels))

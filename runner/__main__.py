@@ -79,7 +79,7 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-# -- CLIP: clip-image, clip-text, zero-shot ------------------------------------------------
+# -- CLIP and SigLIP: clip-image, clip-text, zero-shot -------------------------------------
 # Each command reads its inputs and returns the forward pass to time, and what to report of
 # its output; `run_clip` does the rest, the same for the three.
 
@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--out", metavar="FILE.npy", type=output_file, help="also write the embeddings here")
     text.set_defaults(func=clip_command, inputs=text_embeddings)
 
-    zero = command("zero-shot", "label probabilities per image",
+    zero = command("zero-shot", "label probabilities per image (CLIP: a softmax over the labels; SigLIP: each "
+                   "label's own sigmoid, so a row need not sum to 1)",
                    'zero-shot artifacts/bundles/demo-clip cat.jpg --labels "cat,dog" --prompt "a photo of a {}"',
                    parents=[common, timed])
     zero.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
@@ -622,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = command("index", "embed every photo under a directory (again: only new or changed ones)",
                     "index artifacts/bundles/demo-clip ~/Pictures --out ~/pictures-index")
-    index.add_argument("bundle", metavar="BUNDLE", help="a CLIP bundle directory (artifacts/bundles/NAME)")
+    index.add_argument("bundle", metavar="BUNDLE", help="a CLIP or SigLIP bundle directory (artifacts/bundles/NAME)")
     index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, TIFF")
     index.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index (made, or brought up to date)")
     index.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",

@@ -6,7 +6,7 @@ Where things are, from the command line down:
                       selftest, index, search, serve (it parses arguments and prints)
     serve/            `serve`: the OpenAI HTTP API, dynamic and continuous batching, the prefix cache
 
-    contrastive.py    the use cases of a CLIP bundle: embeddings, label embeddings, zero-shot
+    contrastive.py    the use cases of a CLIP or SigLIP bundle: embeddings, label embeddings, zero-shot
     calls.py          the use case of a Function-Gemma bundle: a conversation and tools in, calls out
     conversation.py   a user's messages and tools checked, in the chat template's form
 
@@ -16,6 +16,7 @@ Where things are, from the command line down:
     check.py          `check` and `selftest`: is a bundle whole, what runs here, does the TPU agree
 
     clip.py           CLIP's two towers in numpy
+    siglip.py         SigLIP's two towers in numpy (CLIP's encoder, its own pooling and sigmoid)
     gemma.py          Gemma-3's decoder in numpy
     nn.py             what both models share: the executor type, float_linear, softmax, finite checks
     generate.py       Gemma decoding: sampling, prefill, one token at a time
@@ -23,7 +24,7 @@ Where things are, from the command line down:
     tokenizer.py      text to token ids and back
     chat.py           a checkpoint's chat template rendered as transformers does (jinja2's sandbox)
     function_calls.py Function-Gemma answers parsed into calls typed by the tools' schemas
-    images.py         images to CLIP pixels
+    images.py         images to a model's pixels, as its checkpoint's image processor says
     photos/           `index` and `search`: a directory of photos embedded once, searched by text or image
 
     executors.py      the backends behind `linear(name, x)`: emulate, cpu, edgetpu, fp32

@@ -1,8 +1,12 @@
-"""The runner as a server (`python -m runner serve`) under load from the `openai` client:
+"""The runner as a server (`python -m runner serve`) under load from an httpx client:
 batching on against `--max-batch 1` in the same run, and Function-Gemma calls beside
 llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on the same weights.
 
-    .venv/bin/python bench/serve.py [--rounds 3] [--threads 1] [--only chat|embeddings|restart ...]
+    .venv/bin/python bench/serve.py [--rounds 3] [--threads 1] [--only chat|chat-270m|embeddings|restart ...]
+
+About 10 minutes on 2 cores (more the first time: the demo bundles, when artifacts/bundles
+has none, the 270M checkpoint and bundle, and the GGUF are built once into
+<artifacts>/bench-serve).
 
 Every server is a subprocess bound to 127.0.0.1 on a free port, ready when `/health` says
 so (ours) or `/v1/models` answers (llama's); no request goes anywhere else. Every load loop
@@ -12,13 +16,23 @@ stops after its requests or its seconds, whichever comes first. Workloads:
   and the first-turn requests of recipes/demo-gemma/verify.jsonl, greedy, on the demo
   bundle (artifacts/bundles/demo-gemma, `doit recipe=recipes/demo-gemma.yaml`), at
   concurrency 1, 4 and 16, against ours batching, ours with `--max-batch 1`, and
-  llama-cpp-python's server on the checkpoint converted to Q8_0 GGUF;
+  llama-cpp-python's server on the checkpoint converted to Q8_0 GGUF; then the batches
+  that formed (/metrics' rows per forward pass) priced on the Pi 5 + Coral model
+  (bench/pi5_coral.yaml): linear time per request with `--route auto` and the share of
+  linear calls it sends to the TPU;
+- chat-270m: the same at Gemma-3 270M's size (the restart's bundle below), at most 16
+  tokens an answer, ours only (llama.cpp would read ids past the demo tokenizer's 4096);
 - embeddings: CLIP text embeddings of recipes/demo-clip captions at concurrency 16, batching
   on against `--max-batch 1` (artifacts/bundles/demo-clip);
 - restart: the first call after a restart with a saved prefix cache (`--prefix-cache DIR`)
   against one with an empty DIR, on Gemma-3 at 270M's size (bench/gemma_270m.py's random
   checkpoint with the demo's tokenizer and chat template, built here into
   <artifacts>/bench-serve).
+
+The client is httpx, which the openai client runs on, with the stream parsed as the openai
+client assembles it; the openai client's typed parsing cost 16 ms of CPU per streamed call,
+as much as the demo model takes to answer it, taken from the servers on 2 cores
+(tests/test_serve.py speaks to the server with the openai client itself).
 
 Per request: latency, time to the first token (the first chunk with text or a tool call),
 completion tokens (the stream's usage, else its chunks). Per loop: requests/s, tokens/s,
@@ -76,15 +90,16 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT  # noqa: E402
+from prepare.store import atomic_write  # noqa: E402
 
 ARTIFACTS = (Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / "bench-serve").resolve()
-DEMO_GEMMA = ROOT / "artifacts" / "bundles" / "demo-gemma"
-DEMO_CLIP = ROOT / "artifacts" / "bundles" / "demo-clip"
 GEMMA_DIR = ROOT / "recipes" / "demo-gemma"
 NAME_270M = "bench-serve-gemma-270m"
 HOST = "127.0.0.1"
 CONCURRENCY = (1, 4, 16)
 MAX_TOKENS = 64
+MAX_TOKENS_270M = 16  # random weights seldom stop: every 270M answer is this long
+PARTS = ("chat", "chat-270m", "embeddings", "restart")
 # Function-Gemma's turn ends at <start_function_response> after its calls (parallel calls, as
 # OpenAI's default) or <end_of_turn> (an EOG token in llama.cpp): llama's server is told the first.
 LLAMA_STOP = ["<start_function_response>"]
@@ -286,6 +301,19 @@ def checkpoint_270m() -> Path:
     return out
 
 
+def demo_bundle(name: str) -> Path:
+    """The demo bundle the user built (artifacts/bundles/NAME), else one built here with doit
+    (cpu flavor, from recipes/NAME.yaml: a minute or two the first time)."""
+    built = ROOT / "artifacts" / "bundles" / name
+    if (built / "manifest.json").is_file():
+        return built
+    print(f"serve: building {name} (doit, once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), f"recipe=recipes/{name}.yaml",
+                    "flavors=[cpu]"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "CORAL_ARTIFACTS": str(ARTIFACTS)})
+    return ARTIFACTS / "bundles" / name
+
+
 def bundle_270m(checkpoint: Path) -> Path:
     """The 270M bundle (cpu flavor), built by doit into <artifacts>/bench-serve."""
     variables = ["recipe=recipes/functiongemma-270m.yaml", f"checkpoint={checkpoint}", f"name={NAME_270M}",
@@ -326,29 +354,42 @@ class Sample:
     calls: list = field(default_factory=list)
 
 
+async def stream_events(client, path: str, body: dict):
+    """The JSON events of a server-sent event stream, to its [DONE]."""
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                yield json.loads(data)
+
+
 async def chat_once(client, server: Server, request: dict) -> Sample:
-    """One streamed chat completion; the assembled answer's text and calls."""
+    """One streamed chat completion; the assembled answer's text and calls, as the openai
+    client assembles them (tests/test_serve.py checks ours with that client itself)."""
     extra = {"stop": LLAMA_STOP} if server.ready_path == "/v1/models" else {}
+    body = {"model": server.model, "max_tokens": MAX_TOKENS, **request, "temperature": 0, "seed": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
-    stream = await client.chat.completions.create(model=server.model, **{"max_tokens": MAX_TOKENS, **request},
-                                                  temperature=0, seed=0, stream=True,
-                                                  stream_options={"include_usage": True}, **extra)
     sample, chunks, calls, finish = Sample(0), 0, {}, None
-    async for chunk in stream:
-        if chunk.usage is not None:
-            sample.tokens, sample.tokens_from_usage = chunk.usage.completion_tokens, True
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            delta = choice.delta
-            if delta.content or delta.tool_calls:
+    async for chunk in stream_events(client, "/chat/completions", body):
+        if chunk.get("usage"):
+            sample.tokens, sample.tokens_from_usage = chunk["usage"]["completion_tokens"], True
+        for choice in chunk.get("choices") or []:
+            finish = choice.get("finish_reason") or finish
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("tool_calls"):
                 sample.ttft_s = sample.ttft_s or time.perf_counter() - t0
                 chunks += 1
-            sample.text += delta.content or ""
-            for call in delta.tool_calls or []:
-                c = calls.setdefault(call.index, {"name": "", "arguments": ""})
-                if call.function is not None:
-                    c["name"] += call.function.name or ""
-                    c["arguments"] += call.function.arguments or ""
+            sample.text += delta.get("content") or ""
+            for call in delta.get("tool_calls") or []:
+                c = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+                function = call.get("function") or {}
+                c["name"] += function.get("name") or ""
+                c["arguments"] += function.get("arguments") or ""
     sample.latency_s = time.perf_counter() - t0
     if not sample.tokens_from_usage:  # llama's stream: a chunk per token, none for the stop string it ends at
         sample.tokens = chunks + (finish == "stop")
@@ -358,8 +399,19 @@ async def chat_once(client, server: Server, request: dict) -> Sample:
 
 async def embed_once(client, server: Server, text: str) -> Sample:
     t0 = time.perf_counter()
-    await client.embeddings.create(model=server.model, input=text)
+    response = await client.post("/embeddings", json={"model": server.model, "input": text})
+    if response.status_code != 200 or not response.json().get("data"):
+        raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
     return Sample(time.perf_counter() - t0)
+
+
+def http_client(server: Server):
+    """The load's client: httpx, which the openai client runs on, without the openai
+    client's typed parsing of every chunk (16 ms of CPU per streamed call, as much as the
+    demo model takes to answer one: on 2 cores, taken from the server being measured)."""
+    import httpx
+    return httpx.AsyncClient(base_url=server.url + "/v1", timeout=120,
+                             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -372,8 +424,7 @@ def percentile(values: list[float], q: float) -> float | None:
 async def load(server: Server, send, inputs: list, concurrency: int, requests: int, seconds: float) -> dict:
     """`concurrency` clients sending `inputs` in turn until `requests` have been sent or
     `seconds` have passed (each request also times out): throughput, latency, memory."""
-    import openai
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    client = http_client(server)
     samples, errors, sent, rss = [], [], 0, [server.rss_mib()]
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -398,7 +449,7 @@ async def load(server: Server, send, inputs: list, concurrency: int, requests: i
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), seconds + 150)
     finally:
         watch.cancel()
-        await client.close()
+        await client.aclose()
     elapsed = time.perf_counter() - t0
     latency = [s.latency_s * 1e3 for s in samples]
     ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
@@ -449,8 +500,7 @@ def answers(server: Server, requests: list[dict]) -> list[dict]:
     from runner.function_calls import parse_answer
 
     async def all_():
-        import openai
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        client = http_client(server)
         out = []
         for r in requests:
             s = await chat_once(client, server, r)
@@ -460,23 +510,25 @@ def answers(server: Server, requests: list[dict]) -> list[dict]:
                 answer = parse_answer(s.text, r["tools"])
                 calls = answer.calls if answer.calls else [{"text": answer.text}]
             out.append({"calls": calls, "completion_tokens": s.tokens})
-        await client.close()
+        await client.aclose()
         return out
     return asyncio.run(all_())
 
 
-def chat(args, ours_command: list[str] | None) -> dict:
-    """Function-Gemma calls: ours batching, ours --max-batch 1, llama-cpp-python."""
-    requests = chat_requests()
+def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: Path | None, max_tokens: int,
+         per_client: int) -> dict:
+    """Function-Gemma calls on `bundle`: ours batching, ours --max-batch 1, and llama-cpp-python
+    on `llama_checkpoint` when given; each loop sends `per_client` requests per client (at least 8)."""
+    requests = [{**r, "max_tokens": max_tokens} for r in chat_requests()]
     servers = []
     if ours_command:
-        servers += [ours("runner", [DEMO_GEMMA], command=ours_command),
-                    ours("runner-max-batch-1", [DEMO_GEMMA], "--max-batch", "1", command=ours_command)]
-    if args.llama:
-        servers.append(llama("llama.cpp", peer_gguf(GEMMA_DIR), peer_tokenizer(GEMMA_DIR)))
+        servers += [ours("runner", [bundle], command=ours_command),
+                    ours("runner-max-batch-1", [bundle], "--max-batch", "1", command=ours_command)]
+    if args.llama and llama_checkpoint is not None:
+        servers.append(llama("llama.cpp", peer_gguf(llama_checkpoint), peer_tokenizer(llama_checkpoint)))
     if not servers:
         return {"skipped": "no server to measure"}
-    result = {"model": "demo-gemma", "requests_available": len(requests), "max_tokens": MAX_TOKENS,
+    result = {"model": bundle.name, "requests_available": len(requests), "max_tokens": max_tokens,
               "llama_stop": LLAMA_STOP, "servers": {}, "rounds": []}
     started = []
     try:
@@ -491,24 +543,82 @@ def chat(args, ours_command: list[str] | None) -> dict:
         result["same_answers"] = {b: sum(x["calls"] == y["calls"] for x, y in zip(result["servers"][sides[0]]["answers"],
                                                                                    result["servers"][b]["answers"]))
                                   for b in sides[1:]} | {"of": len(check), "against": sides[0]}
+        before = {s.name: metrics_text(s) for s in servers if s.ready_path == "/health"}
         for r in range(args.rounds):
             row = {}
             for c in CONCURRENCY:
                 for s in servers:
-                    m = run_load(s, chat_once, requests[r::args.rounds] or requests, c, max(8, 4 * c), args.seconds)
+                    m = run_load(s, chat_once, requests[r::args.rounds] or requests, c, max(8, per_client * c),
+                                 args.seconds)
                     row[f"{s.name}@{c}"] = m
-                    print(f"serve: round {r + 1} chat {s.name} c={c}: {m['requests_per_s']:.2f} req/s, "
+                    print(f"serve: round {r + 1} chat {bundle.name} {s.name} c={c}: {m['requests_per_s']:.2f} req/s, "
                           f"{m['tokens_per_s']:.1f} tok/s, p50 {m['latency_ms']['p50']} ms, "
                           f"ttft p50 {m['ttft_ms']['p50']} ms, errors {m['errors']}", flush=True)
             result["rounds"].append(row)
         for s in servers:
-            if s.ready_path == "/health":
-                result["servers"][s.name]["metrics"] = metrics_text(s)
+            if s.ready_path == "/health":  # the load loops' own batches: less the warm-up's
+                result["servers"][s.name]["metrics"] = metrics_since(before[s.name], metrics_text(s))
     finally:
         for s in started:
             result["servers"].setdefault(s.name, {})["exit_status"] = s.stop()
     result["ratios"] = chat_ratios(result["rounds"], [s.name for s in servers])
+    if "runner" in result["servers"]:
+        served = sum(row[f"runner@{c}"]["requests"] for row in result["rounds"] for c in CONCURRENCY)
+        result["pi5"] = pi5_model(bundle, result["servers"]["runner"]["metrics"], served)
     return result
+
+
+def metrics_since(before: dict, after: dict) -> dict:
+    """Counters and histograms as grown between two readings (gauges as they are after)."""
+    return {k: v - before.get(k, 0) if ("_bucket" in k or "_count" in k or "_sum" in k or "_total" in k) else v
+            for k, v in after.items() if "_created" not in k}
+
+
+def batch_rows(metrics: dict, kind: str = "chat") -> dict[int, int]:
+    """Forward passes by rows, from /metrics' rows-per-batch histogram: {upper bucket bound: passes}
+    (Prometheus buckets are cumulative; a pass of 3 rows counts in the 4 bucket)."""
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in metrics.items()
+                     if k.startswith("runner_batch_rows_bucket") and f'kind="{kind}"' in k)
+    out, below = {}, 0
+    for bound, cumulative in buckets:
+        if bound != float("inf") and cumulative > below:
+            out[int(bound)] = int(cumulative - below)
+        below = cumulative
+    return out
+
+
+def pi5_model(bundle: Path, metrics: dict, requests: int) -> dict:
+    """The batches that formed in the load loops on the Pi 5 + Coral model (bench/pi5_coral.yaml,
+    prepare/costmodel.py, as bench/routes.py uses it): each forward pass of r rows (a bucket of
+    /metrics' histogram at its upper bound: an upper estimate) runs every decoder linear of the
+    bundle on the side `--route auto` picks for r rows (the TPU from the rows its cost model
+    names), with the bundle's template batches and with 64-row templates (a recipe's `batch: 64`).
+    Linears only: attention, norms and the LM head are the CPU's on every route, not counted."""
+    from prepare.costmodel import Device, LinearWork, tpu_from_rows
+    from runner.bundle import read_manifest
+    device = Device.load()
+    layers = read_manifest(bundle).layers
+    passes = batch_rows(metrics)
+    rows_total, passes_total = sum(r * n for r, n in passes.items()), sum(passes.values())
+    out = {"device": "bench/pi5_coral.yaml", "passes_by_rows": {str(k): v for k, v in passes.items()},
+           "rows_per_pass": round(rows_total / max(1, passes_total), 2), "requests": requests}
+    for label, template_batch in (("bundle_templates", None), ("64_row_templates", 64)):
+        auto = cpu_only = 0.0
+        tpu_calls = calls = 0
+        for layer in layers:
+            batch = template_batch or layer.batch or 1
+            param_bytes = layer.n_in * layer.n_out + 8 * layer.n_out  # int8 weights, multiplier and bias per output
+            threshold = tpu_from_rows(layer.n_in, layer.n_out, batch, param_bytes, device)
+            for rows, n in passes.items():
+                work = LinearWork(layer.name, layer.n_in, layer.n_out, batch, param_bytes, [rows])
+                tpu = threshold is not None and rows >= threshold
+                auto += n * (work.tpu_s(device) if tpu else work.cpu_int8_s(device))
+                cpu_only += n * work.cpu_int8_s(device)
+                tpu_calls, calls = tpu_calls + n * tpu, calls + n
+        out[label] = {"linear_ms_per_request": round(1e3 * auto / max(1, requests), 1),
+                      "cpu_only_linear_ms_per_request": round(1e3 * cpu_only / max(1, requests), 1),
+                      "tpu_share_of_calls": round(tpu_calls / max(1, calls), 3)}
+    return out
 
 
 def chat_ratios(rounds: list[dict], names: list[str]) -> dict:
@@ -531,8 +641,9 @@ def chat_ratios(rounds: list[dict], names: list[str]) -> dict:
 def embeddings(args, ours_command: list[str]) -> dict:
     """CLIP text embeddings at concurrency 16: batching on against --max-batch 1."""
     texts = clip_inputs()
-    servers = [ours("runner", [DEMO_CLIP], command=ours_command),
-               ours("runner-max-batch-1", [DEMO_CLIP], "--max-batch", "1", command=ours_command)]
+    bundle = demo_bundle("demo-clip")
+    servers = [ours("runner", [bundle], command=ours_command),
+               ours("runner-max-batch-1", [bundle], "--max-batch", "1", command=ours_command)]
     result = {"model": "demo-clip", "concurrency": 16, "rounds": [], "servers": {}}
     with servers[0], servers[1]:
         for s in servers:
@@ -597,10 +708,12 @@ def markdown(serve: dict) -> str:
     lines = ["## The server (`runner serve`) under load", ""]
     for why in serve.get("skipped", {}).values():
         lines.append(f"- skipped: {why}")
-    chat_result = serve.get("chat", {})
-    if chat_result.get("rounds"):
-        lines += ["", f"Function-Gemma calls (demo-gemma), {len(chat_result['rounds'])} rounds, "
-                  f"{serve['threads']} thread(s) a side; medians over rounds:", "",
+    for part in ("chat", "chat-270m"):
+        chat_result = serve.get(part, {})
+        if not chat_result.get("rounds"):
+            continue
+        lines += ["", f"Function-Gemma calls ({chat_result['model']}, at most {chat_result['max_tokens']} tokens), "
+                  f"{len(chat_result['rounds'])} rounds, {serve['threads']} thread(s) a side; medians over rounds:", "",
                   "| server | concurrency | req/s | tok/s | p50 ms | p95 ms | TTFT p50 ms | RSS idle / load MiB |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for key in chat_result["rounds"][0]:
@@ -614,8 +727,17 @@ def markdown(serve: dict) -> str:
                          f"| {med(lambda m: m['latency_ms']['p50'])} | {med(lambda m: m['latency_ms']['p95'])} "
                          f"| {med(lambda m: m['ttft_ms']['p50'])} | {med(lambda m: m['rss_mib']['idle'])} / "
                          f"{med(lambda m: m['rss_mib']['load_max'])} |")
+        if pi5 := chat_result.get("pi5"):
+            lines += ["", f"On the Pi 5 + Coral model (bench/pi5_coral.yaml), the forward passes that formed "
+                      f"({pi5['rows_per_pass']} rows a pass on average; passes by rows: {pi5['passes_by_rows']}), "
+                      f"linears only, per request, with `--route auto`:"]
+            for label, m in pi5.items():
+                if isinstance(m, dict) and "linear_ms_per_request" in m:
+                    lines.append(f"- {label.replace('_', ' ')}: {m['linear_ms_per_request']} ms "
+                                 f"({m['cpu_only_linear_ms_per_request']} ms all on the CPU), "
+                                 f"{100 * m['tpu_share_of_calls']:.0f}% of linear calls on the TPU")
     lines += ["", "Ratios within a round (median [min, max] over rounds):", ""]
-    for part in ("chat", "embeddings", "restart"):
+    for part in ("chat", "chat-270m", "embeddings", "restart"):
         for key, value in _flatten(serve.get(part, {}).get("ratios", {})):
             if value.get("median") is not None:
                 lines.append(f"- {part} {key}: {value['median']:.2f} [{value['min']:.2f}, {value['max']:.2f}]")
@@ -632,7 +754,7 @@ def _flatten(d: dict, prefix: str = ""):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("chat", "embeddings", "restart"), action="append")
+    ap.add_argument("--only", choices=PARTS, action="append")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="every side's thread count")
     ap.add_argument("--seconds", type=float, default=60, help="the most one load loop sends for")
@@ -658,15 +780,17 @@ def main() -> int:
     if args.llama:
         import llama_cpp
         result["llama_cpp_python"] = llama_cpp.__version__
-    parts = args.only or ["chat", "embeddings", "restart"]
+    parts = args.only or PARTS
     if "chat" in parts:
-        result["chat"] = chat(args, ours_command)
+        result["chat"] = chat(args, ours_command, demo_bundle("demo-gemma"), GEMMA_DIR, MAX_TOKENS, 4)
+    if "chat-270m" in parts and ours_command:  # no llama: its vocabulary is the demo tokenizer's 4096 of 262144 rows
+        result["chat-270m"] = chat(args, ours_command, bundle_270m(checkpoint_270m()), None, MAX_TOKENS_270M, 2)
     if "embeddings" in parts and ours_command:
         result["embeddings"] = embeddings(args, ours_command)
     if "restart" in parts and ours_command:
         result["restart"] = restart(args, ours_command)
     out = args.out or ROOT / "bench" / "results" / f"serve-{date}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(out, json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     print(f"written to {out}")
     return 0

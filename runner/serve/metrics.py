@@ -9,7 +9,10 @@ from ..packages import require
 
 prometheus = require("prometheus_client", "`runner serve` reports its metrics with it")
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Fine enough that the batches which formed can be priced on the Pi 5 model (bench/serve.py):
+# there the Coral pays from about 100 rows a call, and a pass is up to max-batch decode rows
+# plus a prefill chunk of 64.
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 72, 80, 96, 112, 128, 192, 256, 512)
 
 
 @dataclass

@@ -16,14 +16,22 @@ piece list to the config's vocabulary, so a small one (trained here, seeded) kee
 262,144 rows of the head, as large as the runner's: checked on the file.
 
 Work (the same token ids on both sides): the prefill of 256 tokens (logits of the last
-position), and decoding, ms per token over 16 greedy tokens after a 16-token prompt. Each
-round runs both sides once per work, in turn (interleaved), after a warm-up; medians are
-reported, ratio = runner time / peer time (above 1: the runner is slower). BLAS/OpenMP
-threads (environment, set before numpy loads), the interpreter's `num_threads` and
-llama.cpp's `n_threads` / `n_threads_batch` all get `--threads`. The prefill's last
-logits' cosine to the float model (transformers, float32) on both sides is supporting
-evidence that both run the same model. Results: bench/results/peers-gemma-<date>.json,
-keys `peers.gemma.<work>.llama.cpp-q8_0.ratio`.
+position), and decoding, ms per token over 16 tokens after a 16-token prompt, twice: greedy
+(the runner's head adds its second int8 part only to the tokens that could win) and
+sampling at temperature 0.7 over every token (the head computes every logit that could be
+drawn; llama.cpp samples with its own temperature and distribution samplers). The peer
+runs with flash attention on, what llama.cpp's own default (`auto`) picks on the CPU, and
+off (llama-cpp-python's `flash_attn=False` default): two peers. Each round runs every side
+once per work, after a warm-up, the sides in turn and in the reverse order every other round (so no side always runs first, on a cache the one
+before it left cold). ratio = runner time / peer time (above 1: the runner is slower),
+per round; reported: its median over the rounds, and its minimum and maximum (a goal is
+met only when the maximum is under it), and each side's median ms. BLAS/OpenMP threads
+(environment, set before numpy loads), the interpreter's `num_threads` and llama.cpp's
+`n_threads` / `n_threads_batch` all get `--threads`. The prefill's last logits' cosine to
+the float model (transformers, float32) on both sides is supporting evidence that both
+run the same model. Results: bench/results/peers-gemma-<date>.json, keys
+`peers.gemma.<work>.<peer>.ratio`, `ratio_min`, `ratio_max`, `rounds`, and the load
+average before and after.
 """
 
 from __future__ import annotations
@@ -58,8 +66,10 @@ from runner.generate import Sampler, generate  # noqa: E402
 from runner.interpreter import use_threads  # noqa: E402
 from runner.load import load  # noqa: E402
 
-PEER = "llama.cpp-q8_0"
+PEER = "llama.cpp-q8_0"  # flash attention on (llama.cpp's `auto` on the CPU); PEER + FLASH_OFF: off
+FLASH_OFF = "-flash-attn-off"
 PREFILL, PROMPT, STEPS = 256, 16, 16
+TEMPERATURE = 0.7  # the sampling work's
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
@@ -157,8 +167,9 @@ class RunnerSide:
         step = next(generate(self.loaded.model, self.loaded.head, ids, 1, Sampler()))
         return step.ms
 
-    def decode(self, ids: list[int], steps: int) -> float:
-        times = [s.ms for s in generate(self.loaded.model, self.loaded.head, ids, steps + 1, Sampler())]
+    def decode(self, ids: list[int], steps: int, temperature: float = 0.0) -> float:
+        sampler = Sampler(temperature=temperature)
+        times = [s.ms for s in generate(self.loaded.model, self.loaded.head, ids, steps + 1, sampler)]
         return statistics.mean(times[1:])  # after the prefill
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
@@ -170,12 +181,22 @@ class RunnerSide:
 
 class LlamaSide:
     """llama.cpp through llama-cpp-python's low-level `eval` and the context's last logits
-    (`eval` keeps none unless every position's are asked for): the same greedy loop."""
+    (`eval` keeps none unless every position's are asked for): the same greedy loop; when
+    sampling, llama.cpp's own samplers (temperature, then a seeded draw) on those logits.
+    `flash_attn` on is what llama.cpp's default, `auto`, picks on the CPU; off is
+    llama-cpp-python's default."""
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, flash_attn: bool):
         from llama_cpp import Llama
         self.llm = Llama(str(path), n_ctx=PREFILL + 64, n_batch=PREFILL, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+                         n_threads_batch=threads, flash_attn=flash_attn, verbose=False)
+
+    def sampler(self, temperature: float):
+        import llama_cpp
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(0))
+        return chain
 
     def logits(self) -> np.ndarray:
         import llama_cpp
@@ -188,15 +209,22 @@ class LlamaSide:
         int(np.argmax(self.logits()))
         return (time.perf_counter() - t) * 1e3
 
-    def decode(self, ids: list[int], steps: int) -> float:
+    def decode(self, ids: list[int], steps: int, temperature: float = 0.0) -> float:
+        import llama_cpp
+        chain = self.sampler(temperature) if temperature else None
         self.llm.reset()
         self.llm.eval(ids)
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            token = int(np.argmax(self.logits()))
+            if chain is None:
+                token = int(np.argmax(self.logits()))
+            else:
+                token = llama_cpp.llama_sampler_sample(chain, self.llm.ctx, -1)
             self.llm.eval([token])
             times.append((time.perf_counter() - t) * 1e3)
+        if chain is not None:
+            llama_cpp.llama_sampler_free(chain)
         return statistics.mean(times)
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
@@ -210,39 +238,53 @@ def main() -> None:
     import llama_cpp
 
     use_threads(args.threads)
+    load_before = os.getloadavg()
     vocab = json.loads((args.checkpoint / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(5)
     long_ids = [2] + rng.integers(4, vocab, PREFILL - 1).tolist()
     short_ids = long_ids[:PROMPT]
-    sides = {"runner": RunnerSide(args.bundle), PEER: LlamaSide(gguf_file(args.checkpoint), args.threads)}
+    gguf = gguf_file(args.checkpoint)
+    sides = {"runner": RunnerSide(args.bundle), PEER: LlamaSide(gguf, args.threads, flash_attn=True),
+             PEER + FLASH_OFF: LlamaSide(gguf, args.threads, flash_attn=False)}
     work = {"prefill 256": lambda side: side.prefill(long_ids),
-            "decode": lambda side: side.decode(short_ids, STEPS)}
+            "decode": lambda side: side.decode(short_ids, STEPS),
+            "decode, sampling": lambda side: side.decode(short_ids, STEPS, TEMPERATURE)}
     logits = {name: side.last_logits(long_ids) for name, side in sides.items()}  # also the warm-up
+    for run in work.values():
+        for side in sides.values():
+            run(side)
     times = {w: {name: [] for name in sides} for w in work}
     for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # who runs first alternates
         for w, run in work.items():
-            for name, side in sides.items():
-                times[w][name].append(run(side))
-        print(f"round {r + 1}: " + ", ".join(f"{w} runner {times[w]['runner'][-1]:.0f} ms, {PEER} "
-                                             f"{times[w][PEER][-1]:.0f} ms" for w in work), flush=True)
+            for name in order:
+                times[w][name].append(run(sides[name]))
+        print(f"round {r + 1}: " + "; ".join(f"{w}: " + ", ".join(f"{name} {times[w][name][-1]:.1f}"
+                                                                  for name in sides) for w in work) + " ms",
+              flush=True)
 
     reference = float_logits(args.checkpoint, long_ids)
     peers = peer_ratios(times)
     result = {
         "date": datetime.date.today().isoformat(), "checkpoint": str(args.checkpoint), "bundle": str(args.bundle),
-        "threads": args.threads, "rounds": args.rounds, "load_average": os.getloadavg()[0],
+        "threads": args.threads, "rounds": args.rounds,
+        "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
         "llama_cpp_python": llama_cpp.__version__, "prefill_tokens": PREFILL,
-        "decode": {"prompt_tokens": PROMPT, "tokens": STEPS},
+        "decode": {"prompt_tokens": PROMPT, "tokens": STEPS, "sampling_temperature": TEMPERATURE},
         "peers": {"gemma": peers},
         "logits_cosine_to_float": {name: round(cosine(v, reference), 5) for name, v in logits.items()},
         "same_top1_as_float": {name: bool(np.argmax(v) == np.argmax(reference)) for name, v in logits.items()},
     }
     out = ROOT / "bench" / "results" / f"peers-gemma-{result['date']}.json"
     atomic_write(out, json.dumps(result, indent=1) + "\n")
-    print(f"| work | runner (cpu, cpu head) | {PEER} | ratio |")
-    print("| --- | --- | --- | --- |")
+    print("| work | runner (cpu, cpu head) | peer | peer ms | ratio, median (min-max) of rounds |")
+    print("| --- | --- | --- | --- | --- |")
     for w, p in peers.items():
-        print(f"| {w} | {p['runner_ms']:.1f} ms | {p[PEER]['ms']:.1f} ms | {p[PEER]['ratio']:.2f} |")
+        for name in sides:
+            if name != "runner":
+                q = p[name]
+                print(f"| {w} | {p['runner_ms']:.1f} ms | {name} | {q['ms']:.1f} ms | "
+                      f"{q['ratio']:.2f} ({q['ratio_min']:.2f}-{q['ratio_max']:.2f}) |")
     print("last logits' cosine to float:", json.dumps(result["logits_cosine_to_float"]))
     print(f"written to {out}")
 

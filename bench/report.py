@@ -205,6 +205,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# Issue #34's goals for the runner against every peer: (model, work) -> the highest ratio of any round.
+PEER_GOALS = {("gemma", "prefill 256"): 1.0, ("gemma", "decode"): 1.2, ("gemma", "decode, sampling"): 1.3}
 # The peers' works that bench/routes.py models on the Pi too: peer work -> (model, routes workload).
 PI_WORKLOADS = {("clip", "1 image"): "1 image", ("clip", "8 images"): "8 images",
                 ("gemma", "prefill 256"): "prefill, 256 tokens", ("gemma", "decode"): "decode, 1 token"}
@@ -218,11 +220,21 @@ def peers_markdown(peers: dict) -> str:
     from bench.routes import measure
     from prepare.costmodel import Device
 
-    lines = ["### Against the CPU runtimes a user would pick (this machine, one thread a side, interleaved)", ""]
-    rows = [[model, work, f"{p['runner_ms']:.1f}", peer, f"{q['ms']:.1f}", f"**{q['ratio']:.2f}**"]
+    lines = ["### Against the CPU runtimes a user would pick (this machine, one thread a side, rounds in "
+             "alternating order)", "",
+             "Ratio: the median of the rounds' runner / peer, and its range over the rounds; a goal is met only "
+             "when the whole range is under it.", ""]
+    rows = [[model, work, f"{p['runner_ms']:.1f}", peer, f"{q['ms']:.1f}", f"**{q['ratio']:.2f}**" + (
+             f" ({q['ratio_min']:.2f}-{q['ratio_max']:.2f}, {q['rounds']} rounds)" if "ratio_max" in q else "")]
             for model, works in peers.items() for work, p in works.items()
             for peer, q in p.items() if peer != "runner_ms"]
     lines += _table(["model", "work", "runner ms (cpu)", "peer", "peer ms", "ratio (runner / peer)"], rows) + [""]
+    goals = [[f"{model} {work}: runner / {peer} <= {goal}", f"{q['ratio_max']:.2f} at most",
+              "yes" if q["ratio_max"] <= goal else "**no**"]
+             for (model, work), goal in PEER_GOALS.items() for peer, q in peers.get(model, {}).get(work, {}).items()
+             if peer != "runner_ms" and "ratio_max" in q]
+    if goals:
+        lines += _table(["goal (issue #34)", "reached (every round)", "met"], goals) + [""]
     device, routes = Device.load(), measure()["models"]
     f = device.host_to_pi_cpu
     lines += ["### On a Pi 5, modelled: the runner on its CPU, with the Coral (`--route auto`), and the peer", "",

@@ -1,14 +1,16 @@
-"""CLIP at ViT-B/32's real dimensions (seeded random weights, made locally): builds (cold,
-no-op, after a quantization knob, after one tensor), start-up beside start-up patching,
-image and text forwards per backend with peak memory, int8-vs-float cosine, and the
-Pi 5 + Coral model applied to the work each forward did.
+"""A contrastive model at its real dimensions (seeded random weights, made locally): CLIP
+ViT-B/32, or with `--model siglip` SigLIP base/16 at 224. Builds (cold, no-op, after a
+quantization knob, after one tensor), start-up beside start-up patching, image and text
+forwards per backend with peak memory, int8-vs-float cosine, and the Pi 5 + Coral model
+applied to the work each forward did.
 
-    .venv/bin/python bench/clip_vit_b32.py [--images 8]
+    .venv/bin/python bench/clip_vit_b32.py [--model clip|siglip] [--images 8]
 
-Everything goes into its own artifacts directory (artifacts/bench-clip-vit-b32; under
+Everything goes into its own artifacts directory (artifacts/bench-clip-vit-b32 or
+artifacts/bench-siglip-base; under
 CORAL_ARTIFACTS when set), emptied first except for the generated checkpoint, so the build is cold
 (templates included) and the checkpoint is made only once. Results go to
-bench/results/clip-vit-b32-<date>.json (`bench/run.py` runs this and the Gemma bench
+bench/results/clip-vit-b32-<date>.json or siglip-base-<date>.json (`bench/run.py` runs this and the Gemma bench
 together). Timings on a shared machine are noisy: compare ratios measured in one run.
 """
 
@@ -37,14 +39,19 @@ from bench.common import (  # noqa: E402
 from bench.common import doit as _doit
 from bench.throughput import Counter, Device, recommend  # noqa: E402
 
-ARTIFACTS = use_artifacts("bench-clip-vit-b32")
-NAME = "bench-clip-vit-b32"
-RECIPE = "recipes/clip-vit-b32.yaml"
-VARS = [f"recipe={RECIPE}", "checkpoint=artifacts/checkpoint", "generate=random-clip-vit-b32", f"name={NAME}",
+# model -> (its artifacts and bundle name, recipe, generator, the text tower's last linear, results stem, title)
+MODELS = {"clip": ("bench-clip-vit-b32", "recipes/clip-vit-b32.yaml", "random-clip-vit-b32", "text_projection.weight",
+                   "clip-vit-b32", "CLIP ViT-B/32 dimensions, random weights"),
+          "siglip": ("bench-siglip-base", "recipes/siglip-base-patch16-224.yaml", "random-siglip-base",
+                     "text_model.head.weight", "siglip-base", "SigLIP base/16-224 dimensions, random weights")}
+MODEL = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "clip"  # before use_artifacts
+NAME, RECIPE, GENERATOR, TENSOR, STEM, TITLE = MODELS[MODEL]
+ARTIFACTS = use_artifacts(NAME)
+VARS = [f"recipe={RECIPE}", "checkpoint=artifacts/checkpoint", f"generate={GENERATOR}", f"name={NAME}",
         "calibration={images: calibration, captions: captions.txt, synthetic: 16}"]
 KNOB = "quantization={weights: per-channel, multipliers: calibrated, headroom: 0.9, activations: dynamic, " \
        "smoothing: 0.5}"  # headroom 0.95 -> 0.9: every layer's multipliers change, no template does
-TENSOR = "text_projection.weight"  # the last linear of the text tower: nothing downstream reads its output
+# TENSOR: the last linear of the text tower: nothing downstream reads its output
 CAPTIONS = ["a photo of a cat", "a red car on the grass", "two dogs in the snow", "a drawing of a house",
             "a bowl of soup on a table", "the sea at night", "a man riding a bicycle", "three green apples"]
 
@@ -120,7 +127,7 @@ def pi5(bundle: Path, n_images: int, setup_ms: float, patching_ms: float) -> dic
         if n is not None:
             v = cfg.vision
             model.image_features(rng.standard_normal((n, 3, v.image_size, v.image_size)).astype(np.float32))
-            seq, batch, tower = (v.image_size // v.patch_size) ** 2 + 1, n, v
+            seq, batch, tower = model.rows_per_image("vision_model.encoder.layers.0.mlp.fc1"), n, v
         else:
             ids = Contrastive(loaded).tokenize(CAPTIONS)
             model.text_features(ids)
@@ -142,24 +149,24 @@ def pi5(bundle: Path, n_images: int, setup_ms: float, patching_ms: float) -> dic
 
 def run(images: int = 8) -> dict:
     empty_but_checkpoint(ARTIFACTS)
-    result = {"model": "CLIP ViT-B/32 dimensions, random weights", "date": datetime.date.today().isoformat()}
-    print("clip: checkpoint ...", flush=True)
+    result = {"model": TITLE, "date": datetime.date.today().isoformat()}
+    print(f"{MODEL}: checkpoint ...", flush=True)
     result["checkpoint_s"] = doit("checkpoint")
-    print("clip: cold build ...", flush=True)
+    print(f"{MODEL}: cold build ...", flush=True)
     build = {"cold_s": doit(), "noop_s": doit()}
     bundle = ARTIFACTS / "bundles" / NAME
     checkpoint = ARTIFACTS / "checkpoint"
     result["bundle_bytes"], result["bundle_files"] = bundle_size(bundle)
     recipe = recipe_of(RECIPE, VARS)
-    print("clip: start-up ...", flush=True)
+    print(f"{MODEL}: start-up ...", flush=True)
     result["startup"] = startup(recipe, bundle)
-    print("clip: steady state ...", flush=True)
+    print(f"{MODEL}: steady state ...", flush=True)
     held_out = held_out_images(ARTIFACTS / "held-out", images)
     result["steady"] = steady_state(bundle, checkpoint, held_out)
-    print("clip: Pi 5 model ...", flush=True)
+    print(f"{MODEL}: Pi 5 model ...", flush=True)
     cpu = next(r for r in result["startup"] if r["backend"] == "cpu")
     result["pi5"] = pi5(bundle, images, cpu["setup_ms"], cpu["patching_ms"])
-    print("clip: rebuilds ...", flush=True)
+    print(f"{MODEL}: rebuilds ...", flush=True)
     build.update(rebuilds(VARS, ARTIFACTS, KNOB, TENSOR))
     build["layers"] = len(json.loads((bundle / "manifest.json").read_text())["layers"])
     result["build"] = build
@@ -168,11 +175,12 @@ def run(images: int = 8) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="clip")
     ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--out", type=Path, help="results file (default bench/results/clip-vit-b32-<date>.json)")
+    ap.add_argument("--out", type=Path, help="results file (default bench/results/<model>-<date>.json)")
     args = ap.parse_args()
     result = run(args.images)
-    write_result(result, "clip", "clip-vit-b32", args.out)
+    write_result(result, MODEL, STEM, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CLIP on the CPU: this runner's `cpu` backend beside ONNX Runtime (fp32 and dynamic int8),
+"""CLIP or SigLIP on the CPU: this runner's `cpu` backend beside ONNX Runtime (fp32 and dynamic int8),
 exported from the same checkpoint, in one run with the same thread count.
 
     .venv/bin/pip install -e '.[test,bench]'       # torch + transformers export, onnxruntime runs
@@ -7,7 +7,7 @@ exported from the same checkpoint, in one run with the same thread count.
 CHECKPOINT is a CLIP checkpoint directory and BUNDLE the bundle `doit` built from it with the
 `cpu` flavor (bench/clip_vit_b32.py makes both at ViT-B/32's real size: random weights).
 The image and text towers are exported to ONNX once (torch's exporter, float32) into
-<artifacts>/bench-peers-clip/, and quantized with ONNX Runtime's `quantize_dynamic` (int8
+<artifacts>/bench-peers-clip/<bundle name>/, and quantized with ONNX Runtime's `quantize_dynamic` (int8
 weights, activations quantized per call, as ORT's users do it).
 
 Work: one image, 8 images, 8 texts (the same preprocessed pixels and token ids on every
@@ -17,7 +17,7 @@ call each; the medians are reported, and ratio = runner time / peer time (above 
 runner is slower). BLAS/OpenMP threads (environment, set before numpy loads), the
 interpreter's `num_threads` and ORT's `intra_op_num_threads` all get `--threads`.
 The embeddings' cosine to the float model (torch) is reported as supporting evidence.
-Results: bench/results/peers-clip-<date>.json, keys `peers.clip.<work>.<peer>.ratio`.
+Results: bench/results/peers-<family>-<date>.json, keys `peers.<family>.<work>.<peer>.ratio`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def export(checkpoint: Path, out: Path, text_length: int) -> dict[str, Path]:
     if all(f.is_file() for f in files.values()):
         return files
     out.mkdir(parents=True, exist_ok=True)
-    model = transformers.CLIPModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()  # CLIPModel, SiglipModel
 
     def features(tensor):
         return getattr(tensor, "pooler_output", tensor)  # transformers 5 returns an output object
@@ -92,7 +92,7 @@ def float_embeddings(checkpoint: Path, pixels: np.ndarray, ids: np.ndarray) -> t
     import torch
     import transformers
 
-    model = transformers.CLIPModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         image = model.get_image_features(pixel_values=torch.from_numpy(pixels))
         text = model.get_text_features(input_ids=torch.from_numpy(ids))
@@ -111,17 +111,17 @@ def main() -> None:
 
     use_threads(args.threads)
     loaded = load(args.bundle, "cpu")
-    size = loaded.model.config.vision.image_size
+    size, processing = loaded.model.config.vision.image_size, loaded.model.config.processing
     samples = sorted((args.checkpoint / "samples").glob("*.png"))  # a generated checkpoint's held-out images
     if samples:
-        pixels = np.stack([load_image(samples[k % len(samples)], size) for k in range(8)])
+        pixels = np.stack([load_image(samples[k % len(samples)], processing) for k in range(8)])
     else:
         pixels = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
     captions = args.checkpoint / "captions.txt"  # a generated checkpoint's tokenizer knows only its language
     texts = captions.read_text().splitlines()[:8] if captions.is_file() else TEXTS
     ids = Contrastive(loaded).tokenize(texts)
     print(f"exporting to ONNX in {ARTIFACTS} (once) ...", flush=True)
-    files = export(args.checkpoint, ARTIFACTS, ids.shape[1])
+    files = export(args.checkpoint, ARTIFACTS / args.bundle.name, ids.shape[1])
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
@@ -154,11 +154,11 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "checkpoint": str(args.checkpoint), "bundle": str(args.bundle),
         "threads": args.threads, "rounds": args.rounds, "load_average": os.getloadavg()[0],
         "onnxruntime": ort.__version__,
-        "peers": {"clip": peers},
+        "peers": {loaded.family.name: peers},
         "cosine_min_to_float": {side: {"image": round(cosine(o[0], reference[0]), 5),
                                        "text": round(cosine(o[1], reference[1]), 5)} for side, o in outputs.items()},
     }
-    out = ROOT / "bench" / "results" / f"peers-clip-{result['date']}.json"
+    out = ROOT / "bench" / "results" / f"peers-{loaded.family.name}-{result['date']}.json"
     atomic_write(out, json.dumps(result, indent=1) + "\n")
     print("| work | runner (cpu) | ONNX Runtime fp32 | ratio | ONNX Runtime int8 | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -1,5 +1,5 @@
 """The benchmark's results as markdown tables and one plot (from the dict `bench/run.py`
-writes as JSON: {"clip": ..., "gemma": ...}, either may be missing)."""
+writes as JSON: {"clip": ..., "siglip": ..., "gemma": ...}, any may be missing)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 GOALS = {"startup_ratio": 100.0, "noop_s": 2.0, "gemma_cpu_head_rss_mb": 600.0}
 MIB = 2**20
+CONTRASTIVE = {"clip": "CLIP", "siglip": "SigLIP"}  # the image-and-text benches (bench/clip_vit_b32.py --model)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -61,9 +62,9 @@ def markdown(results: dict) -> str:
     lines += _table(["model", "backend", "lm head", "setup ms", "start-up patching ms", "ratio"], rows) + [""]
     lines += ["Start-up patching = quantize, encode and patch every linear (and head tile, or the int8 "
               "table for a CPU head) from the checkpoint, then the same start-up.", ""]
-    if "clip" in results:
-        lines += ["### CLIP steady state on this machine (median of 2 rounds after the first)", ""]
-        steady = results["clip"]["steady"]
+    for model in [m for m in CONTRASTIVE if m in results]:
+        lines += [f"### {CONTRASTIVE[model]} steady state on this machine (median of 2 rounds after the first)", ""]
+        steady = results[model]["steady"]
         keys = [k for k in steady["cpu"] if k.startswith(("image_ms", "text_ms"))]
         rows = [[b, *[f"{s[k]:.0f}" for k in keys], f"{s['peak_rss_mib']:.0f}",
                  f"{s.get('image_cosine_mean', 1.0):.5f}", f"{s.get('text_cosine_mean', 1.0):.5f}"]
@@ -92,11 +93,13 @@ def markdown(results: dict) -> str:
                 for run, p in r["pi5"].items() if "recommend" in p}
         lines += [f"{model}, estimated with each shape's best template batch: "
                   + ", ".join(f"{run} {s:.3f} s" for run, s in best.items()) + "."]
-    if "clip" in results:
-        p = results["clip"]["pi5"]
+    for model in [m for m in CONTRASTIVE if m in results]:
+        p = results[model]["pi5"]
         per = {k: v["estimate"]["per_input_s"] for k, v in p.items() if k.startswith("image")}
-        lines += ["CLIP image, estimated per image: " + ", ".join(f"{k} {v:.2f} s" for k, v in per.items())
-                  + f"; the reference project: {p['reference']['clip_image_s']} s per image (batch-4 templates)."]
+        lines += [f"{CONTRASTIVE[model]} image, estimated per image: "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in per.items())
+                  + f"; the reference project: {p['reference']['clip_image_s']} s per CLIP ViT-B/32 image "
+                  "(batch-4 templates)."]
     if "gemma" in results:
         p = results["gemma"]["pi5"]
         d = p["decode"]

@@ -1,11 +1,11 @@
-"""Every benchmark in one run: CLIP ViT-B/32 and Gemma-3 270M at their real dimensions
-(bench/clip_vit_b32.py, bench/gemma_270m.py, each in its own process and artifacts
-directory), then the CPU runtimes a user compares with on the same checkpoints and
-bundles (bench/peers_clip.py: ONNX Runtime fp32 and int8; bench/peers_gemma.py: llama.cpp
-Q8_0), then `runner serve` under load beside llama-cpp-python's server (bench/serve.py,
+"""Every benchmark in one run: CLIP ViT-B/32, SigLIP base/16 and Gemma-3 270M at their real
+dimensions (bench/clip_vit_b32.py, with --model siglip, bench/gemma_270m.py, each in its
+own process and artifacts directory), then the CPU runtimes a user compares with on the
+same checkpoints and bundles (bench/peers_clip.py, CLIP and SigLIP: ONNX Runtime fp32 and
+int8; bench/peers_gemma.py: llama.cpp Q8_0), then `runner serve` under load beside llama-cpp-python's server (bench/serve.py,
 under `serve`), gathered into bench/results/<date>.json, <date>.md and <date>.png.
 
-    .venv/bin/python bench/run.py [--only clip|gemma|serve] [--no-peers] [--no-serve]   (or: doit bench)
+    .venv/bin/python bench/run.py [--only clip|siglip|gemma|serve] [--no-peers] [--no-serve]   (or: doit bench)
 
 About 15 minutes on 2 cores for the models, most of it cold builds and the runner's
 steady-state runs, and a few more for the peers (their first run also exports ONNX files
@@ -32,10 +32,12 @@ sys.path.insert(0, str(ROOT))
 from bench.report import markdown, peers_markdown, plot  # noqa: E402
 from prepare.store import atomic_write  # noqa: E402
 
-SCRIPTS = {"clip": "clip_vit_b32.py", "gemma": "gemma_270m.py"}
-RESULTS = {"clip": "clip-vit-b32-{date}.json", "gemma": "gemma-270m-{date}.json"}
+SCRIPTS = {"clip": ["clip_vit_b32.py"], "siglip": ["clip_vit_b32.py", "--model", "siglip"],
+           "gemma": ["gemma_270m.py"]}
+RESULTS = {"clip": "clip-vit-b32-{date}.json", "siglip": "siglip-base-{date}.json", "gemma": "gemma-270m-{date}.json"}
 # model -> (peer script, the module it needs, what it is, the model bench's artifacts and bundle name)
 PEERS = {"clip": ("peers_clip.py", "onnxruntime", "ONNX Runtime", "bench-clip-vit-b32"),
+         "siglip": ("peers_clip.py", "onnxruntime", "ONNX Runtime", "bench-siglip-base"),
          "gemma": ("peers_gemma.py", "llama_cpp", "llama.cpp (llama-cpp-python)", "bench-gemma-270m")}
 PEER_THREADS = 1  # as the model benches' BLAS: one thread a side, so two processes never fight for 2 cores
 
@@ -50,7 +52,7 @@ def run_peers(model: str, date: str, env: dict) -> dict | None:
     artifacts = Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / name
     subprocess.run([sys.executable, str(ROOT / "bench" / script), str(artifacts / "checkpoint"),
                     str(artifacts / "bundles" / name), "--threads", str(PEER_THREADS)], check=True, cwd=ROOT, env=env)
-    return json.loads((ROOT / "bench" / "results" / f"{script[:-3].replace('_', '-')}-{date}.json").read_text())
+    return json.loads((ROOT / "bench" / "results" / f"peers-{model}-{date}.json").read_text())
 
 
 def main() -> int:
@@ -68,7 +70,8 @@ def main() -> int:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
     for model in [m for m in args.only or list(SCRIPTS) if m != "serve"]:
         path = results_dir / RESULTS[model].format(date=date)
-        subprocess.run([sys.executable, str(ROOT / "bench" / SCRIPTS[model]), "--out", str(path)], check=True,
+        script, *options = SCRIPTS[model]
+        subprocess.run([sys.executable, str(ROOT / "bench" / script), *options, "--out", str(path)], check=True,
                        cwd=ROOT, env=env)
         results[model] = json.loads(path.read_text())
         peer = None if args.no_peers else run_peers(model, date, env)

@@ -16,9 +16,8 @@ SigLIP to its context).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from pathlib import Path
+from typing import Callable
 
 from . import clip, gemma, siglip
 from .tokenizer import ClipTokenizer, FixedLengthTokenizer

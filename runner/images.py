@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .config_values import ConfigFields, ConfigError
+from .config_values import ConfigError, ConfigFields
 from .errors import UserError
 from .packages import require
 

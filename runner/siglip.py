@@ -26,7 +26,7 @@ import numpy as np
 from .clip import ACTIVATIONS, CLIP, layer_norm
 from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
 from .images import ImageProcessing
-from .nn import Linear, check_finite, softmax
+from .nn import check_finite, softmax
 
 # What SiglipImageProcessor does when the checkpoint says nothing else: both sides to the
 # model's size, bicubic, mean and std 0.5.
@@ -161,7 +161,7 @@ class SigLIP(CLIP):
         """input_ids [B, L] (as SigLIP's tokenizer pads them: to the context) -> [B, hidden]."""
         cfg, w = self.config.text, self.w
         ids = np.asarray(input_ids, dtype=np.int64)
-        b, n = ids.shape
+        n = ids.shape[1]
         if n > cfg.max_position_embeddings:
             raise ValueError(f"text of {n} tokens is longer than the context of {cfg.max_position_embeddings}")
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:

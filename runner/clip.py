@@ -91,12 +91,28 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
     return np.divide(x, y, out=y)
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float32, in one buffer (SigLIP's MLP
+    activation; numpy's float64 scalars in the plain formula made it float64 and 70% of a
+    SigLIP image's time)."""
+    y = np.multiply(x, x, dtype=np.float32)
+    y *= np.float32(0.044715)
+    y += np.float32(1.0)
+    y *= x
+    y *= np.float32(np.sqrt(2.0 / np.pi))
+    np.tanh(y, out=y)
+    y += np.float32(1.0)
+    y *= x
+    y *= np.float32(0.5)
+    return y
+
+
 ACTIVATIONS = {
     "quick_gelu": quick_gelu,
     "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0))),
-    "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3))),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,  # the same tanh approximation, as torch computes it (SigLIP's)
 }
-ACTIVATIONS["gelu_pytorch_tanh"] = ACTIVATIONS["gelu_new"]  # the same tanh approximation (SigLIP's)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

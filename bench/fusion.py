@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import Device, LinearWork, Work  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.result_files import write_results  # noqa: E402
 from prepare.families import family_of  # noqa: E402
 from prepare.recipe import load_recipe  # noqa: E402
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prepare.costmodel import Device, LinearWork, tpu_from_rows  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.result_files import write_results  # noqa: E402
 from prepare.families import family_of  # noqa: E402
 from prepare.recipe import load_recipe  # noqa: E402
 from prepare.stages.templates import template_batches  # noqa: E402

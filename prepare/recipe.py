@@ -11,7 +11,7 @@ inputs, which are relative to the checkpoint directory unless they start with
 The mapping-valued keys are frozen dataclasses (`Quantization`, `Calibration`, `Verify`,
 `LMHead`) whose fields say their type, default and bounds; `runner.config_values.read_fields`
 checks them. What depends on the model family (its towers, generators, target metrics,
-whether it has a tiled LM head) comes from its module in prepare/families/.
+whether it has a tiled LM head) comes from prepare/family_facts.py.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from runner.errors import UserError
 from runner.files import read_json
 
 from .demo_models import replaceable
-from .families import NAMES as FAMILY_NAMES
-from .families import family_of
+from .family_facts import FAMILIES
+from .family_facts import NAMES as FAMILY_NAMES
 from .store import ARTIFACTS, ROOT
 
 DEFAULT_RECIPE = ROOT / "recipes" / "demo-clip.yaml"
@@ -387,11 +387,11 @@ def _check_model(recipe: str, values: dict) -> None:
         return
     if family not in FAMILY_NAMES:
         raise RecipeError(f"{recipe}: key 'family' must be one of {', '.join(FAMILY_NAMES)}, got {_shown(family)}")
-    model = family_of(family)
+    facts = FAMILIES[family]
     generate = values.get("generate")
-    if generate is not None and generate not in model.GENERATORS:
+    if generate is not None and generate not in facts.generators:
         raise RecipeError(f"{recipe}: key 'generate' must name a built-in {family} generator "
-                          f"({', '.join(model.GENERATORS)}), got {_shown(generate)}")
+                          f"({', '.join(facts.generators)}), got {_shown(generate)}")
     checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise RecipeError(f"{recipe}: key 'checkpoint' is missing (a Hugging Face model directory)")
@@ -407,19 +407,19 @@ def _check_model(recipe: str, values: dict) -> None:
         raise RecipeError(f"{recipe}: key 'checkpoint': {_shown(checkpoint)} holds a model of its own, which "
                           f"'generate: {generate}' would replace with a generated one; to build that model, "
                           "add generate=null")
-    towers = values.setdefault("towers", list(model.TOWERS))
-    if not towers or any(t not in model.TOWERS for t in towers) or len(set(towers)) != len(towers):
-        raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(model.TOWERS)}, "
+    towers = values.setdefault("towers", list(facts.towers))
+    if not towers or any(t not in facts.towers for t in towers) or len(set(towers)) != len(towers):
+        raise RecipeError(f"{recipe}: key 'towers' must list some of {', '.join(facts.towers)}, "
                           f"got {_shown(towers)}")
     flavors = values.get("flavors", list(FLAVORS))
     if any(f not in FLAVORS for f in flavors) or len(set(flavors)) != len(flavors):
         raise RecipeError(f"{recipe}: key 'flavors' must list some of {', '.join(FLAVORS)}, got {_shown(flavors)}")
     if any(not isinstance(p, str) or not p for p in values.get("cpu_layers", [])):
         raise RecipeError(f"{recipe}: key 'cpu_layers' must be a list of layer-name patterns")
-    if values.get("lm_head") and not model.LM_HEAD:
+    if values.get("lm_head") and not facts.lm_head:
         raise RecipeError(f"{recipe}: key 'lm_head' is for a model with a tiled LM head, not {family}")
     if values.get("tools") is not None:
-        _check_tools(recipe, values["tools"], family, checkpoint, generate, model.LM_HEAD)
+        _check_tools(recipe, values["tools"], family, checkpoint, generate, facts.lm_head)
     for key, section in SECTIONS.items():
         try:
             values[key] = read_fields(section, values.get(key, {}), key)
@@ -448,9 +448,9 @@ def _check_model(recipe: str, values: dict) -> None:
     if v.candidates is not None and (not v.candidates or not all(isinstance(c, str) and c.strip() for c in v.candidates)):
         raise RecipeError(f"{recipe}: key verify.candidates must be a list of label texts, got {_shown(v.candidates)}")
     for metric, value in values.get("target", {}).items():
-        if metric not in model.TARGET_METRICS:
+        if metric not in facts.target_metrics:
             raise RecipeError(f"{recipe}: unknown key target.{metric} "
-                              f"(known for {family}: {', '.join(model.TARGET_METRICS)})")
+                              f"(known for {family}: {', '.join(facts.target_metrics)})")
         if not _is(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
             raise RecipeError(f"{recipe}: key target.{metric} must be a number in (0, 1], got {_shown(value)}")
 

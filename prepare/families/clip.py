@@ -20,17 +20,15 @@ from runner.nn import float_linear
 from runner.tokenizer import EOS, ClipTokenizer, TokenizerError, load_tokenizer
 
 from ..calibrate import InputRecorder
+from ..family_facts import FAMILIES
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
 from .base import LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config, with_preprocessor
 
-TOWERS = ("image", "text")
-GENERATORS = ("demo-clip", "demo-clip-outliers", "random-clip-vit-b32", "random-clip-vit-b32-outliers")
-TARGET_METRICS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min",
-                  "zero_shot_agreement")
+FACTS = FAMILIES["clip"]
+TOWERS, GENERATORS, TARGET_METRICS, LM_HEAD = FACTS.towers, FACTS.generators, FACTS.target_metrics, FACTS.lm_head
 GOAL = {"image_cosine_mean": 0.999, "image_cosine_min": 0.995}  # bench/fidelity.py's CLIP_GOAL
 INT8_TABLES = ()
-LM_HEAD = False
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
 BOS = "<|startoftext|>"

@@ -22,15 +22,14 @@ from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shape
 from runner.nn import float_linear
 
 from ..calibrate import InputRecorder
+from ..family_facts import FAMILIES
 from ..recipe import Recipe, RecipeError
 from ..smoothing import NormGroup
 from .base import HEAD_TILE, LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config
 
-TOWERS = ("decoder",)
-GENERATORS = ("demo-gemma", "demo-gemma-outliers", "random-gemma-270m", "random-gemma-270m-outliers")
-TARGET_METRICS = ("top1_agreement", "logits_cosine_mean", "logits_cosine_min")
+FACTS = FAMILIES["gemma"]
+TOWERS, GENERATORS, TARGET_METRICS, LM_HEAD = FACTS.towers, FACTS.generators, FACTS.target_metrics, FACTS.lm_head
 GOAL = {"top1_agreement": 0.99}  # bench/fidelity.py's GEMMA_GOAL
-LM_HEAD = True  # the tied head is cut into TPU tiles (the recipe's `lm_head`)
 SYNTHETIC_TOKENS = 128  # longest seeded synthetic calibration sequence (prompts and conversations keep their length)
 # The Edge TPU has about 8 MiB of on-chip parameter memory (edgetpu-format.md); a head tile's
 # int8 weights get at most this much of it, the rest is left for its multipliers and code.

@@ -19,6 +19,7 @@ from runner.checkpoint import Checkpoint, CheckpointError
 from runner.siglip import SigLIP, SiglipConfig, linear_names, tensor_shapes
 from runner.tokenizer import FixedLengthTokenizer, TokenizerError, load_tokenizer
 
+from ..family_facts import FAMILIES
 from ..convert_tokenizer import SENTENCEPIECE_FILE, siglip_tokenizer_json
 from ..recipe import Recipe
 from ..smoothing import NormGroup
@@ -26,12 +27,10 @@ from ..store import atomic_write
 from . import clip
 from .base import LinearSpec, fuse, is_host_layer, pad_outputs, parse_config, read_model_config, with_preprocessor
 
-TOWERS = clip.TOWERS
-GENERATORS = ("random-siglip", "random-siglip-outliers", "random-siglip-base", "random-siglip-base-outliers")
-TARGET_METRICS = clip.TARGET_METRICS
+FACTS = FAMILIES["siglip"]
+TOWERS, GENERATORS, TARGET_METRICS, LM_HEAD = FACTS.towers, FACTS.generators, FACTS.target_metrics, FACTS.lm_head
 GOAL = clip.GOAL
 INT8_TABLES = ()
-LM_HEAD = False
 calibration_count = clip.calibration_count
 calibration_images = clip.calibration_images
 

@@ -32,7 +32,7 @@ sys.path.insert(1, str(HERE))
 
 import numpy as np  # noqa: E402
 
-import train  # noqa: E402  (the drawing, prompts and seeds)
+import scenes  # noqa: E402  (the drawing, prompts and seeds)
 
 
 def load(directory: Path):
@@ -60,10 +60,10 @@ def load_bundle(bundle_dir: Path, backend: str):
 def score_files(model, tok, files: list[Path], metas: list[dict]) -> dict:
     from runner.images import load_image
 
-    colors, pairs, _ = train.prompts()
+    colors, pairs, _ = scenes.prompts()
     pixels = np.stack([load_image(f, model.config.vision.image_size) for f in files])
     image = np.concatenate([model.image_features(pixels[k : k + 64]) for k in range(0, len(pixels), 64)])
-    return train.score(image, model.text_features(tok(colors)), model.text_features(tok(pairs)), model.logit_scale,
+    return scenes.score(image, model.text_features(tok(colors)), model.text_features(tok(pairs)), model.logit_scale,
                        metas)
 
 
@@ -71,13 +71,13 @@ def evaluate(directory: Path, heldout=None, seed: int = 0, bundle: Path | None =
              backends: tuple[str, ...] = ()) -> dict:
     """The metrics on the held-out images (drawn again unless given), through PNG files; with
     `bundle`, also per backend, with the share of images where it chose as the float model."""
-    heldout = heldout if heldout is not None else train.heldout_set(seed)
+    heldout = heldout if heldout is not None else scenes.heldout_set(seed)
     metas = [m for _, m in heldout]
     with tempfile.TemporaryDirectory(prefix="demo-clip-eval-") as tmp:
         files = []
         for k, (img, _) in enumerate(heldout):
             files.append(Path(tmp) / f"{k:03d}.png")
-            files[-1].write_bytes(train.png(img))
+            files[-1].write_bytes(scenes.png(img))
         result = score_files(*load(Path(directory)), files, metas)
         for backend in backends:
             int8 = score_files(*load_bundle(bundle, backend), files, metas)

@@ -90,7 +90,6 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT  # noqa: E402
-from prepare.store import atomic_write  # noqa: E402
 
 ARTIFACTS = (Path(os.environ.get("CORAL_ARTIFACTS", ROOT / "artifacts")) / "bench-serve").resolve()
 GEMMA_DIR = ROOT / "recipes" / "demo-gemma"
@@ -789,6 +788,8 @@ def main() -> int:
         result["embeddings"] = embeddings(args, ours_command)
     if "restart" in parts and ours_command:
         result["restart"] = restart(args, ours_command)
+    # Imported last: bench/peers_gemma.py (the GGUF) must set its artifacts directory before prepare.store loads.
+    from prepare.store import atomic_write
     out = args.out or ROOT / "bench" / "results" / f"serve-{date}.json"
     atomic_write(out, json.dumps(result, indent=1) + "\n")
     print(markdown(result))

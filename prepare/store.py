@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from runner import files
 
 ROOT = Path(__file__).resolve().parent.parent
 # Tests and side-by-side builds point this elsewhere with CORAL_ARTIFACTS.
@@ -35,21 +36,10 @@ def key_of(inputs: dict) -> str:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary file and a rename (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be copied and read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """runner/files.py's atomic write (temporary file, fsync, rename), into a directory made
+    first if need be: the build writes where no directory may exist yet."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return files.atomic_write(path, data)
 
 
 def replace_dir(tmp: Path, final: Path) -> Path:

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -59,7 +58,7 @@ from .families import GEMMA_FAMILY
 from .generate import Sampler, generate
 from .generate import stop_ids as gemma_stop_ids
 from .interpreter import available_cores, use_threads
-from .files import read_json
+from .files import atomic_write, read_json
 from .lm_head import DEFAULT_CAPACITY, HEAD_MODES
 from .load import Loaded, load
 from .tokenizer import TextStream
@@ -168,23 +167,12 @@ def print_routes(result: dict) -> None:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename: never half a file. A failure names
-    `path`, not the temporary file."""
-    target = Path(path)
-    tmp = None
+    """np.save atomically (runner/files.py): never half a file. A failure names `path`, not
+    the temporary file."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, target)
+        atomic_write(Path(path), lambda f: np.save(f, array, allow_pickle=False))
     except OSError as e:
-        raise OutputError(f"{target}: cannot write ({e.strerror or e})") from e
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
 
 
 def print_clip(result: dict) -> None:

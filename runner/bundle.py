@@ -15,6 +15,7 @@ import re
 import stat
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,22 @@ from .checkpoint import safetensors_layout
 from .config_values import ConfigError
 from .errors import UserError
 from .families import FAMILIES
-from .files import read_json
+from .files import get_field, read_document
 from .packages import MissingPackageError
 
 SHA256_HEX = re.compile("[0-9a-f]{64}")
 
 FORMAT = "coral-bundle"
 VERSION = 1
+# The manifest's fields, declared once: prepare/stages/bundle.py writes exactly these, in this
+# order; read_manifest checks every one the runner uses (the rest record how it was built).
+FIELDS = ("format", "version", "name", "family", "towers", "config", "quantization", "smoothing", "flavors",
+          "cpu_layers", "templates", "host", "tokenizer", "chat", "tools", "layers", "lm_head", "int8_head", "route",
+          "target")
+FILE_FIELDS = ("path", "sha256", "bytes")  # a file entry: host, tokenizer, chat, tools, a layer's flavors
+LAYER_FIELDS = ("name", "in", "out", "placement")  # every layer
+TPU_LAYER_FIELDS = ("batch", "zp_in", "zp_out", "error")  # a layer a Dense template runs, and where they apply:
+OPTIONAL_TPU_FIELDS = ("outputs", "parts", "input_scale", "tpu_from_rows")  # (runner/bundle.py `Layer`)
 MANIFEST = "manifest.json"
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where transformers looks for a chat template
 TOOLS_FILE = "tools.json"  # a recipe's tools (OpenAI form), carried for `runner call`
@@ -80,15 +90,7 @@ class Layer:
     tpu_from_rows: int | None = None
 
 
-def _field(where: str, obj: dict, key: str, kind, check=None):
-    if not isinstance(obj, dict) or key not in obj:
-        raise BundleError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise BundleError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
-    if check is not None and not check(value):
-        raise BundleError(f"{where}: field {key!r} has a bad value {value!r}")
-    return value
+_field = partial(get_field, BundleError)
 
 
 class HostTensors:
@@ -235,16 +237,9 @@ def read_manifest(directory: str | Path) -> Manifest:
         found = [d for d in bundle_guesses(directory) if (d / MANIFEST).is_file()]
         raise BundleError(f"{directory}: not a bundle (no {MANIFEST}" + (f"); did you mean {found[0]}?" if found else
                                                                          "; build one with doit)"))
-    manifest = read_json(path, BundleError, MAX_MANIFEST_BYTES)
+    manifest = read_document(path, BundleError, MAX_MANIFEST_BYTES, FORMAT, VERSION, "bundle",
+                             "rebuild the bundle, or update the runner")
     where = str(path)
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: a manifest is a JSON object")
-    if _field(where, manifest, "format", str) != FORMAT:
-        raise BundleError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
-    version = _field(where, manifest, "version", int)
-    if version != VERSION:
-        raise BundleError(f"{path}: bundle version {version}, this runner reads version {VERSION} "
-                          "(rebuild the bundle, or update the runner)")
     family = _field(where, manifest, "family", str)
     model_config(family, _field(where, manifest, "config", dict), where)
     _field(where, manifest, "towers", list, lambda v: all(isinstance(t, str) for t in v))

@@ -50,6 +50,21 @@ def get_field(error: type[Exception], where: str, obj, key: str, kind, check: Ca
     return value
 
 
+def read_document(path: Path, error: type[Exception], max_bytes: int, format: str, version: int, label: str,
+                  remedy: str) -> dict:
+    """A JSON object of this project's `format` (a manifest, a photo index) at the `version`
+    this code reads; `label` and `remedy` say in the error what it is and what to do."""
+    data = read_json(path, error, max_bytes)
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    if get_field(error, str(path), data, "format", str) != format:
+        raise error(f"{path}: format {data['format'][:100]!r} is not {format!r}")
+    found = get_field(error, str(path), data, "version", int)
+    if found != version:
+        raise error(f"{path}: {label} version {found}, this runner reads version {version} ({remedy})")
+    return data
+
+
 def is_temporary(name: str) -> bool:
     """A name `atomic_write` gives its temporary files."""
     return name.startswith(".") and name.endswith(TMP_SUFFIX)

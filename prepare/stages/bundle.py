@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load, save_file
 
-from runner.bundle import CHAT_FILES, FORMAT, HOST_FILE, MANIFEST, TOOLS_FILE, VERSION, sha256_file
+from runner.bundle import (CHAT_FILES, FIELDS, FILE_FIELDS, FORMAT, HOST_FILE, LAYER_FIELDS, MANIFEST, TOOLS_FILE,
+                           TPU_LAYER_FIELDS, VERSION, sha256_file)
 from runner.checkpoint import Checkpoint
 from runner.lm_head import row_norms
 from runner.tflite_file import parse_tflite
@@ -56,7 +57,7 @@ from ..patch import patch_hybrid
 from ..paths import bundle_dir
 from ..quantize import quantize_weights
 from ..recipe import Recipe, resolve
-from ..store import Store, key_of, replace_dir
+from ..store import Store, atomic_write, key_of, replace_dir
 from .layers import model_weights
 from .placement import apply_placement
 
@@ -73,7 +74,7 @@ def _place(src: Path, dst: Path) -> None:
 
 def _file_entry(root: Path, rel: str) -> dict:
     path = root / rel
-    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return dict(zip(FILE_FIELDS, (rel, sha256_file(path), path.stat().st_size)))
 
 
 def host_tensors(recipe: Recipe, index: dict, checkpoint, store: Store) -> dict[str, np.ndarray]:
@@ -193,9 +194,9 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             tools = _file_entry(tmp, TOOLS_FILE)
         layers, tiles = [], []
         for e in index["layers"]:
-            entry = {k: e[k] for k in ("name", "in", "out", "placement")}
+            entry = {k: e[k] for k in LAYER_FIELDS}
             if e["placement"] == "tpu":
-                entry.update({k: e[k] for k in ("batch", "zp_in", "zp_out", "error")})
+                entry.update({k: e[k] for k in TPU_LAYER_FIELDS})
                 entry.update({k: e[k] for k in ("outputs", "parts") if k in e})
                 if e.get("input_scale") is not None:
                     entry["input_scale"] = e["input_scale"]
@@ -204,7 +205,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                     dst = f"layers/{e['name']}{SUFFIX[flavor]}"
                     _place(store.root / rel, tmp / dst)
                     meta = store.meta(flavor, Path(rel).stem)
-                    entry["files"][flavor] = {"path": dst, "sha256": meta["sha256"], "bytes": meta["bytes"]}
+                    entry["files"][flavor] = dict(zip(FILE_FIELDS, (dst, meta["sha256"], meta["bytes"])))
             if "rows" in e:
                 tiles.append({**entry, "rows": e["rows"]})
             else:
@@ -219,7 +220,7 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
                                         store)
         # A tied LM head cut into tiles of `tile_rows` vocabulary rows (runner/lm_head.py).
         lm_head = {"tile_rows": tiles[0]["out"], "vocab_size": tiles[-1]["rows"][1], "tiles": tiles} if tiles else None
-        manifest = {
+        values = {
             "format": FORMAT, "version": VERSION, "name": recipe.name, "family": recipe.family,
             "towers": recipe.towers, "config": with_preprocessor(checkpoint.config, recipe.checkpoint_dir),
             "quantization": asdict(recipe.quantization), "smoothing": index.get("smoothing") and {k: index["smoothing"][k] for k in ("alpha", "norms")},
@@ -232,7 +233,9 @@ def write_bundle(recipe: Recipe, index: dict, store: Store, placement: dict | No
             "lm_head": lm_head, "int8_head": int8_head, "route": route,
             "target": placement and {k: placement[k] for k in ("target", "reached", "cpu_layers", "metrics")},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        assert set(values) == set(FIELDS), set(values) ^ set(FIELDS)  # runner/bundle.py declares them
+        manifest = {k: values[k] for k in FIELDS}
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
         note = carry_report(final, tmp)
         replace_dir(tmp, final)
         if note:

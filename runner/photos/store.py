@@ -36,7 +36,7 @@ import numpy as np
 from ..bundle import MANIFEST, SHA256_HEX, BundleError, sha256_file
 from ..errors import UserError
 from ..executors import BACKENDS
-from ..files import atomic_write, get_field, is_temporary, read_json
+from ..files import atomic_write, get_field, is_temporary, read_document
 
 FORMAT = "coral-photo-index"
 VERSION = 1
@@ -121,16 +121,9 @@ def read_index(index_dir: str | Path) -> Index:
     if not os.path.lexists(path):
         raise PhotoIndexError(f"{directory}: not a photo index (no {INDEX_FILE}; make one with "
                               "`python -m runner index BUNDLE PHOTO_DIR --out INDEX_DIR`)")
-    data = read_json(path, PhotoIndexError, MAX_INDEX_BYTES)
+    data = read_document(path, PhotoIndexError, MAX_INDEX_BYTES, FORMAT, VERSION, "index",
+                         "index the photos again into a new directory")
     where = str(path)
-    if not isinstance(data, dict):
-        raise PhotoIndexError(f"{path}: an index is a JSON object")
-    if _get(where, data, "format", str) != FORMAT:
-        raise PhotoIndexError(f"{path}: format {data['format'][:100]!r} is not {FORMAT!r}")
-    version = _get(where, data, "version", int)
-    if version != VERSION:
-        raise PhotoIndexError(f"{path}: index version {version}, this runner reads version {VERSION} "
-                              "(index the photos again into a new directory)")
     bundle = _get(where, data, "bundle", dict)
     dims = _get(where, data, "dims", int, lambda v: 0 < v <= MAX_DIMS)
     dtype = _get(where, data, "dtype", str, lambda v: v in DTYPES)

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load
 
 from runner.bundle import Bundle
+from runner.contrastive import unit_rows
 from runner.edgetpu_codec import DenseParams
 from runner.emulate import DenseEmulator
 from runner.nn import Linear, float_linear, layer_bias, part_columns, with_fused
@@ -33,8 +34,8 @@ from .store import Store
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+    """Rows to unit length (runner/contrastive.py `unit_rows`), in float64 as the metrics compare them."""
+    return unit_rows(np.asarray(x, np.float64))
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = command("index", "embed every photo under a directory (again: only new or changed ones)",
                     "index artifacts/bundles/demo-clip ~/Pictures --out ~/pictures-index")
     index.add_argument("bundle", metavar="BUNDLE", help="a CLIP or SigLIP bundle directory (artifacts/bundles/NAME)")
-    index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, TIFF")
+    index.add_argument("photos", metavar="PHOTO_DIR", help="searched recursively for JPEG, PNG, WebP, GIF, BMP, TIFF")
     index.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index (made, or brought up to date)")
     index.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                        help="where the linear layers run (auto, the default: edgetpu, else cpu, else emulate)")

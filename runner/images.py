@@ -76,6 +76,9 @@ class ImageError(UserError):
     """An image that cannot be used; the message names the file."""
 
 
+# The image files the project reads, by name (Pillow reads each): photo search's directory
+# scan and a recipe's image folders (calibration, verify) both take these.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MAX_PIXELS = 1 << 26  # 64 Mi pixels (8192 x 8192): 192 MiB as 8-bit RGB
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from runner.checkpoint import Checkpoint, CheckpointError
 from runner.clip import CLIP, CLIPConfig, linear_names, tensor_shapes
-from runner.images import load_image, normalize as normalize_pixels
+from runner.images import IMAGE_SUFFIXES, load_image, normalize as normalize_pixels
 from runner.nn import float_linear
 from runner.tokenizer import EOS, ClipTokenizer, TokenizerError, load_tokenizer
 
@@ -29,7 +29,6 @@ FACTS = FAMILIES["clip"]
 TOWERS, GENERATORS, TARGET_METRICS, LM_HEAD = FACTS.towers, FACTS.generators, FACTS.target_metrics, FACTS.lm_head
 GOAL = {"image_cosine_mean": 0.999, "image_cosine_min": 0.995}  # bench/fidelity.py's CLIP_GOAL
 INT8_TABLES = ()
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CALIBRATION_BATCH = 8  # inputs per float forward: bounds the activations' memory
 BOS = "<|startoftext|>"
 # The eos_token_id of the original OpenAI configs, which is not their end-of-text (49407):

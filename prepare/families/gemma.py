@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from runner.chat import Chat
 from runner.checkpoint import Checkpoint, CheckpointError
 from runner.gemma import Gemma, GemmaConfig, KVCache, linear_names, tensor_shapes
+from runner.lm_head import EMBEDDING
 from runner.nn import float_linear
+from runner.tokenizer import load_tokenizer
 
 from ..calibrate import InputRecorder
 from ..family_facts import FAMILIES
@@ -35,7 +36,6 @@ SYNTHETIC_TOKENS = 128  # longest seeded synthetic calibration sequence (prompts
 # int8 weights get at most this much of it, the rest is left for its multipliers and code.
 TILE_BUDGET_BYTES = 6 << 20
 HEAD_INPUTS = "lm_head"  # calibration rows of every tile: the final-normed hidden states
-EMBEDDING = "model.embed_tokens"
 # Kept on the host as int8 rows with a float32 scale per row (prepare/bundle.py): the input
 # embedding and the `--lm-head cpu` head read it, memory-mapped, at a quarter of the float size.
 INT8_TABLES = (EMBEDDING,)
@@ -170,7 +170,7 @@ def calibration_prompts(recipe: Recipe, config: GemmaConfig, section: str = "cal
     inputs = getattr(recipe, section)
     lines = recipe.input_lines(section, "prompts")
     if lines:
-        tokenizer = Tokenizer.from_file(str(recipe.checkpoint_dir / "tokenizer.json"))
+        tokenizer = load_tokenizer(recipe.checkpoint_dir / "tokenizer.json")
         rows += [np.array(tokenizer.encode(line).ids[: min(max_tokens or context, context)], np.int64)
                  for line in lines]
     chats = conversations(recipe, section)

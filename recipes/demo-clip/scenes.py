@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from runner.contrastive import unit_rows  # the one L2 normalization (the runner is on sys.path: train.py, eval.py)
+
 COLORS = {  # name -> RGB; drawn with a small per-channel jitter
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
     "orange": (245, 140, 20), "purple": (140, 40, 180), "white": (245, 245, 245), "black": (15, 15, 15),
@@ -283,10 +285,7 @@ def prompts() -> tuple[list[str], list[str], list[tuple[str, str]]]:
 
 def score(image_emb: np.ndarray, color_emb: np.ndarray, pair_emb: np.ndarray, scale: float, metas: list[dict]) -> dict:
     """Zero-shot top-1 over the 8 colors and over the 32 pairs, and the mean softmax margin of the winner."""
-    def norm(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    image_emb, color_emb, pair_emb = norm(image_emb), norm(color_emb), norm(pair_emb)
+    image_emb, color_emb, pair_emb = unit_rows(image_emb), unit_rows(color_emb), unit_rows(pair_emb)
     _, _, pairs = prompts()
     truth_color = np.array([COLORS_LIST.index(m["objects"][0]["color"]) for m in metas])
     truth_pair = np.array([pairs.index((m["objects"][0]["color"], m["objects"][0]["shape"])) for m in metas])

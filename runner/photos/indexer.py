@@ -1,7 +1,7 @@
 """`index`: embed a directory of photos with a CLIP bundle's image tower, or bring an index
 up to date.
 
-It walks the directory (JPEG, PNG, WebP, GIF, TIFF, by extension), embeds what is new or
+It walks the directory (JPEG, PNG, WebP, GIF, BMP, TIFF: runner/images.py IMAGE_SUFFIXES), embeds what is new or
 changed since the last run (size or mtime_ns differ) in batches that fill the image tower's
 templates, reuses the rows of the others, and drops the deleted ones. One thread decodes the
 next photos while the model runs. A file that cannot be read is a warning line, counted, and
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..contrastive import Contrastive, unit_rows
 from ..errors import UserError
-from ..images import ImageProcessing, load_image
+from ..images import IMAGE_SUFFIXES, ImageProcessing, load_image
 from ..load import Loaded, load
 from .store import (
     DTYPES,
@@ -44,7 +44,6 @@ from .store import (
     remove_leftovers,
 )
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff"})
 DEFAULT_BATCH = 8
 COMMIT_EVERY_S = 300.0
 
@@ -301,5 +300,5 @@ def format_index(result: dict) -> str:
         before = f" ({r['skipped_before']} unchanged since an earlier run, not retried)" if r["skipped_before"] else ""
         lines.append(f"  {r['skipped']} skipped: cannot be read{before}")
     if r["other_files"]:
-        lines.append(f"  {r['other_files']} other files (not JPEG, PNG, WebP, GIF or TIFF by name)")
+        lines.append(f"  {r['other_files']} other files (not JPEG, PNG, WebP, GIF, BMP or TIFF by name)")
     return "\n".join(lines)

@@ -104,8 +104,10 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     numpy's per-call overhead, not the arithmetic, is the cost."""
     x = np.asarray(x, np.float32)
     mean_square = np.einsum("...i,...i->...", x, x)  # overflows to inf without a warning
-    # An overflowed mean square would turn the row into zeros, silently (runner/nn.py).
-    check_finite(mean_square, "hidden states entering an RMS norm")
+    # An overflowed mean square would turn the row into zeros, silently (runner/nn.py). Its
+    # largest value is NaN or inf if any is (squares are not negative): one reduction.
+    if not np.isfinite(mean_square.max(initial=0.0)):
+        check_finite(mean_square, "hidden states entering an RMS norm")
     mean_square *= np.float32(1.0 / x.shape[-1])
     mean_square += np.float32(eps)
     return x / np.sqrt(mean_square)[..., None]
@@ -242,13 +244,14 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_first: int, k_
         qg = q[:, a:b].reshape(kv_heads, group * (b - a), hd)
         scores = (qg @ keys[:, lo:hi].transpose(0, 2, 1)).reshape(heads, b - a, hi - lo)
         scores *= np.float32(scale)
-        q_pos = np.arange(q_first + a, q_first + b)[:, None]
-        k_pos = np.arange(k_first + lo, k_first + hi)[None, :]
-        hidden = k_pos > q_pos
-        if window is not None:
-            hidden |= k_pos <= q_pos - window
-        if hidden.any():
-            scores[:, hidden] = -np.inf
+        if b - a > 1:  # one query (a decode step) sees every key in [lo, hi): nothing to hide
+            q_pos = np.arange(q_first + a, q_first + b)[:, None]
+            k_pos = np.arange(k_first + lo, k_first + hi)[None, :]
+            hidden = k_pos > q_pos
+            if window is not None:
+                hidden |= k_pos <= q_pos - window
+            if hidden.any():
+                scores[:, hidden] = -np.inf
         # softmax in place (runner/nn.py's, without its copies)
         scores -= scores.max(-1, keepdims=True)
         np.exp(scores, out=scores)

@@ -43,11 +43,19 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
+        z = logits.astype(np.float64)
+        z /= self.temperature
         if 0 < self.top_k < len(z):
             z[np.argpartition(-z, self.top_k - 1)[self.top_k :]] = -np.inf
-        p = np.exp(z - z.max())
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+        # What rng.choice(len(p), p=p) does (its running sum searched at one uniform draw,
+        # so the same tokens for a seed), in place and without its checks of p: on 262,144
+        # logits, 2 ms instead of 7-10 ms a token.
+        z -= z.max()
+        np.exp(z, out=z)
+        z /= z.sum()
+        np.cumsum(z, out=z)
+        z /= z[-1]
+        return int(z.searchsorted(self.rng.random(), side="right"))
 
 
 @dataclass

@@ -233,9 +233,9 @@ class CpuHead:
         """The first part's logits with the second part added where it can matter (module docstring)."""
         s, zp, codes = second
         bound = self.table.norms * np.float32(np.linalg.norm(s * (codes - zp).astype(np.float64)))
-        bound += np.float32(1e-5) * np.abs(logits).max()  # float rounding in both computations
-        floor = (logits - bound).max() - margin  # the best token's logit is above (logits - bound).max()
-        candidates = np.flatnonzero(logits + bound >= floor)
+        bound += np.float32(1e-5) * max(logits.max(), -logits.min())  # float rounding in both computations
+        floor = np.subtract(logits, bound).max() - margin  # the best token's logit is above (logits - bound).max()
+        candidates = np.flatnonzero(np.add(logits, bound, out=bound) >= floor)  # in bound's buffer: one array less
         if len(candidates) > CANDIDATE_LIMIT:  # a flat distribution: the second part over the whole table
             logits += self.tiles(rest)[0]
             self.stats.rescored += len(logits)

@@ -184,10 +184,10 @@ def peer_ratios(times: dict[str, dict[str, list[float]]]) -> dict:
     for work, per in times.items():
         m = {side: statistics.median(ts) for side, ts in per.items()}
         out[work] = {"runner_ms": round(m["runner"], 2)}
-        for side in m:
+        for side, ms in m.items():
             if side != "runner":
                 ratios = [r / p for r, p in zip(per["runner"], per[side])]
-                out[work][side] = {"ms": round(m[side], 2), "ratio": round(statistics.median(ratios), 3),
+                out[work][side] = {"ms": round(ms, 2), "ratio": round(statistics.median(ratios), 3),
                                    "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
                                    "rounds": len(ratios)}
     return out

@@ -17,21 +17,21 @@ piece list to the config's vocabulary, so a small one (trained here, seeded) kee
 
 Work (the same token ids on both sides): the prefill of 256 tokens (logits of the last
 position), and decoding, ms per token over 16 tokens after a 16-token prompt, twice: greedy
-(the runner's head adds its second int8 part only to the tokens that could win) and
-sampling at temperature 0.7 over every token (the head computes every logit that could be
-drawn; llama.cpp samples with its own temperature and distribution samplers). The peer
-runs with flash attention on, what llama.cpp's own default (`auto`) picks on the CPU, and
-off (llama-cpp-python's `flash_attn=False` default): two peers. Each round runs every side
-once per work, after a warm-up, the sides in turn and in the reverse order every other round (so no side always runs first, on a cache the one
-before it left cold). ratio = runner time / peer time (above 1: the runner is slower),
-per round; reported: its median over the rounds, and its minimum and maximum (a goal is
-met only when the maximum is under it), and each side's median ms. BLAS/OpenMP threads
-(environment, set before numpy loads), the interpreter's `num_threads` and llama.cpp's
-`n_threads` / `n_threads_batch` all get `--threads`. The prefill's last logits' cosine to
-the float model (transformers, float32) on both sides is supporting evidence that both
-run the same model. Results: bench/results/peers-gemma-<date>.json, keys
-`peers.gemma.<work>.<peer>.ratio`, `ratio_min`, `ratio_max`, `rounds`, and the load
-average before and after.
+(the runner's head adds its second int8 part only to the tokens that could win) and sampling
+at temperature 0.7 over every token (the head computes every logit that could be drawn;
+llama.cpp samples with its own temperature and distribution samplers). The peer runs with
+flash attention on, what llama.cpp's own default (`auto`) picks on the CPU, and off
+(llama-cpp-python's `flash_attn=False` default): two peers. Each round runs every side once
+per work, after a warm-up, the sides in turn and in the reverse order every other round (so
+no side always runs first, on a cache the one before it left cold). ratio = runner time /
+peer time (above 1: the runner is slower), per round; reported: its median over the rounds,
+and its minimum and maximum (a goal is met only when the maximum is under it), and each
+side's median ms. BLAS/OpenMP threads (environment, set before numpy loads), the
+interpreter's `num_threads` and llama.cpp's `n_threads` / `n_threads_batch` all get
+`--threads`. The prefill's last logits' cosine to the float model (transformers, float32) on
+both sides is supporting evidence that both run the same model. Results:
+bench/results/peers-gemma-<date>.json, keys `peers.gemma.<work>.<peer>.ratio`, `ratio_min`,
+`ratio_max`, `rounds`, and the load average before and after.
 """
 
 from __future__ import annotations

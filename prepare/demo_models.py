@@ -351,10 +351,6 @@ def make_random_siglip_base(directory: str | Path, seed: int = 0, outliers: bool
     return write_siglip(Path(directory), siglip_base_config(), seed, outliers)
 
 
-GENERATORS = {"demo-clip": make_demo_clip, "random-clip-vit-b32": make_random_vit_b32,
-              "random-siglip": make_random_siglip, "random-siglip-base": make_random_siglip_base}
-CONFIGS = {"demo-clip": lambda: demo_clip_config(vocab_size=1024), "random-clip-vit-b32": vit_b32_config,
-           "random-siglip": random_siglip_config, "random-siglip-base": siglip_base_config}
 DEMO_VERSION = 4  # bump when a generator makes something different (2: the demo CLIP's own BPE trainer; 3: held-out files)
 
 
@@ -538,9 +534,18 @@ def make_random_gemma_270m(directory: str | Path, seed: int = 0, outliers: bool 
     return directory
 
 
-GENERATORS.update({"demo-gemma": make_demo_gemma, "random-gemma-270m": make_random_gemma_270m})
-CONFIGS.update({"demo-gemma": lambda: demo_gemma_config(vocab_size=1024), "random-gemma-270m": gemma_270m_config})
-# The stress versions (`<generator>-outliers`): the same model with outlier channels (with_outliers).
-for _name in list(GENERATORS):
-    GENERATORS[f"{_name}-outliers"] = functools.partial(GENERATORS[_name], outliers=True)
-    CONFIGS[f"{_name}-outliers"] = CONFIGS[_name]
+# Every built-in generator, named once: name -> (its model family, what makes it, its config).
+# prepare/family_facts.py takes each family's from here, for the recipe's `generate`.
+_GENERATORS = {
+    "demo-clip": ("clip", make_demo_clip, lambda: demo_clip_config(vocab_size=1024)),
+    "random-clip-vit-b32": ("clip", make_random_vit_b32, vit_b32_config),
+    "random-siglip": ("siglip", make_random_siglip, random_siglip_config),
+    "random-siglip-base": ("siglip", make_random_siglip_base, siglip_base_config),
+    "demo-gemma": ("gemma", make_demo_gemma, lambda: demo_gemma_config(vocab_size=1024)),
+    "random-gemma-270m": ("gemma", make_random_gemma_270m, gemma_270m_config),
+}
+GENERATORS, CONFIGS, FAMILY_OF = {}, {}, {}
+# Each also as `<name>-outliers`, the stress version: the same model with outlier channels (with_outliers).
+for _name, (_family, _make, _config) in _GENERATORS.items():
+    for _variant, _maker in ((_name, _make), (f"{_name}-outliers", functools.partial(_make, outliers=True))):
+        GENERATORS[_variant], CONFIGS[_variant], FAMILY_OF[_variant] = _maker, _config, _family

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .demo_models import FAMILY_OF
+
 CONTRASTIVE_METRICS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mean", "text_cosine_min",
                        "zero_shot_agreement")
 
@@ -18,21 +20,21 @@ CONTRASTIVE_METRICS = ("image_cosine_mean", "image_cosine_min", "text_cosine_mea
 @dataclass(frozen=True)
 class FamilyFacts:
     towers: tuple[str, ...]  # the towers a recipe may choose
-    generators: tuple[str, ...]  # its built-in checkpoint generators, `-outliers` variants included
+    generators: tuple[str, ...]  # its built-in checkpoint generators (prepare/demo_models.py names them)
     target_metrics: tuple[str, ...]  # what a recipe's `target` may ask of the int8 model
     lm_head: bool  # a tied LM head cut into TPU tiles (the recipe's `lm_head`)
 
 
-def _with_outliers(*names: str) -> tuple[str, ...]:
-    return tuple(n for name in names for n in (name, f"{name}-outliers"))
+def _generators(family: str) -> tuple[str, ...]:
+    return tuple(name for name, f in FAMILY_OF.items() if f == family)
 
 
 FAMILIES = {
-    "clip": FamilyFacts(("image", "text"), _with_outliers("demo-clip", "random-clip-vit-b32"), CONTRASTIVE_METRICS,
+    "clip": FamilyFacts(("image", "text"), _generators("clip"), CONTRASTIVE_METRICS,
                         lm_head=False),
-    "siglip": FamilyFacts(("image", "text"), _with_outliers("random-siglip", "random-siglip-base"),
+    "siglip": FamilyFacts(("image", "text"), _generators("siglip"),
                           CONTRASTIVE_METRICS, lm_head=False),
-    "gemma": FamilyFacts(("decoder",), _with_outliers("demo-gemma", "random-gemma-270m"),
+    "gemma": FamilyFacts(("decoder",), _generators("gemma"),
                          ("top1_agreement", "logits_cosine_mean", "logits_cosine_min"), lm_head=True),
 }
 NAMES = tuple(FAMILIES)

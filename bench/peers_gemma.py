@@ -3,7 +3,7 @@
 same thread count.
 
     .venv/bin/pip install -e '.[test,bench]'       # llama-cpp-python compiles llama.cpp (~12 min)
-    .venv/bin/python bench/peers_gemma.py CHECKPOINT BUNDLE [--threads 1] [--rounds 5]
+    .venv/bin/python bench/peers_gemma.py CHECKPOINT BUNDLE [--threads 1] [--rounds 9]
 
 CHECKPOINT is a Gemma-3 checkpoint directory and BUNDLE the bundle `doit` built from it with
 the `cpu` flavor (bench/gemma_270m.py makes both at 270M's real size: random weights).

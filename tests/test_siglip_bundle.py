@@ -99,7 +99,8 @@ def sigmoid_reference(model, slow, pixels, labels, prompt):
 
 def test_zero_shot_command(built, reference):
     """`runner zero-shot` on the SigLIP bundle: on fp32 (the checkpoint) within 1e-4 of
-    transformers' sigmoid probabilities; on emulate, the same logits to within int8's error."""
+    transformers' sigmoid probabilities; on emulate, the same logits to within int8's error
+    (tests/test_siglip_float.py checks the sigmoid where probabilities spread over (0, 1))."""
     bundle, checkpoint = built
     model, slow = reference
     files = sorted((checkpoint / "samples").glob("*.png"))
@@ -114,8 +115,10 @@ def test_zero_shot_command(built, reference):
         probs = np.array([[r["probs"][label] for label in labels] for r in result["results"]])
         if backend == "fp32":
             assert np.abs(probs - ref).max() < 1e-4
+        # The generated model's logit bias (-10, SigLIP's initial one) makes every probability
+        # about 2e-5: the logits are what tells float32 noise (fp32) from int8's error.
         logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
-        assert np.abs(logit(probs) - logit(ref)).max() < (1e-3 if backend == "fp32" else 0.1)
+        assert np.abs(logit(probs) - logit(ref)).max() < (5e-3 if backend == "fp32" else 0.1)
     assert np.ptp(logit(ref)) > 0.05  # the labels' logits differ: the comparison tells something
 
 

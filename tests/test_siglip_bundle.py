@@ -8,6 +8,7 @@ in-projection, which shares the fused q/k/v template (256x768).
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -155,3 +156,33 @@ def test_index_and_search_take_a_siglip_bundle(built, tmp_path):
     towers = Contrastive(load(bundle, "emulate"))
     want = towers.image_embeddings(pixels, unit=True) @ towers.text_embeddings(["a red circle"], unit=True)[0]
     assert np.abs(np.array([got[f.name] for f in files]) - want).max() < 2e-3
+
+
+def test_server_embeddings_and_classify(built):
+    """`runner serve` takes the SigLIP bundle: embeddings of texts and images, and classify
+    with SigLIP's sigmoid, as the towers give them (in-process, no port)."""
+    starlette = pytest.importorskip("starlette.testclient")
+    from runner.serve.app import Settings, make_app
+
+    bundle, checkpoint = built
+    files = sorted((checkpoint / "samples").glob("*.png"))
+    uris = ["data:image/png;base64," + base64.b64encode(f.read_bytes()).decode() for f in files[:2]]
+    labels = ["red", "a blue circle", "cat"]
+    app = make_app(Settings([str(bundle)], backend="emulate"))
+    client = starlette.TestClient(app)
+    app.state.server.load()
+    try:
+        towers = Contrastive(load(bundle, "emulate"))
+        response = client.post("/v1/embeddings", json={"model": bundle.name, "input": ["a red circle"]})
+        assert response.status_code == 200, response.text
+        got = np.array(response.json()["data"][0]["embedding"])
+        assert cosine(got, towers.text_embeddings(["a red circle"], unit=True)[0]) > 0.99999
+        response = client.post("/v1/classify", json={"model": bundle.name, "images": uris, "labels": labels,
+                                                      "prompt": "a photo of a {}"})
+        assert response.status_code == 200, response.text
+        probs = np.array([[d["labels"][label] for label in labels] for d in response.json()["data"]])
+        want = towers.zero_shot(towers.read_images(files[:2]), labels, "a photo of a {}")
+        assert np.allclose(probs, want, rtol=1e-4)
+        assert not np.allclose(probs.sum(1), 1.0)  # a sigmoid per label, not a softmax over them
+    finally:
+        app.state.server.stop()

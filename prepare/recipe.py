@@ -178,9 +178,11 @@ def hf_program() -> str:
 
 def download_command(repo: str, directory: str) -> str:
     """How to get a recipe's checkpoint (README, "Real checkpoints"): `hf` comes with
-    huggingface_hub; a gated model (Gemma) needs its licence accepted and a login first."""
+    huggingface_hub; `*.model` takes a SentencePiece tokenizer where that is all a checkpoint
+    ships (SigLIP); a gated model (Gemma) needs its licence accepted and a login first."""
     hf = hf_program()
-    return (f"{hf} download {repo} --include '*.json' --include '*.safetensors' --local-dir {shlex.quote(directory)} "
+    return (f"{hf} download {repo} --include '*.json' --include '*.safetensors' --include '*.model' "
+            f"--local-dir {shlex.quote(directory)} "
             f"(if the model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} "
             f"and run `{hf.split(' && ')[-1]} auth login` first)")
 

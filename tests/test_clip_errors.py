@@ -268,7 +268,8 @@ def test_the_demo_recipe_pointed_at_another_checkpoint(tmp_path, checkpoint_dir)
 
 
 @pytest.mark.parametrize("recipe, repo", [("recipes/clip-vit-b32.yaml", "openai/clip-vit-base-patch32"),
-                                          ("recipes/functiongemma-270m.yaml", "google/functiongemma-270m-it")])
+                                          ("recipes/functiongemma-270m.yaml", "google/functiongemma-270m-it"),
+                                          ("recipes/siglip-base-patch16-224.yaml", "google/siglip-base-patch16-224")])
 def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo):
     """The recipes said `huggingface-cli download` (gone from huggingface_hub, now `hf
     download`), and a missing checkpoint directory said only that it had no config.json."""
@@ -278,14 +279,15 @@ def test_a_missing_checkpoint_prints_its_download_command(tmp_path, recipe, repo
     hf = hf_program()
     assert str(e.value) == (
         f"{recipe}: key 'checkpoint': '{missing}' is not a model directory (no config.json there); download it "
-        f"there: {hf} download {repo} --include '*.json' --include '*.safetensors' --local-dir {missing} (if the "
+        f"there: {hf} download {repo} --include '*.json' --include '*.safetensors' --include '*.model' --local-dir {missing} "
+        f"(if the "
         f"model is gated, as Gemma is: accept its licence at https://huggingface.co/{repo} and run `{hf} auth login` "
         "first)")
     # The recipe's comment, the README and the recipe's own checkpoint key say the same.
     text = (ROOT / recipe).read_text()
     checkpoint = yaml.safe_load(text)["checkpoint"]
     assert checkpoint.startswith("checkpoints/") and "huggingface-cli" not in text
-    command = f"hf download {repo} --include '*.json' --include '*.safetensors'"
+    command = f"hf download {repo} --include '*.json' --include '*.safetensors' --include '*.model'"
     assert command in text and f"--local-dir {checkpoint}" in text
     assert f"{command} --local-dir {checkpoint}" in (ROOT / "README.md").read_text()
 

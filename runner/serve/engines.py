@@ -14,8 +14,9 @@ carries its request's event loop; the engine posts results into the job's asynci
   row per decoding sequence, plus at most `prefill_chunk` tokens of waiting prompts (several
   short ones together), so a long prefill never stalls the others for more than a chunk;
   the head runs once per step on every sequence that samples. New requests join between
-  steps, finished or abandoned ones leave. Greedy answers are those each request gets alone. The prompt-prefix cache (runner/serve/prefix_cache.py) gives a
-  prompt whose developer turn was seen before its cache at that point.
+  steps, finished or abandoned ones leave. Greedy answers are those each request gets
+  alone. The prompt-prefix cache (runner/serve/prefix_cache.py) gives a prompt whose
+  developer turn was seen before its cache at that point.
 
 `Overloaded` when a queue is full: the app answers 429 with Retry-After; memory stays bounded.
 """

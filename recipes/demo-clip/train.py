@@ -70,6 +70,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from runner.files import atomic_write  # noqa: E402
+
 import eval as runner_eval  # noqa: E402  (beside this file: the metrics with the runner's numpy model)
 from scenes import (  # noqa: E402  (beside this file: the scenes, captions, image sets and prompts)
     COLOR_PROMPT, EVAL_IMAGES, PAIR_PROMPT, SAMPLES, TRAIN, calibration_set, caption_corpus,
@@ -248,15 +250,7 @@ def torch_metrics(model, tok, heldout) -> dict:
 
 def write_file(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)  # runner/files.py: a temporary file, fsync, a rename
 
 
 def write_dir(path: Path, files: dict[str, bytes | str]) -> None:

@@ -204,6 +204,13 @@ class CpuHead:
     def __init__(self, table: Int8Table, tiles: Int8Tiles | None = None, note: str | None = None):
         self.table, self.tiles, self.stats = table, tiles, HeadStats()
         self.note = note  # why the head runs in numpy where the bundle has int8 tiles
+        self._longest = None
+
+    def _longest_row(self) -> float:
+        """The table's longest row (`Int8Table.norms`), found on the first call that needs it."""
+        if self._longest is None:
+            self._longest = float(self.table.norms.max())
+        return self._longest
 
     def __call__(self, h: np.ndarray, margin: float | None = None) -> np.ndarray:
         """Logits of h. `margin` (logits): the best one and all within `margin` of it are the
@@ -232,10 +239,24 @@ class CpuHead:
     def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second, margin: float) -> np.ndarray:
         """The first part's logits with the second part added where it can matter (module docstring)."""
         s, zp, codes = second
-        bound = self.table.norms * np.float32(np.linalg.norm(s * (codes - zp).astype(np.float64)))
-        bound += np.float32(1e-5) * max(logits.max(), -logits.min())  # float rounding in both computations
-        floor = np.subtract(logits, bound).max() - margin  # the best token's logit is above (logits - bound).max()
-        candidates = np.flatnonzero(np.add(logits, bound, out=bound) >= floor)  # in bound's buffer: one array less
+        length = np.float32(np.linalg.norm(s * (codes - zp).astype(np.float64)))
+        top = logits.max()
+        rounding = np.float32(1e-5) * max(top, -logits.min())  # float rounding in both computations
+        # No token's bound exceeds the longest row's (float rounding is monotone), so only
+        # tokens within twice that and the margin of the best first part can be the best or
+        # come within the margin of it: their bounds are computed, not the whole table's.
+        # (The slack covers the rounding of this test; a wider set gives the same candidates.)
+        widest = np.float32(self._longest_row() * length) + rounding
+        reach = 2 * widest + margin
+        near = logits >= top - reach - 1e-4 * (abs(top) + reach) - 1e-6
+        # most of the table (a flat distribution): whole arrays beat gathers
+        near = None if np.count_nonzero(near) > CANDIDATE_LIMIT else np.flatnonzero(near)
+        norms, near_logits = (self.table.norms, logits) if near is None else (self.table.norms[near], logits[near])
+        bound = norms * length
+        bound += rounding
+        floor = (near_logits - bound).max() - margin  # the best token's logit is above (logits - bound).max()
+        hit = near_logits + bound >= floor
+        candidates = np.flatnonzero(hit) if near is None else near[hit]
         if len(candidates) > CANDIDATE_LIMIT:  # a flat distribution: the second part over the whole table
             logits += self.tiles(rest)[0]
             self.stats.rescored += len(logits)

@@ -228,7 +228,7 @@ def task_layer_check():
 
 
 def task_bench():
-    """Run the benchmarks at real model sizes (bench/run.py): doit bench [only=clip|siglip|gemma] [peers=no].
+    """Run the benchmarks at real model sizes (bench/run.py): doit bench [only=clip|siglip|gemma|serve] [peers=no].
 
     Beside ONNX Runtime and llama.cpp unless peers=no; the results go to
     bench/results/<date>.json, .md and .png."""

@@ -158,7 +158,7 @@ def test_a_task_says_what_it_does_with_help(tmp_path):
     run = doit(tmp_path / "artifacts", "bench", "--help", check=False)
     assert run.returncode == 0 and run.stderr == "", run.stderr
     assert run.stdout.startswith("doit bench: Run the benchmarks")
-    assert "only=clip|gemma" in run.stdout and "peers=no" in run.stdout
+    assert "only=clip|siglip|gemma|serve" in run.stdout and "peers=no" in run.stdout
     assert not (tmp_path / "artifacts" / "build.lock").exists()  # it built nothing, nor waited to
 
 

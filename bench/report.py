@@ -208,7 +208,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# Issue #34's goals for the runner against every peer: (model, work) -> the highest ratio of any round.
+# The goals for the runner against every peer: (model, work) -> the highest ratio any round may reach.
 PEER_GOALS = {("gemma", "prefill 256"): 1.0, ("gemma", "decode"): 1.2, ("gemma", "decode, sampling"): 1.3}
 # The peers' works that bench/routes.py models on the Pi too: peer work -> (model, routes workload).
 PI_WORKLOADS = {("clip", "1 image"): "1 image", ("clip", "8 images"): "8 images",
@@ -237,7 +237,7 @@ def peers_markdown(peers: dict) -> str:
              for (model, work), goal in PEER_GOALS.items() for peer, q in peers.get(model, {}).get(work, {}).items()
              if peer != "runner_ms" and "ratio_max" in q]
     if goals:
-        lines += _table(["goal (issue #34)", "reached (every round)", "met"], goals) + [""]
+        lines += _table(["goal against the peers", "reached (every round)", "met"], goals) + [""]
     device, routes = Device.load(), measure()["models"]
     f = device.host_to_pi_cpu
     lines += ["### On a Pi 5, modelled: the runner on its CPU, with the Coral (`--route auto`), and the peer", "",

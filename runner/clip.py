@@ -41,28 +41,36 @@ class TowerConfig:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "") -> "TowerConfig":
         """One tower's config, every value checked (a `ConfigError` names the bad key)."""
-        f = ConfigFields(d, where)
-        defaults = {x.name: x.default for x in fields(cls) if x.default is not MISSING}
-        ints = {k: f.integer(k, defaults.get(k, REQUIRED)) for k in (
-            "hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
-            "max_position_embeddings")}
-        config = cls(**ints, num_hidden_layers=f.integer("num_hidden_layers", low=0, high=MAX_LAYERS),
-                     hidden_act=f.choice("hidden_act", defaults["hidden_act"], tuple(ACTIVATIONS)),
-                     layer_norm_eps=f.number("layer_norm_eps", defaults["layer_norm_eps"], high=1.0),
-                     num_channels=f.integer("num_channels", defaults["num_channels"], high=16),
-                     vocab_size=f.integer("vocab_size", defaults["vocab_size"], high=MAX_VOCAB),
-                     eos_token_id=f.integer("eos_token_id", defaults["eos_token_id"], low=0, high=MAX_VOCAB))
-        if config.hidden_size % config.num_attention_heads:
-            raise ConfigError(f"config: {f.name('hidden_size')} {config.hidden_size} is not a multiple of "
-                              f"{f.name('num_attention_heads')} {config.num_attention_heads}")
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"config: {f.name('image_size')} {config.image_size} is not a multiple of "
-                              f"{f.name('patch_size')} {config.patch_size}")
-        return config
+        return read_tower(cls, d, where, eos_token_id=lambda f, defaults, ints: f.integer(
+            "eos_token_id", defaults["eos_token_id"], low=0, high=MAX_VOCAB))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def read_tower(cls, d: Mapping, where: str, **extra):
+    """A contrastive tower's config (`cls`: CLIP's `TowerConfig`, SigLIP's), every value
+    checked: the fields every such tower has, then `extra`, each a reader
+    `(ConfigFields, defaults, the integers read) -> value` of a field of the family's own."""
+    f = ConfigFields(d, where)
+    defaults = {x.name: x.default for x in fields(cls) if x.default is not MISSING}
+    ints = {k: f.integer(k, defaults.get(k, REQUIRED)) for k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
+        "max_position_embeddings")}
+    config = cls(**ints, num_hidden_layers=f.integer("num_hidden_layers", low=0, high=MAX_LAYERS),
+                 hidden_act=f.choice("hidden_act", defaults["hidden_act"], tuple(ACTIVATIONS)),
+                 layer_norm_eps=f.number("layer_norm_eps", defaults["layer_norm_eps"], high=1.0),
+                 num_channels=f.integer("num_channels", defaults["num_channels"], high=16),
+                 vocab_size=f.integer("vocab_size", defaults["vocab_size"], high=MAX_VOCAB),
+                 **{name: read(f, defaults, ints) for name, read in extra.items()})
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"config: {f.name('hidden_size')} {config.hidden_size} is not a multiple of "
+                          f"{f.name('num_attention_heads')} {config.num_attention_heads}")
+    if config.image_size % config.patch_size:
+        raise ConfigError(f"config: {f.name('image_size')} {config.image_size} is not a multiple of "
+                          f"{f.name('patch_size')} {config.patch_size}")
+    return config
 
 
 @dataclass

@@ -18,13 +18,13 @@ Fixed-resolution SigLIP 2 checkpoints that load as `SiglipModel` are the same mo
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
-from .clip import ACTIVATIONS, CLIP, layer_norm
-from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
+from .clip import ACTIVATIONS, CLIP, layer_norm, read_tower
+from .config_values import MAX_VOCAB, ConfigError, ConfigFields
 from .images import ImageProcessing
 from .nn import check_finite, softmax
 
@@ -54,25 +54,9 @@ class SiglipTowerConfig:
     @classmethod
     def from_dict(cls, d: Mapping, where: str) -> "SiglipTowerConfig":
         """One tower's config, every value checked (a `ConfigError` names the bad key)."""
-        f = ConfigFields(d, where)
-        defaults = {x.name: x.default for x in fields(cls) if x.default is not MISSING}
-        ints = {k: f.integer(k, defaults.get(k, REQUIRED)) for k in (
-            "hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
-            "max_position_embeddings")}
-        config = cls(**ints, num_hidden_layers=f.integer("num_hidden_layers", low=0, high=MAX_LAYERS),
-                     hidden_act=f.choice("hidden_act", defaults["hidden_act"], tuple(ACTIVATIONS)),
-                     layer_norm_eps=f.number("layer_norm_eps", defaults["layer_norm_eps"], high=1.0),
-                     num_channels=f.integer("num_channels", defaults["num_channels"], high=16),
-                     vocab_size=f.integer("vocab_size", defaults["vocab_size"], high=MAX_VOCAB),
-                     projection_size=f.integer("projection_size", ints["hidden_size"]),
-                     pad_token_id=f.integer("pad_token_id", defaults["pad_token_id"], low=0, high=MAX_VOCAB))
-        if config.hidden_size % config.num_attention_heads:
-            raise ConfigError(f"config: {f.name('hidden_size')} {config.hidden_size} is not a multiple of "
-                              f"{f.name('num_attention_heads')} {config.num_attention_heads}")
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"config: {f.name('image_size')} {config.image_size} is not a multiple of "
-                              f"{f.name('patch_size')} {config.patch_size}")
-        return config
+        return read_tower(cls, d, where, projection_size=lambda f, defaults, ints: f.integer(
+            "projection_size", ints["hidden_size"]), pad_token_id=lambda f, defaults, ints: f.integer(
+            "pad_token_id", defaults["pad_token_id"], low=0, high=MAX_VOCAB))
 
     @property
     def head_dim(self) -> int:

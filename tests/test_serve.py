@@ -30,6 +30,7 @@ from runner.contrastive import Contrastive
 from runner.generate import Sampler, Sequence, advance
 from runner.load import load
 from runner.serve.app import Settings, make_app
+from runner.serve.engines import join_rows
 
 from .conftest import ROOT, doit, runner, warm_artifacts
 
@@ -259,6 +260,15 @@ def test_batched_embeddings_are_bit_for_bit_those_alone(bundles):
         pixels = towers.read_images(SAMPLES[:3])
         together = towers.image_embeddings(pixels)
         assert all(np.array_equal(towers.image_embeddings(pixels[i : i + 1])[0], together[i]) for i in range(3))
+
+
+def test_token_rows_of_several_requests_join_as_their_texts_tokenize_together(bundles):
+    """The handler tokenizes each request once; the engine joins the rows of a batch, padded
+    to the widest: the rows the batch's texts give tokenized at once, as before."""
+    towers = Contrastive(load(bundles["demo-clip"], "emulate"))
+    parts = [["a red circle"], ["a photo of a big green star on white", "blue"], ["a star"]]
+    joined = join_rows([towers.tokenize(p) for p in parts], towers.pad_id)
+    assert np.array_equal(joined, towers.tokenize([t for p in parts for t in p]))
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ async def embeddings(request: Request) -> Response:
         except UserError as e:
             raise APIError(400, str(e), param="input", code="invalid_value") from None
         tokens += int(np.count_nonzero(ids != served.towers.pad_id)) + len(texts)  # each text's end-of-text too
-        vectors = await embed(request, served, "text", list(texts.values()), len(texts))
+        vectors = await embed(request, served, "text", ids, len(texts))  # tokenized once, here
         out.update(zip(texts, vectors))
     if images:
         pixels = await decode_images(served, list(images.values()), "input")
@@ -319,10 +319,10 @@ async def search(request: Request) -> Response:
         if not query.strip():
             raise APIError(400, "'query' is empty", param="query", code="invalid_value")
         try:
-            served.towers.tokenize([query])
+            ids = served.towers.tokenize([query])
         except UserError as e:
             raise APIError(400, str(e), param="query", code="invalid_value") from None
-        vector = (await embed(request, served, "text", [query], 1))[0]
+        vector = (await embed(request, served, "text", ids, 1))[0]
     else:
         vector = (await embed(request, served, "image", await decode_images(served, [image], "image"), 1))[0]
     return JSONResponse({"object": "list", "index": name, "model": model_id, "images": len(index.entries),

@@ -52,7 +52,7 @@ class Job:
     ("done", sequence) or ("error", exception)."""
 
     loop: asyncio.AbstractEventLoop
-    kind: str  # "image", "text" (embeddings), "chat"
+    kind: str  # "image" (pixels), "text" (token rows), "classify", "chat"
     payload: object
     rows: int = 1
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -146,7 +146,7 @@ class EmbeddingEngine(Engine):
             elif kind == "image":
                 out = self.towers.image_embeddings(np.concatenate([j.payload for j in batch]), unit=True)
             else:
-                out = self.towers.text_embeddings([t for j in batch for t in j.payload], unit=True)
+                out = self.towers.token_embeddings(join_rows([j.payload for j in batch], self.towers.pad_id), unit=True)
         except Exception as e:  # noqa: BLE001 - one bad batch fails its jobs, never the engine
             if len(batch) > 1:  # find whose input it was: each alone
                 for job in batch:
@@ -159,6 +159,19 @@ class EmbeddingEngine(Engine):
         for job in batch:
             job.post("done", out[start : start + job.rows])
             start += job.rows
+
+
+def join_rows(parts: list[np.ndarray], pad_id: int) -> np.ndarray:
+    """Token rows of several requests as one array, each padded to the widest with `pad_id`:
+    what tokenizing all their texts at once gives (the handler tokenized them already)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = np.full((sum(len(p) for p in parts), max(p.shape[1] for p in parts)), pad_id, np.int64)
+    start = 0
+    for p in parts:
+        out[start : start + len(p), : p.shape[1]] = p
+        start += len(p)
+    return out
 
 
 @dataclass

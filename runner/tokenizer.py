@@ -21,6 +21,7 @@ from .errors import UserError
 from .packages import require
 
 EOS = "<|endoftext|>"
+SMALL_VOCAB = 10_000  # fewer pieces than any released model's: a tokenizer trained on a few texts
 
 
 class TokenizerError(UserError):
@@ -43,12 +44,12 @@ def encode(tokenizer, text: str, path: str | Path = "the tokenizer") -> list[int
     try:
         return tokenizer.encode(text).ids
     except Exception as e:  # tokenizers raises a bare Exception
-        word = _unencodable_word(tokenizer, text)
+        word, size = _unencodable_word(tokenizer, text), tokenizer.get_vocab_size()
         where = f"in {text[:60]!r}: " if word != text else ""
-        raise TokenizerError(
-            f"{path}: cannot encode {word[:60]!r} ({where}its vocabulary of {tokenizer.get_vocab_size()} "
-            f"pieces cannot spell it and has no unknown token to stand in; a tokenizer trained on a "
-            f"few captions, as the demo's, knows only their words)") from e
+        small = ("; a tokenizer trained on a few captions, as the demo's, knows only their words"
+                 if size < SMALL_VOCAB else "")
+        raise TokenizerError(f"{path}: cannot encode {word[:60]!r} ({where}its vocabulary of {size} pieces cannot "
+                             f"spell it and has no unknown token to stand in{small})") from e
 
 
 def _unencodable_word(tokenizer, text: str) -> str:

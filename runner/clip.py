@@ -18,7 +18,7 @@ import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, REQUIRED, ConfigError, ConfigFields
 from .images import ImageProcessing
-from .nn import Linear, check_finite, softmax
+from .nn import Linear, check_finite, gelu_tanh, softmax
 
 
 @dataclass
@@ -97,22 +97,6 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
     np.exp(y, out=y)
     y += np.float32(1.0)
     return np.divide(x, y, out=y)
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float32, in one buffer (SigLIP's MLP
-    activation; numpy's float64 scalars in the plain formula made it float64 and 70% of a
-    SigLIP image's time)."""
-    y = np.multiply(x, x, dtype=np.float32)
-    y *= np.float32(0.044715)
-    y += np.float32(1.0)
-    y *= x
-    y *= np.float32(np.sqrt(2.0 / np.pi))
-    np.tanh(y, out=y)
-    y += np.float32(1.0)
-    y *= x
-    y *= np.float32(0.5)
-    return y
 
 
 ACTIVATIONS = {

@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .config_values import MAX_LAYERS, MAX_VOCAB, ConfigError, ConfigFields
-from .nn import Linear, check_finite
+from .nn import Linear, check_finite, gelu_tanh
 
 
 @dataclass
@@ -111,19 +111,6 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     mean_square *= np.float32(1.0 / x.shape[-1])
     mean_square += np.float32(eps)
     return x / np.sqrt(mean_square)[..., None]
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    inner = x * x
-    inner *= np.float32(0.044715)
-    inner += np.float32(1.0)
-    inner *= x
-    inner *= np.float32(np.sqrt(2.0 / np.pi))
-    np.tanh(inner, out=inner)
-    inner += np.float32(1.0)
-    inner *= x
-    inner *= np.float32(0.5)
-    return inner  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, base: float, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

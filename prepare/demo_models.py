@@ -137,6 +137,20 @@ def random_clip_weights(config: dict, rng: np.random.Generator) -> dict[str, np.
     return tensors
 
 
+def write_contrastive_inputs(directory: Path, rng: np.random.Generator) -> None:
+    """captions.txt and heldout-captions.txt, calibration/ and samples/ of a generated CLIP or
+    SigLIP: calibration inputs (what the build records activations on) and held-out samples
+    (what the runner's examples and the fidelity check use), never the same images."""
+    all_captions = captions()
+    order = rng.permutation(len(all_captions))
+    atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
+    atomic_write(directory / "heldout-captions.txt", "\n".join(all_captions[i] for i in order[48:64]) + "\n")
+    for k in range(16):
+        _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
+    for k, color in enumerate(["red", "green", "blue", "yellow"]):
+        _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+
+
 def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generator, outliers: int | None = None
                ) -> None:
     """config.json, tokenizer.json, model.safetensors, captions.txt, calibration/ and samples/."""
@@ -148,16 +162,7 @@ def write_clip(directory: Path, config: dict, tokenizer, rng: np.random.Generato
     if outliers is not None:  # their own generator: everything else stays as in the plain model
         tensors = with_outliers(tensors, np.random.default_rng(outliers))
     atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
-    # Calibration inputs (what the build records activations on) and held-out samples
-    # (what the runner's examples and the fidelity check use): never the same images.
-    all_captions = captions()
-    order = rng.permutation(len(all_captions))
-    atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
-    atomic_write(directory / "heldout-captions.txt", "\n".join(all_captions[i] for i in order[48:64]) + "\n")
-    for k in range(16):
-        _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
-    for k, color in enumerate(["red", "green", "blue", "yellow"]):
-        _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+    write_contrastive_inputs(directory, rng)
     # What each sample shows, as a trained demo's samples/labels.json says it (doit verify's labels).
     atomic_write(directory / "samples" / "labels.json",
                  json.dumps({f"{c}.png": f"a {c} circle" for c in ["red", "green", "blue", "yellow"]}, indent=1))
@@ -330,14 +335,7 @@ def write_siglip(directory: Path, config: dict, seed: int, outliers: bool) -> Pa
     if outliers:
         tensors = with_outliers(tensors, np.random.default_rng(seed + 1))
     atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "np"}))
-    all_captions = captions()
-    order = rng.permutation(len(all_captions))
-    atomic_write(directory / "captions.txt", "\n".join(all_captions[i] for i in order[:48]) + "\n")
-    atomic_write(directory / "heldout-captions.txt", "\n".join(all_captions[i] for i in order[48:64]) + "\n")
-    for k in range(16):
-        _disc_image(directory / "calibration" / f"{k:02d}.png", COLORS[k % len(COLORS)], k, rng)
-    for k, color in enumerate(["red", "green", "blue", "yellow"]):
-        _disc_image(directory / "samples" / f"{color}.png", color, k, rng)
+    write_contrastive_inputs(directory, rng)
     return directory
 
 

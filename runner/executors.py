@@ -26,7 +26,8 @@ from .bundle import Bundle, BundleError, Layer
 from .edgetpu_codec import decode_dense
 from .emulate import DenseEmulator
 from .errors import UserError
-from .interpreter import INTERPRETER, load_delegate, quiet_info, require_interpreter, threads, without_xnnpack
+from .interpreter import (INTERPRETER, drop_file_pages, load_delegate, quiet_info, require_interpreter, threads,
+                          without_xnnpack)
 from .nn import float_linear, layer_bias, with_fused
 from .quant import QuantizedLinear
 
@@ -107,6 +108,8 @@ class TemplateInterpreter:
                 raise InterpreterTooOld(f"{where}: {INTERPRETER} has no {lacking[1]} version {lacking[2]}, "
                                         "which this model uses (ai-edge-litert has)") from e
             raise BundleError(f"{where}: the interpreter refuses this model ({reason})") from e
+        if xnnpack and not delegates and not isinstance(model, bytes):
+            drop_file_pages(model)  # XNNPACK has packed the weights: the file's pages are not read again
         inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
         if layer is not None and (tuple(inp["shape"]) != (layer.batch, layer.n_in) or out["shape"][-1] != layer.n_out):
             raise BundleError(f"{where}: model runs {list(inp['shape'])} -> {list(out['shape'])}, "

@@ -2,21 +2,21 @@
 
 - `cpu`: the embedding table as int8 rows with a float32 scale per row. On the `cpu` and
   `edgetpu` backends, where the bundle has them (manifest `int8_head`), it runs as
-  int8 x int8 products in TFLite's hybrid fully connected kernel, one call per tile of
-  rows, never widening the table. The hidden state h counts as two int8 parts, its codes
-  and what those left of it (`two_part_rows`); the two parts' sum is h . row to about
-  1e-5 of the largest logit, as exact as a float h against the int8 table. Only the
-  first part runs over the whole table: the second part's share of any logit is at most
-  |second part| * |row| (Cauchy-Schwarz; `weight_norm`, per row), so just the tokens
-  that could still come within `margin` of the best get it added, in numpy, from their
-  rows (`Int8Table.second_part`). The best token, and every logit within `margin` of it,
-  are then the two-part values; the rest are short of them by less than the bound. One
-  pass over the table instead of two: half the head's time. Greedy decoding asks for
-  margin 0, sampling for enough that what is left out has no probability to speak of
-  (`Sampler.margin`), and a call without one gets every logit's two parts. Elsewhere
-  (emulate, or an older bundle) numpy computes float h against the table
-  memory-mapped from `host.safetensors` (the same table is the input embedding), in
-  chunks so no float copy of the whole table is made.
+  int8 x int8 products in TFLite's hybrid fully connected kernel (XNNPACK's), one call per
+  tile of rows, never widening the table. The hidden state h counts as two int8 parts, its
+  codes and what those left of it (`two_part_rows`); the two parts' sum is h . row to about
+  1e-5 of the largest logit, as exact as a float h against the int8 table. The kernel reads
+  the table once for all the rows of a call (1 row: 4.6 ms at 270M, 2 rows 5.4 ms, 4 rows
+  5.8 ms; TFLite's builtin kernel reads it once per row: 6.1, 11.0, 20.6 ms), so a call
+  without a margin, or with one above zero (sampling), runs both parts of h in one pass and
+  gets every logit's two-part value; the serve engine's sequences decoding together share
+  that pass too (`rows`). Greedy decoding (margin 0) needs only the best token exact: only
+  the first part runs over the whole table, and since the second part's share of any
+  logit is at most |second part| * |row| (Cauchy-Schwarz; `weight_norm`, per row), just
+  the tokens that could still be the best get it added, in numpy, from their rows
+  (`Int8Table.second_part`). Elsewhere (emulate, or an older bundle) numpy computes float
+  h against the table memory-mapped from `host.safetensors` (the same table is the input
+  embedding), in chunks so no float copy of the whole table is made.
 - `tpu-preload`: every tile (a `hidden x tile_rows` Dense template; manifest `lm_head`)
   ready at start-up.
 - `tpu-lazy`: tiles opened when first needed and kept in an LRU of `capacity` tiles;
@@ -73,35 +73,38 @@ class HeadStats:
         return out
 
 
-def round_half_away(v):
-    """C's round (std::round, TfLiteRound): halves away from zero, where numpy rounds to even."""
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
-
-
-def asymmetric_int8(x: np.ndarray) -> tuple[np.float32, int, np.ndarray]:
-    """x (float32 [n]) as TFLite's hybrid kernels quantize an input row (tensor_utils::
-    AsymmetricQuantizeFloats): scale s over [min(x, 0), max(x, 0)] in 255 steps, zero point
-    zp in [-128, 127], codes q = round(zp + x / s) clamped, so x ~ s * (q - zp)."""
+def on_grid(x: np.ndarray) -> tuple[np.ndarray, tuple[np.float32, int, np.ndarray]]:
+    """x's int8 part: scale s over [min(x, 0), max(x, 0)] in 255 steps, zero point zp in
+    [-128, 127] and codes q (the smallest -128, the largest 127), as the row s (q - zp) and
+    (s, zp, q). A hybrid kernel quantizes each row over its own range in 255 steps; handed a
+    row already on such a grid and spanning it, it reads back exactly these codes, whatever
+    its rounding rule (TFLite's builtin kernel rounds halves away from zero, XNNPACK's to
+    even): the logits are then known integer products, and what the codes leave of x is
+    exactly x minus this row."""
+    x = np.asarray(x, np.float32)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     if lo == hi:
-        return np.float32(1.0), 0, np.zeros(x.shape, np.int32)
-    scale = (hi - lo) / 255.0  # in double, as the kernel
-    from_min, from_max = -128 - lo / scale, 127 - hi / scale
-    zp = from_min if 128 + abs(lo / scale) < 127 + abs(hi / scale) else from_max
-    zp = -128 if zp <= -128 else 127 if zp >= 127 else int(round_half_away(zp))
-    s = np.float32(scale)
-    v = np.float32(zp) + x.astype(np.float32) * (np.float32(1.0) / s)
-    return s, zp, np.clip(round_half_away(v), -128, 127).astype(np.int32)
+        return np.zeros_like(x), (np.float32(1.0), 0, np.zeros(x.shape, np.int32))
+    s = np.float32((hi - lo) / 255.0)
+    zp = int(np.clip(np.rint(-128.0 - lo / s), -128, 127))
+    q = np.rint(x / s)
+    q += zp
+    np.clip(q, -128, 127, out=q)
+    q = q.astype(np.int32)
+    if lo < 0:  # the ends of the range are codes -128 and 127 (a 0 end is the kernel's own)
+        q[x.argmin()] = -128
+    if hi > 0:
+        q[x.argmax()] = 127
+    return s * (q - zp).astype(np.float32), (s, zp, q)
 
 
 def two_part_rows(h: np.ndarray) -> tuple[np.ndarray, list]:
-    """h as the two rows the int8 head runs: h, and r = h - s (q - zp), what h's int8 codes
-    leave out; with each row's (s, zp, q) as the kernel will quantize it."""
+    """h as the two rows the int8 head runs, each on the kernel's grid (`on_grid`): h's int8
+    part, and the int8 part of what that leaves of h; with each row's (s, zp, q)."""
     h = np.asarray(h, np.float32)
-    first = asymmetric_int8(h)
-    s, zp, q = first
-    r = h - s * (q - zp).astype(np.float32)
-    return np.stack([h, r]), [first, asymmetric_int8(r)]
+    first, codes = on_grid(h)
+    second, rest_codes = on_grid(h - first)
+    return np.stack([first, second]), [codes, rest_codes]
 
 
 class Int8Table:
@@ -173,9 +176,10 @@ class Int8Tiles:
     def model(self, i: int) -> TemplateInterpreter:
         if self.models[i] is None:
             f, head = self.head.files[i], self.head
-            # Without XNNPACK: it would pack a copy of the table (168 MB at 270M) for 1.5x the speed
-            # (measured: 27 against 41 ms per head call, peak RSS 376 against 213 MiB).
-            m = TemplateInterpreter(f.path, xnnpack=False)
+            # With XNNPACK (the interpreter's default): it packs its own copy of the table (+165 MiB
+            # resident at 270M, packed as each tile first runs) and reads it once for all of a call's
+            # rows, where the builtin kernel reads it once per row (module docstring).
+            m = TemplateInterpreter(f.path)
             if (m.batch, m.n_in) != (head.batch, head.n_in) or head.batch != 2:
                 raise BundleError(f"{f.path}: runs {m.batch} rows of {m.n_in}; the manifest's int8_head says "
                                   f"{head.batch} of {head.n_in}, and the head runs 2")
@@ -213,48 +217,48 @@ class CpuHead:
         return self._longest
 
     def __call__(self, h: np.ndarray, margin: float | None = None) -> np.ndarray:
-        """Logits of h. `margin` (logits): the best one and all within `margin` of it are the
-        two parts' values, the rest fall short of theirs by less than the bound (module
-        docstring); None: every logit is."""
+        """Logits of h. `margin` 0 (greedy): the best one is the two parts' value, the rest
+        fall short of theirs by less than the bound (module docstring); None or above 0:
+        every logit is."""
         if self.tiles is None:
             return self.table.logits(h)
-        rows, (_, second) = two_part_rows(h)
-        if margin is None:
-            both = self.tiles(rows)
-            return both[0] + both[1]
-        return self._add_second_part(self.tiles(rows[:1])[0], rows[1:], second, margin)
+        return self.rows(np.asarray(h, np.float32)[None], [margin])[0]
 
-    def rows(self, h: np.ndarray, margins: list[float]) -> list[np.ndarray]:
+    def rows(self, h: np.ndarray, margins: list[float | None]) -> list[np.ndarray]:
         """The logits of each row of h [n, hidden] at its margin, those `self(h[i], margins[i])`
-        gives, with the first parts of all rows in one call over the table: the serve engine's
-        sequences decoding together read the table once per step, not once each. (The kernel
-        quantizes each row alone, so a row's values do not depend on the others.)"""
-        if self.tiles is None or any(m is None for m in margins):
-            return [self(x, m) for x, m in zip(h, margins)]
+        gives, all from one call over the table: the first parts of every row and the second
+        parts of the rows that need every logit. The serve engine's sequences decoding
+        together read the table once per step, not once each. (The kernel quantizes each
+        row alone, so a row's values do not depend on the others.)"""
+        if self.tiles is None:
+            return [self.table.logits(x) for x in h]
         parts = [two_part_rows(x) for x in h]
-        first = self.tiles(np.stack([rows[0] for rows, _ in parts]))
-        return [self._add_second_part(logits, rows[1:], second, m)
-                for logits, (rows, (_, second)), m in zip(first, parts, margins)]
+        full = [i for i, m in enumerate(margins) if m is None or m > 0]
+        out = self.tiles(np.stack([rows[0] for rows, _ in parts] + [parts[i][0][1] for i in full]))
+        second = dict(zip(full, out[len(parts):]))
+        return [out[i] + second[i] if i in second else self._add_second_part(out[i], rows[1:], codes)
+                for i, (rows, (_, codes)) in enumerate(parts)]
 
-    def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second, margin: float) -> np.ndarray:
-        """The first part's logits with the second part added where it can matter (module docstring)."""
+    def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second) -> np.ndarray:
+        """The first part's logits with the second part added to every token that could be the
+        best (module docstring): greedy decoding's logits."""
         s, zp, codes = second
         length = np.float32(np.linalg.norm(s * (codes - zp).astype(np.float64)))
         top = logits.max()
         rounding = np.float32(1e-5) * max(top, -logits.min())  # float rounding in both computations
         # No token's bound exceeds the longest row's (float rounding is monotone), so only
-        # tokens within twice that and the margin of the best first part can be the best or
-        # come within the margin of it: their bounds are computed, not the whole table's.
+        # tokens within twice that of the best first part can be the best: their bounds are
+        # computed, not the whole table's.
         # (The slack covers the rounding of this test; a wider set gives the same candidates.)
         widest = np.float32(self._longest_row() * length) + rounding
-        reach = 2 * widest + margin
+        reach = 2 * widest
         near = logits >= top - reach - 1e-4 * (abs(top) + reach) - 1e-6
         # most of the table (a flat distribution): whole arrays beat gathers
         near = None if np.count_nonzero(near) > CANDIDATE_LIMIT else np.flatnonzero(near)
         norms, near_logits = (self.table.norms, logits) if near is None else (self.table.norms[near], logits[near])
         bound = norms * length
         bound += rounding
-        floor = (near_logits - bound).max() - margin  # the best token's logit is above (logits - bound).max()
+        floor = (near_logits - bound).max()  # the best token's logit is above this
         hit = near_logits + bound >= floor
         candidates = np.flatnonzero(hit) if near is None else near[hit]
         if len(candidates) > CANDIDATE_LIMIT:  # a flat distribution: the second part over the whole table

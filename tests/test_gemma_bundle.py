@@ -185,9 +185,10 @@ def test_the_cpu_head_runs_int8_products_as_exact_as_a_float_hidden_state(bundle
 
 
 def test_the_cpu_head_runs_one_part_over_the_table_and_keeps_the_winner_exact(bundle, monkeypatch):
-    """With a margin (generate's), only h's int8 codes run over the whole table; the tokens
-    that could come within the margin of the best get the second part added from their
-    rows. Reference: the two parts through TFLite's kernel (margin None)."""
+    """Greedy (margin 0): only h's first int8 part runs over the whole table; the tokens that
+    could be the best get the second part added from their rows. A margin above zero
+    (sampling) gets every logit's two parts, as a call without one. Reference: the two parts
+    through TFLite's kernel (margin None)."""
     head, table = make_head(bundle, "cpu", "cpu")
     assert np.allclose(table.norms, np.linalg.norm(table.q.astype(np.float64), axis=1) * table.scale, rtol=1e-6)
     rng = np.random.default_rng(5)
@@ -196,16 +197,40 @@ def test_the_cpu_head_runs_one_part_over_the_table_and_keeps_the_winner_exact(bu
         row[k] += 30.0 * (k % 3)
         full = head(row)
         largest = np.abs(full).max()
-        for margin in (0.0, 0.05 * largest):
-            head.stats.take()
-            got = head(row, margin=margin)
-            assert got.argmax() == full.argmax()
-            near = full >= full.max() - margin  # what a sampler may draw: the two parts' values
-            assert np.abs(got[near] - full[near]).max() <= 1e-5 * largest
-            assert np.abs(got - full).max() <= 2e-2 * largest  # the rest: h's codes alone
-            assert 0 < head.stats.rescored < len(full)
+        head.stats.take()
+        got = head(row, margin=0.0)
+        assert got.argmax() == full.argmax()
+        assert abs(got.max() - full.max()) <= 1e-5 * largest
+        assert np.abs(got - full).max() <= 2e-2 * largest  # the rest: h's codes alone
+        assert 0 < head.stats.take()["rescored"] < len(full)
+        assert np.array_equal(head(row, margin=0.05 * largest), full) and head.stats.take()["rescored"] == 0
     monkeypatch.setattr(lm_head, "CANDIDATE_LIMIT", 0)  # a flat distribution: both parts everywhere
     assert np.abs(head(row, margin=0.0) - full).max() <= 1e-6 * largest
+
+
+def test_the_head_rows_are_read_back_alike_by_both_of_tflites_kernels(bundle):
+    """`two_part_rows` hands the kernel rows already on its int8 grid, so XNNPACK's kernel
+    (which the head runs, rounding halves to even) and TFLite's builtin one (halves away from
+    zero) read back the same codes: their logits agree with each other and with the integer
+    products of those codes, also on rows with exact halves and one-signed rows."""
+    tile = bundle.int8_head.files[0].path
+    kernels = [executors.TemplateInterpreter(tile, xnnpack=x) for x in (True, False)]
+    table = lm_head.Int8Table(bundle.host)
+    n = bundle.int8_head.tile_rows
+    rng = np.random.default_rng(9)
+    cases = [(rng.standard_normal(256) * 3).astype(np.float32),
+             np.abs(rng.standard_normal(256)).astype(np.float32),  # all positive
+             -np.abs(rng.standard_normal(256)).astype(np.float32),  # all negative
+             (np.arange(256) - 127.5).astype(np.float32) / 2]  # every code a half step
+    for h in cases:
+        rows, parts = lm_head.two_part_rows(h)
+        xnnpack, builtin = (k(rows)[:, :n] for k in kernels)
+        products = np.stack([table.second_part(p, np.arange(n)) for p in parts])
+        largest = np.abs(products).max(axis=1, keepdims=True)
+        assert np.all(np.abs(xnnpack - builtin) <= 1e-6 * largest)
+        assert np.all(np.abs(xnnpack - products) <= 1e-6 * largest)
+        exact = (table.q[:n].astype(np.float64) @ h.astype(np.float64)) * table.scale[:n]
+        assert np.abs(xnnpack.sum(0) - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
 def test_a_changed_int8_head_file_is_found_by_check(gemma_demo, tmp_path):

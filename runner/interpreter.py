@@ -57,9 +57,8 @@ def threads() -> int:
 
 
 def without_xnnpack() -> dict:
-    """Interpreter arguments that keep TFLite's own kernels. XNNPACK, applied by default, packs
-    a model's weights into memory of its own: for the int8 LM head that is the whole table
-    again (168 MB at 270M), where the builtin kernels read the memory-mapped file."""
+    """Interpreter arguments that keep TFLite's own kernels, without XNNPACK (applied by
+    default): the kernels the tests hold XNNPACK's against."""
     return {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
 
 

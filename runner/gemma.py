@@ -124,7 +124,8 @@ def rope_tables(positions: np.ndarray, head_dim: int, base: float, factor: float
 
 
 def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x [heads, n, head_dim] rotated by `rope_tables`' angles (the rotate-half convention)."""
+    """x [..., head_dim] rotated by `rope_tables`' angles, which broadcast against it (the
+    rotate-half convention): x [heads, n, hd] takes cos [n, hd]; x [n, heads, hd] cos [n, 1, hd]."""
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
     rotated *= sin
@@ -249,13 +250,14 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_first: int, k_
 
 class Segment:
     """One sequence's share of a batched forward pass: its new tokens, its cache, its rows
-    in the batch, the position of its first new token, and the rotary tables there."""
+    in the batch, and the position of its first new token."""
 
-    def __init__(self, ids: np.ndarray, cache: KVCache, rows: slice, c: GemmaConfig):
+    def __init__(self, ids: np.ndarray, cache: KVCache, rows: slice):
         self.ids, self.cache, self.rows, self.start = ids, cache, rows, cache.length
-        positions = np.arange(self.start, self.start + len(ids))
-        self.rope = {True: rope_tables(positions, c.head_dim, c.rope_local),  # sliding layers
-                     False: rope_tables(positions, c.head_dim, c.rope_global, c.rope_global_factor)}
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(self.start, self.start + len(self.ids))
 
 
 class Gemma:
@@ -278,25 +280,27 @@ class Gemma:
         y *= plus_one
         return y
 
-    def _attention(self, i: int, x: np.ndarray, batch: list["Segment"]) -> np.ndarray:
-        """Layer i's attention over the rows of every segment: the projections run once on all
-        rows; norms, rotary embeddings, the cache and attention per segment."""
+    def _attention(self, i: int, x: np.ndarray, batch: list["Segment"], rope: dict) -> np.ndarray:
+        """Layer i's attention over the rows of every segment: the projections, the q and k
+        norms and the rotary embeddings run once on all rows (`rope`: the rows' cos and sin
+        [rows, 1, hd] by layer type, sliding or not); the cache and attention per segment.
+        (Per segment, the norms and rotations of sequences decoding together cost as much
+        as their linears on the demo model.)"""
         c, p = self.config, f"model.layers.{i}.self_attn"
-        hd, sliding = c.head_dim, c.layer_types[i] == "sliding_attention"
+        hd, sliding, rows = c.head_dim, c.layer_types[i] == "sliding_attention", len(x)
         q_all, k_all, v_all = (self.linear(f"{p}.{n}", x) for n in ("q_proj", "k_proj", "v_proj"))
-        out = np.empty((len(x), c.num_attention_heads * hd), np.float32)
-        for s in batch:
-            n, rows = s.rows.stop - s.rows.start, s.rows
-            q = q_all[rows].reshape(n, c.num_attention_heads, hd).transpose(1, 0, 2)
-            k = k_all[rows].reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-            v = v_all[rows].reshape(n, c.num_key_value_heads, hd).transpose(1, 0, 2)
-            q, k = self.norm(q, f"{p}.q_norm.weight"), self.norm(k, f"{p}.k_norm.weight")
-            q, k = apply_rotary(q, *s.rope[sliding]), apply_rotary(k, *s.rope[sliding])
-            keys, values, k_first = s.cache.layers[i].append(k, v)
-            o = attend(q, keys, values, s.start, k_first, c.query_pre_attn_scalar ** -0.5,
+        q = apply_rotary(self.norm(q_all.reshape(rows, c.num_attention_heads, hd), f"{p}.q_norm.weight"),
+                         *rope[sliding])
+        k = apply_rotary(self.norm(k_all.reshape(rows, c.num_key_value_heads, hd), f"{p}.k_norm.weight"),
+                         *rope[sliding])
+        v = v_all.reshape(rows, c.num_key_value_heads, hd)
+        out = np.empty((rows, c.num_attention_heads, hd), np.float32)
+        for s in batch:  # [n, heads, hd] -> [heads, n, hd], the layout of the cache and of attend
+            keys, values, k_first = s.cache.layers[i].append(k[s.rows].transpose(1, 0, 2), v[s.rows].transpose(1, 0, 2))
+            o = attend(q[s.rows].transpose(1, 0, 2), keys, values, s.start, k_first, c.query_pre_attn_scalar ** -0.5,
                        c.sliding_window if sliding else None)
-            out[rows] = o.transpose(1, 0, 2).reshape(n, -1)
-        return self.linear(f"{p}.o_proj", out)
+            out[s.rows] = o.transpose(1, 0, 2)
+        return self.linear(f"{p}.o_proj", out.reshape(rows, -1))
 
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `ids` (one sequence, continuing what `cache` holds); return the final-normed
@@ -319,14 +323,17 @@ class Gemma:
             if cache.length + len(ids) > c.max_position_embeddings:
                 raise ValueError(f"{cache.length + len(ids)} tokens is longer than the context of "
                                  f"{c.max_position_embeddings}")
-            batch.append(Segment(ids, cache, slice(start, start + len(ids)), c))
+            batch.append(Segment(ids, cache, slice(start, start + len(ids))))
             start += len(ids)
         ids = batch[0].ids if len(batch) == 1 else np.concatenate([s.ids for s in batch])
+        positions = batch[0].positions if len(batch) == 1 else np.concatenate([s.positions for s in batch])
+        rope = {sliding: tuple(t[:, None, :] for t in rope_tables(positions, c.head_dim, *base))
+                for sliding, base in ((True, (c.rope_local,)), (False, (c.rope_global, c.rope_global_factor)))}
         h = self.embed(ids) * np.float32(c.hidden_size ** 0.5)
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
             x = self.norm(h, f"{p}.input_layernorm.weight")
-            h = h + self.norm(self._attention(i, x, batch), f"{p}.post_attention_layernorm.weight")
+            h = h + self.norm(self._attention(i, x, batch, rope), f"{p}.post_attention_layernorm.weight")
             x = self.norm(h, f"{p}.pre_feedforward_layernorm.weight")
             gate = gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x))
             gate *= self.linear(f"{p}.mlp.up_proj", x)

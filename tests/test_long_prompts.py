@@ -48,7 +48,7 @@ class PlainCache:
 class PlainGemma(Gemma):
     """Attention as it was before blocks and trimmed caches: scores over the whole cache, one mask."""
 
-    def _attention(self, i, x, batch):  # one sequence; its own rotary, from positions
+    def _attention(self, i, x, batch, rope):  # one sequence; its own rotary tables, from positions
         (segment,) = batch
         cache = segment.cache
         positions = np.arange(segment.start, segment.start + len(x))

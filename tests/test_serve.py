@@ -250,6 +250,30 @@ def test_batched_decoding_gives_each_sequence_its_own_tokens(bundles, backend):
     assert sorted(s.tokens for s in done) == sorted(alone)
 
 
+def test_the_developer_turn_is_found_in_the_prompt_and_kept(bundles, monkeypatch):
+    """shared_prefix: the developer turn's tokens are where the whole prompt's start, once
+    rendered per turn and kept (at most DEVELOPER_TURNS); another turn gets its own."""
+    from runner.serve import app as served_app
+    assistant = Assistant.of(load(bundles["demo-gemma"], "emulate"))
+    system = {"role": "system", "content": "You are a home assistant."}
+    conversations = [([system, {"role": "user", "content": r}], tools) for r in REQUESTS[:2]
+                     for tools in (TOOLS, TOOLS[:2])]
+    seen, renders = served_app.OrderedDict(), []
+    render = assistant.chat.template.render
+    monkeypatch.setattr(assistant.chat.template, "render", lambda *a: renders.append(a) or render(*a))
+    for messages, tools in conversations:
+        prompt = assistant.prompt(messages, tools)
+        n = served_app.shared_prefix(assistant, messages, tools, prompt, seen)
+        turn = assistant.chat.tokenizer.encode(render([system], tools, False), add_special_tokens=False).ids
+        assert 0 < n == len(turn) < len(prompt) and prompt[:n] == turn
+    turns = [r for r in renders if r[2] is False]  # the prompts are rendered with the generation prompt
+    assert len(seen) == len(turns) == 2  # two developer turns (the tools differ), each rendered once
+    monkeypatch.setattr(served_app, "DEVELOPER_TURNS", 1)
+    another = ([system, {"role": "user", "content": REQUESTS[0]}], TOOLS[:3])
+    served_app.shared_prefix(assistant, *another, assistant.prompt(*another), seen)
+    assert list(seen) == [json.dumps([[system], TOOLS[:3]], sort_keys=True)]
+
+
 def test_the_lm_head_on_rows_together_gives_each_rows_logits_alone(bundles):
     """The engine's sequences that sample in one step share a head call (CpuHead.rows): each
     row's logits are those it gets alone, bit for bit, at its own margin."""

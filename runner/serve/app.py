@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class Served:
     engine: Engine
     towers: Contrastive | None = None
     assistant: Assistant | None = None
+    developer_turns: OrderedDict = field(default_factory=OrderedDict)  # shared_prefix's, most recent last
 
 
 class Server:
@@ -367,7 +369,7 @@ async def chat_completions(request: Request) -> Response:
                        param="tool_choice", code="invalid_value")
     try:
         prompt = assistant.prompt(messages, tools, "messages", "tools")
-        prefix = shared_prefix(assistant, messages, tools, prompt)
+        prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)
         forced_ids = assistant.chat.tokenizer.encode(forced, add_special_tokens=False).ids if forced else []
     except (ChatError, UserError) as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
@@ -433,18 +435,29 @@ async def chat_completions(request: Request) -> Response:
     return EventSourceResponse(events(), ping=15)
 
 
-def shared_prefix(assistant: Assistant, messages: list, tools, prompt: list[int]) -> int:
+DEVELOPER_TURNS = 64  # developer turns whose tokens a served bundle keeps (shared_prefix)
+
+
+def shared_prefix(assistant: Assistant, messages: list, tools, prompt: list[int], seen: OrderedDict) -> int:
     """How many of the prompt's tokens are its developer turn (a system message and the tool
     declarations), which requests of one application share; 0 when it has none or when it
-    does not tokenize as a prefix of the whole."""
+    does not tokenize as a prefix of the whole. The turn's tokens are kept in `seen` (the
+    DEVELOPER_TURNS most recent, by the turn's JSON): rendering and encoding it again for
+    every request cost as much as the request's own prompt."""
     head = messages[:1] if messages and isinstance(messages[0], dict) and messages[0].get("role") in FIRST_ONLY else []
     if not head and not tools:
         return 0
-    try:
-        text = assistant.chat.template.render(head or [{"role": "system", "content": ""}], tools, False)
-    except ChatError:
-        return 0
-    ids = assistant.chat.tokenizer.encode(text, add_special_tokens=False).ids
+    key = json.dumps([head, tools], sort_keys=True)  # both were checked as JSON values by the prompt
+    ids = seen.get(key)
+    if ids is None:
+        try:
+            text = assistant.chat.template.render(head or [{"role": "system", "content": ""}], tools, False)
+        except ChatError:
+            return 0
+        ids = seen[key] = assistant.chat.tokenizer.encode(text, add_special_tokens=False).ids
+        while len(seen) > DEVELOPER_TURNS:
+            seen.popitem(last=False)
+    seen.move_to_end(key)
     return len(ids) if 0 < len(ids) < len(prompt) and prompt[: len(ids)] == ids else 0
 
 

@@ -70,14 +70,20 @@ def drop_file_pages(path) -> int:
     nothing): bytes dropped. XNNPACK packs a model's weights into memory of its own while
     the interpreter is made, after which the interpreter's memory-mapped file is not read
     again, yet its pages stay resident: the int8 LM head at 270M counted twice, 168 MB more.
-    The mapping stays valid: a page read again comes back from the file."""
-    target = os.path.realpath(path)
+    The mapping stays valid: a page read again comes back from the file. Reading the
+    process's mappings takes about 0.6 ms."""
+    needle = b" " + os.fsencode(os.path.realpath(path)) + b"\n"
     try:
-        with open("/proc/self/maps") as maps:
-            ranges = [line.split()[0] for line in maps if line.rstrip("\n").endswith(" " + target)]
+        with open("/proc/self/maps", "rb") as f:
+            maps = f.read()  # one read: a process running a bundle maps hundreds of files
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):  # no /proc (not Linux) or no madvise: the pages stay
         return 0
+    ranges, at = [], maps.find(needle)
+    while at != -1:  # each line: "start-end perms offset dev inode path"
+        line = maps.rfind(b"\n", 0, at) + 1
+        ranges.append(maps[line : maps.index(b" ", line)].decode())
+        at = maps.find(needle, at + len(needle))
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
     for r in ranges:

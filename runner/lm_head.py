@@ -167,19 +167,23 @@ class Int8Tiles:
     def __init__(self, head: Int8Head, open_all: bool = False):
         self.head = head
         self.models: list[TemplateInterpreter | None] = [None] * len(head.files)
-        # The first tile opens now: an interpreter too old for the tiles' ops says so at
-        # start-up, where the head can still fall back to numpy. The others open on first
-        # use, as the layers do (16 interpreters at 270M were half of Gemma's start-up).
-        for i in range(len(head.files) if open_all else 1):
-            self.model(i)
+        # An interpreter too old for the tiles' ops says so at start-up, where the head can
+        # still fall back to numpy: the first tile is opened now with the builtin kernels, which
+        # check the ops without packing the weights (XNNPACK's packing took Gemma's start-up from
+        # 7 to 16 ms). The tiles open on first use, as the layers do; `open_all` opens them now.
+        if open_all:
+            for i in range(len(head.files)):
+                self.model(i)
+        else:
+            TemplateInterpreter(head.files[0].path, xnnpack=False)
 
     def model(self, i: int) -> TemplateInterpreter:
         if self.models[i] is None:
             f, head = self.head.files[i], self.head
-            # With XNNPACK (the interpreter's default): it packs its own copy of the table (+165 MiB
-            # resident at 270M, packed as each tile first runs) and reads it once for all of a call's
-            # rows, where the builtin kernel reads it once per row (module docstring).
-            m = TemplateInterpreter(f.path)
+            # With XNNPACK (the interpreter's default): it packs its own copy of the tile as it opens
+            # (the file's pages are given back: `kept`) and reads it once for all of a call's rows,
+            # where the builtin kernel reads it once per row (module docstring).
+            m = TemplateInterpreter(f.path, kept=True)
             if (m.batch, m.n_in) != (head.batch, head.n_in) or head.batch != 2:
                 raise BundleError(f"{f.path}: runs {m.batch} rows of {m.n_in}; the manifest's int8_head says "
                                   f"{head.batch} of {head.n_in}, and the head runs 2")

@@ -224,8 +224,6 @@ class CpuHead:
         """Logits of h. `margin` 0 (greedy): the best one is the two parts' value, the rest
         fall short of theirs by less than the bound (module docstring); None or above 0:
         every logit is."""
-        if self.tiles is None:
-            return self.table.logits(h)
         return self.rows(np.asarray(h, np.float32)[None], [margin])[0]
 
     def rows(self, h: np.ndarray, margins: list[float | None]) -> list[np.ndarray]:

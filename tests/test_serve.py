@@ -179,7 +179,8 @@ def test_embeddings_equal_the_command_lines(server, bundles, tmp_path):
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     got = server.client.embeddings.create(model="demo-clip", input=texts)
     assert np.array_equal(np.array([d.embedding for d in got.data], np.float32), expected)
-    run = runner_as_served("clip-image", bundles["demo-clip"], SAMPLES[0], "--backend", "cpu", "--out", tmp_path / "i.npy")
+    run = runner_as_served("clip-image", bundles["demo-clip"], SAMPLES[0], "--backend", "cpu",
+                           "--out", tmp_path / "i.npy")
     expected = np.load(tmp_path / "i.npy", allow_pickle=False)
     expected = (expected / np.linalg.norm(expected, axis=1, keepdims=True))[0]  # per row, as the server
     got = server.client.embeddings.create(model="demo-clip", input=data_uri(SAMPLES[0]), encoding_format="base64")

@@ -22,7 +22,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from prepare.demo_models import DEMO_VERSION, GENERATED_FILES, GENERATED_MARK, generate
-from prepare.deploy import bundle_path, deploy
+from prepare.deploy import bundle_path, check_arguments, deploy
 from prepare.doit_support import (
     Build,
     CommandLine,
@@ -207,13 +207,18 @@ def task_deploy():
     """Copy a bundle and the runner with rsync: doit deploy bundle=NAME|PATH to=user@host:/path."""
     def run():
         try:
-            report = deploy(bundle_path(get_var("bundle") or BUILD.recipe.name), get_var("to", ""))
+            report = deploy(deploy_bundle(), get_var("to", ""))
         except UserError as e:
             return TaskFailed(str(e))
         print(f"files sent: runner {report['files_sent']['runner']}, bundle {report['files_sent']['bundle']}")
         print(f"on the Pi: {report['on_the_pi']}")
         return None
     return {"actions": [run], "uptodate": [False], "verbosity": 2}
+
+
+def deploy_bundle() -> Path:
+    """The bundle `doit deploy` copies: bundle=NAME|PATH, else the recipe's."""
+    return bundle_path(get_var("bundle") or BUILD.recipe.name)
 
 
 def task_layer_check():
@@ -249,6 +254,8 @@ def task_bench():
 TASKS = {name.removeprefix("task_"): creator for name, creator in dict(globals()).items() if name.startswith("task_")}
 try:
     check_command_line(COMMAND_LINE, VARIABLES, TASKS)
+    if "deploy" in COMMAND_LINE.words:
+        check_arguments(deploy_bundle(), COMMAND_LINE.variables.get("to", ""))
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None

@@ -66,13 +66,19 @@ def no_such_bundle(bundle: Path) -> str:
             "build one with `doit recipe=...`)")
 
 
-def deploy(bundle: Path, target: str) -> dict:
+def check_arguments(bundle: Path, target: str) -> None:
+    """`doit deploy`'s bundle= and to=, checked before any task runs (dodo.py): a mistake is
+    one line and exit status 2, as the recipe's are."""
     if not (bundle / "manifest.json").is_file():
         raise DeployError(no_such_bundle(bundle))
-    if shutil.which("rsync") is None:
-        raise DeployError("rsync is not installed here (Debian/Ubuntu: apt install rsync); the Pi needs it too")
     if not target:
         raise DeployError("give to=DEST: user@host:/path or a local directory")
+
+
+def deploy(bundle: Path, target: str) -> dict:
+    check_arguments(bundle, target)
+    if shutil.which("rsync") is None:
+        raise DeployError("rsync is not installed here (Debian/Ubuntu: apt install rsync); the Pi needs it too")
     remote = re.match(r"^[^/:]+:", target) is not None
     dest = target.rstrip("/") or "/"
     counts = {}

@@ -109,8 +109,17 @@ def test_deploy_to_a_local_directory_twice(demo, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and json.loads(run.stdout)["ok"], run.stderr
 
-    missing = doit(artifacts, "deploy", "bundle=nope", f"to={target}", check=False)
-    assert missing.returncode != 0 and "no such bundle" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("arguments, says", [(["bundle=demo-clp", "to=/tmp/somewhere"], "did you mean bundle=demo-clip?"),
+                                             (["bundle=demo-clip"], "give to=DEST")])
+def test_deploy_arguments_are_checked_before_any_task(demo, arguments, says):
+    """A mistyped bundle or a missing to= is bad input: one line and exit status 2, as a
+    recipe's mistakes, not doit's task failure report (exit 1); nothing is copied."""
+    artifacts, _ = demo
+    run = doit(artifacts, "deploy", *arguments, check=False)
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and says in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("value", [-1.0, 0, "1", float("nan"), float("inf")])

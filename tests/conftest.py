@@ -79,9 +79,10 @@ def doit(artifacts, *args, check=True):
     return run
 
 
-def runner(*args):
+def runner(*args, env: dict | None = None):
+    """`python -m runner ARGS`, with `env` added to this process's environment."""
     return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+                          timeout=300, cwd=ROOT, env=dict(os.environ, **env) if env else None)
 
 
 HIDE_AND_RUN = ("import runpy, sys\n"

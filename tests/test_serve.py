@@ -166,9 +166,7 @@ def test_tool_choice_none_auto_and_a_named_function(server):
 def runner_as_served(*args):
     """`python -m runner ARGS` on the served threads (`Server`): BLAS on two threads splits the
     image tower's float sums otherwise than on one, and the answers are compared bit for bit."""
-    return subprocess.run([sys.executable, "-m", "runner", *map(str, args), "--threads", "1"], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    return runner(*args, "--threads", "1", env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
 
 
 def test_embeddings_equal_the_command_lines(server, bundles, tmp_path):

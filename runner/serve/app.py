@@ -112,10 +112,13 @@ class Server:
             for name, directory in self.settings.indexes.items():
                 self.indexes[name] = self.open_index(name, directory)
             for m in self.models.values():
-                m.engine.warm_up()  # every layer opened now, not on the first request
+                m.engine.start()  # it warms up first: every layer opened now, not on the first request
                 if m.assistant is not None:  # the chat template compiled now (100 ms), not on the first request
                     m.assistant.prompt([{"role": "user", "content": "hi"}], [WARM_UP_TOOL])
-                m.engine.start()
+            for m in self.models.values():
+                m.engine.warm.wait()
+                if m.engine.failed is not None:
+                    raise m.engine.failed
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why
             if not isinstance(e, UserError):

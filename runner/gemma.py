@@ -167,10 +167,14 @@ class LayerCache:
         first = 0 if self.window is None else max(0, self.used - n - (self.window - 1))
         return self.k[:, first : self.used], self.v[:, first : self.used], self.start + first
 
-    def copy(self) -> "LayerCache":
-        """A copy holding only the live positions (what a prefix cache keeps)."""
+    def copy(self, room: int = 0) -> "LayerCache":
+        """A copy of the live positions with room for `room` more (a prefix cache keeps none
+        and hands out copies with room for the rest of a prompt: growing it at the first
+        append would copy it all again)."""
         out = LayerCache(self.k.shape[0], self.k.shape[2], self.window)
-        out.k, out.v = self.k[:, : self.used].copy(), self.v[:, : self.used].copy()
+        out.k = np.empty((self.k.shape[0], self.used + room, self.k.shape[2]), np.float32)
+        out.v = np.empty_like(out.k)
+        out.k[:, : self.used], out.v[:, : self.used] = self.k[:, : self.used], self.v[:, : self.used]
         out.start, out.used = self.start, self.used
         return out
 
@@ -200,9 +204,9 @@ class KVCache:
         """Positions the sequence has so far."""
         return self.layers[0].end
 
-    def copy(self) -> "KVCache":
+    def copy(self, room: int = 0) -> "KVCache":
         out = KVCache.__new__(KVCache)
-        out.layers = [layer.copy() for layer in self.layers]
+        out.layers = [layer.copy(room) for layer in self.layers]
         return out
 
     @property
@@ -311,7 +315,7 @@ class Gemma:
         """Several sequences in one pass, each continuing its own cache: every linear runs once
         on all their rows (one call per layer however many sequences: what a template batch
         wants), attention per sequence. Rows are quantized one by one, so each sequence's
-        hidden states are those it gets alone (tests/test_serve_batching.py)."""
+        hidden states are those it gets alone (tests/test_serve.py)."""
         c = self.config
         batch, start = [], 0
         for ids, cache in sequences:

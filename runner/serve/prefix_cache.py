@@ -33,6 +33,7 @@ from ..packages import require
 
 SUFFIX = ".prefix.safetensors"
 MAX_ENTRY_BYTES = 1 << 30
+ROOM = 64  # answer tokens a cache handed out has room for before it grows
 
 
 class PrefixCache:
@@ -52,7 +53,8 @@ class PrefixCache:
 
     def longest(self, prompt: list[int]) -> tuple[KVCache, int] | None:
         """A copy of the cache of the longest kept prefix of `prompt` (shorter than it: the last
-        prompt token must run to give the first logits), and its length; None if none."""
+        prompt token must run to give the first logits), with room for the rest of the prompt
+        and ROOM tokens of answer, and its length; None if none."""
         with self.lock:
             best = None
             for tokens in self.entries:
@@ -64,7 +66,7 @@ class PrefixCache:
                 return None
             self.hits += 1
             self.entries.move_to_end(best)
-            return self.entries[best].copy(), len(best)
+            return self.entries[best].copy(len(prompt) - len(best) + ROOM), len(best)
 
     def has(self, tokens: list[int]) -> bool:
         with self.lock:

@@ -103,6 +103,25 @@ def load(bundle_dir: str | Path, backend: str = "auto", checkpoint: str | Path |
     return Loaded(bundle, family, model, backend, head, tokenizer, why, routes)
 
 
+def describe(bundle_dir: str | Path) -> Loaded:
+    """The bundle as a process that never runs its model sees it: the server's HTTP process
+    (runner/serve/worker.py), which checks requests, tokenizes, renders chat templates and
+    parses answers while the engine process runs the model. The manifest, config and
+    tokenizer, and a model whose linears refuse to run; no layer file is opened, nothing is
+    decoded. Its backend is "none"."""
+    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.open(bundle_dir, FLAVOR.get("fp32", "fp32"), manifest)  # no layer file, as fp32
+    family = FAMILIES[bundle.family]
+    config = bundle.model_config()
+    tokenizer = None
+    if family.decoder and bundle.tokenizer is not None:
+        tokenizer = GemmaTokenizer(bundle.tokenizer.path, config.bos_token_id)
+
+    def not_here(name: str, x):
+        raise RuntimeError(f"{name}: this process describes the model; the engine process runs it")
+    return Loaded(bundle, family, family.model_class(config, bundle.host, not_here), "none", tokenizer=tokenizer)
+
+
 def choose_backend(manifest: Manifest) -> tuple[str, str, list | None]:
     """(backend, why not the better ones, the Edge TPU delegates when it is edgetpu)."""
     layers = manifest.tpu_layers

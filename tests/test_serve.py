@@ -433,6 +433,16 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(bundles):
     assert "Traceback" not in err
 
 
+def test_the_server_stops_with_status_2_when_its_engine_process_dies(bundles):
+    s = Server([bundles["demo-clip"]])
+    pid = s.process.pid
+    (engine,) = map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    os.kill(engine, signal.SIGKILL)
+    _, err = s.process.communicate(timeout=60)
+    assert s.process.returncode == 2, err
+    assert "the engine process ended" in err and "Traceback" not in err
+
+
 def test_a_restarted_server_finds_its_prefix_cache(bundles, tmp_path):
     cache = tmp_path / "prefix-cache"
     messages = [{"role": "system", "content": "You are a home assistant."},

@@ -6,9 +6,10 @@
     POST /v1/search             a text or an image against an index named with --index NAME=DIR
     GET  /v1/models, /health (503 while loading, then 200), /metrics (Prometheus)
 
-Each bundle is served under its directory's name. The models run on engine threads
-(runner/serve/engines.py); this module reads requests, checks them (runner/serve/api.py
-says how a bad one is answered) and waits for the engine. Safe to leave running: binds
+Each bundle is served under its directory's name. The models run in the engine process
+(runner/serve/worker.py, runner/serve/engines.py); this module, in the HTTP process, reads
+requests, checks them (runner/serve/api.py says how a bad one is answered), renders and
+tokenizes, and waits for the engine's results. Safe to leave running: binds
 127.0.0.1 unless told, and then only with an API key; bounded body, inputs, tokens and
 queue; a client that leaves frees its place; SIGTERM finishes what is in flight.
 """
@@ -40,14 +41,15 @@ from ..families import CONTRASTIVE
 from ..function_calls import START_CALL
 from ..generate import Sampler
 from ..images import load_image
-from ..load import Loaded, load
+from ..load import Loaded, describe
 from ..packages import require
 from ..photos import Index, best_matches, check_same_bundle, manifest_sha256, read_index
+from ..tokenizer import TextStream
 from .api import APIError, chunk, completion, content, field as get, finish_reason, image_bytes, new_id, \
     parse_json, tool_calls, usage
-from .engines import ChatEngine, ChatRequest, EmbeddingEngine, Engine, Job, Overloaded
+from .engines import ChatRequest, Overloaded
 from .metrics import METRICS
-from .prefix_cache import PrefixCache
+from .worker import Settings, Waiting, Worker
 
 starlette = require("starlette", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
 import anyio._backends._asyncio  # noqa: E402, F401 - sse-starlette imports it on the first stream: 35 ms of it
@@ -63,38 +65,27 @@ WARM_UP_TOOL = {"type": "function", "function": {"name": "f", "description": "d"
 
 
 @dataclass
-class Settings:
-    bundles: list[str]
-    backend: str = "auto"
-    route: str | None = None
-    api_key: str | None = None
-    max_batch: int = 16  # rows per forward (embeddings), conversations decoding together (chat)
-    max_wait_ms: float = 10.0
-    max_queue: int = 64
-    max_body_bytes: int = 16 << 20
-    max_inputs: int = 256  # texts or images per embeddings request
-    max_images: int = 16  # images per request
-    max_tokens: int = 512  # generated tokens per chat request at most
-    prefill_chunk: int = 64
-    prefix_cache_mb: float = 256.0
-    prefix_cache_dir: str | None = None
-    indexes: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
 class Served:
-    """One bundle as the server runs it."""
+    """One bundle as the HTTP process sees it: described (runner/load.py `describe`), its
+    model run by the engine process."""
 
     id: str
     loaded: Loaded
-    engine: Engine
+    worker: Worker
     towers: Contrastive | None = None
     assistant: Assistant | None = None
     developer_turns: OrderedDict = field(default_factory=OrderedDict)  # shared_prefix's, most recent last
 
+    def submit(self, kind: str, payload, rows: int = 1) -> Waiting:
+        try:
+            return self.worker.submit(self.id, kind, payload, rows)
+        except Overloaded as e:
+            raise APIError(429, f"{e}: try again shortly", code="queue_full", headers={"Retry-After": "1"}) from None
+
 
 class Server:
-    """The models, their engines and indexes; loaded on a thread while /health says loading."""
+    """The models, described here and run by the engine process, and the indexes; loaded on
+    a thread while /health says loading."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -104,47 +95,43 @@ class Server:
         self.failed: str | None = None
         self.on_failure = lambda: None  # main.py: stop the server
         self.started = time.time()
+        self.worker: Worker | None = None
 
     def load(self) -> None:
         try:
+            self.worker = Worker(self.settings)  # loads and warms up the models meanwhile
+            self.worker.on_end = self.engines_ended
             for bundle in self.settings.bundles:
-                self.models[Path(bundle).name] = self.serve(bundle)
+                self.models[Path(bundle).name] = self.describe(bundle)
             for name, directory in self.settings.indexes.items():
                 self.indexes[name] = self.open_index(name, directory)
             for m in self.models.values():
-                m.engine.start()  # it warms up first: every layer opened now, not on the first request
                 if m.assistant is not None:  # the chat template compiled now (100 ms), not on the first request
                     m.assistant.prompt([{"role": "user", "content": "hi"}], [WARM_UP_TOOL])
-            for m in self.models.values():
-                m.engine.warm.wait()
-                if m.engine.failed is not None:
-                    raise m.engine.failed
+            self.worker.ready.wait()
+            if self.worker.failed:
+                return  # engines_ended said why
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why
             if not isinstance(e, UserError):
                 traceback.print_exc()
-            self.failed = str(e)
-            print(f"error: {e}", file=sys.stderr)
+            self.fail(str(e))
+
+    def fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            print(f"error: {why}", file=sys.stderr, flush=True)
             self.on_failure()
 
-    def serve(self, bundle: str) -> Served:
-        s = self.settings
-        loaded = load(bundle, s.backend, route=s.route)
+    def engines_ended(self, why: str) -> None:
+        self.fail(why if not self.ready.is_set() else f"the engine process ended ({why})")
+
+    def describe(self, bundle: str) -> Served:
+        loaded = describe(bundle)
         name = Path(bundle).name
-        print(f"{name}: {loaded.family.title} on {loaded.backend}" + (f" ({loaded.auto_line()})" if s.backend == "auto"
-                                                                      else ""), file=sys.stderr)
         if loaded.family.contrastive:
-            towers = Contrastive(loaded)
-            return Served(name, loaded, EmbeddingEngine(name, towers, s.max_batch, s.max_wait_ms, s.max_queue), towers)
-        assistant = Assistant.of(loaded)
-        cache = None
-        if s.prefix_cache_mb > 0:
-            directory = Path(s.prefix_cache_dir) / name if s.prefix_cache_dir else None
-            cache = PrefixCache(loaded.model.config, manifest_sha256(bundle), int(s.prefix_cache_mb * (1 << 20)),
-                                directory)
-        decode = assistant.chat.tokenizer.decode  # skip_special_tokens: the text a stream shows
-        engine = ChatEngine(name, loaded.model, loaded.head, decode, s.max_batch, s.max_queue, cache, s.prefill_chunk)
-        return Served(name, loaded, engine, assistant=assistant)
+            return Served(name, loaded, self.worker, towers=Contrastive(loaded))
+        return Served(name, loaded, self.worker, assistant=Assistant.of(loaded))
 
     def open_index(self, name: str, directory: str) -> tuple[Index, str]:
         index = read_index(directory)
@@ -157,8 +144,8 @@ class Server:
                         "(give that bundle too)")
 
     def stop(self) -> None:
-        for m in self.models.values():
-            m.engine.stop()
+        if self.worker is not None:
+            self.worker.stop()
 
     def model(self, body: dict, kind: str) -> Served:
         if not self.ready.is_set():
@@ -191,21 +178,14 @@ async def read_body(request: Request) -> dict:
     return parse_json(bytes(raw))
 
 
-async def submit(request: Request, served: Served, job: Job) -> None:
-    try:
-        served.engine.submit(job)
-    except Overloaded as e:
-        raise APIError(429, f"{e}: try again shortly", code="queue_full", headers={"Retry-After": "1"}) from None
-
-
-async def wait(request: Request, job: Job) -> tuple:
+async def wait(request: Request, job: Waiting) -> tuple:
     """The job's next event; a client that left cancels the job (the engine drops it)."""
     while True:
         try:
             event = await asyncio.wait_for(job.events.get(), timeout=0.5)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancelled = True
+                job.cancel()
                 raise asyncio.CancelledError from None
             continue
         if event[0] == "error":
@@ -214,12 +194,11 @@ async def wait(request: Request, job: Job) -> tuple:
 
 
 async def embed(request: Request, served: Served, kind: str, payload, rows: int) -> np.ndarray:
-    job = Job(asyncio.get_running_loop(), kind, payload, rows)
-    await submit(request, served, job)
+    job = served.submit(kind, payload, rows)
     try:
         return (await wait(request, job))[1]
     finally:
-        job.cancelled = True
+        job.cancel()
 
 
 async def decode_images(served: Served, values: list[str], param: str) -> np.ndarray:
@@ -383,9 +362,7 @@ async def chat_completions(request: Request) -> Response:
                        f"than the model's context of {context}", param="messages", code="context_length_exceeded")
     sampler = Sampler(float(temperature), 0, seed)
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
-    job = Job(asyncio.get_running_loop(), "chat", ChatRequest(prompt, prefix, max_tokens, sampler,
-                                                             assistant.stop(parallel)))
-    await submit(request, served, job)
+    job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sampler, assistant.stop(parallel)))
 
     def answer(tokens: list[int]):
         return assistant.read(forced_ids + tokens, tools)
@@ -397,14 +374,14 @@ async def chat_completions(request: Request) -> Response:
                 if event[0] == "done":
                     break
         finally:
-            job.cancelled = True
-        sequence = event[1]
-        METRICS.generated_tokens.labels(served.id).inc(len(sequence.tokens))
-        return JSONResponse(completion(served.id, answer(sequence.tokens), sequence.stopped, len(prompt),
-                                       len(sequence.tokens)))
+            job.cancel()
+        _, tokens, stopped = event
+        METRICS.generated_tokens.labels(served.id).inc(len(tokens))
+        return JSONResponse(completion(served.id, answer(tokens), stopped, len(prompt), len(tokens)))
 
     start_call = assistant.chat.tokenizer.token_to_id(START_CALL)
     stream_id = new_id("chatcmpl")
+    text = TextStream(assistant.chat.tokenizer.decode)  # skip_special_tokens: the text a stream shows
 
     async def events():
         try:
@@ -414,26 +391,26 @@ async def chat_completions(request: Request) -> Response:
                 event = await wait(request, job)
                 if event[0] == "done":
                     break
-                _, token, text = event
+                token = event[1]
                 in_call = in_call or token == start_call
-                if text and not in_call:  # a call's text is sent as tool_calls once it is whole
-                    yield chunk(stream_id, served.id, {"content": text})
-            sequence = event[1]
-            METRICS.generated_tokens.labels(served.id).inc(len(sequence.tokens))
-            result = answer(sequence.tokens)
+                new = text.push(token)
+                if new and not in_call:  # a call's text is sent as tool_calls once it is whole
+                    yield chunk(stream_id, served.id, {"content": new})
+            _, tokens, stopped = event
+            METRICS.generated_tokens.labels(served.id).inc(len(tokens))
+            result = answer(tokens)
             for i, call in enumerate(tool_calls(result)):
                 yield chunk(stream_id, served.id, {"tool_calls": [{"index": i, **call}]})
             if in_call and not result.calls and content(result):  # a call the model got wrong: its text
                 yield chunk(stream_id, served.id, {"content": "".join(m.raw for m in result.malformed)})
-            yield chunk(stream_id, served.id, {}, finish_reason(result, sequence.stopped),
-                        usage(len(prompt), len(sequence.tokens)))
+            yield chunk(stream_id, served.id, {}, finish_reason(result, stopped), usage(len(prompt), len(tokens)))
             yield "[DONE]"
         except APIError as e:
             yield json.dumps(e.body())
         except UserError as e:
             yield json.dumps(APIError(400, str(e)).body())
         finally:
-            job.cancelled = True  # done, or the client left: the engine drops it
+            job.cancel()  # done, or the client left: the engine drops it
 
     return EventSourceResponse(events(), ping=15)
 
@@ -468,7 +445,8 @@ async def models(request: Request) -> Response:
     server: Server = request.app.state.server
     return JSONResponse({"object": "list", "data": [
         {"id": m.id, "object": "model", "created": int(server.started), "owned_by": "coral-bundles",
-         "family": m.loaded.family.name, "backend": m.loaded.backend} for m in server.models.values()]})
+         "family": m.loaded.family.name, "backend": server.worker.backends.get(m.id, {}).get("backend")}
+        for m in server.models.values()]})
 
 
 async def health(request: Request) -> Response:
@@ -480,13 +458,10 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """The HTTP process's metrics, then the engine process's."""
     server: Server = request.app.state.server
-    for m in server.models.values():
-        for side, v in (m.loaded.routes.to_json() if m.loaded.routes else {}).items():
-            if side != "route":
-                METRICS.routes.labels(m.id, side, "calls").set(v["calls"])
-                METRICS.routes.labels(m.id, side, "rows").set(v["rows"])
-    return Response(METRICS.text(), media_type="text/plain; version=0.0.4")
+    engines = await server.worker.metrics() if server.worker is not None else b""
+    return Response(METRICS.http_text() + engines, media_type="text/plain; version=0.0.4")
 
 
 # -- the application -----------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""The server's workers: one thread per bundle runs its model; requests reach it as jobs.
+"""The engines: in the engine process (runner/serve/worker.py) one thread per bundle runs
+its model; requests reach it as jobs.
 
-The HTTP side (runner/serve/app.py) runs on asyncio; the models run numpy and TFLite,
-which block. So each bundle has one engine thread that owns its model (one device, one
-interpreter per layer: calls are serialized anyway) and a bounded queue of jobs. A job
-carries its request's event loop; the engine posts results into the job's asyncio queue.
+Each bundle has one engine thread that owns its model (one device, one interpreter per
+layer: calls are serialized anyway) and a bounded queue of jobs. A job's `post` sends the
+engine's results back to the HTTP process, which waits for them on asyncio.
 
 - `EmbeddingEngine` (CLIP): dynamic batching, as Triton's. Jobs for the same tower wait
   until `max_batch` rows are there or the oldest has waited `max_wait_ms`, then run as one
@@ -23,20 +23,19 @@ carries its request's event loop; the engine posts results into the job's asynci
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from ..contrastive import Contrastive
 from ..errors import UserError
 from ..generate import Sampler, Sequence, advance
-from ..tokenizer import TextStream
 from .metrics import METRICS
 from .prefix_cache import PrefixCache
 
@@ -47,20 +46,16 @@ class Overloaded(Exception):
 
 @dataclass
 class Job:
-    """One request's work. `events` gets what the engine has for the request: for embeddings
-    one ("done", array) or ("error", exception); for chat ("token", id, text) per token, then
-    ("done", sequence) or ("error", exception)."""
+    """One request's work. `post(*event)` sends what the engine has for the request: for
+    embeddings one ("done", array) or ("error", exception); for chat ("token", id) per token,
+    then ("done", token ids, why it stopped) or ("error", exception)."""
 
-    loop: asyncio.AbstractEventLoop
     kind: str  # "image" (pixels), "text" (token rows), "classify", "chat"
     payload: object
+    post: Callable[..., None]
     rows: int = 1
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client left: the engine drops it
     queued_at: float = field(default_factory=time.perf_counter)
-
-    def post(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Engine(threading.Thread):
@@ -94,6 +89,10 @@ class Engine(threading.Thread):
 
     def stop(self) -> None:
         self.running = False
+        try:
+            self.jobs.put_nowait(None)  # wakes a thread waiting for a job: it sees it should stop
+        except queue.Full:
+            pass  # it is busy, and sees it after this step
 
     def warm_up(self) -> None:
         """One pass through the model before the first request: each layer decodes its
@@ -201,12 +200,12 @@ class ChatRequest:
 
 
 class ChatEngine(Engine):
-    def __init__(self, name: str, model, head, decode, max_batch: int, max_queue: int,
-                 prefix_cache: PrefixCache | None, prefill_chunk: int = 64):
+    def __init__(self, name: str, model, head, max_batch: int, max_queue: int, prefix_cache: PrefixCache | None,
+                 prefill_chunk: int = 64):
         super().__init__(name, max_queue)
-        self.model, self.head, self.decode = model, head, decode
+        self.model, self.head = model, head
         self.max_batch, self.prefix_cache, self.prefill_chunk = max_batch, prefix_cache, prefill_chunk
-        self.active: list[tuple[Job, Sequence, TextStream]] = []
+        self.active: list[tuple[Job, Sequence]] = []
 
     def warm_up(self) -> None:
         """A prefill chunk's pass, then a token: the interpreters grow their buffers to a
@@ -220,7 +219,7 @@ class ChatEngine(Engine):
     def serve(self) -> None:
         while self.running:
             self.admit()
-            self.active = [(j, s, t) for j, s, t in self.active if not j.cancelled]
+            self.active = [(j, s) for j, s in self.active if not j.cancelled]
             METRICS.active_sequences.labels(self.model_id).set(len(self.active))
             if self.active:
                 self.step()
@@ -234,7 +233,7 @@ class ChatEngine(Engine):
             if job.cancelled:
                 continue
             try:
-                self.active.append((job, self.begin(job.payload), TextStream(self.decode)))
+                self.active.append((job, self.begin(job.payload)))
             except Exception as e:  # noqa: BLE001
                 self.fail(job, e)
 
@@ -254,36 +253,36 @@ class ChatEngine(Engine):
         """One pass: every decoding sequence's token, and `prefill_chunk` prompt tokens of the
         prefilling ones, oldest first (several short prompts share a pass: a burst of requests
         is prefilled together, not one per step while the others wait)."""
-        decoding = [(j, s, t) for j, s, t in self.active if len(s.pending) == 1 and s.tokens]
+        decoding = [(j, s) for j, s in self.active if len(s.pending) == 1 and s.tokens]
         prefilling, lengths, budget = [], [], self.prefill_chunk
-        for j, s, t in self.active:
+        for j, s in self.active:
             if budget > 0 and not (len(s.pending) == 1 and s.tokens):
-                prefilling.append((j, s, t))
+                prefilling.append((j, s))
                 lengths.append(s.run_length(budget))
                 budget -= lengths[-1]
         batch = decoding + prefilling
         try:
             lengths = [1] * len(decoding) + lengths
             rows = sum(lengths)
-            sampled = advance(self.model, self.head, [s for _, s, _ in batch], lengths=lengths)
+            sampled = advance(self.model, self.head, [s for _, s in batch], lengths=lengths)
         except Exception as e:  # noqa: BLE001 - the batch's requests fail; the server goes on
-            for job, _, _ in batch:
+            for job, _ in batch:
                 self.fail(job, e)
-            ids = {id(j) for j, _, _ in batch}
-            self.active = [(j, s, t) for j, s, t in self.active if id(j) not in ids]
+            ids = {id(j) for j, _ in batch}
+            self.active = [(j, s) for j, s in self.active if id(j) not in ids]
             return
         METRICS.batch_rows.labels(self.model_id, "chat").observe(rows)
-        for job, s, _ in prefilling:
+        for job, s in prefilling:
             if s.pause_at and s.cache.length == s.pause_at:
                 self.prefix_cache.put(s.prompt[: s.pause_at], s.cache)
                 s.pause_at = None
         done = set()
-        for job, s, text in batch:
+        for job, s in batch:
             if s not in sampled:
                 continue
-            job.post("token", s.tokens[-1], text.push(s.tokens[-1]))
+            job.post("token", s.tokens[-1])
             if s.stopped:
-                job.post("done", s)
+                job.post("done", s.tokens, s.stopped)
                 done.add(id(job))
-        self.active = [(j, s, t) for j, s, t in self.active if id(j) not in done]
+        self.active = [(j, s) for j, s in self.active if id(j) not in done]
         METRICS.active_sequences.labels(self.model_id).set(len(self.active))  # before admit() may wait idle

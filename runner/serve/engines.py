@@ -67,6 +67,7 @@ class Engine(threading.Thread):
         self.running = True
         self.warm = threading.Event()  # set once warm_up has run (or failed: `failed` says why)
         self.failed: BaseException | None = None
+        self.flush: Callable[[], None] = lambda: None  # sends what jobs posted: once a step, not once a token
 
     def run(self) -> None:
         # Warmed up on this thread, the one that serves: a thread's first pass pays its own
@@ -147,6 +148,7 @@ class EmbeddingEngine(Engine):
                 batch.append(other)
                 rows += other.rows
             self.run_batch([j for j in batch if not j.cancelled])
+            self.flush()
 
     def run_batch(self, batch: list[Job]) -> None:
         if not batch:
@@ -223,6 +225,7 @@ class ChatEngine(Engine):
             METRICS.active_sequences.labels(self.model_id).set(len(self.active))
             if self.active:
                 self.step()
+            self.flush()
 
     def admit(self) -> None:
         """New jobs join between steps, up to max_batch sequences (waiting when there are none)."""

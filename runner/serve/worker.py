@@ -14,7 +14,8 @@ The two speak over a socket pair, each message framed by multiprocessing.connect
 it lists by dtype and shape (`pack`, `unpack`).
 
     HTTP -> engine:  start (the settings), job, cancel, metrics, stop
-    engine -> HTTP:  ready (each model's backend) or failed (why), event (a job's result),
+    engine -> HTTP:  ready (each model's backend) or failed (why), events (what the jobs
+                     got in an engine's step: tokens, answers, embeddings, errors),
                      metrics (the engine registry's text)
 
 The engine process ignores SIGTERM and Ctrl-C: systemd signals every process of a unit, yet
@@ -209,13 +210,8 @@ class Worker:
             while True:
                 header, arrays = unpack(self.conn.recv_bytes())
                 op = header["op"]
-                if op == "event":
-                    job = self.jobs.get(header["id"])
-                    if job is not None:
-                        event = self._event(header["event"], arrays)
-                        if event[0] != "token":
-                            self._forget(job.id)
-                        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+                if op == "events":
+                    self.deliver(header["events"], arrays)
                 elif op == "metrics":
                     loop, future = self.metrics_replies.get(header["id"], (None, None))
                     if future is not None:
@@ -231,10 +227,24 @@ class Worker:
             if not self.stopping:
                 self._end("it exited" if self.process.poll() is not None else "its socket closed")
 
+    def deliver(self, events: list, arrays: list[np.ndarray]) -> None:
+        """A step's events to their requests: one wake-up of each event loop for all of them."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for id, event in events:
+            job = self.jobs.get(id)
+            if job is None:
+                continue  # cancelled
+            event = self._event(event, arrays)
+            if event[0] != "token":
+                self._forget(id)
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(put_all, items)
+
     def _event(self, event: list, arrays: list[np.ndarray]) -> tuple:
         kind = event[0]
-        if kind == "done" and arrays:
-            return "done", arrays[0]
+        if kind == "embedding":
+            return "done", arrays[event[1]]
         if kind == "error":
             message, why = event[1], event[2]
             if why == "overloaded":
@@ -270,6 +280,11 @@ class Worker:
             self.process.wait()
 
 
+def put_all(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
+
+
 # -- the engine process ------------------------------------------------------------------------
 
 class EngineProcess:
@@ -281,6 +296,9 @@ class EngineProcess:
         self.engines: dict[str, Engine] = {}
         self.loaded = {}
         self.jobs: dict[int, Job] = {}
+        self.posting = threading.Lock()  # the outbox: engine threads post, each flushes after its step
+        self.outbox: list = []
+        self.outbox_arrays: list[np.ndarray] = []
 
     def send(self, header: dict, arrays: list[np.ndarray] = ()) -> None:
         data = pack(header, arrays)
@@ -296,6 +314,7 @@ class EngineProcess:
                                                                           if s.backend == "auto" else ""),
                   file=sys.stderr, flush=True)
             self.engines[name] = self.engine(name, bundle, loaded)
+            self.engines[name].flush = self.flush
         for engine in self.engines.values():
             engine.start()  # each warms up first, on its own thread
         for engine in self.engines.values():
@@ -352,20 +371,31 @@ class EngineProcess:
         def post(*event) -> None:
             if event[0] != "token":
                 self.jobs.pop(id, None)
-            if event[0] == "error":
-                e = event[1]
-                why = "overloaded" if isinstance(e, Overloaded) else "user" if isinstance(e, UserError) else "bug"
-                self.send({"op": "event", "id": id, "event": ["error", str(e), why]})
-            elif isinstance(event[1], np.ndarray):
-                self.send({"op": "event", "id": id, "event": ["done"]}, [event[1]])
-            else:
-                self.send({"op": "event", "id": id, "event": list(event)})
+            with self.posting:
+                if event[0] == "error":
+                    e = event[1]
+                    why = "overloaded" if isinstance(e, Overloaded) else "user" if isinstance(e, UserError) else "bug"
+                    self.outbox.append((id, ["error", str(e), why]))
+                elif isinstance(event[1], np.ndarray):
+                    self.outbox.append((id, ["embedding", len(self.outbox_arrays)]))
+                    self.outbox_arrays.append(event[1])
+                else:
+                    self.outbox.append((id, list(event)))
 
         job = self.jobs[id] = Job(kind, payload, post, header["rows"])
         try:
             self.engines[header["model"]].submit(job)
         except Overloaded as e:
             post("error", e)
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what the jobs were posted since the last flush, in one message."""
+        with self.posting:
+            if not self.outbox:
+                return
+            events, arrays, self.outbox, self.outbox_arrays = self.outbox, self.outbox_arrays, [], []
+        self.send({"op": "events", "events": events}, arrays)
 
     def metrics_text(self) -> str:
         for name, loaded in self.loaded.items():

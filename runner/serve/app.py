@@ -39,7 +39,6 @@ from ..contrastive import Contrastive
 from ..errors import UserError
 from ..families import CONTRASTIVE
 from ..function_calls import START_CALL
-from ..generate import Sampler
 from ..images import load_image
 from ..load import Loaded, describe
 from ..packages import require
@@ -360,9 +359,9 @@ async def chat_completions(request: Request) -> Response:
     if len(prompt) + max_tokens > context:
         raise APIError(422, f"the conversation is {len(prompt)} tokens; with max_tokens {max_tokens} that is more "
                        f"than the model's context of {context}", param="messages", code="context_length_exceeded")
-    sampler = Sampler(float(temperature), 0, seed)
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
-    job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sampler, assistant.stop(parallel)))
+    job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sorted(assistant.stop(parallel)),
+                                            float(temperature), 0, seed))
 
     def answer(tokens: list[int]):
         return assistant.read(forced_ids + tokens, tools)

@@ -194,11 +194,15 @@ def join_rows(parts: list[np.ndarray], pad_id: int) -> np.ndarray:
 
 @dataclass
 class ChatRequest:
+    """A conversation's job, in plain values: the HTTP process sends it as JSON."""
+
     prompt: list[int]
     prefix: int  # tokens of the shared prefix (the developer turn) worth caching; 0: none
     steps: int
-    sampler: Sampler
-    stop: set[int]
+    stop: list[int]
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
 
 
 class ChatEngine(Engine):
@@ -247,7 +251,7 @@ class ChatEngine(Engine):
             METRICS.prefix_cache.labels(self.model_id, "hit" if found else "miss").inc()
             if found:
                 cache = found[0]
-        sequence = Sequence(self.model, r.prompt, r.steps, r.sampler, r.stop, cache)
+        sequence = Sequence(self.model, r.prompt, r.steps, Sampler(r.temperature, r.top_k, r.seed), set(r.stop), cache)
         # Prefill stops at the end of the shared prefix once, so its cache can be kept there.
         sequence.pause_at = r.prefix if self.prefix_cache is not None and r.prefix > sequence.cache.length else None
         return sequence

@@ -44,7 +44,6 @@ import numpy as np
 from ..calls import Assistant
 from ..contrastive import Contrastive
 from ..errors import UserError
-from ..generate import Sampler
 from ..interpreter import threads, use_threads
 from ..load import load
 from ..photos import manifest_sha256
@@ -102,10 +101,6 @@ def unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
 
 # -- the HTTP process's side -------------------------------------------------------------------
 
-class EngineGone(Exception):
-    """The engine process ended."""
-
-
 @dataclass
 class Waiting:
     """A job the engine process has, as the HTTP process waits for its events: ("token", id),
@@ -162,9 +157,7 @@ class Worker:
         job = Waiting(next(self.ids), model, asyncio.get_running_loop(), self)
         header, arrays = {"op": "job", "id": job.id, "model": model, "kind": kind, "rows": rows}, []
         if kind == "chat":
-            r: ChatRequest = payload
-            header.update(prompt=r.prompt, prefix=r.prefix, steps=r.steps, stop=sorted(r.stop),
-                          temperature=r.sampler.temperature, top_k=r.sampler.top_k, seed=r.sampler.seed)
+            header["request"] = vars(payload)  # its fields, not copied (asdict deep-copies the prompt)
         elif kind == "classify":
             pixels, labels, template = payload
             header.update(labels=labels, template=template)
@@ -361,8 +354,7 @@ class EngineProcess:
     def job(self, header: dict, arrays: list[np.ndarray]) -> None:
         id, kind = header["id"], header["kind"]
         if kind == "chat":
-            payload = ChatRequest(header["prompt"], header["prefix"], header["steps"],
-                                  Sampler(header["temperature"], header["top_k"], header["seed"]), set(header["stop"]))
+            payload = ChatRequest(**header["request"])
         elif kind == "classify":
             payload = (arrays[0], header["labels"], header["template"])
         else:

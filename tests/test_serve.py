@@ -31,6 +31,7 @@ from runner.generate import Sampler, Sequence, advance
 from runner.load import load
 from runner.serve.app import Settings, make_app
 from runner.serve.engines import join_rows
+from runner.serve.worker import pack, unpack
 
 from .conftest import ROOT, doit, runner, warm_artifacts
 
@@ -292,6 +293,21 @@ def test_batched_embeddings_are_bit_for_bit_those_alone(bundles):
         pixels = towers.read_images(SAMPLES[:3])
         together = towers.image_embeddings(pixels)
         assert all(np.array_equal(towers.image_embeddings(pixels[i : i + 1])[0], together[i]) for i in range(3))
+
+
+def test_messages_between_the_processes_carry_arrays_exactly_and_nothing_else():
+    """The engine process's messages (runner/serve/worker.py): a JSON header and raw array
+    bytes; arrays come back equal, and an array of any other dtype (objects: what pickle
+    would carry) or not filling its message is refused."""
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    ids, probabilities = np.arange(6, dtype=np.int64).reshape(2, 3), np.array([0.25, 0.75])
+    header, arrays = unpack(pack({"op": "job", "id": 7}, [pixels, ids, probabilities]))
+    assert header == {"op": "job", "id": 7}
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(arrays, [pixels, ids, probabilities]))
+    with pytest.raises(ValueError, match="array"):
+        unpack(pack({"op": "job"}, [np.array([1], np.int16)]))
+    with pytest.raises(ValueError, match="fill"):
+        unpack(pack({"op": "job"}, [ids]) + b"\0")
 
 
 def test_token_rows_of_several_requests_join_as_their_texts_tokenize_together(bundles):

@@ -10,8 +10,8 @@ bundles and runs their engines (runner/serve/engines.py). One engine process for
 bundle: an Edge TPU is opened by one process.
 
 The two speak over a socket pair, each message framed by multiprocessing.connection
-(`send_bytes` / `recv_bytes`; never pickle): a JSON header, then the raw bytes of the arrays
-it lists by dtype and shape (`pack`, `unpack`).
+(`send_bytes` / `recv_bytes`; never pickle): a JSON header (orjson), then the raw bytes of
+the arrays it lists by dtype and shape (`pack`, `unpack`).
 
     HTTP -> engine:  start (the settings), job, cancel, metrics, stop
     engine -> HTTP:  ready (each model's backend) or failed (why), events (what the jobs
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import socket
 import struct
@@ -46,11 +45,14 @@ from ..contrastive import Contrastive
 from ..errors import UserError
 from ..interpreter import threads, use_threads
 from ..load import load
+from ..packages import require
 from ..photos import manifest_sha256
 from .api import APIError
 from .engines import ChatEngine, ChatRequest, EmbeddingEngine, Engine, Job, Overloaded
 from .metrics import METRICS
 from .prefix_cache import PrefixCache
+
+orjson = require("orjson", "`runner serve` writes its JSON with it (pip install -r runner/requirements-serve.txt)")
 
 
 @dataclass
@@ -80,13 +82,13 @@ DTYPES = ("<f4", "<f8", "<i8")  # what crosses: pixels, embeddings and probabili
 
 def pack(header: dict, arrays: list[np.ndarray] = ()) -> bytes:
     arrays = [np.ascontiguousarray(a, a.dtype.newbyteorder("<")) for a in arrays]
-    head = json.dumps({**header, "arrays": [[a.dtype.str, list(a.shape)] for a in arrays]}).encode()
+    head = orjson.dumps({**header, "arrays": [[a.dtype.str, list(a.shape)] for a in arrays]})
     return b"".join([LENGTH.pack(len(head)), head, *(a.tobytes() for a in arrays)])
 
 
 def unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
     (n,) = LENGTH.unpack_from(data)
-    header = json.loads(data[LENGTH.size : LENGTH.size + n])
+    header = orjson.loads(data[LENGTH.size : LENGTH.size + n])
     arrays, offset = [], LENGTH.size + n
     for dtype, shape in header.pop("arrays"):
         if dtype not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -655,8 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", **THREADS_OPTION)
     serve.add_argument("--max-batch", type=at_least(1), default=16, metavar="N",
                        help="rows per forward for embeddings; conversations decoding together for chat (1: no batching)")
-    serve.add_argument("--max-wait-ms", type=non_negative_number, default=10.0, metavar="MS",
-                       help="how long a request waits for others to batch with (Triton's max_queue_delay)")
+    serve.add_argument("--max-wait-ms", type=non_negative_number, default=0.0, metavar="MS",
+                       help="how long a request may wait for others to batch with (Triton's max_queue_delay; "
+                            "default 0: a batch is what queued while the model was busy)")
     serve.add_argument("--max-queue", type=at_least(1), default=64, metavar="N",
                        help="requests waiting per bundle; more are answered 429 with Retry-After")
     serve.add_argument("--max-tokens", type=at_least(1), default=512, metavar="N",

@@ -98,7 +98,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(bundles):
-    s = Server(bundles.values())
+    # Requests wait 50 ms for others to batch with (the default is 0: a batch is what queued
+    # while the model ran), so the batching tests see batches whatever the clients' pace.
+    s = Server(bundles.values(), "--max-wait-ms", "50")
     yield s
     s.stop()
 

@@ -5,9 +5,9 @@ Each bundle has one engine thread that owns its model (one device, one interpret
 layer: calls are serialized anyway) and a bounded queue of jobs. A job's `post` sends the
 engine's results back to the HTTP process, which waits for them on asyncio.
 
-- `EmbeddingEngine` (CLIP): dynamic batching, as Triton's. Jobs for the same tower wait
-  until `max_batch` rows are there or the oldest has waited `max_wait_ms`, then run as one
-  forward and are split back. Rows are quantized one by one (runner/quant.py), so an
+- `EmbeddingEngine` (CLIP): dynamic batching, as Triton's. Jobs for the same tower that
+  queued while the model ran, up to `max_batch` rows, run as one forward and are split
+  back; with `max_wait_ms` the oldest also waits that long for more (default 0). Rows are quantized one by one (runner/quant.py), so an
   answer is the same, bit for bit, batched or alone (tests/test_serve.py).
 - `ChatEngine` (Function-Gemma): continuous batching. Up to `max_batch` conversations
   decode together, each with its own KV cache: every step is one call per linear with one

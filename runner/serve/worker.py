@@ -62,7 +62,7 @@ class Settings:
     route: str | None = None
     api_key: str | None = None
     max_batch: int = 16  # rows per forward (embeddings), conversations decoding together (chat)
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 0.0  # Triton's default: a batch is what queued while the model ran
     max_queue: int = 64
     max_body_bytes: int = 16 << 20
     max_inputs: int = 256  # texts or images per embeddings request

@@ -23,7 +23,10 @@ stops after its requests or its seconds, whichever comes first. Workloads:
 - chat-270m: the same at Gemma-3 270M's size (the restart's bundle below), at most 16
   tokens an answer, ours only (llama.cpp would read ids past the demo tokenizer's 4096);
 - embeddings: CLIP text embeddings of recipes/demo-clip captions at concurrency 16, batching
-  on against `--max-batch 1` (artifacts/bundles/demo-clip);
+  on against `--max-batch 1` (artifacts/bundles/demo-clip), loaded by wrk (Debian's `wrk`,
+  `apt install wrk`) where installed: httpx costs about 1 ms of CPU a request, more than
+  the server, so on 2 cores it measured itself (~800 requests/s against any server); without
+  wrk the part runs on httpx and says so;
 - restart: the first call after a restart with a saved prefix cache (`--prefix-cache DIR`)
   against one with an empty DIR, on Gemma-3 at 270M's size (bench/gemma_270m.py's random
   checkpoint with the demo's tokenizer and chat template, built here into
@@ -78,6 +81,7 @@ import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -466,6 +470,52 @@ def run_load(*args) -> dict:
     return asyncio.run(load(*args))
 
 
+WRK_SCRIPT = """
+bodies = {%s}
+local sent, done = 0, 0
+request = function()
+  sent = sent + 1
+  return wrk.format("POST", "/v1/embeddings", {["Content-Type"] = "application/json"}, bodies[(sent %% #bodies) + 1])
+end
+response = function(status, headers, body)
+  done = done + 1
+  if done >= %d then wrk.thread:stop() end
+end
+"""
+
+
+def wrk_load(server: Server, texts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
+    """The embeddings load from wrk (Debian's `wrk`: C, about 0.05 ms of CPU a request)
+    instead of httpx (about 1 ms: on 2 cores, httpx measured itself, ~800 requests/s against
+    any server). One wrk thread with `concurrency` keep-alive connections, each text in turn,
+    for `seconds`; a thread that reaches `requests` answers stops early (wrk still divides by
+    the whole `seconds`: keep it out of reach). wrk does not read the answers: the same
+    requests are checked through httpx before (`run_load`)."""
+    bodies = ", ".join("[==[" + json.dumps({"model": server.model, "input": t}) + "]==]" for t in texts)
+    script = ARTIFACTS / "work" / "embeddings.lua"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(WRK_SCRIPT % (bodies, requests))
+    rss = server.rss_mib()
+    run = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--latency",
+                          "-s", str(script), server.url], capture_output=True, text=True, timeout=seconds + 60)
+    out = run.stdout
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if run.returncode != 0 or not done:
+        raise RuntimeError(f"wrk failed: {run.stderr.strip() or out.strip()}"[:300])
+    count, elapsed = int(done[1]), float(done[2]) / (1000 if done[3] == "ms" else 1)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad[1]) if bad else 0
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+
+    def ms(q: str) -> float | None:
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)$", out, re.M)
+        return m and round(float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m[2]], 1)
+    return {"concurrency": concurrency, "client": "wrk", "requests": count, "errors": errors,
+            "error_examples": [], "seconds": round(elapsed, 2), "requests_per_s": round(count / elapsed, 3),
+            "tokens_per_s": 0.0, "latency_ms": {"p50": ms("50"), "p95": None, "p99": ms("99")},
+            "rss_mib": {"idle": round(rss, 1), "load_max": round(server.rss_mib(), 1)}}
+
+
 def spread(values: list[float]) -> dict:
     """The median of per-round ratios with their min and max."""
     values = [v for v in values if v is not None]
@@ -638,20 +688,27 @@ def chat_ratios(rounds: list[dict], names: list[str]) -> dict:
 
 
 def embeddings(args, ours_command: list[str]) -> dict:
-    """CLIP text embeddings at concurrency 16: batching on against --max-batch 1."""
+    """CLIP text embeddings at concurrency 16: batching on against --max-batch 1, loaded by
+    wrk where it is installed (`wrk_load`), else by httpx (then the client is the limit)."""
     texts = clip_inputs()
     bundle = demo_bundle("demo-clip")
     servers = [ours("runner", [bundle], command=ours_command),
                ours("runner-max-batch-1", [bundle], "--max-batch", "1", command=ours_command)]
-    result = {"model": "demo-clip", "concurrency": 16, "rounds": [], "servers": {}}
+    client = "wrk" if shutil.which("wrk") else "httpx"
+    result = {"model": "demo-clip", "concurrency": 16, "client": client, "rounds": [], "servers": {}}
+    if client == "httpx":
+        print("serve: embeddings loaded by httpx, which costs more CPU a request than the server: install "
+              "wrk (apt install wrk) to measure the server", flush=True)
     with servers[0], servers[1]:
         for s in servers:
-            run_load(s, embed_once, texts, 4, 8, args.seconds)  # warm-up
-            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2)}
+            checked = run_load(s, embed_once, texts, 4, 64, args.seconds)  # warm-up; the answers checked
+            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
+                                         "checked": {k: checked[k] for k in ("requests", "errors", "error_examples")}}
         for r in range(args.rounds):
             row = {}
             for s in servers:
-                row[s.name] = m = run_load(s, embed_once, texts, 16, 256, args.seconds)
+                row[s.name] = m = wrk_load(s, texts, 16, 100_000, min(args.seconds, 5)) if client == "wrk" else \
+                    run_load(s, embed_once, texts, 16, 256, args.seconds)
                 print(f"serve: round {r + 1} embeddings {s.name}: {m['requests_per_s']:.1f} req/s, "
                       f"p50 {m['latency_ms']['p50']} ms, errors {m['errors']}", flush=True)
             result["rounds"].append(row)

@@ -7,8 +7,9 @@ engine's results back to the HTTP process, which waits for them on asyncio.
 
 - `EmbeddingEngine` (CLIP): dynamic batching, as Triton's. Jobs for the same tower that
   queued while the model ran, up to `max_batch` rows, run as one forward and are split
-  back; with `max_wait_ms` the oldest also waits that long for more (default 0). Rows are quantized one by one (runner/quant.py), so an
-  answer is the same, bit for bit, batched or alone (tests/test_serve.py).
+  back; with `max_wait_ms` the oldest also waits that long for more (default 0). Rows are
+  quantized one by one (runner/quant.py), so an answer is the same, bit for bit, batched
+  or alone (tests/test_serve.py).
 - `ChatEngine` (Function-Gemma): continuous batching. Up to `max_batch` conversations
   decode together, each with its own KV cache: every step is one call per linear with one
   row per decoding sequence, plus at most `prefill_chunk` tokens of waiting prompts (several

@@ -101,6 +101,21 @@ def unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
+class Channel:
+    """One end of the socket pair: whole messages out (from any thread, one at a time) and in."""
+
+    def __init__(self, fd: int):
+        self.conn, self.sending = Connection(fd), threading.Lock()
+
+    def send(self, header: dict, arrays: list[np.ndarray] = ()) -> None:
+        data = pack(header, arrays)
+        with self.sending:
+            self.conn.send_bytes(data)
+
+    def receive(self) -> tuple[dict, list[np.ndarray]]:
+        return unpack(self.conn.recv_bytes())
+
+
 # -- the HTTP process's side -------------------------------------------------------------------
 
 @dataclass
@@ -130,8 +145,7 @@ class Worker:
         self.process = subprocess.Popen([sys.executable, "-m", "runner.serve.worker", str(theirs.fileno())],
                                         pass_fds=[theirs.fileno()])
         theirs.close()
-        self.conn = Connection(ours.detach())
-        self.sending = threading.Lock()
+        self.channel = Channel(ours.detach())
         self.lock = threading.Lock()  # the job table: the event loop adds, the reader thread and cancels remove
         self.jobs: dict[int, Waiting] = {}
         self.in_flight: dict[str, int] = {}
@@ -142,15 +156,10 @@ class Worker:
         self.backends: dict[str, dict] = {}
         self.metrics_replies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.on_end = lambda why: None  # the app: the server cannot go on without its engines
-        self.send({"op": "start", "threads": threads(),
+        self.channel.send({"op": "start", "threads": threads(),
                    "settings": {**asdict(settings), "api_key": None}})  # the key stays with HTTP
         self.reader = threading.Thread(target=self.read, name="engine-events", daemon=True)
         self.reader.start()
-
-    def send(self, header: dict, arrays: list[np.ndarray] = ()) -> None:
-        data = pack(header, arrays)
-        with self.sending:
-            self.conn.send_bytes(data)
 
     def submit(self, model: str, kind: str, payload, rows: int = 1) -> Waiting:
         """Send a job; Overloaded when the model has `limit` in flight already."""
@@ -171,12 +180,12 @@ class Worker:
                 raise Overloaded(f"{model}: {self.settings.max_queue} requests are waiting")
             self.jobs[job.id] = job
             self.in_flight[model] = self.in_flight.get(model, 0) + 1
-        self.send(header, arrays)
+        self.channel.send(header, arrays)
         return job
 
     def cancel(self, job: Waiting) -> None:
         if self._forget(job.id) and not self.failed:
-            self.send({"op": "cancel", "id": job.id})
+            self.channel.send({"op": "cancel", "id": job.id})
 
     def _forget(self, id: int) -> bool:
         with self.lock:
@@ -191,7 +200,7 @@ class Worker:
             return b""
         loop, id = asyncio.get_running_loop(), next(self.ids)
         reply = self.metrics_replies[id] = (loop, loop.create_future())
-        self.send({"op": "metrics", "id": id})
+        self.channel.send({"op": "metrics", "id": id})
         try:
             return await asyncio.wait_for(reply[1], timeout=5)
         except asyncio.TimeoutError:
@@ -203,7 +212,7 @@ class Worker:
         """The engine's messages, until it ends."""
         try:
             while True:
-                header, arrays = unpack(self.conn.recv_bytes())
+                header, arrays = self.channel.receive()
                 op = header["op"]
                 if op == "events":
                     self.deliver(header["events"], arrays)
@@ -265,7 +274,7 @@ class Worker:
         """Tell the engine process to stop (after what is in flight), and wait for it."""
         self.stopping = True
         try:
-            self.send({"op": "stop"})
+            self.channel.send({"op": "stop"})
         except OSError:
             pass
         try:
@@ -285,20 +294,14 @@ def put_all(items: list[tuple[asyncio.Queue, tuple]]) -> None:
 class EngineProcess:
     """The bundles, loaded, and their engines, fed from the HTTP process's messages."""
 
-    def __init__(self, conn: Connection, settings: Settings):
-        self.conn, self.settings = conn, settings
-        self.sending = threading.Lock()
+    def __init__(self, channel: Channel, settings: Settings):
+        self.channel, self.settings = channel, settings
         self.engines: dict[str, Engine] = {}
         self.loaded = {}
         self.jobs: dict[int, Job] = {}
         self.posting = threading.Lock()  # the outbox: engine threads post, each flushes after its step
         self.outbox: list = []
         self.outbox_arrays: list[np.ndarray] = []
-
-    def send(self, header: dict, arrays: list[np.ndarray] = ()) -> None:
-        data = pack(header, arrays)
-        with self.sending:
-            self.conn.send_bytes(data)
 
     def load(self) -> None:
         s = self.settings
@@ -334,7 +337,7 @@ class EngineProcess:
         """Messages until "stop" or the end of the socket; then the engines finish their step and stop."""
         try:
             while True:
-                header, arrays = unpack(self.conn.recv_bytes())
+                header, arrays = self.channel.receive()
                 op = header["op"]
                 if op == "job":
                     self.job(header, arrays)
@@ -343,7 +346,7 @@ class EngineProcess:
                     if job is not None:
                         job.cancelled = True
                 elif op == "metrics":
-                    self.send({"op": "metrics", "id": header["id"], "text": self.metrics_text()})
+                    self.channel.send({"op": "metrics", "id": header["id"], "text": self.metrics_text()})
                 elif op == "stop":
                     break
         except (EOFError, OSError):
@@ -389,7 +392,7 @@ class EngineProcess:
             if not self.outbox:
                 return
             events, arrays, self.outbox, self.outbox_arrays = self.outbox, self.outbox_arrays, [], []
-        self.send({"op": "events", "events": events}, arrays)
+        self.channel.send({"op": "events", "events": events}, arrays)
 
     def metrics_text(self) -> str:
         for name, loaded in self.loaded.items():
@@ -403,18 +406,18 @@ class EngineProcess:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stopped by the HTTP process (module docstring)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(int(argv[0]))
-    header, _ = unpack(conn.recv_bytes())
+    channel = Channel(int(argv[0]))
+    header, _ = channel.receive()
     use_threads(header["threads"])
-    process = EngineProcess(conn, Settings(**header["settings"]))
+    process = EngineProcess(channel, Settings(**header["settings"]))
     try:
         process.load()
     except Exception as e:  # noqa: BLE001 - a bundle that cannot be served stops the server, saying why
         if not isinstance(e, UserError):
             traceback.print_exc()
-        process.send({"op": "failed", "error": str(e)})
+        process.channel.send({"op": "failed", "error": str(e)})
         return 2
-    process.send({"op": "ready", "models": {name: {"backend": loaded.backend} for name, loaded
+    process.channel.send({"op": "ready", "models": {name: {"backend": loaded.backend} for name, loaded
                                             in process.loaded.items()}})
     process.serve()
     return 0

@@ -142,40 +142,62 @@ class LayerCache:
     a token costs O(1) amortized instead of a copy of the whole cache. A sliding layer keeps
     only the `window - 1` positions the next query can still see (position p sees
     (p - window, p]): when its buffer is full, those move to the front and the buffer
-    shrinks back to a few windows, whatever the prompt's length was."""
+    shrinks back to a few windows, whatever the prompt's length was.
 
-    def __init__(self, kv_heads: int, head_dim: int, window: int | None = None):
-        self.window = window  # None: full attention
+    `prefix`: the layer of a cache this one continues (the prompt-prefix cache's entry,
+    runner/serve/prefix_cache.py), whose positions come right before `start`. Its keys and
+    values are read, never written, so the sequences that start from one entry share it
+    instead of each copying it (at 270M's size a 450-token prefix is 17 MB: a 5 ms copy per
+    request, and four copies decoding together no longer fit the processor's cache where
+    one does). A sliding layer lets go of it once no query can see it."""
+
+    def __init__(self, kv_heads: int, head_dim: int, window: int | None = None, prefix: "LayerCache | None" = None):
+        self.window, self.prefix = window, prefix  # None: full attention; None: no prefix
         self.k = np.zeros((kv_heads, 0, head_dim), np.float32)
         self.v = np.zeros((kv_heads, 0, head_dim), np.float32)
-        self.start, self.used = 0, 0
+        self.start, self.used = (prefix.end if prefix else 0), 0
 
     @property
     def end(self) -> int:
         """The position the next token gets."""
         return self.start + self.used
 
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Add n positions' keys and values [kv_heads, n, head_dim]; return the keys and values
-        the new positions may attend to (views, in position order) and the first one's position."""
+    def append(self, k: np.ndarray, v: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Add n positions' keys and values [kv_heads, n, head_dim]; return what the new
+        positions may attend to, in position order: (keys, values, the first one's position)
+        from the prefix if any of it is still in sight, then from this cache (views)."""
         n = k.shape[1]
         if self.used + n > self.k.shape[1]:
             self._make_room(n)
         self.k[:, self.used : self.used + n] = k
         self.v[:, self.used : self.used + n] = v
         self.used += n
-        first = 0 if self.window is None else max(0, self.used - n - (self.window - 1))
-        return self.k[:, first : self.used], self.v[:, first : self.used], self.start + first
+        seen_from = 0 if self.window is None else self.end - n - (self.window - 1)  # the first new query's first key
+        first = max(0, seen_from - self.start)
+        parts = [(self.k[:, first : self.used], self.v[:, first : self.used], self.start + first)]
+        if self.prefix is not None:
+            p = self.prefix
+            if p.end <= seen_from:  # out of every later query's window too
+                self.prefix = None
+            else:
+                a = max(0, seen_from - p.start)
+                parts.insert(0, (p.k[:, a : p.used], p.v[:, a : p.used], p.start + a))
+        return parts
 
     def copy(self, room: int = 0) -> "LayerCache":
-        """A copy of the live positions with room for `room` more (a prefix cache keeps none
-        and hands out copies with room for the rest of a prompt: growing it at the first
-        append would copy it all again)."""
+        """A copy of the live positions, the prefix's included, in one buffer with room for
+        `room` more."""
         out = LayerCache(self.k.shape[0], self.k.shape[2], self.window)
-        out.k = np.empty((self.k.shape[0], self.used + room, self.k.shape[2]), np.float32)
+        parts = ([(self.prefix.k[:, : self.prefix.used], self.prefix.v[:, : self.prefix.used])] if self.prefix else []) \
+            + [(self.k[:, : self.used], self.v[:, : self.used])]
+        live = sum(k.shape[1] for k, _ in parts)
+        out.k = np.empty((self.k.shape[0], live + room, self.k.shape[2]), np.float32)
         out.v = np.empty_like(out.k)
-        out.k[:, : self.used], out.v[:, : self.used] = self.k[:, : self.used], self.v[:, : self.used]
-        out.start, out.used = self.start, self.used
+        at = 0
+        for k, v in parts:
+            out.k[:, at : at + k.shape[1]], out.v[:, at : at + k.shape[1]] = k, v
+            at += k.shape[1]
+        out.start, out.used = self.end - live, live
         return out
 
     def _make_room(self, n: int) -> None:
@@ -194,10 +216,13 @@ class LayerCache:
 class KVCache:
     """Every layer's `LayerCache`, for one sequence."""
 
-    def __init__(self, config: GemmaConfig):
-        self.layers = [LayerCache(config.num_key_value_heads, config.head_dim,
-                                  config.sliding_window if t == "sliding_attention" else None)
-                       for t in config.layer_types]
+    def __init__(self, config: GemmaConfig, prefix: "KVCache | None" = None):
+        """An empty cache, or one that continues `prefix` (read, never written: see LayerCache)."""
+        windows = [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
+        prefixes = prefix.layers if prefix is not None else [None] * len(windows)
+        if prefix is not None and any(p.prefix is not None for p in prefixes):
+            raise ValueError("a prefix cache must hold its positions itself (KVCache.copy)")
+        self.layers = [LayerCache(config.num_key_value_heads, config.head_dim, w, p) for w, p in zip(windows, prefixes)]
 
     @property
     def length(self) -> int:
@@ -205,50 +230,72 @@ class KVCache:
         return self.layers[0].end
 
     def copy(self, room: int = 0) -> "KVCache":
+        """Every live position in buffers of its own, with room for `room` more."""
         out = KVCache.__new__(KVCache)
         out.layers = [layer.copy(room) for layer in self.layers]
         return out
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the positions this cache holds itself (not a prefix it continues)."""
         return sum(layer.k[:, : layer.used].nbytes * 2 for layer in self.layers)
 
 
 SCORE_BUDGET = 1 << 22  # attention scores per block of queries: 4 Mi float32 (16 MiB)
 
 
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, q_first: int, k_first: int, scale: float,
+def attend(q: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, int]], q_first: int, scale: float,
            window: int | None) -> np.ndarray:
     """Causal grouped-query attention: q [heads, n, hd] at positions q_first.., over keys and
-    values [kv_heads, K, hd] at positions k_first.. (the last key is the last query's);
-    with `window`, position p sees only keys in (p - window, p]. Queries go in blocks whose
-    scores stay within SCORE_BUDGET, each over the keys it can see: a long prompt never
-    makes an n x n score tensor, and one token costs O(window) on a sliding layer."""
+    values in `parts` (`LayerCache.append`: [kv_heads, K, hd] each with its first position,
+    in position order, one after the other; the last key is the last query's, the first the
+    first one the first query sees); with `window`, position p sees only keys in
+    (p - window, p]. Queries go in blocks whose scores stay within SCORE_BUDGET, each over
+    the keys it can see: a long prompt never makes an n x n score tensor, and one token
+    costs O(window) on a sliding layer."""
     heads, n, hd = q.shape
-    kv_heads = keys.shape[0]
+    kv_heads = parts[0][0].shape[0]
     group = heads // kv_heads  # each key-value head serves `group` query heads
-    rows = max(1, min(n, SCORE_BUDGET // (heads * keys.shape[1])))
+    if n == 1:  # a decode step: the one query sees every key it is given
+        return _attend_block(q.reshape(kv_heads, group, hd), parts, None, scale).reshape(heads, 1, hd)
+    rows = max(1, min(n, SCORE_BUDGET // (heads * sum(k.shape[1] for k, _, _ in parts))))
     out = np.empty((heads, n, hd), np.float32)
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        lo = 0 if window is None else max(0, q_first + a - window + 1 - k_first)  # the block's first key
-        hi = q_first + b - k_first  # past its last query's key
+        lo = -1 if window is None else q_first + a - window + 1  # the block's first key's position
+        hi = q_first + b  # past its last query's key
+        seen = [(k[:, max(0, lo - f) : hi - f], v[:, max(0, lo - f) : hi - f], max(f, lo))
+                for k, v, f in parts if f < hi and f + k.shape[1] > lo]
+        q_pos = np.arange(q_first + a, q_first + b)[:, None]
+        k_pos = np.concatenate([np.arange(f, f + k.shape[1]) for k, _, f in seen])[None, :]
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
         qg = q[:, a:b].reshape(kv_heads, group * (b - a), hd)
-        scores = (qg @ keys[:, lo:hi].transpose(0, 2, 1)).reshape(heads, b - a, hi - lo)
-        scores *= np.float32(scale)
-        if b - a > 1:  # one query (a decode step) sees every key in [lo, hi): nothing to hide
-            q_pos = np.arange(q_first + a, q_first + b)[:, None]
-            k_pos = np.arange(k_first + lo, k_first + hi)[None, :]
-            hidden = k_pos > q_pos
-            if window is not None:
-                hidden |= k_pos <= q_pos - window
-            if hidden.any():
-                scores[:, hidden] = -np.inf
-        # softmax in place (runner/nn.py's, without its copies)
-        scores -= scores.max(-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(-1, keepdims=True)
-        out[:, a:b] = (scores.reshape(kv_heads, group * (b - a), -1) @ values[:, lo:hi]).reshape(heads, b - a, hd)
+        out[:, a:b] = _attend_block(qg, seen, hidden if hidden.any() else None, scale).reshape(heads, b - a, hd)
+    return out
+
+
+def _attend_block(qg: np.ndarray, seen: list[tuple[np.ndarray, np.ndarray, int]], hidden: np.ndarray | None,
+                  scale: float) -> np.ndarray:
+    """Queries qg [kv_heads, group * queries, hd] over the keys and values of `seen`, which
+    hold every key any of them sees; `hidden` [queries, keys]: those a query must not see."""
+    kv_heads, m, hd = qg.shape
+    scores = [qg @ k.transpose(0, 2, 1) for k, _, _ in seen]
+    scores = scores[0] if len(scores) == 1 else np.concatenate(scores, -1)
+    scores *= np.float32(scale)
+    if hidden is not None:
+        per_query = scores.reshape(kv_heads, m // len(hidden), len(hidden), -1)  # [kv, group, queries, keys]
+        per_query[:, :, hidden] = -np.inf
+    # softmax in place (runner/nn.py's, without its copies)
+    scores -= scores.max(-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(-1, keepdims=True)
+    out, at = None, 0
+    for k, v, _ in seen:
+        part = scores[..., at : at + k.shape[1]] @ v if len(seen) > 1 else scores @ v
+        out = part if out is None else out + part
+        at += k.shape[1]
     return out
 
 
@@ -300,8 +347,8 @@ class Gemma:
         v = v_all.reshape(rows, c.num_key_value_heads, hd)
         out = np.empty((rows, c.num_attention_heads, hd), np.float32)
         for s in batch:  # [n, heads, hd] -> [heads, n, hd], the layout of the cache and of attend
-            keys, values, k_first = s.cache.layers[i].append(k[s.rows].transpose(1, 0, 2), v[s.rows].transpose(1, 0, 2))
-            o = attend(q[s.rows].transpose(1, 0, 2), keys, values, s.start, k_first, c.query_pre_attn_scalar ** -0.5,
+            parts = s.cache.layers[i].append(k[s.rows].transpose(1, 0, 2), v[s.rows].transpose(1, 0, 2))
+            o = attend(q[s.rows].transpose(1, 0, 2), parts, s.start, c.query_pre_attn_scalar ** -0.5,
                        c.sliding_window if sliding else None)
             out[s.rows] = o.transpose(1, 0, 2)
         return self.linear(f"{p}.o_proj", out.reshape(rows, -1))

@@ -120,6 +120,35 @@ def test_a_prompt_in_pieces_equals_it_at_once(models):
     assert close(np.concatenate(pieces), whole)
 
 
+@pytest.mark.parametrize("prefix_length", [3, 12])
+def test_caches_that_continue_one_prefix_share_it_and_never_write_it(models, monkeypatch, prefix_length):
+    """Two sequences go on from one kept prefix (the serve engine's prompt-prefix cache), one
+    with a block of queries first, one a token at a time: each gets the plain
+    implementation's hidden states for its whole prompt, past the sliding window (5), so that a
+    sliding layer first sees part of the prefix, then lets go of it; the prefix's keys and
+    values are read, never written or copied."""
+    monkeypatch.setattr(gemma_module, "SCORE_BUDGET", 4 * 6 * 2)  # blocks of two queries
+    model, plain = models
+    prefix_ids = np.random.default_rng(prefix_length).integers(0, 96, prefix_length)
+    prefix = KVCache(model.config)
+    model.forward(prefix_ids, prefix)
+    kept = [(layer.k.copy(), layer.v.copy()) for layer in prefix.layers]
+    for seed, pieces in ((0, (6, 1, 1, 1)), (1, (1,) * 9)):
+        rest = np.random.default_rng(seed).integers(0, 96, 9)
+        cache, plain_cache = KVCache(model.config, prefix), PlainCache(model.config)
+        assert all(layer.prefix is shared for layer, shared in zip(cache.layers, prefix.layers))
+        plain.forward(prefix_ids, plain_cache)
+        at = 0
+        for n in pieces:
+            assert close(model.forward(rest[at : at + n], cache), plain.forward(rest[at : at + n], plain_cache))
+            at += n
+        assert cache.length == prefix_length + 9
+        sliding = [layer for layer, t in zip(cache.layers, model.config.layer_types) if t == "sliding_attention"]
+        assert all(layer.prefix is None for layer in sliding)  # out of sight: let go
+        assert cache.nbytes < cache.copy().nbytes  # the full layers' prefix is not this cache's own
+    assert all(np.array_equal(layer.k, k) and np.array_equal(layer.v, v) for layer, (k, v) in zip(prefix.layers, kept))
+
+
 def test_sliding_layers_keep_only_their_window(models):
     """After a 300-token prompt and 50 steps, a sliding layer holds at most two windows of
     positions; a full layer holds them all."""

@@ -27,10 +27,12 @@ from starlette.testclient import TestClient
 
 from runner.calls import Assistant
 from runner.contrastive import Contrastive
+from runner.gemma import KVCache
 from runner.generate import Sampler, Sequence, advance
 from runner.load import load
 from runner.serve.app import Settings, make_app
 from runner.serve.engines import join_rows
+from runner.serve.prefix_cache import PrefixCache
 from runner.serve.worker import pack, unpack
 
 from .conftest import ROOT, doit, runner, warm_artifacts
@@ -250,6 +252,55 @@ def test_batched_decoding_gives_each_sequence_its_own_tokens(bundles, backend):
             done += [s for s in active if s.stopped]
             active = [s for s in active if not s.stopped]
     assert sorted(s.tokens for s in done) == sorted(alone)
+
+
+def test_sequences_from_one_kept_prefix_decode_together_as_alone(bundles):
+    """Sequences that start from one prompt-prefix cache entry share its keys and values
+    (KVCache continuing it): decoding together (joining at different steps), each keeps, bit
+    for bit, the keys it keeps alone from the entry, and the tokens it gets without any
+    prefix cache at all; the entry is never written."""
+    loaded = load(bundles["demo-gemma"], "cpu")
+    model, assistant = loaded.model, Assistant.of(loaded)
+    system = {"role": "system", "content": "You are a home assistant."}
+    conversations = [[system, {"role": "user", "content": r}] for r in REQUESTS]
+    prompts = [assistant.prompt(m, TOOLS) for m in conversations]
+    stop = assistant.stop()
+    n = len(assistant.chat.tokenizer.encode(assistant.chat.template.render([system], TOOLS, False),
+                                            add_special_tokens=False).ids)
+    assert all(p[:n] == prompts[0][:n] for p in prompts)
+    entry = PrefixCache(model.config, "demo", 1 << 30).put(prompts[0][:n], prefill(model, prompts[0][:n]))
+    kept = [layer.k.copy() for layer in entry.layers]
+
+    def start(prompt):
+        return Sequence(model, prompt, 24, Sampler(), stop, KVCache(model.config, entry))
+
+    alone = []
+    for prompt in prompts:
+        s = start(prompt)
+        while not s.stopped:
+            advance(model, loaded.head, [s], chunk=48)
+        alone.append(s)
+    active, together, waiting = [], [], list(prompts)
+    for step in range(400):
+        if waiting and step % 3 == 0:
+            active.append(start(waiting.pop(0)))
+        if not active and not waiting:
+            break
+        if active:
+            advance(model, loaded.head, active, chunk=48)
+            together += [s for s in active if s.stopped]
+            active = [s for s in active if not s.stopped]
+    together.sort(key=lambda s: prompts.index(s.prompt))
+    for a, t, messages in zip(alone, together, conversations):
+        assert a.tokens == t.tokens == assistant.reply(messages, TOOLS, steps=24).tokens
+        assert all(np.array_equal(x.k[:, : x.used], y.k[:, : y.used]) for x, y in zip(a.cache.layers, t.cache.layers))
+    assert all(np.array_equal(layer.k, k) for layer, k in zip(entry.layers, kept))
+
+
+def prefill(model, tokens: list[int]) -> KVCache:
+    cache = KVCache(model.config)
+    model.forward(np.asarray(tokens), cache)
+    return cache
 
 
 def test_the_developer_turn_is_found_in_the_prompt_and_kept(bundles, monkeypatch):

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..contrastive import Contrastive
 from ..errors import UserError
+from ..gemma import KVCache
 from ..generate import Sampler, Sequence, advance
 from .metrics import METRICS
 from .prefix_cache import PrefixCache
@@ -282,7 +283,9 @@ class ChatEngine(Engine):
         METRICS.batch_rows.labels(self.model_id, "chat").observe(rows)
         for job, s in prefilling:
             if s.pause_at and s.cache.length == s.pause_at:
-                self.prefix_cache.put(s.prompt[: s.pause_at], s.cache)
+                entry = self.prefix_cache.put(s.prompt[: s.pause_at], s.cache)
+                if entry is not None:  # this sequence too goes on from the entry the others will share
+                    s.cache = KVCache(self.model.config, entry)
                 s.pause_at = None
         done = set()
         for job, s in batch:

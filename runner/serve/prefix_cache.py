@@ -5,8 +5,9 @@ A Function-Gemma request's prompt starts with the developer turn (a system messa
 the tool declarations), the same for every request of an application; on a Pi that prefix
 is seconds of prefill. The chat engine (runner/serve/engines.py) stops a prefill at the end
 of that turn, keeps a copy of the cache there (`put`), and starts any later prompt that
-begins with those tokens from the copy (`longest`). The answer is the one without the cache:
-the same tokens run, only earlier.
+begins with those tokens from a cache that continues it (`longest`: it reads the entry's
+keys and values, never copies or writes them, runner/gemma.py `LayerCache`). The answer is
+the one without the cache: the same tokens run, only earlier.
 
 Bounded in bytes (least recently used out). Keyed by the bundle's manifest hash and the
 token ids. With a directory, every entry is also written there (safetensors: the keys and
@@ -33,7 +34,6 @@ from ..packages import require
 
 SUFFIX = ".prefix.safetensors"
 MAX_ENTRY_BYTES = 1 << 30
-ROOM = 64  # answer tokens a cache handed out has room for before it grows
 
 
 class PrefixCache:
@@ -52,9 +52,8 @@ class PrefixCache:
         return hashlib.sha256(f"{self.bundle_key}:{','.join(map(str, tokens))}".encode()).hexdigest()
 
     def longest(self, prompt: list[int]) -> tuple[KVCache, int] | None:
-        """A copy of the cache of the longest kept prefix of `prompt` (shorter than it: the last
-        prompt token must run to give the first logits), with room for the rest of the prompt
-        and ROOM tokens of answer, and its length; None if none."""
+        """A cache that continues the longest kept prefix of `prompt` (shorter than it: the last
+        prompt token must run to give the first logits), and that prefix's length; None if none."""
         with self.lock:
             best = None
             for tokens in self.entries:
@@ -66,24 +65,26 @@ class PrefixCache:
                 return None
             self.hits += 1
             self.entries.move_to_end(best)
-            return self.entries[best].copy(len(prompt) - len(best) + ROOM), len(best)
+            return KVCache(self.config, self.entries[best]), len(best)
 
     def has(self, tokens: list[int]) -> bool:
         with self.lock:
             return tuple(tokens) in self.entries
 
-    def put(self, tokens: list[int], cache: KVCache) -> None:
-        """Keep a copy of `cache`, which holds exactly `tokens`; save it when there is a directory."""
+    def put(self, tokens: list[int], cache: KVCache) -> KVCache | None:
+        """Keep a copy of `cache`, which holds exactly `tokens`, and save it when there is a
+        directory; return the entry kept for them (None: larger than the budget)."""
         tokens = tuple(tokens)
         entry = cache.copy()
         if entry.nbytes > self.budget:
-            return
+            return None
         with self.lock:
             if tokens in self.entries:
-                return
+                return self.entries[tokens]
             self._add(tokens, entry)
         if self.dir:
             self._save(tokens, entry)
+        return entry
 
     def _add(self, tokens: tuple[int, ...], entry: KVCache) -> None:
         self.entries[tokens] = entry

@@ -262,6 +262,10 @@ def make_linear(bundle: Bundle, backend: str, delegates=None, route: str = "tpu"
     if missing:
         raise BundleError(f"{bundle.host.path}: {len(missing)} tensor(s) the TPU layers need are missing, e.g. {missing[0]}")
     made: dict[tuple[str, str], QuantizedLinear] = {}  # each made on its first call, like its Dense backend
+    # Layers that read one input (q, k and v; gate and up, unless the recipe fused them) quantize
+    # it once: the last input (kept, so its id is not another's) and its codes by (zero point,
+    # input scale). As in `with_fused`, models never change an array in place once a linear read it.
+    last: list = [None, {}]
     on_host = float_linear(bundle.host)  # layers the recipe kept on the CPU: their float weights are in the bundle
     routes = routes if routes is not None else Routes(route)
 
@@ -279,7 +283,14 @@ def make_linear(bundle: Bundle, backend: str, delegates=None, route: str = "tpu"
             return on_host(name, x)
         where = side(on_tpu[name], rows)
         routes.count(where, rows)
-        if (name, where) not in made:
-            made[name, where] = quantized_layer(bundle, on_tpu[name], where, delegates)
-        return made[name, where](x)
+        layer = made.get((name, where))
+        if layer is None:
+            layer = made[name, where] = quantized_layer(bundle, on_tpu[name], where, delegates)
+        if last[0] is not x:
+            last[:] = [x, {}]
+        key = (layer.zp_in, layer.input_scale)
+        quantized = last[1].get(key)
+        if quantized is None:
+            quantized = last[1][key] = layer.quantize(x)
+        return layer(x, quantized)
     return with_fused(linear, {layer.name: layer.parts for layer in tpu if layer.parts})

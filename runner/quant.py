@@ -70,9 +70,15 @@ class QuantizedLinear:
         self._out_scale = (self.weight_scale.astype(np.float64) / self.multipliers).astype(np.float32)
         self._zp_out = np.float32(self.zp_out)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-        x_u8, s_r = quantize_rows(rows, self.zp_in, self.input_scale)
+    def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x's rows as this layer's input codes and their scales (`quantize_rows`): layers with
+        the same zero point and input scale give one input the same ones."""
+        return quantize_rows(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]), self.zp_in, self.input_scale)
+
+    def __call__(self, x: np.ndarray, quantized: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The layer on x [..., in]; `quantized`: x's `quantize` already made, by this layer or
+        one that quantizes as it does."""
+        x_u8, s_r = quantized or self.quantize(x)
         y_u8 = self.backend(x_u8)
         if y_u8.shape[1] != len(self._out_scale):
             y_u8 = y_u8[:, : len(self._out_scale)]

@@ -67,6 +67,24 @@ def test_one_invoke_runs_q_k_and_v(clip_pair):
     assert (calls[False], calls[True]) == (2 * 6 + 1, 2 * 4 + 1)  # 2 layers x (q, k, v, out, fc1, fc2), projection
 
 
+def test_separate_layers_that_read_one_input_quantize_it_once(clip_pair, monkeypatch):
+    """Unfused, q, k and v still quantize their one input once (runner/executors.py
+    `make_linear`), and the tower gives, bit for bit, what it gives when each layer
+    quantizes its own copy of the input."""
+    from runner.quant import QuantizedLinear
+    loaded = load(clip_pair[False] / "bundles" / "demo-clip", "cpu")
+    linear = loaded.model.linear
+    image = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    quantize, made = QuantizedLinear.quantize, []
+    monkeypatch.setattr(QuantizedLinear, "quantize", lambda self, x: made.append(1) or quantize(self, x))
+    shared = loaded.model.image_features(image)
+    assert len(made) == 2 * 4 + 1  # 2 layers x (q/k/v, out, fc1, fc2), projection
+    del made[:]
+    loaded.model.linear = lambda name, x: linear(name, x.copy())  # a new array each time: nothing shared
+    np.testing.assert_array_equal(loaded.model.image_features(image), shared)
+    assert len(made) == 2 * 6 + 1  # 2 layers x (q, k, v, out, fc1, fc2), projection
+
+
 def test_verify_and_the_target_search_see_fused_layers(clip_pair):
     artifacts = clip_pair[True]
     doit(artifacts, "fuse=true", "flavors=[cpu]", "verify={synthetic: 2, compare: true}", "verify")

@@ -6,7 +6,9 @@ Every load loop here is bounded in requests and time; the server binds 127.0.0.1
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import json
 import os
 import re
@@ -33,7 +35,8 @@ from runner.load import load
 from runner.serve.app import Settings, make_app
 from runner.serve.engines import join_rows
 from runner.serve.prefix_cache import PrefixCache
-from runner.serve.worker import pack, unpack
+from runner.serve.api import APIError
+from runner.serve.worker import Channel, Worker, pack, unpack
 
 from .conftest import ROOT, doit, runner, warm_artifacts
 
@@ -361,6 +364,24 @@ def test_messages_between_the_processes_carry_arrays_exactly_and_nothing_else():
         unpack(pack({"op": "job"}, [np.array([1], np.int16)]))
     with pytest.raises(ValueError, match="fill"):
         unpack(pack({"op": "job"}, [ids]) + b"\0")
+
+
+def test_a_job_sent_as_the_engine_process_ends_is_a_503_and_leaves_nothing_in_flight():
+    """The socket fails before the reader thread sees the engine process go: the request gets
+    OpenAI's 503 error object (engine_gone), not a 500 with a traceback in the log."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    worker = Worker.__new__(Worker)  # its state, without an engine process to start
+    worker.settings, worker.limit, worker.failed = Settings(bundles=[]), 4, None
+    worker.channel, worker.lock = Channel(ours.detach()), threading.Lock()
+    worker.jobs, worker.in_flight, worker.ids = {}, {}, itertools.count()
+
+    async def send():
+        return worker.submit("demo-gemma", "text", np.zeros((1, 4), np.int64))
+    with pytest.raises(APIError) as e:
+        asyncio.run(send())
+    assert e.value.status == 503 and e.value.body()["error"]["code"] == "engine_gone"
+    assert worker.jobs == {} and worker.in_flight == {"demo-gemma": 0}
 
 
 def test_token_rows_of_several_requests_join_as_their_texts_tokenize_together(bundles):

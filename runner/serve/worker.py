@@ -180,12 +180,19 @@ class Worker:
                 raise Overloaded(f"{model}: {self.settings.max_queue} requests are waiting")
             self.jobs[job.id] = job
             self.in_flight[model] = self.in_flight.get(model, 0) + 1
-        self.channel.send(header, arrays)
+        try:
+            self.channel.send(header, arrays)
+        except OSError as e:  # the engine process ended this instant: the reader has not seen it yet
+            self._forget(job.id)
+            raise APIError(503, f"the engine process ended ({e.strerror or e})", code="engine_gone") from None
         return job
 
     def cancel(self, job: Waiting) -> None:
         if self._forget(job.id) and not self.failed:
-            self.channel.send({"op": "cancel", "id": job.id})
+            try:
+                self.channel.send({"op": "cancel", "id": job.id})
+            except OSError:
+                pass  # the engine process ended: nothing left to cancel
 
     def _forget(self, id: int) -> bool:
         with self.lock:

@@ -148,8 +148,8 @@ class LayerCache:
     runner/serve/prefix_cache.py), whose positions come right before `start`. Its keys and
     values are read, never written, so the sequences that start from one entry share it
     instead of each copying it (at 270M's size a 450-token prefix is 17 MB: a 5 ms copy per
-    request, and four copies decoding together no longer fit the processor's cache where
-    one does). A sliding layer lets go of it once no query can see it."""
+    request, and 16 conversations decoding together held 16 copies). A sliding layer lets go
+    of it once no query can see it."""
 
     def __init__(self, kv_heads: int, head_dim: int, window: int | None = None, prefix: "LayerCache | None" = None):
         self.window, self.prefix = window, prefix  # None: full attention; None: no prefix
@@ -248,8 +248,8 @@ def attend(q: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, int]], q_fir
            window: int | None) -> np.ndarray:
     """Causal grouped-query attention: q [heads, n, hd] at positions q_first.., over keys and
     values in `parts` (`LayerCache.append`: [kv_heads, K, hd] each with its first position,
-    in position order, one after the other; the last key is the last query's, the first the
-    first one the first query sees); with `window`, position p sees only keys in
+    in position order, one after the other, from the first key the first query sees to the
+    last query's own); with `window`, position p sees only keys in
     (p - window, p]. Queries go in blocks whose scores stay within SCORE_BUDGET, each over
     the keys it can see: a long prompt never makes an n x n score tensor, and one token
     costs O(window) on a sliding layer."""

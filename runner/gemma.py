@@ -184,20 +184,14 @@ class LayerCache:
                 parts.insert(0, (p.k[:, a : p.used], p.v[:, a : p.used], p.start + a))
         return parts
 
-    def copy(self, room: int = 0) -> "LayerCache":
-        """A copy of the live positions, the prefix's included, in one buffer with room for
-        `room` more."""
+    def copy(self) -> "LayerCache":
+        """A copy of the live positions, the prefix's included, in buffers of its own."""
+        layers = ([self.prefix] if self.prefix else []) + [self]
         out = LayerCache(self.k.shape[0], self.k.shape[2], self.window)
-        parts = ([(self.prefix.k[:, : self.prefix.used], self.prefix.v[:, : self.prefix.used])] if self.prefix else []) \
-            + [(self.k[:, : self.used], self.v[:, : self.used])]
-        live = sum(k.shape[1] for k, _ in parts)
-        out.k = np.empty((self.k.shape[0], live + room, self.k.shape[2]), np.float32)
-        out.v = np.empty_like(out.k)
-        at = 0
-        for k, v in parts:
-            out.k[:, at : at + k.shape[1]], out.v[:, at : at + k.shape[1]] = k, v
-            at += k.shape[1]
-        out.start, out.used = self.end - live, live
+        out.k = np.concatenate([x.k[:, : x.used] for x in layers], 1)
+        out.v = np.concatenate([x.v[:, : x.used] for x in layers], 1)
+        out.used = out.k.shape[1]
+        out.start = self.end - out.used
         return out
 
     def _make_room(self, n: int) -> None:
@@ -229,10 +223,10 @@ class KVCache:
         """Positions the sequence has so far."""
         return self.layers[0].end
 
-    def copy(self, room: int = 0) -> "KVCache":
-        """Every live position in buffers of its own, with room for `room` more."""
+    def copy(self) -> "KVCache":
+        """Every live position in buffers of its own."""
         out = KVCache.__new__(KVCache)
-        out.layers = [layer.copy(room) for layer in self.layers]
+        out.layers = [layer.copy() for layer in self.layers]
         return out
 
     @property

@@ -368,7 +368,8 @@ def test_messages_between_the_processes_carry_arrays_exactly_and_nothing_else():
 
 def test_a_job_sent_as_the_engine_process_ends_is_a_503_and_leaves_nothing_in_flight():
     """The socket fails before the reader thread sees the engine process go: the request gets
-    OpenAI's 503 error object (engine_gone), not a 500 with a traceback in the log."""
+    OpenAI's 503 error object (engine_gone), not a 500 with a traceback in the log, and
+    /metrics shows the HTTP process's registry without the engine's."""
     ours, theirs = socket.socketpair()
     theirs.close()
     worker = Worker.__new__(Worker)  # its state, without an engine process to start
@@ -382,6 +383,9 @@ def test_a_job_sent_as_the_engine_process_ends_is_a_503_and_leaves_nothing_in_fl
         asyncio.run(send())
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "engine_gone"
     assert worker.jobs == {} and worker.in_flight == {"demo-gemma": 0}
+    worker.ready, worker.metrics_replies = threading.Event(), {}
+    worker.ready.set()
+    assert asyncio.run(worker.metrics()) == b"" and worker.metrics_replies == {}  # /metrics: the HTTP side's alone
 
 
 def test_token_rows_of_several_requests_join_as_their_texts_tokenize_together(bundles):

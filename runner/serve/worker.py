@@ -157,7 +157,7 @@ class Worker:
         self.metrics_replies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.on_end = lambda why: None  # the app: the server cannot go on without its engines
         self.channel.send({"op": "start", "threads": threads(),
-                   "settings": {**asdict(settings), "api_key": None}})  # the key stays with HTTP
+                           "settings": {**asdict(settings), "api_key": None}})  # the key stays with HTTP
         self.reader = threading.Thread(target=self.read, name="engine-events", daemon=True)
         self.reader.start()
 
@@ -207,10 +207,10 @@ class Worker:
             return b""
         loop, id = asyncio.get_running_loop(), next(self.ids)
         reply = self.metrics_replies[id] = (loop, loop.create_future())
-        self.channel.send({"op": "metrics", "id": id})
         try:
+            self.channel.send({"op": "metrics", "id": id})
             return await asyncio.wait_for(reply[1], timeout=5)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, OSError):  # OSError: it ended this instant (as in submit)
             return b""
         finally:
             self.metrics_replies.pop(id, None)
@@ -425,7 +425,7 @@ def main(argv: list[str]) -> int:
         process.channel.send({"op": "failed", "error": str(e)})
         return 2
     process.channel.send({"op": "ready", "models": {name: {"backend": loaded.backend} for name, loaded
-                                            in process.loaded.items()}})
+                                                    in process.loaded.items()}})
     process.serve()
     return 0
 

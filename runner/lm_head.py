@@ -4,7 +4,7 @@
   `edgetpu` backends, where the bundle has them (manifest `int8_head`), it runs as
   int8 x int8 products in TFLite's hybrid fully connected kernel (XNNPACK's), one call per
   tile of rows, never widening the table. The hidden state h counts as two int8 parts, its
-  codes and what those left of it (`two_part_rows`); the two parts' sum is h . row to about
+  codes and what those left of it (`two_parts`); the two parts' sum is h . row to about
   1e-5 of the largest logit, as exact as a float h against the int8 table. The kernel reads
   the table once for all the rows of a call (1 row: 4.6 ms at 270M, 2 rows 5.4 ms, 4 rows
   5.8 ms; TFLite's builtin kernel reads it once per row: 6.1, 11.0, 20.6 ms), so a call
@@ -73,38 +73,58 @@ class HeadStats:
         return out
 
 
-def on_grid(x: np.ndarray) -> tuple[np.ndarray, tuple[np.float32, int, np.ndarray]]:
-    """x's int8 part: scale s over [min(x, 0), max(x, 0)] in 255 steps, zero point zp in
-    [-128, 127] and codes q (the smallest -128, the largest 127), as the row s (q - zp) and
-    (s, zp, q). A hybrid kernel quantizes each row over its own range in 255 steps; handed a
-    row already on such a grid and spanning it, it reads back exactly these codes, whatever
-    its rounding rule (TFLite's builtin kernel rounds halves away from zero, XNNPACK's to
-    even): the logits are then known integer products, and what the codes leave of x is
-    exactly x minus this row."""
+def on_grid(x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each row of x [n, d] as its int8 part: scale s over [min(row, 0), max(row, 0)] in 255
+    steps, zero point zp in [-128, 127] and codes q (the smallest -128, the largest 127), as
+    the rows s (q - zp) [n, d] and (s [n], zp [n], q [n, d]). A hybrid kernel quantizes each
+    row over its own range in 255 steps; handed a row already on such a grid and spanning it,
+    it reads back exactly these codes, whatever its rounding rule (TFLite's builtin kernel
+    rounds halves away from zero, XNNPACK's to even): the logits are then known integer
+    products, and what the codes leave of x is exactly x minus this row. An all-zero row has
+    scale 1, zero point 0 and codes 0."""
     x = np.asarray(x, np.float32)
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    if lo == hi:
-        return np.zeros_like(x), (np.float32(1.0), 0, np.zeros(x.shape, np.int32))
-    s = np.float32((hi - lo) / 255.0)
-    zp = int(np.clip(np.rint(-128.0 - lo / s), -128, 127))
+    lows, highs = x.min(axis=1), x.max(axis=1)
+    scales, zero_points = [], []
+    for lo, hi in zip(lows.tolist(), highs.tolist()):  # a few rows: their scalars in Python
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        s = (hi - lo) / 255.0 if hi > lo else 1.0
+        scales.append(s)
+        zero_points.append(min(127, max(-128, round(-128.0 - lo / s))) if hi > lo else 0)
+    s, zp = np.array(scales, np.float32)[:, None], np.array(zero_points, np.int32)[:, None]
     q = np.rint(x / s)
     q += zp
-    np.clip(q, -128, 127, out=q)
+    np.minimum(q, 127, out=q)
+    np.maximum(q, -128, out=q)
     q = q.astype(np.int32)
-    if lo < 0:  # the ends of the range are codes -128 and 127 (a 0 end is the kernel's own)
-        q[x.argmin()] = -128
-    if hi > 0:
-        q[x.argmax()] = 127
-    return s * (q - zp).astype(np.float32), (s, zp, q)
+    # the ends of the range are codes -128 and 127 (a 0 end is the kernel's own)
+    negative, positive = np.flatnonzero(lows < 0), np.flatnonzero(highs > 0)
+    if len(negative):
+        q[negative, x[negative].argmin(axis=1)] = -128
+    if len(positive):
+        q[positive, x[positive].argmax(axis=1)] = 127
+    return (q - zp).astype(np.float32) * s, (s[:, 0], zp[:, 0], q)
 
 
-def two_part_rows(h: np.ndarray) -> tuple[np.ndarray, list]:
-    """h as the two rows the int8 head runs, each on the kernel's grid (`on_grid`): h's int8
-    part, and the int8 part of what that leaves of h; with each row's (s, zp, q)."""
+def two_parts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+    """Each row of h [n, hidden] as the two rows the int8 head runs, each on the kernel's grid
+    (`on_grid`): h's int8 parts [n, hidden] and the int8 parts of what those leave, with the
+    (s, zp, q) of each."""
     h = np.asarray(h, np.float32)
     first, codes = on_grid(h)
     second, rest_codes = on_grid(h - first)
-    return np.stack([first, second]), [codes, rest_codes]
+    return first, second, codes, rest_codes
+
+
+def row_part(codes: tuple[np.ndarray, np.ndarray, np.ndarray], i: int) -> tuple[np.float32, int, np.ndarray]:
+    """Row i's (s, zp, q) of `on_grid`'s codes."""
+    s, zp, q = codes
+    return s[i], int(zp[i]), q[i]
+
+
+def two_part_rows(h: np.ndarray) -> tuple[np.ndarray, list]:
+    """One hidden state h [hidden] as its two rows [2, hidden] (`two_parts`) and their (s, zp, q)."""
+    first, second, codes, rest_codes = two_parts(np.asarray(h, np.float32)[None])
+    return np.concatenate([first, second]), [row_part(codes, 0), row_part(rest_codes, 0)]
 
 
 class Int8Table:
@@ -234,12 +254,12 @@ class CpuHead:
         row alone, so a row's values do not depend on the others.)"""
         if self.tiles is None:
             return [self.table.logits(x) for x in h]
-        parts = [two_part_rows(x) for x in h]
+        first, second, _, rest_codes = two_parts(h)
         full = [i for i, m in enumerate(margins) if m is None or m > 0]
-        out = self.tiles(np.stack([rows[0] for rows, _ in parts] + [parts[i][0][1] for i in full]))
-        second = dict(zip(full, out[len(parts):]))
-        return [out[i] + second[i] if i in second else self._add_second_part(out[i], rows[1:], codes)
-                for i, (rows, (_, codes)) in enumerate(parts)]
+        out = self.tiles(np.concatenate([first, second[full]]))
+        both = dict(zip(full, out[len(h):]))
+        return [out[i] + both[i] if i in both else self._add_second_part(out[i], second[i : i + 1], row_part(rest_codes, i))
+                for i in range(len(h))]
 
     def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second) -> np.ndarray:
         """The first part's logits with the second part added to every token that could be the

@@ -231,6 +231,15 @@ def test_the_head_rows_are_read_back_alike_by_both_of_tflites_kernels(bundle):
         assert np.all(np.abs(xnnpack - products) <= 1e-6 * largest)
         exact = (table.q[:n].astype(np.float64) @ h.astype(np.float64)) * table.scale[:n]
         assert np.abs(xnnpack.sum(0) - exact).max() <= 1e-4 * np.abs(exact).max()
+    # the serve engine's rows go together (`two_parts`): each row's parts are those it gets alone
+    stacked = np.stack(cases + [np.zeros(256, np.float32)])
+    first, second, codes, rest_codes = lm_head.two_parts(stacked)
+    for i, h in enumerate(stacked):
+        rows, parts = lm_head.two_part_rows(h)
+        assert np.array_equal(rows, np.stack([first[i], second[i]]))
+        for got, alone in zip((lm_head.row_part(codes, i), lm_head.row_part(rest_codes, i)), parts):
+            assert got[0] == alone[0] and got[1] == alone[1] and np.array_equal(got[2], alone[2])
+    assert not first[-1].any() and lm_head.row_part(codes, len(cases))[1] == 0  # an all-zero row: zero point 0
 
 
 def test_a_changed_int8_head_file_is_found_by_check(gemma_demo, tmp_path):

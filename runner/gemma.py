@@ -315,12 +315,18 @@ class Gemma:
         self.embed = embed or (lambda ids: weights["model.embed_tokens.weight"][ids].astype(np.float32))
         self._plus_one: dict[str, np.ndarray] = {}  # norm weight name -> 1 + weight, made on first use
 
-    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+    def norm(self, x: np.ndarray, name: str | tuple[tuple[str, int], ...]) -> np.ndarray:
         """Gemma's RMS norm with the weight `name`: normalized x times (1 + weight), the
-        1 + weight kept from the first call."""
+        1 + weight kept from the first call. With (name, count) pairs, x [..., heads, hd] is
+        several norms' heads side by side (a layer's queries and keys): the first count
+        heads take the first weight, and so on."""
         plus_one = self._plus_one.get(name)
         if plus_one is None:
-            plus_one = self._plus_one[name] = (1.0 + np.asarray(self.w[name], np.float32)).astype(np.float32)
+            names = [(name, 0)] if isinstance(name, str) else name
+            weights = [np.asarray(self.w[n], np.float32) for n, _ in names]
+            if not isinstance(name, str):
+                weights = [np.broadcast_to(w, (count, len(w))) for w, (_, count) in zip(weights, names)]
+            plus_one = self._plus_one[name] = (1.0 + np.concatenate(weights)).astype(np.float32)
         y = rms_normalize(x, self.config.rms_norm_eps)
         y *= plus_one
         return y
@@ -328,16 +334,16 @@ class Gemma:
     def _attention(self, i: int, x: np.ndarray, batch: list["Segment"], rope: dict) -> np.ndarray:
         """Layer i's attention over the rows of every segment: the projections, the q and k
         norms and the rotary embeddings run once on all rows (`rope`: the rows' cos and sin
-        [rows, 1, hd] by layer type, sliding or not); the cache and attention per segment.
-        (Per segment, the norms and rotations of sequences decoding together cost as much
-        as their linears on the demo model.)"""
+        [rows, 1, hd] by layer type, sliding or not), the queries' and keys' heads side by
+        side; the cache and attention per segment. (Per segment, the norms and rotations of
+        sequences decoding together cost as much as their linears on the demo model.)"""
         c, p = self.config, f"model.layers.{i}.self_attn"
-        hd, sliding, rows = c.head_dim, c.layer_types[i] == "sliding_attention", len(x)
+        hd, sliding, rows, heads = c.head_dim, c.layer_types[i] == "sliding_attention", len(x), c.num_attention_heads
         q_all, k_all, v_all = (self.linear(f"{p}.{n}", x) for n in ("q_proj", "k_proj", "v_proj"))
-        q = apply_rotary(self.norm(q_all.reshape(rows, c.num_attention_heads, hd), f"{p}.q_norm.weight"),
-                         *rope[sliding])
-        k = apply_rotary(self.norm(k_all.reshape(rows, c.num_key_value_heads, hd), f"{p}.k_norm.weight"),
-                         *rope[sliding])
+        qk = np.concatenate([q_all, k_all], 1).reshape(rows, heads + c.num_key_value_heads, hd)
+        qk = apply_rotary(self.norm(qk, ((f"{p}.q_norm.weight", heads), (f"{p}.k_norm.weight", c.num_key_value_heads))),
+                          *rope[sliding])
+        q, k = qk[:, :heads], qk[:, heads:]
         v = v_all.reshape(rows, c.num_key_value_heads, hd)
         out = np.empty((rows, c.num_attention_heads, hd), np.float32)
         for s in batch:  # [n, heads, hd] -> [heads, n, hd], the layout of the cache and of attend

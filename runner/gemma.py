@@ -19,6 +19,7 @@ The outputs are those of one full mask over the whole cache (tests/test_long_pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -104,9 +105,9 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     numpy's per-call overhead, not the arithmetic, is the cost."""
     x = np.asarray(x, np.float32)
     mean_square = np.einsum("...i,...i->...", x, x)  # overflows to inf without a warning
-    # An overflowed mean square would turn the row into zeros, silently (runner/nn.py). Its
-    # largest value is NaN or inf if any is (squares are not negative): one reduction.
-    if not np.isfinite(mean_square.max(initial=0.0)):
+    # An overflowed mean square would turn the row into zeros, silently (runner/nn.py). Their
+    # sum is NaN or inf if any is (squares are not negative): one reduction, checked in Python.
+    if not math.isfinite(np.add.reduce(mean_square, axis=None)):
         check_finite(mean_square, "hidden states entering an RMS norm")
     mean_square *= np.float32(1.0 / x.shape[-1])
     mean_square += np.float32(eps)

@@ -258,8 +258,8 @@ class CpuHead:
         full = [i for i, m in enumerate(margins) if m is None or m > 0]
         out = self.tiles(np.concatenate([first, second[full]]))
         both = dict(zip(full, out[len(h):]))
-        return [out[i] + both[i] if i in both else self._add_second_part(out[i], second[i : i + 1], row_part(rest_codes, i))
-                for i in range(len(h))]
+        return [out[i] + both[i] if i in both else
+                self._add_second_part(out[i], second[i : i + 1], row_part(rest_codes, i)) for i in range(len(h))]
 
     def _add_second_part(self, logits: np.ndarray, rest: np.ndarray, second) -> np.ndarray:
         """The first part's logits with the second part added to every token that could be the

@@ -134,6 +134,10 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return rotated
 
 
+# Keys and values [kv_heads, K, hd] in position order, each with its first one's position.
+Parts = list[tuple[np.ndarray, np.ndarray, int]]
+
+
 class LayerCache:
     """One layer's keys and values, [kv_heads, slots, head_dim], for positions
     [start, start + used): rotary embeddings already applied, so a key's slot need not be
@@ -163,7 +167,7 @@ class LayerCache:
         """The position the next token gets."""
         return self.start + self.used
 
-    def append(self, k: np.ndarray, v: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def append(self, k: np.ndarray, v: np.ndarray) -> Parts:
         """Add n positions' keys and values [kv_heads, n, head_dim]; return what the new
         positions may attend to, in position order: (keys, values, the first one's position)
         from the prefix if any of it is still in sight, then from this cache (views)."""
@@ -239,7 +243,7 @@ class KVCache:
 SCORE_BUDGET = 1 << 22  # attention scores per block of queries: 4 Mi float32 (16 MiB)
 
 
-def attend(q: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, int]], q_first: int, scale: float,
+def attend(q: np.ndarray, parts: Parts, q_first: int, scale: float,
            window: int | None) -> np.ndarray:
     """Causal grouped-query attention: q [heads, n, hd] at positions q_first.., over keys and
     values in `parts` (`LayerCache.append`: [kv_heads, K, hd] each with its first position,
@@ -259,8 +263,7 @@ def attend(q: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, int]], q_fir
         b = min(n, a + rows)
         lo = -1 if window is None else q_first + a - window + 1  # the block's first key's position
         hi = q_first + b  # past its last query's key
-        seen = [(k[:, max(0, lo - f) : hi - f], v[:, max(0, lo - f) : hi - f], max(f, lo))
-                for k, v, f in parts if f < hi and f + k.shape[1] > lo]
+        seen = visible(parts, lo, hi)
         q_pos = np.arange(q_first + a, q_first + b)[:, None]
         k_pos = np.concatenate([np.arange(f, f + k.shape[1]) for k, _, f in seen])[None, :]
         hidden = k_pos > q_pos
@@ -271,7 +274,13 @@ def attend(q: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, int]], q_fir
     return out
 
 
-def _attend_block(qg: np.ndarray, seen: list[tuple[np.ndarray, np.ndarray, int]], hidden: np.ndarray | None,
+def visible(parts: Parts, lo: int, hi: int) -> Parts:
+    """The keys and values of `parts` (as `attend` takes them) at positions [lo, hi)."""
+    return [(k[:, max(0, lo - f) : hi - f], v[:, max(0, lo - f) : hi - f], max(f, lo))
+            for k, v, f in parts if f < hi and f + k.shape[1] > lo]
+
+
+def _attend_block(qg: np.ndarray, seen: Parts, hidden: np.ndarray | None,
                   scale: float) -> np.ndarray:
     """Queries qg [kv_heads, group * queries, hd] over the keys and values of `seen`, which
     hold every key any of them sees; `hidden` [queries, keys]: those a query must not see."""
@@ -332,27 +341,45 @@ class Gemma:
         y *= plus_one
         return y
 
-    def _attention(self, i: int, x: np.ndarray, batch: list["Segment"], rope: dict) -> np.ndarray:
+    def _attention(self, i: int, x: np.ndarray, batch: list["Segment"], rope: dict,
+                   queries: np.ndarray | None = None) -> np.ndarray | None:
         """Layer i's attention over the rows of every segment: the projections, the q and k
         norms and the rotary embeddings run once on all rows (`rope`: the rows' cos and sin
         [rows, 1, hd] by layer type, sliding or not), the queries' and keys' heads side by
         side; the cache and attention per segment. (Per segment, the norms and rotations of
-        sequences decoding together cost as much as their linears on the demo model.)"""
+        sequences decoding together cost as much as their linears on the demo model.)
+        `queries`: the rows whose outputs are wanted, each a segment's last (None: all):
+        every row's keys and values still go into the caches. None when no row is wanted."""
         c, p = self.config, f"model.layers.{i}.self_attn"
         hd, sliding, rows, heads = c.head_dim, c.layer_types[i] == "sliding_attention", len(x), c.num_attention_heads
-        q_all, k_all, v_all = (self.linear(f"{p}.{n}", x) for n in ("q_proj", "k_proj", "v_proj"))
-        qk = np.concatenate([q_all, k_all], 1).reshape(rows, heads + c.num_key_value_heads, hd)
-        qk = apply_rotary(self.norm(qk, ((f"{p}.q_norm.weight", heads), (f"{p}.k_norm.weight", c.num_key_value_heads))),
-                          *rope[sliding])
-        q, k = qk[:, :heads], qk[:, heads:]
+        k_all, v_all = self.linear(f"{p}.k_proj", x), self.linear(f"{p}.v_proj", x)
+        q_norm, k_norm = (f"{p}.q_norm.weight", heads), (f"{p}.k_norm.weight", c.num_key_value_heads)
+        if queries is None:
+            qk = np.concatenate([self.linear(f"{p}.q_proj", x), k_all], 1).reshape(rows, heads + k_norm[1], hd)
+            qk = apply_rotary(self.norm(qk, (q_norm, k_norm)), *rope[sliding])
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            k = apply_rotary(self.norm(k_all.reshape(rows, k_norm[1], hd), (k_norm,)), *rope[sliding])
+            q = None
+            if len(queries):
+                q = self.linear(f"{p}.q_proj", x[queries]).reshape(len(queries), heads, hd)
+                q = apply_rotary(self.norm(q, (q_norm,)), *(t[queries] for t in rope[sliding]))
         v = v_all.reshape(rows, c.num_key_value_heads, hd)
-        out = np.empty((rows, c.num_attention_heads, hd), np.float32)
+        window = c.sliding_window if sliding else None
+        out = np.empty((rows if queries is None else len(queries), heads, hd), np.float32)
+        wanted = {} if queries is None else {int(r): j for j, r in enumerate(queries)}
         for s in batch:  # [n, heads, hd] -> [heads, n, hd], the layout of the cache and of attend
             parts = s.cache.layers[i].append(k[s.rows].transpose(1, 0, 2), v[s.rows].transpose(1, 0, 2))
-            o = attend(q[s.rows].transpose(1, 0, 2), parts, s.start, c.query_pre_attn_scalar ** -0.5,
-                       c.sliding_window if sliding else None)
-            out[s.rows] = o.transpose(1, 0, 2)
-        return self.linear(f"{p}.o_proj", out.reshape(rows, -1))
+            if queries is None:
+                o = attend(q[s.rows].transpose(1, 0, 2), parts, s.start, c.query_pre_attn_scalar ** -0.5, window)
+                out[s.rows] = o.transpose(1, 0, 2)
+            elif s.rows.stop - 1 in wanted:  # its last position alone, over the keys it sees
+                j, at = wanted[s.rows.stop - 1], s.start + len(s.ids) - 1
+                parts = visible(parts, -1 if window is None else at - window + 1, at + 1)
+                out[j] = attend(q[j][:, None], parts, at, c.query_pre_attn_scalar ** -0.5, window)[:, 0]
+        if queries is not None and not len(queries):
+            return None
+        return self.linear(f"{p}.o_proj", out.reshape(len(out), -1))
 
     def forward(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run `ids` (one sequence, continuing what `cache` holds); return the final-normed
@@ -364,6 +391,22 @@ class Gemma:
         on all their rows (one call per layer however many sequences: what a template batch
         wants), attention per sequence. Rows are quantized one by one, so each sequence's
         hidden states are those it gets alone (tests/test_serve.py)."""
+        batch = self._segments(sequences)
+        h = self._decode(batch, None)
+        return [h[s.rows] for s in batch]
+
+    def forward_last(self, sequences: list[tuple[np.ndarray, KVCache]], wanted: list[bool]) -> np.ndarray:
+        """`forward_batch`, for sampling: the final hidden state of the last position of each
+        sequence `wanted` marks, [sum(wanted), hidden]. Every row's keys and values go into
+        the caches (all a later position needs), but the last layer runs its queries,
+        attention and MLP on the wanted rows alone, as llama.cpp does for the tokens of a
+        batch whose logits nobody asks for. A 32-token prefill over a kept prefix takes 16%
+        fewer instructions on the 4-layer demo model (11% less time), 4% on the 18-layer 270M."""
+        batch = self._segments(sequences)
+        return self._decode(batch, np.array([s.rows.stop - 1 for s, w in zip(batch, wanted) if w], np.int64))
+
+    def _segments(self, sequences: list[tuple[np.ndarray, KVCache]]) -> list[Segment]:
+        """The sequences as one batch's segments, their tokens and room in the context checked."""
         c = self.config
         batch, start = [], 0
         for ids, cache in sequences:
@@ -377,21 +420,34 @@ class Gemma:
                                  f"{c.max_position_embeddings}")
             batch.append(Segment(ids, cache, slice(start, start + len(ids))))
             start += len(ids)
+        return batch
+
+    def _decode(self, batch: list[Segment], queries: np.ndarray | None) -> np.ndarray:
+        """The decoder on every segment's rows; the final-normed hidden states of the rows
+        `queries` names (each a segment's last), or of all rows with None."""
+        c = self.config
         ids = batch[0].ids if len(batch) == 1 else np.concatenate([s.ids for s in batch])
+        if queries is not None and len(queries) == len(ids):  # a decode step: every row is wanted
+            queries = None
         positions = batch[0].positions if len(batch) == 1 else np.concatenate([s.positions for s in batch])
         rope = {sliding: tuple(t[:, None, :] for t in rope_tables(positions, c.head_dim, *base))
                 for sliding, base in ((True, (c.rope_local,)), (False, (c.rope_global, c.rope_global_factor)))}
         h = self.embed(ids) * np.float32(c.hidden_size ** 0.5)
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
+            last = queries if i == c.num_hidden_layers - 1 else None  # later layers need every row
             x = self.norm(h, f"{p}.input_layernorm.weight")
-            h = h + self.norm(self._attention(i, x, batch, rope), f"{p}.post_attention_layernorm.weight")
+            attention = self._attention(i, x, batch, rope, last)
+            if last is not None:
+                if attention is None:
+                    return np.empty((0, c.hidden_size), np.float32)
+                h = h[last]
+            h = h + self.norm(attention, f"{p}.post_attention_layernorm.weight")
             x = self.norm(h, f"{p}.pre_feedforward_layernorm.weight")
             gate = gelu_tanh(self.linear(f"{p}.mlp.gate_proj", x))
             gate *= self.linear(f"{p}.mlp.up_proj", x)
             h = h + self.norm(self.linear(f"{p}.mlp.down_proj", gate), f"{p}.post_feedforward_layernorm.weight")
-        h = check_finite(self.norm(h, "model.norm.weight"), "the decoder's final hidden states")
-        return [h[s.rows] for s in batch]
+        return check_finite(self.norm(h, "model.norm.weight"), "the decoder's final hidden states")
 
     def logits(self, h: np.ndarray) -> np.ndarray:
         """The float tied head: hidden [n, d] -> logits [n, vocab]."""

@@ -124,18 +124,16 @@ def advance(model: Gemma, head, sequences: list[Sequence], chunk: int | None = N
     chunk = chunk or PREFILL_CHUNK
     lengths = lengths or [s.run_length(chunk) for s in sequences]
     runs = [s.pending[:n] for s, n in zip(sequences, lengths)]
-    hidden = model.forward_batch([(ids, s.cache) for ids, s in zip(runs, sequences)])
-    ready, last = [], []
-    for s, ids, h in zip(sequences, runs, hidden):
+    sampling = [n == len(s.pending) for s, n in zip(sequences, lengths)]  # else more of the prompt to run
+    last = model.forward_last([(ids, s.cache) for ids, s in zip(runs, sequences)], sampling)
+    for s, ids in zip(sequences, runs):
         s.pending = s.pending[len(ids):]
-        if not len(s.pending):  # else more of the prompt to run: a later pass samples
-            ready.append(s)
-            last.append(h[-1])
+    ready = [s for s, sample in zip(sequences, sampling) if sample]
     if not ready:
         return []
     margins = [s.sampler.margin for s in ready]
     if len(ready) > 1 and hasattr(head, "rows"):
-        logits = head.rows(np.stack(last), margins)
+        logits = head.rows(last, margins)
     else:
         logits = [head(h, margin=m) for h, m in zip(last, margins)]
     for s, row in zip(ready, logits):

@@ -48,7 +48,8 @@ class PlainCache:
 class PlainGemma(Gemma):
     """Attention as it was before blocks and trimmed caches: scores over the whole cache, one mask."""
 
-    def _attention(self, i, x, batch, rope):  # one sequence; its own rotary tables, from positions
+    def _attention(self, i, x, batch, rope, queries=None):  # one sequence, every row; its own rotary tables
+        assert queries is None, "the plain model runs forward(), every row"
         (segment,) = batch
         cache = segment.cache
         positions = np.arange(segment.start, segment.start + len(x))
@@ -118,6 +119,36 @@ def test_a_prompt_in_pieces_equals_it_at_once(models):
     for a, b in ((0, 3), (3, 4), (4, 11), (11, 12), (12, 13), (13, 40)):
         pieces.append(model.forward(prompt[a:b], cache))
     assert close(np.concatenate(pieces), whole)
+
+
+def test_the_last_positions_alone_equal_their_rows_of_the_whole_pass(models):
+    """forward_last (what sampling asks for) in a batch of a prompt chunk nobody samples, a
+    prompt's last chunk (longer than the last layer's sliding window) and a decode step: the
+    wanted sequences' last hidden states are those forward_batch gives, and every cache
+    holds, bit for bit, the keys and values forward_batch puts there."""
+    model, _ = models
+    rng = np.random.default_rng(5)
+    runs = [rng.integers(0, 96, n) for n in (9, 13, 1)]
+    held = [rng.integers(0, 96, n) for n in (0, 4, 20)]  # what each cache holds already
+
+    def caches():
+        out = []
+        for ids in held:
+            out.append(KVCache(model.config))
+            if len(ids):
+                model.forward(ids, out[-1])
+        return out
+
+    whole, last = caches(), caches()
+    hidden = model.forward_batch(list(zip(runs, whole)))
+    got = model.forward_last(list(zip(runs, last)), [False, True, True])
+    assert got.shape == (2, model.config.hidden_size)
+    assert close(got, np.stack([hidden[1][-1], hidden[2][-1]]))
+    for a, b in zip(whole, last):
+        for x, y in zip(a.layers, b.layers):
+            assert x.end == y.end and np.array_equal(x.k[:, : x.used], y.k[:, : y.used])
+            assert np.array_equal(x.v[:, : x.used], y.v[:, : y.used])
+    assert model.forward_last([(runs[0], caches()[0])], [False]).shape == (0, model.config.hidden_size)
 
 
 @pytest.mark.parametrize("prefix_length", [3, 12])
@@ -197,8 +228,8 @@ def test_generate_prefills_in_chunks_with_the_same_tokens(models, monkeypatch, c
     model, plain = models
     prompt = np.random.default_rng(4).integers(0, 96, 150).tolist()
     passes = []
-    monkeypatch.setattr(model, "forward_batch",
-                        lambda batch: passes.extend(len(ids) for ids, _ in batch) or Gemma.forward_batch(model, batch))
+    monkeypatch.setattr(model, "forward_last", lambda batch, wanted: passes.extend(len(ids) for ids, _ in batch)
+                        or Gemma.forward_last(model, batch, wanted))
     tokens = [step.token for step in generate(model, LogitsHead(model), prompt, 20, Sampler())]
     assert max(passes) == min(chunk, 150) and sum(passes) == 150 + 19
     cache, expected = PlainCache(plain.config), []

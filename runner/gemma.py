@@ -365,18 +365,18 @@ class Gemma:
                 q = self.linear(f"{p}.q_proj", x[queries]).reshape(len(queries), heads, hd)
                 q = apply_rotary(self.norm(q, (q_norm,)), *(t[queries] for t in rope[sliding]))
         v = v_all.reshape(rows, c.num_key_value_heads, hd)
-        window = c.sliding_window if sliding else None
+        window, scale = (c.sliding_window if sliding else None), c.query_pre_attn_scalar ** -0.5
         out = np.empty((rows if queries is None else len(queries), heads, hd), np.float32)
         wanted = {} if queries is None else {int(r): j for j, r in enumerate(queries)}
         for s in batch:  # [n, heads, hd] -> [heads, n, hd], the layout of the cache and of attend
             parts = s.cache.layers[i].append(k[s.rows].transpose(1, 0, 2), v[s.rows].transpose(1, 0, 2))
             if queries is None:
-                o = attend(q[s.rows].transpose(1, 0, 2), parts, s.start, c.query_pre_attn_scalar ** -0.5, window)
+                o = attend(q[s.rows].transpose(1, 0, 2), parts, s.start, scale, window)
                 out[s.rows] = o.transpose(1, 0, 2)
             elif s.rows.stop - 1 in wanted:  # its last position alone, over the keys it sees
                 j, at = wanted[s.rows.stop - 1], s.start + len(s.ids) - 1
                 parts = visible(parts, -1 if window is None else at - window + 1, at + 1)
-                out[j] = attend(q[j][:, None], parts, at, c.query_pre_attn_scalar ** -0.5, window)[:, 0]
+                out[j] = attend(q[j][:, None], parts, at, scale, window)[:, 0]
         if queries is not None and not len(queries):
             return None
         return self.linear(f"{p}.o_proj", out.reshape(len(out), -1))

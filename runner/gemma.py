@@ -285,7 +285,7 @@ def _attend_block(qg: np.ndarray, seen: Parts, hidden: np.ndarray | None,
     """Queries qg [kv_heads, group * queries, hd] over the keys and values of `seen`, which
     hold every key any of them sees; `hidden` [queries, keys]: those a query must not see."""
     kv_heads, m, hd = qg.shape
-    scores = [qg @ k.transpose(0, 2, 1) for k, _, _ in seen]
+    scores = [_scores(qg, k) for k, _, _ in seen]
     scores = scores[0] if len(scores) == 1 else np.concatenate(scores, -1)
     scores *= np.float32(scale)
     if hidden is not None:
@@ -301,6 +301,20 @@ def _attend_block(qg: np.ndarray, seen: Parts, hidden: np.ndarray | None,
         out = part if out is None else out + part
         at += k.shape[1]
     return out
+
+
+FEW_QUERIES = 32  # query rows (heads x positions) up to which `_scores` puts the keys first
+
+
+def _scores(qg: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """qg [kv_heads, m, hd] against keys k [kv_heads, K, hd]: [kv_heads, m, K], contiguous.
+    A decode step's few query rows go as k @ qg^T, the keys the wide operand: OpenBLAS's
+    gemm with 4 rows against 480 keys took 72 us the usual way round and 30 us this way
+    (its small-matrix path, below about 300 keys, is as fast either way); a prefill block's
+    hundreds of rows go the usual way, 256 x 512 in 0.7 ms against 1.3 ms."""
+    if qg.shape[1] > FEW_QUERIES:
+        return qg @ k.transpose(0, 2, 1)
+    return np.ascontiguousarray((k @ qg.transpose(0, 2, 1)).transpose(0, 2, 1))
 
 
 class Segment:

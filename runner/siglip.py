@@ -13,7 +13,8 @@ what SigLIP does its own way is here:
 - zero-shot: each label on its own, `sigmoid(exp(logit_scale) * cos + logit_bias)`.
 
 Every linear, the pooling head's included, goes through `linear(name, x)` as in CLIP.
-Fixed-resolution SigLIP 2 checkpoints that load as `SiglipModel` are the same model.
+Fixed-resolution SigLIP 2 checkpoints that load as `SiglipModel` have these towers; their
+Gemma tokenizer is untested here (no such checkpoint among the tests).
 """
 
 from __future__ import annotations

@@ -40,8 +40,11 @@ as much as the demo model takes to answer it, taken from the servers on 2 cores
 Per request: latency, time to the first token (the first chunk with text or a tool call),
 completion tokens (the stream's usage, else its chunks). Per loop: requests/s, tokens/s,
 p50/p95 of both times, the server's resident memory (VmRSS of it and its children) idle
-before and at most during the loop. Each round runs every server once per concurrency, in
-turn; ratios are taken within a round and reported as the median, min and max over rounds.
+before and at most during the loop. Each round starts every server in turn, alone on the
+machine, warms it up, runs its loops at each concurrency and stops it; the server that goes
+first changes from round to round. (Kept running side by side, the server started second ran
+8-10% faster here than the first, whichever it was: --max-batch 1 against itself gave the
+same gap.) Ratios are taken within a round and reported as the median, min and max over rounds.
 
 The peer. llama.cpp's converter (from bench/peers_gemma.py) turns the checkpoint into Q8_0
 GGUF with three changes made by patching it in the converting process: (1) the vocabulary
@@ -579,37 +582,36 @@ def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: P
         return {"skipped": "no server to measure"}
     result = {"model": bundle.name, "requests_available": len(requests), "max_tokens": max_tokens,
               "llama_stop": LLAMA_STOP, "servers": {}, "rounds": []}
-    started = []
-    try:
-        for s in servers:
-            started.append(s.__enter__())
-            print(f"serve: {s.name} ready in {s.startup_s:.1f} s", flush=True)
-        check = requests[:args.check]
-        for s in servers:  # also the warm-up
-            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
-                                         "rss_mib_idle": round(s.rss_mib(), 1), "answers": answers(s, check)}
-        sides = list(result["servers"])
-        result["same_answers"] = {b: sum(x["calls"] == y["calls"] for x, y in zip(result["servers"][sides[0]]["answers"],
-                                                                                   result["servers"][b]["answers"]))
-                                  for b in sides[1:]} | {"of": len(check), "against": sides[0]}
-        before = {s.name: metrics_text(s) for s in servers if s.ready_path == "/health"}
-        for r in range(args.rounds):
-            row = {}
-            for c in CONCURRENCY:
-                for s in servers:
+    check = requests[:args.check]
+    grown: dict[str, dict] = {}  # ours' /metrics as grown in the load loops, summed over rounds
+    for r in range(args.rounds):
+        row = {}
+        for s in servers[r % len(servers):] + servers[: r % len(servers)]:  # alone, another first each round
+            with s:
+                print(f"serve: round {r + 1} {s.name} ready in {s.startup_s:.1f} s", flush=True)
+                if r == 0:  # also the warm-up
+                    result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
+                                                 "rss_mib_idle": round(s.rss_mib(), 1), "answers": answers(s, check)}
+                else:
+                    answers(s, check[:4])
+                before = metrics_text(s) if s.ready_path == "/health" else None
+                for c in CONCURRENCY:
                     m = run_load(s, chat_once, requests[r::args.rounds] or requests, c, max(8, per_client * c),
                                  args.seconds)
                     row[f"{s.name}@{c}"] = m
                     print(f"serve: round {r + 1} chat {bundle.name} {s.name} c={c}: {m['requests_per_s']:.2f} req/s, "
                           f"{m['tokens_per_s']:.1f} tok/s, p50 {m['latency_ms']['p50']} ms, "
                           f"ttft p50 {m['ttft_ms']['p50']} ms, errors {m['errors']}", flush=True)
-            result["rounds"].append(row)
-        for s in servers:
-            if s.ready_path == "/health":  # the load loops' own batches: less the warm-up's
-                result["servers"][s.name]["metrics"] = metrics_since(before[s.name], metrics_text(s))
-    finally:
-        for s in started:
-            result["servers"].setdefault(s.name, {})["exit_status"] = s.stop()
+                if before is not None:
+                    grown[s.name] = add_metrics(grown.get(s.name, {}), metrics_since(before, metrics_text(s)))
+                result["servers"][s.name].setdefault("exit_status", []).append(s.stop())
+        result["rounds"].append(row)
+    for name, metrics in grown.items():
+        result["servers"][name]["metrics"] = metrics
+    sides = list(result["servers"])
+    result["same_answers"] = {b: sum(x["calls"] == y["calls"] for x, y in zip(result["servers"][sides[0]]["answers"],
+                                                                               result["servers"][b]["answers"]))
+                              for b in sides[1:]} | {"of": len(check), "against": sides[0]}
     result["ratios"] = chat_ratios(result["rounds"], [s.name for s in servers])
     if "runner" in result["servers"]:
         served = sum(row[f"runner@{c}"]["requests"] for row in result["rounds"] for c in CONCURRENCY)
@@ -617,10 +619,19 @@ def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: P
     return result
 
 
+def grows(name: str) -> bool:
+    """A counter's or histogram's sample (it only grows), not a gauge's."""
+    return any(part in name for part in ("_bucket", "_count", "_sum", "_total"))
+
+
 def metrics_since(before: dict, after: dict) -> dict:
     """Counters and histograms as grown between two readings (gauges as they are after)."""
-    return {k: v - before.get(k, 0) if ("_bucket" in k or "_count" in k or "_sum" in k or "_total" in k) else v
-            for k, v in after.items() if "_created" not in k}
+    return {k: v - before.get(k, 0) if grows(k) else v for k, v in after.items() if "_created" not in k}
+
+
+def add_metrics(total: dict, more: dict) -> dict:
+    """Two rounds' `metrics_since` as one: counters and histograms summed, gauges the later."""
+    return {**total, **{k: total.get(k, 0) + v if grows(k) else v for k, v in more.items()}}
 
 
 def batch_rows(metrics: dict, kind: str = "chat") -> dict[int, int]:
@@ -699,20 +710,22 @@ def embeddings(args, ours_command: list[str]) -> dict:
     if client == "httpx":
         print("serve: embeddings loaded by httpx, which costs more CPU a request than the server: install "
               "wrk (apt install wrk) to measure the server", flush=True)
-    with servers[0], servers[1]:
-        for s in servers:
-            checked = run_load(s, embed_once, texts, 4, 64, args.seconds)  # warm-up; the answers checked
-            result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
-                                         "checked": {k: checked[k] for k in ("requests", "errors", "error_examples")}}
-        for r in range(args.rounds):
-            row = {}
-            for s in servers:
+    for r in range(args.rounds):
+        row = {}
+        for s in servers[r % 2:] + servers[: r % 2]:  # alone, another first each round
+            with s:
+                checked = run_load(s, embed_once, texts, 4, 64, args.seconds)  # warm-up; the answers checked
+                if r == 0:
+                    result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
+                                                 "checked": {k: checked[k] for k in ("requests", "errors",
+                                                                                      "error_examples")}}
                 row[s.name] = m = wrk_load(s, texts, 16, 100_000, min(args.seconds, 5)) if client == "wrk" else \
                     run_load(s, embed_once, texts, 16, 256, args.seconds)
                 print(f"serve: round {r + 1} embeddings {s.name}: {m['requests_per_s']:.1f} req/s, "
                       f"p50 {m['latency_ms']['p50']} ms, errors {m['errors']}", flush=True)
-            result["rounds"].append(row)
-        result["servers"]["runner"]["metrics"] = metrics_text(servers[0])
+                if s.name == "runner":
+                    result["servers"]["runner"]["metrics"] = metrics_text(s)
+        result["rounds"].append(row)
     result["ratios"] = {"requests_per_s_batching_over_max_batch_1": spread(
         [ratio(row["runner"]["requests_per_s"], row["runner-max-batch-1"]["requests_per_s"]) for row in result["rounds"]])}
     return result

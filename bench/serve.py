@@ -4,7 +4,7 @@ llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on the same weig
 
     .venv/bin/python bench/serve.py [--rounds 3] [--threads 1] [--only chat|chat-270m|embeddings|restart ...]
 
-About 5 minutes on 2 cores (more the first time: the demo bundles, when artifacts/bundles
+About 7 minutes on 2 cores (more the first time: the demo bundles, when artifacts/bundles
 has none, the 270M checkpoint and bundle, and the GGUF are built once into
 <artifacts>/bench-serve).
 

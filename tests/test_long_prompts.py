@@ -90,12 +90,15 @@ def close(a: np.ndarray, b: np.ndarray) -> bool:
     return np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1.0)
 
 
-@pytest.mark.parametrize("budget", [gemma_module.SCORE_BUDGET, 4 * 8, 4 * 64 * 3 + 1])
+@pytest.mark.parametrize("budget, min_block", [(gemma_module.SCORE_BUDGET, gemma_module.MIN_BLOCK), (4 * 8, 1),
+                                               (4 * 64 * 3 + 1, 1), (4 * 8, 16)])
 @pytest.mark.parametrize("length", [1, 4, 5, 6, 37, 200])
-def test_prefill_and_decode_equal_the_plain_implementation(models, monkeypatch, budget, length):
+def test_prefill_and_decode_equal_the_plain_implementation(models, monkeypatch, budget, min_block, length):
     """Prompts shorter and longer than the window (5), score blocks of one query up to the
-    whole prompt, then 24 greedy steps: the same hidden states and the same tokens."""
+    whole prompt (blocks of MIN_BLOCK where the budget allows fewer), then 24 greedy steps:
+    the same hidden states and the same tokens."""
     monkeypatch.setattr(gemma_module, "SCORE_BUDGET", budget)
+    monkeypatch.setattr(gemma_module, "MIN_BLOCK", min_block)
     model, plain = models
     prompt = np.random.default_rng(length).integers(0, 96, length)
     cache, plain_cache = KVCache(model.config), PlainCache(model.config)
@@ -159,6 +162,7 @@ def test_caches_that_continue_one_prefix_share_it_and_never_write_it(models, mon
     sliding layer first sees part of the prefix, then lets go of it; the prefix's keys and
     values are read, never written or copied."""
     monkeypatch.setattr(gemma_module, "SCORE_BUDGET", 4 * 6 * 2)  # blocks of two queries
+    monkeypatch.setattr(gemma_module, "MIN_BLOCK", 1)
     model, plain = models
     prefix_ids = np.random.default_rng(prefix_length).integers(0, 96, prefix_length)
     prefix = KVCache(model.config)

@@ -255,9 +255,10 @@ def attend(q: np.ndarray, parts: Parts, q_first: int, scale: float,
     values in `parts` (`LayerCache.append`: [kv_heads, K, hd] each with its first position,
     in position order, one after the other, from the first key the first query sees to the
     last query's own); with `window`, position p sees only keys in
-    (p - window, p]. Queries go in blocks whose scores stay within SCORE_BUDGET, each over
-    the keys it can see: a long prompt never makes an n x n score tensor, and one token
-    costs O(window) on a sliding layer."""
+    (p - window, p]. Queries go in blocks whose scores stay within SCORE_BUDGET (or of
+    MIN_BLOCK queries, for a context so long that fewer would fit), each over the keys it
+    can see: a long prompt never makes an n x n score tensor, and one token costs O(window)
+    on a sliding layer."""
     heads, n, hd = q.shape
     kv_heads = parts[0][0].shape[0]
     group = heads // kv_heads  # each key-value head serves `group` query heads

@@ -4,7 +4,7 @@ llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on the same weig
 
     .venv/bin/python bench/serve.py [--rounds 3] [--threads 1] [--only chat|chat-270m|embeddings|restart ...]
 
-About 7 minutes on 2 cores (more the first time: the demo bundles, when artifacts/bundles
+About 9 minutes on 2 cores (more the first time: the demo bundles, when artifacts/bundles
 has none, the 270M checkpoint and bundle, and the GGUF are built once into
 <artifacts>/bench-serve).
 
@@ -40,11 +40,13 @@ as much as the demo model takes to answer it, taken from the servers on 2 cores
 Per request: latency, time to the first token (the first chunk with text or a tool call),
 completion tokens (the stream's usage, else its chunks). Per loop: requests/s, tokens/s,
 p50/p95 of both times, the server's resident memory (VmRSS of it and its children) idle
-before and at most during the loop. Each round starts every server in turn, alone on the
-machine, warms it up, runs its loops at each concurrency and stops it; the server that goes
-first changes from round to round. (Kept running side by side, the server started second ran
-8-10% faster here than the first, whichever it was: --max-batch 1 against itself gave the
-same gap.) Ratios are taken within a round and reported as the median, min and max over rounds.
+before and at most during the loop. Every loop has its server to itself: for each
+concurrency of a round, each server in turn is started alone, warmed up, loaded and stopped,
+so the loops compared are minutes apart at most, and the server that goes first changes from
+round to round. (Kept running side by side, the server started second ran 8-10% faster here
+than the first, whichever it was: --max-batch 1 against itself gave the same gap; and this
+machine's speed drifts by 10-20% within minutes, so loops far apart compare badly.) Ratios
+are taken within a round and reported as the median, min and max over rounds.
 
 The peer. llama.cpp's converter (from bench/peers_gemma.py) turns the checkpoint into Q8_0
 GGUF with three changes made by patching it in the converting process: (1) the vocabulary
@@ -586,25 +588,25 @@ def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: P
     grown: dict[str, dict] = {}  # ours' /metrics as grown in the load loops, summed over rounds
     for r in range(args.rounds):
         row = {}
-        for s in servers[r % len(servers):] + servers[: r % len(servers)]:  # alone, another first each round
-            with s:
-                print(f"serve: round {r + 1} {s.name} ready in {s.startup_s:.1f} s", flush=True)
-                if r == 0:  # also the warm-up
-                    result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
-                                                 "rss_mib_idle": round(s.rss_mib(), 1), "answers": answers(s, check)}
-                else:
-                    answers(s, check[:4])
-                before = metrics_text(s) if s.ready_path == "/health" else None
-                for c in CONCURRENCY:
+        for c in CONCURRENCY:
+            for s in servers[r % len(servers):] + servers[: r % len(servers)]:  # alone, another first each round
+                with s:
+                    if s.name not in result["servers"]:  # its first start: also the warm-up
+                        result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
+                                                     "rss_mib_idle": round(s.rss_mib(), 1),
+                                                     "answers": answers(s, check)}
+                    else:
+                        answers(s, check[:4])
+                    before = metrics_text(s) if s.ready_path == "/health" else None
                     m = run_load(s, chat_once, requests[r::args.rounds] or requests, c, max(8, per_client * c),
                                  args.seconds)
                     row[f"{s.name}@{c}"] = m
                     print(f"serve: round {r + 1} chat {bundle.name} {s.name} c={c}: {m['requests_per_s']:.2f} req/s, "
                           f"{m['tokens_per_s']:.1f} tok/s, p50 {m['latency_ms']['p50']} ms, "
                           f"ttft p50 {m['ttft_ms']['p50']} ms, errors {m['errors']}", flush=True)
-                if before is not None:
-                    grown[s.name] = add_metrics(grown.get(s.name, {}), metrics_since(before, metrics_text(s)))
-                result["servers"][s.name].setdefault("exit_status", []).append(s.stop())
+                    if before is not None:
+                        grown[s.name] = add_metrics(grown.get(s.name, {}), metrics_since(before, metrics_text(s)))
+                    result["servers"][s.name].setdefault("exit_status", []).append(s.stop())
         result["rounds"].append(row)
     for name, metrics in grown.items():
         result["servers"][name]["metrics"] = metrics

@@ -589,7 +589,7 @@ def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: P
     for r in range(args.rounds):
         row = {}
         for c in CONCURRENCY:
-            for s in servers[r % len(servers):] + servers[: r % len(servers)]:  # alone, another first each round
+            for s in in_turn(servers, r):
                 with s:
                     if s.name not in result["servers"]:  # its first start: also the warm-up
                         result["servers"][s.name] = {"command": s.command, "startup_s": round(s.startup_s, 2),
@@ -619,6 +619,11 @@ def chat(args, ours_command: list[str] | None, bundle: Path, llama_checkpoint: P
         served = sum(row[f"runner@{c}"]["requests"] for row in result["rounds"] for c in CONCURRENCY)
         result["pi5"] = pi5_model(bundle, result["servers"]["runner"]["metrics"], served)
     return result
+
+
+def in_turn(servers: list[Server], r: int) -> list[Server]:
+    """Round r's order of the servers, each run alone: another one first each round."""
+    return servers[r % len(servers):] + servers[: r % len(servers)]
 
 
 def grows(name: str) -> bool:
@@ -714,7 +719,7 @@ def embeddings(args, ours_command: list[str]) -> dict:
               "wrk (apt install wrk) to measure the server", flush=True)
     for r in range(args.rounds):
         row = {}
-        for s in servers[r % 2:] + servers[: r % 2]:  # alone, another first each round
+        for s in in_turn(servers, r):
             with s:
                 checked = run_load(s, embed_once, texts, 4, 64, args.seconds)  # warm-up; the answers checked
                 if r == 0:

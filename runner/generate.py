@@ -26,6 +26,7 @@ class Sampler:
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
+    banned: tuple[int, ...] = ()  # tokens never drawn (the server's tool_choice "none": no call begins)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self):
@@ -34,13 +35,17 @@ class Sampler:
         self.rng = np.random.default_rng(self.seed)
 
     @property
-    def margin(self) -> float:
+    def margin(self) -> float | None:
         """How far below the best logit a token can still be drawn: none greedily; at a
         temperature, 20 times it (a token that far below has e^-20 of the best's probability).
-        The cpu head computes these logits in full (runner/lm_head.py)."""
-        return 20.0 * self.temperature
+        The cpu head computes these logits in full (runner/lm_head.py). With banned tokens,
+        None: every logit in full, since the best one left may lie anywhere below a banned one."""
+        return None if self.banned else 20.0 * self.temperature
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.banned:
+            logits = logits.copy()
+            logits[list(self.banned)] = -np.inf
         if self.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64)

@@ -171,6 +171,32 @@ def test_tool_choice_none_auto_and_a_named_function(server):
     assert named.finish_reason == "tool_calls"
 
 
+def test_tool_choice_none_never_calls_even_a_model_that_wants_to(server):
+    """Asked to turn on a light, the demo calls a tool; with tool_choice none the answer is
+    text, streamed or not, without a call or its markup."""
+    messages = [{"role": "user", "content": REQUESTS[2]}]
+    assert calls_of(server.client.chat.completions.create(model="demo-gemma", messages=messages,
+                                                          tools=TOOLS).choices[0].message)
+    reply = server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS,
+                                                  tool_choice="none", max_tokens=24).choices[0]
+    assert reply.message.tool_calls is None and reply.finish_reason in ("stop", "length")
+    assert "function_call" not in (reply.message.content or "") and "call:" not in (reply.message.content or "")
+    streamed = list(server.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS,
+                                                          tool_choice="none", max_tokens=24, stream=True))
+    assert not any(c.choices[0].delta.tool_calls for c in streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == (reply.message.content or "")
+    required = post(server, "/v1/chat/completions", {"model": "demo-gemma", "messages": messages,
+                                                     "tool_choice": "required"})
+    assert required.status_code == 400 and error_of(required)["param"] == "tool_choice"
+
+
+def test_a_banned_token_is_never_drawn_and_the_best_other_is_exact():
+    logits = np.array([0.5, 3.0, 2.0, -1.0], np.float32)
+    assert Sampler(banned=(1,))(logits) == 2 and Sampler(banned=(1,)).margin is None  # every logit in full
+    assert Sampler(temperature=1.0, seed=4, banned=(1, 2))(logits) in (0, 3)
+    assert Sampler()(logits) == 1 and Sampler().margin == 0
+
+
 def runner_as_served(*args):
     """`python -m runner ARGS` on the served threads (`Server`): BLAS on two threads splits the
     image tower's float sums otherwise than on one, and the answers are compared bit for bit."""

@@ -340,14 +340,18 @@ async def chat_completions(request: Request) -> Response:
     stream = get(body, "stream", bool, False)
     if get(body, "n", int, 1) != 1:
         raise APIError(400, "'n' must be 1", param="n", code="invalid_value")
-    # tool_choice: "none" declares no tools (a text answer); "required" starts the answer with
-    # <start_function_call>, one token the model itself writes there; a named function is the
-    # only tool declared, and the answer starts with a call. (Forcing the text "call:NAME{"
-    # instead would split tokens where the model never does, and it loses the argument keys.)
-    forced = ""
+    # tool_choice: "none" declares no tools and never lets a call begin (<start_function_call>
+    # is never sampled: a model that saw tools in training may call one unasked); "required"
+    # starts the answer with that token, which the model itself writes there; a named function
+    # is the only tool declared, and the answer starts with a call. (Forcing the text
+    # "call:NAME{" instead would split tokens where the model never does, and it loses the
+    # argument keys.)
+    forced, banned = "", []
     if choice == "none":
-        tools = None
+        tools, banned = None, [assistant.chat.tokenizer.token_to_id(START_CALL)]
     elif choice == "required":
+        if not tools:
+            raise APIError(400, "tool_choice 'required' needs 'tools'", param="tool_choice", code="invalid_value")
         forced = START_CALL
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
@@ -373,7 +377,7 @@ async def chat_completions(request: Request) -> Response:
                        f"than the model's context of {context}", param="messages", code="context_length_exceeded")
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
     job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sorted(assistant.stop(parallel)),
-                                            float(temperature), 0, seed))
+                                            float(temperature), 0, seed, [t for t in banned if t is not None]))
 
     def answer(tokens: list[int]):
         return assistant.read(forced_ids + tokens, tools)

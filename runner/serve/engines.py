@@ -205,6 +205,7 @@ class ChatRequest:
     temperature: float = 0.0
     top_k: int = 0
     seed: int = 0
+    banned: list[int] = field(default_factory=list)  # tokens never sampled (runner/generate.py Sampler)
 
 
 class ChatEngine(Engine):
@@ -253,7 +254,8 @@ class ChatEngine(Engine):
             METRICS.prefix_cache.labels(self.model_id, "hit" if found else "miss").inc()
             if found:
                 cache = found[0]
-        sequence = Sequence(self.model, r.prompt, r.steps, Sampler(r.temperature, r.top_k, r.seed), set(r.stop), cache)
+        sequence = Sequence(self.model, r.prompt, r.steps, Sampler(r.temperature, r.top_k, r.seed, tuple(r.banned)),
+                            set(r.stop), cache)
         # Prefill stops at the end of the shared prefix once, so its cache can be kept there.
         sequence.pause_at = r.prefix if self.prefix_cache is not None and r.prefix > sequence.cache.length else None
         return sequence

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 from .errors import UserError
 from .files import read_json
 from .packages import missing
-from .tokenizer import TokenizerError, load_tokenizer
+from .tokenizer import TokenizerError, check_unicode, load_tokenizer
 
 MIN_JINJA = (3, 1, 6)  # older versions have known sandbox escapes (transformers refuses them too)
 MAX_TEMPLATE_BYTES = 1 << 20
@@ -331,6 +331,7 @@ class Chat:
             if token in text:  # transformers would give it a new id past the vocabulary
                 raise ChatError(f"{where} names {token!r} as a special token, the chat uses it, and "
                                 "tokenizer.json does not have it: add it to tokenizer.json")
+        check_unicode(text, "the chat")
         try:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception

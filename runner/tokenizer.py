@@ -41,6 +41,7 @@ def encode(tokenizer, text: str, path: str | Path = "the tokenizer") -> list[int
     """Token ids of `text`. A vocabulary that cannot spell a word of the text and has no
     unknown token to stand in for it makes `tokenizers` raise a bare Exception about its
     unknown token; here that is a TokenizerError naming the word and the file."""
+    check_unicode(text, path)
     try:
         return tokenizer.encode(text).ids
     except Exception as e:  # tokenizers raises a bare Exception
@@ -50,6 +51,17 @@ def encode(tokenizer, text: str, path: str | Path = "the tokenizer") -> list[int
                  if size < SMALL_VOCAB else "")
         raise TokenizerError(f"{path}: cannot encode {word[:60]!r} ({where}its vocabulary of {size} pieces cannot "
                              f"spell it and has no unknown token to stand in{small})") from e
+
+
+def check_unicode(text: str, path: str | Path = "the tokenizer") -> None:
+    """TokenizerError for a text no tokenizer can take: one with a lone surrogate, which is
+    what a command line's undecodable bytes become in Python (tokenizers says only
+    "TextInputSequence must be str")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{path}: cannot encode {text[max(0, e.start - 30): e.start + 30]!r}: it is not "
+                             f"valid Unicode ({e.reason}, character {e.start})") from None
 
 
 def _unencodable_word(tokenizer, text: str) -> str:

@@ -33,7 +33,7 @@ from runner.gemma import KVCache
 from runner.generate import Sampler, Sequence, advance
 from runner.load import load
 from runner.serve.app import Settings, make_app
-from runner.serve.engines import join_rows
+from runner.serve.engines import ChatEngine, ChatRequest, Job, join_rows
 from runner.serve.prefix_cache import PrefixCache
 from runner.serve.api import APIError
 from runner.serve.worker import Channel, Worker, pack, unpack
@@ -356,6 +356,20 @@ def test_the_developer_turn_is_found_in_the_prompt_and_kept(bundles, monkeypatch
     assert list(seen) == [json.dumps([[system], TOOLS[:3]], sort_keys=True)]
 
 
+def test_a_request_the_engine_refuses_is_answered_at_once_when_nothing_else_runs(bundles):
+    """A job that fails as it joins (here a token id past the vocabulary) has its error sent
+    before the engine waits for the next job: it once sat unsent until another request came."""
+    loaded = load(bundles["demo-gemma"], "cpu")
+    engine = ChatEngine("demo-gemma", loaded.model, loaded.head, 4, 8, None)
+    posted, flushed_with_waiting = [], []
+    engine.flush = lambda: flushed_with_waiting.append(engine.jobs.qsize())
+    engine.jobs.put(Job("chat", ChatRequest([loaded.model.config.vocab_size], 0, 4, []), lambda *e: posted.append(e)))
+    engine.jobs.put(None)  # what stop() sends: the next wait returns
+    engine.admit()
+    assert posted[0][0] == "error" and "vocabulary" in str(posted[0][1])
+    assert flushed_with_waiting == [1]  # sent while the next job was still waiting
+
+
 def test_the_lm_head_on_rows_together_gives_each_rows_logits_alone(bundles):
     """The engine's sequences that sample in one step share a head call (CpuHead.rows): each
     row's logits are those it gets alone, bit for bit, at its own margin."""
@@ -459,6 +473,14 @@ def test_bad_requests_get_openais_error_object(server):
         assert code is None or error["code"] == code, error
     wizard = error_of(post(server, "/v1/chat/completions", cases[2][1]))["message"]
     assert "message 0" in wizard and "wizard" in wizard and "tokenizer_config" not in wizard
+    # JSON is read strictly: Python's json takes NaN (which passed the temperature's range check
+    # and hung the request) and lone surrogates (which no tokenizer can encode: a 500)
+    for path, raw in [("/v1/chat/completions", b'{"model": "demo-gemma", "temperature": NaN, '
+                                                b'"messages": [{"role": "user", "content": "hi"}]}'),
+                      ("/v1/embeddings", b'{"model": "demo-clip", "input": "\\ud800x"}'),
+                      ("/v1/classify", b'{"model": "demo-clip", "images": ["x"], "labels": ["\\ud800"]}')]:
+        response = httpx.post(f"{server.url}{path}", content=raw, timeout=10)
+        assert response.status_code == 400 and error_of(response)["code"] == "invalid_json", (raw, response.text)
     big = httpx.post(f"{server.url}/v1/embeddings", content=b"x" * (17 << 20), timeout=60)
     assert big.status_code == 413 and error_of(big)["code"] == "body_too_large"
     assert httpx.post(f"{server.url}/v1/embeddings", content=b"{not json", timeout=10).status_code == 400

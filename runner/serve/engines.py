@@ -246,6 +246,7 @@ class ChatEngine(Engine):
                 self.active.append((job, self.begin(job.payload)))
             except Exception as e:  # noqa: BLE001
                 self.fail(job, e)
+                self.flush()  # now: with nothing active the loop waits for the next job before flushing
 
     def begin(self, r: ChatRequest) -> Sequence:
         cache = None

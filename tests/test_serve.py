@@ -556,6 +556,38 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(server):
                                                  messages=[{"role": "user", "content": REQUESTS[0]}]).choices
 
 
+def test_a_client_that_leaves_before_its_answer_frees_its_place(bundles):
+    """Not streamed: tokens keep coming for a request whose client gave up, and the server
+    still notices within half a second, so the next request does not wait for an answer
+    nobody reads; a client that leaves while queued leaves no traceback in the log."""
+    s = Server([bundles["demo-gemma"]], "--max-batch", "1", "--max-tokens", "1000", "--backend", "emulate")
+    try:
+        short = {"model": "demo-gemma", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        for seed in range(60):  # a seed whose answer runs to max_tokens (a few in six at this temperature)
+            long = {"model": "demo-gemma", "max_tokens": 900, "temperature": 2, "seed": seed,
+                    "messages": [{"role": "user", "content": "write a long story about a dragon"}]}
+            t0 = time.monotonic()
+            if post(s, "/v1/chat/completions", long).json()["usage"]["completion_tokens"] == 900:
+                break
+        else:
+            pytest.fail("no seed gave a long answer")
+        whole = time.monotonic() - t0  # the long answer's time, on this machine
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{s.url}/v1/chat/completions", json=long, timeout=0.3)
+        t0 = time.monotonic()
+        assert post(s, "/v1/chat/completions", short).status_code == 200
+        assert time.monotonic() - t0 < whole / 2, whole
+        holding = threading.Thread(target=post, args=(s, "/v1/chat/completions", long))
+        holding.start()
+        time.sleep(0.3)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind it, then gone
+            httpx.post(f"{s.url}/v1/chat/completions", json=short, timeout=0.3)
+        holding.join(60)
+    finally:
+        status, err = s.stop()
+    assert status == 0 and "Traceback" not in err and "Exception" not in err, err
+
+
 def test_sigterm_finishes_what_is_in_flight_and_exits_0(bundles):
     s = Server([bundles["demo-gemma"]])
     result = {}

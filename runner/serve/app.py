@@ -189,15 +189,29 @@ async def read_body(request: Request) -> dict:
     return parse_json(bytes(raw))
 
 
+CLIENT_CHECK_S = 0.5  # how often a waiting request looks whether its client is still there
+
+
+class ClientLeft(Exception):
+    """The client closed its connection: its job is cancelled and nothing is answered."""
+
+
 async def wait(request: Request, job: Waiting) -> tuple:
-    """The job's next event; a client that left cancels the job (the engine drops it)."""
+    """The job's next event. Every CLIENT_CHECK_S, tokens arriving or not, it looks whether
+    the client is still there: one that left (a timeout, a closed app) cancels the job, so
+    the engine drops it instead of generating to max_tokens for nobody."""
     while True:
         try:
-            event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            event = await asyncio.wait_for(job.events.get(), timeout=CLIENT_CHECK_S)
         except asyncio.TimeoutError:
+            event = None
+        now = time.monotonic()
+        if event is None or now - job.client_seen >= CLIENT_CHECK_S:
             if await request.is_disconnected():
                 job.cancel()
-                raise asyncio.CancelledError from None
+                raise ClientLeft
+            job.client_seen = now
+        if event is None:
             continue
         if event[0] == "error":
             raise event[1]
@@ -420,6 +434,8 @@ async def chat_completions(request: Request) -> Response:
                 yield chunk(stream_id, served.id, {"content": "".join(m.raw for m in result.malformed)})
             yield chunk(stream_id, served.id, {}, finish_reason(result, stopped), usage(len(prompt), len(tokens)))
             yield "[DONE]"
+        except ClientLeft:
+            return
         except APIError as e:
             yield json.dumps(e.body())
         except UserError as e:
@@ -504,6 +520,8 @@ def endpoint(path: str, method: str, handler):
             response = JSONResponse(e.body(), e.status, headers=e.headers)
         except UserError as e:  # the request's input (an image it cannot read, a text it cannot encode)
             response = JSONResponse(APIError(400, str(e)).body(), 400)
+        except ClientLeft:
+            response = Response(status_code=499)  # nginx's "client closed request": for the metrics, sent to no one
         except asyncio.CancelledError:
             status = 499  # the client left
             raise

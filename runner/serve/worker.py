@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -128,6 +129,7 @@ class Waiting:
     loop: asyncio.AbstractEventLoop
     worker: "Worker"
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    client_seen: float = field(default_factory=time.monotonic)  # when its client was last seen connected
 
     def cancel(self) -> None:
         """Done with it (answered, or the client left): the engine drops it if it still runs."""

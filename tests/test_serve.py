@@ -556,6 +556,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_place(server):
                                                  messages=[{"role": "user", "content": REQUESTS[0]}]).choices
 
 
+def long_request(s: Server) -> tuple[dict, float]:
+    """A chat request the demo answers with 900 tokens (a seed whose sampled answer runs to
+    max_tokens: a few in six at this temperature), and its time alone, on this machine."""
+    for seed in range(60):
+        long = {"model": "demo-gemma", "max_tokens": 900, "temperature": 2, "seed": seed,
+                "messages": [{"role": "user", "content": "write a long story about a dragon"}]}
+        t0 = time.monotonic()
+        if post(s, "/v1/chat/completions", long).json()["usage"]["completion_tokens"] == 900:
+            return long, time.monotonic() - t0
+    pytest.fail("no seed gave a long answer")
+
+
 def test_a_client_that_leaves_before_its_answer_frees_its_place(bundles):
     """Not streamed: tokens keep coming for a request whose client gave up, and the server
     still notices within half a second, so the next request does not wait for an answer
@@ -563,15 +575,7 @@ def test_a_client_that_leaves_before_its_answer_frees_its_place(bundles):
     s = Server([bundles["demo-gemma"]], "--max-batch", "1", "--max-tokens", "1000", "--backend", "emulate")
     try:
         short = {"model": "demo-gemma", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-        for seed in range(60):  # a seed whose answer runs to max_tokens (a few in six at this temperature)
-            long = {"model": "demo-gemma", "max_tokens": 900, "temperature": 2, "seed": seed,
-                    "messages": [{"role": "user", "content": "write a long story about a dragon"}]}
-            t0 = time.monotonic()
-            if post(s, "/v1/chat/completions", long).json()["usage"]["completion_tokens"] == 900:
-                break
-        else:
-            pytest.fail("no seed gave a long answer")
-        whole = time.monotonic() - t0  # the long answer's time, on this machine
+        long, whole = long_request(s)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{s.url}/v1/chat/completions", json=long, timeout=0.3)
         t0 = time.monotonic()
@@ -589,21 +593,30 @@ def test_a_client_that_leaves_before_its_answer_frees_its_place(bundles):
 
 
 def test_sigterm_finishes_what_is_in_flight_and_exits_0(bundles):
-    s = Server([bundles["demo-gemma"]])
+    """Answers that take seconds, one streamed and one not, both in flight at SIGTERM: each
+    is finished (sse-starlette ended streams at once: no finish_reason, no [DONE]), then the
+    server exits 0."""
+    s = Server([bundles["demo-gemma"]], "--max-tokens", "1000", "--backend", "emulate")
+    long, _ = long_request(s)
     result = {}
 
     def ask():
-        result["reply"] = s.client.chat.completions.create(
-            model="demo-gemma", tools=TOOLS, max_tokens=200, temperature=1.5, seed=1,
-            messages=[{"role": "user", "content": "send a message to Ana saying I'm late"}])
+        result["reply"] = s.client.chat.completions.create(**long)
 
-    asking = threading.Thread(target=ask)
-    asking.start()
+    def ask_streamed():
+        result["chunks"] = list(s.client.chat.completions.create(**long, stream=True))
+
+    asking = [threading.Thread(target=ask), threading.Thread(target=ask_streamed)]
+    for t in asking:
+        t.start()
     time.sleep(0.3)
     status, err = s.stop()
-    asking.join(60)
+    for t in asking:
+        t.join(60)
     assert status == 0, err
-    assert result["reply"].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert result["reply"].choices[0].finish_reason == "length" and result["reply"].usage.completion_tokens == 900
+    assert result["chunks"][-1].choices[0].finish_reason == "length"
+    assert result["chunks"][-1].usage.completion_tokens == 900
     assert "Traceback" not in err
 
 

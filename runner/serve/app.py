@@ -189,6 +189,7 @@ async def read_body(request: Request) -> dict:
     return parse_json(bytes(raw))
 
 
+GRACEFUL_S = 30.0  # after SIGTERM, what is in flight has this long to finish (runner/serve/main.py)
 CLIENT_CHECK_S = 0.5  # how often a waiting request looks whether its client is still there
 
 
@@ -443,7 +444,9 @@ async def chat_completions(request: Request) -> Response:
         finally:
             job.cancel()  # done, or the client left: the engine drops it
 
-    return EventSourceResponse(events(), ping=15)
+    # On SIGTERM sse-starlette ends its streams at once unless given a grace period: a stream
+    # in flight then stopped without its calls or [DONE]. It finishes, as other requests do.
+    return EventSourceResponse(events(), ping=15, shutdown_grace_period=GRACEFUL_S)
 
 
 DEVELOPER_TURNS = 64  # developer turns whose tokens a served bundle keeps (shared_prefix)

@@ -10,7 +10,7 @@ from ..bundle import read_manifest
 from ..errors import UserError
 from ..packages import require
 from ..photos import read_index
-from .app import Settings, make_app  # noqa: F401 - Settings is the command line's
+from .app import GRACEFUL_S, Settings, make_app  # noqa: F401 - Settings is the command line's
 
 uvicorn = require("uvicorn", "`runner serve` runs on it (pip install -r runner/requirements-serve.txt)")
 LOOPBACK = ("localhost",)
@@ -38,7 +38,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(settings: Settings, host: str, port: int, graceful_s: float = 30.0) -> int:
+def serve(settings: Settings, host: str, port: int, graceful_s: float = GRACEFUL_S) -> int:
     """Serve until SIGTERM or Ctrl-C: uvicorn stops accepting, lets what is in flight finish
     (at most `graceful_s`), then the engines stop; exit status 0."""
     settings.api_key = settings.api_key or os.environ.get("RUNNER_API_KEY") or None

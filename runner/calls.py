@@ -74,12 +74,12 @@ class Assistant:
         return call_stop_ids(self.chat.tokenizer, self.eos, parallel=parallel)
 
     def prompt(self, messages, tools=None, source: str = "the conversation", tools_source: str | None = None,
-               add_generation_prompt: bool = True) -> list[int]:
+               add_generation_prompt: bool = True, most_tokens: int | None = None) -> list[int]:
         """The conversation's token ids, its messages and tools checked first (a problem names
-        `source` or `tools_source` and the entry)."""
+        `source` or `tools_source` and the entry); `most_tokens`: see `Chat.encode`."""
         messages = check_messages(messages, source)
         tools = check_tools(tools, tools_source or source)
-        return self.chat.encode(messages, tools, add_generation_prompt)
+        return self.chat.encode(messages, tools, add_generation_prompt, most_tokens)
 
     def read(self, tokens: list[int], tools=None) -> Answer:
         """The model's turn as calls typed by the tools' schemas, and text."""

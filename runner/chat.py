@@ -51,6 +51,10 @@ class ChatError(UserError):
     """A chat template, tokenizer config or conversation that cannot be rendered."""
 
 
+class PromptTooLong(ChatError):
+    """A rendered conversation certainly longer than the tokens allowed (`Chat.encode`)."""
+
+
 def _jinja():
     try:
         import jinja2
@@ -303,12 +307,24 @@ class ChatTemplate:
                             f"{type(e).__name__}: {_one_line(e)}") from e
 
 
+SHRINK = 4  # text characters per normalized character at the most (NFKC composes up to 3 into 1)
+
+
 class Chat:
     """A template plus the tokenizer it belongs to: conversations to prompt token ids."""
 
     def __init__(self, template: ChatTemplate, tokenizer, missing: Mapping[str, str] | None = None):
         self.template, self.tokenizer = template, tokenizer
         self.missing = dict(missing or {})  # token -> what names it, absent from the tokenizer
+        self._longest_piece: int | None = None
+
+    @property
+    def longest_piece(self) -> int:
+        """The characters of the vocabulary's longest piece (found on first use: 262,144 pieces
+        take about 50 ms)."""
+        if self._longest_piece is None:
+            self._longest_piece = max(1, max(map(len, self.tokenizer.get_vocab(with_added_tokens=True))))
+        return self._longest_piece
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "Chat":
@@ -323,10 +339,19 @@ class Chat:
         config = _read_json(config_path) if config_path.is_file() else {}
         return cls(template, tokenizer, _align_added_tokens(tokenizer, config, config_path))
 
-    def encode(self, messages, tools=None, add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode(self, messages, tools=None, add_generation_prompt: bool = True, most_tokens: int | None = None,
+               **kwargs) -> list[int]:
         """The token ids of `apply_chat_template(..., tokenize=True)`: the rendered text,
-        encoded without the tokenizer adding special tokens (the template wrote them)."""
+        encoded without the tokenizer adding special tokens (the template wrote them).
+
+        `most_tokens`: PromptTooLong, before any tokenizing, for a text so long that it must
+        have more (each token spells at most the longest piece of the vocabulary, of the text
+        normalized; SHRINK allows for a normalizer that composes characters). A server's
+        13 MB conversation took 16 s to tokenize only to be refused."""
         text = self.template.render(messages, tools, add_generation_prompt, **kwargs)
+        if most_tokens is not None and len(text) > SHRINK * self.longest_piece * most_tokens:
+            raise PromptTooLong(f"the conversation is {len(text)} characters, more than {most_tokens} tokens "
+                                f"(a token spells at most {self.longest_piece} of them)")
         for token, where in self.missing.items():
             if token in text:  # transformers would give it a new id past the vocabulary
                 raise ChatError(f"{where} names {token!r} as a special token, the chat uses it, and "

@@ -94,6 +94,8 @@ def test_demo_template_gives_transformers_token_ids(name, generation_prompt, cha
     tools, messages = CONVERSATIONS[name]
     expected = hf_ids(reference, messages, tools, add_generation_prompt=generation_prompt)
     assert chat.encode(messages, tools, add_generation_prompt=generation_prompt) == expected
+    # the early length check never refuses a prompt that fits, even one that fills its room exactly
+    assert chat.encode(messages, tools, add_generation_prompt=generation_prompt, most_tokens=len(expected)) == expected
     text = reference.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=generation_prompt)
     assert chat.template.render(messages, tools, generation_prompt) == text

@@ -488,6 +488,37 @@ def test_bad_requests_get_openais_error_object(server):
     assert server.client.embeddings.create(model="demo-clip", input="a red circle").data
 
 
+def test_long_inputs_never_stall_the_server(server):
+    """A conversation far past the context is refused before it is tokenized (it once took 16 s
+    to tokenize 13 MB, only to be refused); texts that take seconds to tokenize do so off the
+    event loop, so /health and other requests are answered meanwhile."""
+    huge = {"model": "demo-gemma", "messages": [{"role": "user", "content": "set a timer for 7 minutes " * 200000}]}
+    t0 = time.monotonic()
+    refused = post(server, "/v1/chat/completions", huge)
+    assert refused.status_code == 422 and error_of(refused)["code"] == "context_length_exceeded"
+    assert "characters" in error_of(refused)["message"] and time.monotonic() - t0 < 5
+
+    texts = ["a red circle and a blue star " * 700] * 256  # 5 MB: seconds of tokenizing
+    health, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            t = time.monotonic()
+            httpx.get(f"{server.url}/health", timeout=60)
+            health.append(time.monotonic() - t)
+            time.sleep(0.05)
+    prober = threading.Thread(target=probe)
+    prober.start()
+    t0 = time.monotonic()
+    try:
+        assert len(server.client.embeddings.create(model="demo-clip", input=texts).data) == 256
+    finally:
+        took = time.monotonic() - t0
+        done.set()
+        prober.join(60)
+    assert max(health) < took / 3, (max(health), took)
+
+
 def test_503_while_loading_then_answers(bundles):
     """Until its models are loaded the server answers every model endpoint 503 with
     Retry-After, and /health says loading; once loaded, the same requests are answered.

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..calls import Assistant
-from ..chat import ChatError
+from ..chat import ChatError, PromptTooLong
 from ..conversation import FIRST_ONLY
 from ..contrastive import Contrastive
 from ..errors import UserError
@@ -264,7 +264,8 @@ async def embeddings(request: Request) -> Response:
     tokens = 0
     if texts:
         try:
-            ids = served.towers.tokenize(list(texts.values()))  # a text it cannot encode is the request's fault
+            # on a thread, as a chat's prompt: 256 long texts took the event loop 3.5 s
+            ids = await asyncio.to_thread(served.towers.tokenize, list(texts.values()))
         except UserError as e:
             raise APIError(400, str(e), param="input", code="invalid_value") from None
         tokens += int(np.count_nonzero(ids != served.towers.pad_id)) + len(texts)  # each text's end-of-text too
@@ -299,7 +300,7 @@ async def classify(request: Request) -> Response:
     if "{}" not in template:
         raise APIError(400, "'prompt' needs a {} where the label goes", param="prompt", code="invalid_value")
     try:
-        served.towers.tokenize([template.replace("{}", label) for label in labels])
+        await asyncio.to_thread(served.towers.tokenize, [template.replace("{}", label) for label in labels])
     except UserError as e:
         raise APIError(400, str(e), param="labels", code="invalid_value") from None
     pixels = await decode_images(served, images, "images")
@@ -329,7 +330,7 @@ async def search(request: Request) -> Response:
         if not query.strip():
             raise APIError(400, "'query' is empty", param="query", code="invalid_value")
         try:
-            ids = served.towers.tokenize([query])
+            ids = await asyncio.to_thread(served.towers.tokenize, [query])
         except UserError as e:
             raise APIError(400, str(e), param="query", code="invalid_value") from None
         vector = (await embed(request, served, "text", ids, 1))[0]
@@ -379,17 +380,26 @@ async def chat_completions(request: Request) -> Response:
     elif choice != "auto":
         raise APIError(400, "'tool_choice' must be auto, none, required or {type: function, function: {name}}",
                        param="tool_choice", code="invalid_value")
+    context = served.loaded.model.config.max_position_embeddings
+    too_long = f"with max_tokens {max_tokens} that is more than the model's context of {context}"
     try:
-        prompt = assistant.prompt(messages, tools, "messages", "tools")
-        prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)
+        # On a thread (tokenizers lets go of the GIL): a long conversation takes seconds to
+        # tokenize, which on the event loop stalled every other request and /health.
+        prompt = await asyncio.to_thread(assistant.prompt, messages, tools, "messages", "tools",
+                                         most_tokens=context - max_tokens)
         forced_ids = assistant.chat.tokenizer.encode(forced, add_special_tokens=False).ids if forced else []
+    except PromptTooLong as e:
+        raise APIError(422, f"{e}; {too_long}", param="messages", code="context_length_exceeded") from None
     except (ChatError, UserError) as e:
         raise APIError(400, str(e), param="messages", code="invalid_value") from None
     prompt = prompt + forced_ids
-    context = served.loaded.model.config.max_position_embeddings
     if len(prompt) + max_tokens > context:
-        raise APIError(422, f"the conversation is {len(prompt)} tokens; with max_tokens {max_tokens} that is more "
-                       f"than the model's context of {context}", param="messages", code="context_length_exceeded")
+        raise APIError(422, f"the conversation is {len(prompt)} tokens; {too_long}", param="messages",
+                       code="context_length_exceeded")
+    try:  # once the prompt is known to fit: its developer turn is short
+        prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)
+    except (ChatError, UserError) as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from None
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
     job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sorted(assistant.stop(parallel)),
                                             float(temperature), 0, seed, [t for t in banned if t is not None]))

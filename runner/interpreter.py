@@ -20,6 +20,7 @@ import ctypes
 import os
 import sys
 import tempfile
+import threading
 
 from .packages import missing
 
@@ -104,27 +105,34 @@ def require_interpreter():
     return Interpreter
 
 
+# File descriptor 2 belongs to the process: threads that open interpreters at once (the
+# server's engines warm up together) take turns, or one would save another's temporary file
+# as "stderr" and put it back for good, and the process's log would go to a deleted file.
+_REDIRECTING = threading.RLock()
+
+
 @contextlib.contextmanager
 def quiet_info():
     """Inside: what is written to file descriptor 2 is kept, then written back to stderr
     without the lines that start with `INFO: `."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no stderr to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as kept:
-        os.dup2(kept.fileno(), 2)
+    with _REDIRECTING:
         try:
-            yield
-        finally:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            kept.seek(0)
-            lines = kept.read().decode(errors="replace").splitlines(keepends=True)
-            shown = "".join(line for line in lines if not line.startswith("INFO: "))
-            if shown:
-                sys.stderr.write(shown)
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no stderr to filter
+            yield
+            return
+        with tempfile.TemporaryFile() as kept:
+            os.dup2(kept.fileno(), 2)
+            try:
+                yield
+            finally:
                 sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                kept.seek(0)
+                lines = kept.read().decode(errors="replace").splitlines(keepends=True)
+                shown = "".join(line for line in lines if not line.startswith("INFO: "))
+                if shown:
+                    sys.stderr.write(shown)
+                    sys.stderr.flush()

@@ -7,6 +7,9 @@ artifacts directory moved into a temporary directory (CORAL_ARTIFACTS).
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from runner.bundle import Bundle
 from runner.edgetpu_codec import decode_dense, read_compiled
 from runner.executors import LazyDense, TemplateInterpreter, make_linear
 from runner.images import load_image
+from runner.interpreter import quiet_info
 
 from .conftest import DEMO_CLIP, doit, runner
 
@@ -164,12 +168,27 @@ def test_tflite_info_lines_do_not_reach_the_user(bundle_dir, samples):
 
 
 def test_quiet_info_passes_everything_else_through(capfd):
-    import os
-
-    from runner.interpreter import quiet_info
-
     with quiet_info():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nERROR: a real one\n")
         os.write(2, b"a warning without a prefix\n")
     os.write(2, b"INFO: after it, untouched\n")
     assert capfd.readouterr().err == "ERROR: a real one\na warning without a prefix\nINFO: after it, untouched\n"
+
+
+def test_quiet_info_from_threads_at_once_gives_stderr_back(capfd):
+    """The server's engines open interpreters on threads at once; each one's redirection of
+    file descriptor 2 once saved another's temporary file as stderr and put it back for good."""
+    before = os.fstat(2)
+
+    def one(i):
+        with quiet_info():
+            os.write(2, f"thread {i}\n".encode())
+            time.sleep(0.02)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert sorted(capfd.readouterr().err.splitlines()) == [f"thread {i}" for i in range(8)]

@@ -14,6 +14,7 @@ inputs and raw float32 files run without it. Large files are decoded within MAX_
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -135,10 +136,8 @@ def load_image(path, processing: ImageProcessing | int, name: str | None = None)
     Image = pillow()
     name = name or path
     size = processing if isinstance(processing, int) else processing.size
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # the limit below applies to what is decoded, after draft
     try:
-        with Image.open(path) as img:
+        with _open_unlimited(Image, path) as img:
             full = img.size
             img.draft(None, (2 * size, 2 * size))  # JPEG only; other formats decode in full
             if img.size[0] * img.size[1] > MAX_PIXELS:
@@ -151,8 +150,20 @@ def load_image(path, processing: ImageProcessing | int, name: str | None = None)
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ImageError(f"{name}: cannot read image ({e})") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+
+
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is Pillow's global: threads take turns changing it
+
+
+def _open_unlimited(Image, path):
+    """Image.open without Pillow's pixel limit (`load_image` applies its own, after draft),
+    the limit put back before anything decodes."""
+    with _PILLOW_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_f32le(path: str | Path, size: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 import os
@@ -517,6 +518,31 @@ def test_long_inputs_never_stall_the_server(server):
         done.set()
         prober.join(60)
     assert max(health) < took / 3, (max(health), took)
+
+
+def test_images_that_decode_large_are_decoded_one_request_at_a_time(bundles):
+    """A blank 6000 x 6000 PNG is a small file and 108 MB of RGB pixels. Four requests of two
+    at once decoded together took the HTTP process's memory up by about four images; one
+    request's images at a time, it grows by about one (its peak, VmHWM, says)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    s = Server([bundles["demo-clip"]])
+    try:
+        def peak_mib():
+            status = Path(f"/proc/{s.process.pid}/status").read_text()
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        before = peak_mib()
+        body = {"model": "demo-clip", "input": [uri, uri]}
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [r.status_code for r in pool.map(lambda _: post(s, "/v1/embeddings", body), range(4))]
+        assert statuses == [200] * 4
+        one_image = 6000 * 6000 * 3 / (1 << 20)
+        assert peak_mib() - before < 2.5 * one_image, (before, peak_mib())
+    finally:
+        s.stop()
 
 
 def test_503_while_loading_then_answers(bundles):

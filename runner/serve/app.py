@@ -107,6 +107,8 @@ class Server:
         self.on_failure = lambda: None  # main.py: stop the server
         self.started = time.time()
         self.worker: Worker | None = None
+        self.decoding = asyncio.Semaphore(1)  # decode_images: one request's images at a time
+        self.decodes_waiting = 0
 
     def load(self) -> None:
         try:
@@ -227,7 +229,11 @@ async def embed(request: Request, served: Served, kind: str, payload, rows: int)
         job.cancel()
 
 
-async def decode_images(served: Served, values: list[str], param: str) -> np.ndarray:
+async def decode_images(server: Server, served: Served, values: list[str], param: str) -> np.ndarray:
+    """The images' pixels, decoded on a thread, one request's images at a time: a small file
+    may decode to hundreds of MB (a blank 8000 x 8000 PNG is 190 KB), and eight such requests
+    at once took the HTTP process to 2 GB. Requests waiting their turn are bounded as the
+    engines' queues are (429 past --max-queue)."""
     processing = served.towers.processing
     served.towers.require_tower("image")
 
@@ -238,7 +244,18 @@ async def decode_images(served: Served, values: list[str], param: str) -> np.nda
     if missing:
         raise APIError(400, f"{param}[{missing[0]}] is not a data:image/...;base64, URI", param=param,
                        code="invalid_value")
-    return np.stack(await asyncio.to_thread(lambda: [one(i, raw) for i, raw in enumerate(decoded)]))
+    if server.decodes_waiting >= server.settings.max_queue:
+        raise APIError(429, f"{server.decodes_waiting} requests are waiting to decode their images: try again "
+                       "shortly", code="queue_full", headers={"Retry-After": "1"})
+    server.decodes_waiting += 1
+    try:
+        await server.decoding.acquire()
+    finally:
+        server.decodes_waiting -= 1
+    try:
+        return np.stack(await asyncio.to_thread(lambda: [one(i, raw) for i, raw in enumerate(decoded)]))
+    finally:
+        server.decoding.release()
 
 
 async def embeddings(request: Request) -> Response:
@@ -272,7 +289,7 @@ async def embeddings(request: Request) -> Response:
         vectors = await embed(request, served, "text", ids, len(texts))  # tokenized once, here
         out.update(zip(texts, vectors))
     if images:
-        pixels = await decode_images(served, list(images.values()), "input")
+        pixels = await decode_images(server, served, list(images.values()), "input")
         out.update(zip(images, await embed(request, served, "image", pixels, len(images))))
     data = [{"object": "embedding", "index": i,
              "embedding": out[i].astype(np.float32) if encoding == "float"
@@ -303,7 +320,7 @@ async def classify(request: Request) -> Response:
         await asyncio.to_thread(served.towers.tokenize, [template.replace("{}", label) for label in labels])
     except UserError as e:
         raise APIError(400, str(e), param="labels", code="invalid_value") from None
-    pixels = await decode_images(served, images, "images")
+    pixels = await decode_images(server, served, images, "images")
     probs = await embed(request, served, "classify", (pixels, labels, template), len(images))
     data = [{"index": i, "labels": dict(zip(labels, map(float, p))), "best": labels[int(np.argmax(p))]}
             for i, p in enumerate(probs)]
@@ -335,7 +352,7 @@ async def search(request: Request) -> Response:
             raise APIError(400, str(e), param="query", code="invalid_value") from None
         vector = (await embed(request, served, "text", ids, 1))[0]
     else:
-        vector = (await embed(request, served, "image", await decode_images(served, [image], "image"), 1))[0]
+        vector = (await embed(request, served, "image", await decode_images(server, served, [image], "image"), 1))[0]
     return JSONResponse({"object": "list", "index": name, "model": model_id, "images": len(index.entries),
                          "data": best_matches(index, vector, top)})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
 from ..bundle import read_manifest
 from ..errors import UserError
@@ -38,6 +39,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_writable_dir(directory: str, option: str) -> None:
+    """Make `directory` if need be; ServeError if it cannot be made or written."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ServeError(f"{option} {directory}: cannot make the directory ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ServeError(f"{option} {directory}: the directory is not writable")
+
+
 def serve(settings: Settings, host: str, port: int, graceful_s: float = GRACEFUL_S) -> int:
     """Serve until SIGTERM or Ctrl-C: uvicorn stops accepting, lets what is in flight finish
     (at most `graceful_s`), then the engines stop; exit status 0."""
@@ -49,6 +61,8 @@ def serve(settings: Settings, host: str, port: int, graceful_s: float = GRACEFUL
         read_manifest(bundle)
     for directory in settings.indexes.values():
         read_index(directory)
+    if settings.prefix_cache_dir:
+        check_writable_dir(settings.prefix_cache_dir, "--prefix-cache")
     app = make_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_s, lifespan="on")

@@ -583,6 +583,15 @@ def test_an_api_key_is_needed_when_given_and_off_loopback(bundles):
         s.stop()
 
 
+def test_a_prefix_cache_directory_that_cannot_be_made_is_one_line_before_listening(bundles, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run = runner("serve", bundles["demo-gemma"], "--port", str(free_port()), "--prefix-cache",
+                 tmp_path / "a-file" / "cache")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"--prefix-cache {tmp_path / 'a-file' / 'cache'}: cannot make the directory" in run.stderr
+    assert "serving" not in run.stderr  # refused before it listens
+
+
 def test_a_full_queue_answers_429_with_retry_after(bundles):
     s = Server([bundles["demo-gemma"]], "--max-queue", "1", "--max-batch", "1")
     try:
@@ -715,3 +724,12 @@ def test_a_restarted_server_finds_its_prefix_cache(bundles, tmp_path):
         _, err = damaged.stop()
     assert calls_of(reply.choices[0].message) == calls_of(cold.choices[0].message)
     assert "skipped" in err
+    # another backend's float sums differ in their last bits: it never takes the cpu's entries
+    saved = {p.name for p in cache.rglob("*.prefix.safetensors")}
+    other = Server([bundles["demo-gemma"]], "--prefix-cache", str(cache), "--backend", "emulate")
+    try:
+        other.client.chat.completions.create(model="demo-gemma", messages=messages, tools=TOOLS)
+        assert other.metric("runner_prefix_cache_total", result="hit") == 0
+    finally:
+        other.stop()
+    assert saved < {p.name for p in cache.rglob("*.prefix.safetensors")}  # its own entry beside them

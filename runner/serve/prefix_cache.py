@@ -9,12 +9,13 @@ begins with those tokens from a cache that continues it (`longest`: it reads the
 keys and values, never copies or writes them, runner/gemma.py `LayerCache`). The answer is
 the one without the cache: the same tokens run, only earlier.
 
-Bounded in bytes (least recently used out). Keyed by the bundle's manifest hash and the
-token ids. With a directory, every entry is also written there (safetensors: the keys and
-values of each layer, the token ids and layer positions in its metadata; temporary file,
-then rename), and read back at start-up, so a restarted server is warm on its first
-request. A saved entry comes from disk, i.e. from outside: each is checked against the
-model's config before use, and one that does not fit is skipped with a warning.
+Bounded in bytes (least recently used out). Keyed by the bundle's manifest hash, the
+backend and route that computed it, and the token ids. With a directory, every entry is
+also written there (safetensors: the keys and values of each layer, the token ids and layer
+positions in its metadata; temporary file, then rename), and read back at start-up, so a
+restarted server is warm on its first request. A saved entry comes from disk, i.e. from
+outside: each is checked against the model's config before use, and one that does not fit
+is skipped with a warning.
 """
 
 from __future__ import annotations

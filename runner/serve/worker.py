@@ -338,8 +338,10 @@ class EngineProcess:
         cache = None
         if s.prefix_cache_mb > 0:
             directory = Path(s.prefix_cache_dir) / name if s.prefix_cache_dir else None
-            cache = PrefixCache(loaded.model.config, manifest_sha256(bundle), int(s.prefix_cache_mb * (1 << 20)),
-                                directory)
+            # Keyed by what computed the keys and values too: the backends' (and routes') float
+            # sums differ in their last bits, and an answer must equal the one without the cache.
+            key = f"{manifest_sha256(bundle)}:{loaded.backend}:{loaded.routes.route if loaded.routes else ''}"
+            cache = PrefixCache(loaded.model.config, key, int(s.prefix_cache_mb * (1 << 20)), directory)
         return ChatEngine(name, loaded.model, loaded.head, s.max_batch, queue, cache, s.prefill_chunk)
 
     def serve(self) -> None:

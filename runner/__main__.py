@@ -53,7 +53,7 @@ from .chat import ChatError
 from .check import check_bundle, selftest
 from .errors import UserError
 from .executors import BACKENDS, ROUTES
-from .contrastive import Contrastive
+from .contrastive import Contrastive, LabelError, check_labels, check_template
 from .families import GEMMA_FAMILY
 from .generate import Sampler, generate
 from .generate import stop_ids as gemma_stop_ids
@@ -444,19 +444,18 @@ def label_list(text: str) -> list[str]:
     found = [s.strip() for s in text.split(",") if s.strip()]
     if not found:
         raise argparse.ArgumentTypeError(f"needs at least one label, got {text!r}")
-    return found
+    try:
+        return check_labels(found)
+    except LabelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def label_template(text: str) -> str:
     """--prompt "a photo of {}": the label goes where {} is."""
     try:
-        text.format("label")
-    except (AttributeError, IndexError, KeyError, ValueError) as e:  # what str.format raises
-        raise argparse.ArgumentTypeError(f"{text!r} is not a template with one {{}} where the label goes "
-                                         f"({e})") from None
-    if "{}" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a {{}} where the label goes")
-    return text
+        return check_template(text)
+    except LabelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def token_id_list(text: str) -> list[int]:

@@ -15,17 +15,42 @@ Embeddings come out as the model computes them or, with `unit=True`, scaled to l
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import BundleError
+from .errors import UserError
 from .families import CONTRASTIVE
 from .images import ImageProcessing, load_f32le, load_image
 from .load import Loaded
 
 LABEL_CACHE = 4096  # label embeddings kept (per template and label): 2 MiB at 512 floats
+
+
+class LabelError(UserError):
+    """Zero-shot labels or a label template that cannot be used."""
+
+
+def check_template(template: str) -> str:
+    """A label template ("a photo of {}"): one {} where the label goes, as str.format fills it."""
+    try:
+        template.format("label")
+    except (AttributeError, IndexError, KeyError, ValueError) as e:  # what str.format raises
+        raise LabelError(f"{template!r} is not a template with one {{}} where the label goes ({e})") from None
+    if "{}" not in template:
+        raise LabelError(f"{template!r} needs a {{}} where the label goes")
+    return template
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """Labels for zero-shot: each once (a repeated one splits its probability, and answers keyed
+    by label lose one of them)."""
+    repeated = [label for label, n in Counter(labels).items() if n > 1]
+    if repeated:
+        raise LabelError(f"the label {repeated[0]!r} is given {labels.count(repeated[0])} times")
+    return labels
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

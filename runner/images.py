@@ -148,7 +148,9 @@ def load_image(path, processing: ImageProcessing | int, name: str | None = None)
             return preprocess(img, processing)
     except ImageError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+    except Image.UnidentifiedImageError as e:  # its message names the file object: "<_io.BytesIO object at 0x...>"
+        raise ImageError(f"{name}: cannot read image (not a format Pillow reads)") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot read image ({e})") from e
 
 

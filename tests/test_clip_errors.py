@@ -146,6 +146,9 @@ def test_runner_errors(tmp_path, bundle_dir, samples):
     run = runner("zero-shot", bundle_dir, samples[0], "--labels", " , ")
     assert run.returncode == 2 and "at least one label" in run.stderr
 
+    run = runner("zero-shot", bundle_dir, samples[0], "--labels", "red,blue,red")
+    assert run.returncode == 2 and "'red' is given 2 times" in run.stderr
+
     run = runner("clip-text", bundle_dir, "red \udcff")  # a byte the locale cannot decode, as Python passes it on
     assert run.returncode == 2 and "not valid Unicode" in run.stderr and "Traceback" not in run.stderr
 

@@ -466,12 +466,20 @@ def test_bad_requests_get_openais_error_object(server):
         ("/v1/embeddings", {"model": "demo-clip", "input": "https://example.com/cat.png"}, 400, "invalid_value"),
         ("/v1/embeddings", {"model": "demo-clip", "input": "data:image/png;base64,AAAA"}, 400, None),
         ("/v1/search", {"index": "photos", "query": "cat"}, 404, "index_not_found"),
+        ("/v1/embeddings", {"model": "demo-clip", "input": ["a red circle", ""]}, 400, "invalid_value"),
+        ("/v1/classify", {"model": "demo-clip", "images": [data_uri(SAMPLES[0])], "labels": ["red"],
+                          "prompt": "{} {}"}, 400, "invalid_value"),  # str.format fills it: a 500 once
+        ("/v1/classify", {"model": "demo-clip", "images": [data_uri(SAMPLES[0])], "labels": ["red", "blue", "red"]},
+         400, "invalid_value"),  # answers keyed by label would lose one, and the rest not sum to 1
     ]
     for path, body, status, code in cases:
         response = post(server, path, body)
         assert response.status_code == status, (body, response.text)
         error = error_of(response)
         assert code is None or error["code"] == code, error
+    not_an_image = error_of(post(server, "/v1/embeddings",
+                                 {"model": "demo-clip", "input": "data:image/png;base64,AAAA"}))
+    assert "input[0]: cannot read image" in not_an_image["message"] and "BytesIO" not in not_an_image["message"]
     wizard = error_of(post(server, "/v1/chat/completions", cases[2][1]))["message"]
     assert "message 0" in wizard and "wizard" in wizard and "tokenizer_config" not in wizard
     # JSON is read strictly: Python's json takes NaN (which passed the temperature's range check

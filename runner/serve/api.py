@@ -21,7 +21,8 @@ from typing import Any
 from ..function_calls import Answer
 from ..packages import require
 
-orjson = require("orjson", "`runner serve` reads and writes its JSON with it (pip install -r runner/requirements-serve.txt)")
+orjson = require("orjson", "`runner serve` reads and writes its JSON with it "
+                          "(pip install -r runner/requirements-serve.txt)")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",

@@ -35,7 +35,7 @@ import numpy as np
 from ..calls import Assistant
 from ..chat import ChatError, PromptTooLong
 from ..conversation import FIRST_ONLY
-from ..contrastive import Contrastive
+from ..contrastive import Contrastive, LabelError, check_labels, check_template
 from ..errors import UserError
 from ..families import CONTRASTIVE
 from ..function_calls import START_CALL
@@ -265,9 +265,9 @@ async def embeddings(request: Request) -> Response:
     inputs = get(body, "input", (str, list))
     inputs = [inputs] if isinstance(inputs, str) else inputs
     s = server.settings
-    if not inputs or len(inputs) > s.max_inputs or not all(isinstance(x, str) for x in inputs):
-        raise APIError(400, f"'input' must be a string or a list of 1 to {s.max_inputs} strings", param="input",
-                       code="invalid_value")
+    if not inputs or len(inputs) > s.max_inputs or not all(isinstance(x, str) and x for x in inputs):
+        raise APIError(400, f"'input' must be a non-empty string or a list of 1 to {s.max_inputs} of them",
+                       param="input", code="invalid_value")
     encoding = get(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
         raise APIError(400, "'encoding_format' must be float or base64", param="encoding_format",
@@ -314,10 +314,16 @@ async def classify(request: Request) -> Response:
                                                                           for x in labels):
         raise APIError(400, f"'labels' must list 1 to {server.settings.max_inputs} non-empty strings",
                        param="labels", code="invalid_value")
-    if "{}" not in template:
-        raise APIError(400, "'prompt' needs a {} where the label goes", param="prompt", code="invalid_value")
     try:
-        await asyncio.to_thread(served.towers.tokenize, [template.replace("{}", label) for label in labels])
+        check_template(template)
+    except LabelError as e:
+        raise APIError(400, f"'prompt': {e}", param="prompt", code="invalid_value") from None
+    try:
+        check_labels(labels)
+    except LabelError as e:
+        raise APIError(400, f"'labels': {e}", param="labels", code="invalid_value") from None
+    try:
+        await asyncio.to_thread(served.towers.tokenize, [template.format(label) for label in labels])
     except UserError as e:
         raise APIError(400, str(e), param="labels", code="invalid_value") from None
     pixels = await decode_images(server, served, images, "images")

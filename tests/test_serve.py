@@ -480,6 +480,7 @@ def test_bad_requests_get_openais_error_object(server):
     not_an_image = error_of(post(server, "/v1/embeddings",
                                  {"model": "demo-clip", "input": "data:image/png;base64,AAAA"}))
     assert "input[0]: cannot read image" in not_an_image["message"] and "BytesIO" not in not_an_image["message"]
+    assert not_an_image["code"] == "invalid_value"
     wizard = error_of(post(server, "/v1/chat/completions", cases[2][1]))["message"]
     assert "message 0" in wizard and "wizard" in wizard and "tokenizer_config" not in wizard
     # JSON is read strictly: Python's json takes NaN (which passed the temperature's range check

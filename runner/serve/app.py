@@ -473,7 +473,7 @@ async def chat_completions(request: Request) -> Response:
         except APIError as e:
             yield json.dumps(e.body())
         except UserError as e:
-            yield json.dumps(APIError(400, str(e)).body())
+            yield json.dumps(APIError(400, str(e), code="invalid_value").body())
         finally:
             job.cancel()  # done, or the client left: the engine drops it
 
@@ -555,7 +555,7 @@ def endpoint(path: str, method: str, handler):
         except APIError as e:
             response = JSONResponse(e.body(), e.status, headers=e.headers)
         except UserError as e:  # the request's input (an image it cannot read, a text it cannot encode)
-            response = JSONResponse(APIError(400, str(e)).body(), 400)
+            response = JSONResponse(APIError(400, str(e), code="invalid_value").body(), 400)
         except ClientLeft:
             response = Response(status_code=499)  # nginx's "client closed request": for the metrics, sent to no one
         except asyncio.CancelledError:

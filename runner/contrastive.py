@@ -47,9 +47,9 @@ def check_template(template: str) -> str:
 def check_labels(labels: list[str]) -> list[str]:
     """Labels for zero-shot: each once (a repeated one splits its probability, and answers keyed
     by label lose one of them)."""
-    repeated = [label for label, n in Counter(labels).items() if n > 1]
-    if repeated:
-        raise LabelError(f"the label {repeated[0]!r} is given {labels.count(repeated[0])} times")
+    label, n = Counter(labels).most_common(1)[0] if labels else (None, 0)
+    if n > 1:
+        raise LabelError(f"the label {label!r} is given {n} times")
     return labels
 
 

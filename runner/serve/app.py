@@ -385,9 +385,10 @@ async def chat_completions(request: Request) -> Response:
     # is the only tool declared, and the answer starts with a call. (Forcing the text
     # "call:NAME{" instead would split tokens where the model never does, and it loses the
     # argument keys.)
+    start_call = assistant.chat.tokenizer.token_to_id(START_CALL)
     forced, banned = "", []
     if choice == "none":
-        tools, banned = None, [assistant.chat.tokenizer.token_to_id(START_CALL)]
+        tools, banned = None, [start_call] if start_call is not None else []
     elif choice == "required":
         if not tools:
             raise APIError(400, "tool_choice 'required' needs 'tools'", param="tool_choice", code="invalid_value")
@@ -419,13 +420,10 @@ async def chat_completions(request: Request) -> Response:
     if len(prompt) + max_tokens > context:
         raise APIError(422, f"the conversation is {len(prompt)} tokens; {too_long}", param="messages",
                        code="context_length_exceeded")
-    try:  # once the prompt is known to fit: its developer turn is short
-        prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)
-    except (ChatError, UserError) as e:
-        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+    prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)  # short: the prompt fits
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
     job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sorted(assistant.stop(parallel)),
-                                            float(temperature), 0, seed, [t for t in banned if t is not None]))
+                                            float(temperature), 0, seed, banned))
 
     def answer(tokens: list[int]):
         return assistant.read(forced_ids + tokens, tools)
@@ -442,7 +440,6 @@ async def chat_completions(request: Request) -> Response:
         METRICS.generated_tokens.labels(served.id).inc(len(tokens))
         return JSONResponse(completion(served.id, answer(tokens), stopped, len(prompt), len(tokens)))
 
-    start_call = assistant.chat.tokenizer.token_to_id(START_CALL)
     stream_id = new_id("chatcmpl")
     text = TextStream(assistant.chat.tokenizer.decode)  # skip_special_tokens: the text a stream shows
 

@@ -498,6 +498,30 @@ def test_bad_requests_get_openais_error_object(server):
     assert server.client.embeddings.create(model="demo-clip", input="a red circle").data
 
 
+def test_an_error_names_a_bundles_file_by_its_model_never_by_the_servers_path(server, bundles):
+    """The demo CLIP's tokenizer knows only its captions' words: the 400 says which file
+    cannot encode the word, as the model's, never where the server keeps it."""
+    for path, body, param in [
+            ("/v1/embeddings", {"model": "demo-clip", "input": ["a red circle", "qwxzv"]}, "input"),
+            ("/v1/classify", {"model": "demo-clip", "images": [data_uri(SAMPLES[0])], "labels": ["red", "qwxzv"]},
+             "labels")]:
+        error = error_of(post(server, path, body))
+        assert error["message"].startswith("demo-clip/tokenizer.json: cannot encode 'qwxzv'"), error
+        assert str(bundles["demo-clip"].parent) not in error["message"] and error["param"] == param, error
+    not_an_image = error_of(post(server, "/v1/classify", {"model": "demo-clip", "labels": ["red"],
+                                                          "images": ["data:image/png;base64,AAAA"]}))
+    assert not_an_image["param"] == "images" and not_an_image["message"].startswith("images[0]: cannot read image")
+
+
+def test_paths_a_client_sees_are_those_of_whole_directories_only(tmp_path):
+    public = make_app(Settings(["bundles/demo-clip"], indexes={"photos": str(tmp_path / "index")})).state.server.public
+    here = os.path.abspath("bundles/demo-clip")
+    assert public("bundles/demo-clip/tokenizer.json: cannot encode 'x'") == "demo-clip/tokenizer.json: cannot encode 'x'"
+    assert public(f"{here}/model.tflite: bad; {tmp_path / 'index'}: bad") == "demo-clip/model.tflite: bad; photos: bad"
+    for untouched in ("old-bundles/demo-clip/x", "bundles/demo-clip2/x", f"/elsewhere/{here}", "demo-clip: fine"):
+        assert public(untouched) == untouched
+
+
 def test_long_inputs_never_stall_the_server(server):
     """A conversation far past the context is refused before it is tokenized (it once took 16 s
     to tokenize 13 MB, only to be refused); texts that take seconds to tokenize do so off the

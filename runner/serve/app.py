@@ -22,6 +22,8 @@ import contextlib
 import hmac
 import io
 import json
+import os
+import re
 import sys
 import threading
 import time
@@ -29,6 +31,7 @@ import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -109,6 +112,7 @@ class Server:
         self.worker: Worker | None = None
         self.decoding = asyncio.Semaphore(1)  # decode_images: one request's images at a time
         self.decodes_waiting = 0
+        self.public = hiding_paths(settings)  # an error message as a client gets it
 
     def load(self) -> None:
         try:
@@ -174,6 +178,24 @@ class Server:
                            f"{'a Function-Gemma' if kind == 'chat' else 'a ' + CONTRASTIVE} one", param="model",
                            code="wrong_model")
         return served
+
+
+def hiding_paths(settings: Settings) -> Callable[[str], str]:
+    """What makes an error message public: each bundle's and index's directory, as given and
+    as an absolute path, named by its model id or index name instead. A message about a
+    bundle's file ("demo-clip/tokenizer.json: cannot encode ...") still says which file; the
+    client has no business knowing where the server keeps it (the log keeps the paths)."""
+    names = {}
+    for directory, name in [(b, Path(b).name) for b in settings.bundles] + [(d, n) for n, d in settings.indexes.items()]:
+        for spelling in (str(Path(directory)), os.path.abspath(directory), str(Path(directory).resolve())):
+            if Path(spelling).name:  # never "/" or "."
+                names[spelling] = name
+    if not names:
+        return lambda message: message
+    # a whole path only: neither the tail of a longer one nor the start of a longer name
+    pattern = re.compile("|".join(rf"(?<![\w/.~-]){re.escape(p)}(?![\w.~-])"
+                                  for p in sorted(names, key=len, reverse=True)))
+    return lambda message: pattern.sub(lambda m: names[m.group(0)], message)
 
 
 # -- the endpoints -------------------------------------------------------------------------
@@ -254,6 +276,8 @@ async def decode_images(server: Server, served: Served, values: list[str], param
         server.decodes_waiting -= 1
     try:
         return np.stack(await asyncio.to_thread(lambda: [one(i, raw) for i, raw in enumerate(decoded)]))
+    except UserError as e:  # not an image, or too large a one
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
     finally:
         server.decoding.release()
 
@@ -468,9 +492,9 @@ async def chat_completions(request: Request) -> Response:
         except ClientLeft:
             return
         except APIError as e:
-            yield json.dumps(e.body())
+            yield json.dumps(error_body(server, e))
         except UserError as e:
-            yield json.dumps(APIError(400, str(e), code="invalid_value").body())
+            yield json.dumps(error_body(server, APIError(400, str(e), code="invalid_value")))
         finally:
             job.cancel()  # done, or the client left: the engine drops it
 
@@ -517,8 +541,8 @@ async def health(request: Request) -> Response:
     server: Server = request.app.state.server
     if server.ready.is_set():
         return JSONResponse({"status": "ready", "models": list(server.models)})
-    return JSONResponse({"status": "failed" if server.failed else "loading", **({"error": server.failed}
-                                                                                 if server.failed else {})}, 503)
+    failed = {"error": server.public(server.failed)} if server.failed else {}
+    return JSONResponse({"status": "failed" if server.failed else "loading", **failed}, 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -535,13 +559,19 @@ ENDPOINTS = {"/v1/chat/completions": ("POST", chat_completions), "/v1/embeddings
              "/health": ("GET", health), "/metrics": ("GET", metrics)}
 
 
+def error_body(server: Server, e: APIError) -> dict:
+    body = e.body()
+    body["error"]["message"] = server.public(body["error"]["message"])
+    return body
+
+
 def endpoint(path: str, method: str, handler):
     """The handler with what every endpoint does: the API key, the error object, the metrics."""
     async def run(request: Request) -> Response:
         t0 = time.perf_counter()
         status = 500
+        server: Server = request.app.state.server
         try:
-            server: Server = request.app.state.server
             key = server.settings.api_key
             if key and path != "/health":
                 given = request.headers.get("authorization", "")
@@ -550,9 +580,9 @@ def endpoint(path: str, method: str, handler):
                                    code="invalid_api_key")
             response = await handler(request)
         except APIError as e:
-            response = JSONResponse(e.body(), e.status, headers=e.headers)
+            response = JSONResponse(error_body(server, e), e.status, headers=e.headers)
         except UserError as e:  # the request's input (an image it cannot read, a text it cannot encode)
-            response = JSONResponse(APIError(400, str(e), code="invalid_value").body(), 400)
+            response = JSONResponse(error_body(server, APIError(400, str(e), code="invalid_value")), 400)
         except ClientLeft:
             response = Response(status_code=499)  # nginx's "client closed request": for the metrics, sent to no one
         except asyncio.CancelledError:

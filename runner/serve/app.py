@@ -447,20 +447,16 @@ async def chat_completions(request: Request) -> Response:
     prefix = shared_prefix(assistant, messages, tools, prompt, served.developer_turns)  # short: the prompt fits
     parallel = get(body, "parallel_tool_calls", bool, True)  # several calls in one turn, as OpenAI's default
     job = served.submit("chat", ChatRequest(prompt, prefix, max_tokens, sorted(assistant.stop(parallel)),
-                                            float(temperature), 0, seed, banned))
+                                            float(temperature), 0, seed, banned, stream))
 
     def answer(tokens: list[int]):
         return assistant.read(forced_ids + tokens, tools)
 
     if not stream:
         try:
-            while True:
-                event = await wait(request, job)
-                if event[0] == "done":
-                    break
+            _, tokens, stopped = await wait(request, job)  # the answer: no token events came before it
         finally:
             job.cancel()
-        _, tokens, stopped = event
         METRICS.generated_tokens.labels(served.id).inc(len(tokens))
         return JSONResponse(completion(served.id, answer(tokens), stopped, len(prompt), len(tokens)))
 

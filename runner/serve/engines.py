@@ -49,8 +49,8 @@ class Overloaded(Exception):
 @dataclass
 class Job:
     """One request's work. `post(*event)` sends what the engine has for the request: for
-    embeddings one ("done", array) or ("error", exception); for chat ("token", id) per token,
-    then ("done", token ids, why it stopped) or ("error", exception)."""
+    embeddings one ("done", array) or ("error", exception); for chat ("token", id) per token
+    when it streams, then ("done", token ids, why it stopped) or ("error", exception)."""
 
     kind: str  # "image" (pixels), "text" (token rows), "classify", "chat"
     payload: object
@@ -206,6 +206,7 @@ class ChatRequest:
     top_k: int = 0
     seed: int = 0
     banned: list[int] = field(default_factory=list)  # tokens never sampled (runner/generate.py Sampler)
+    stream: bool = True  # each token as it comes; else only the answer (its tokens woke the request for nothing)
 
 
 class ChatEngine(Engine):
@@ -294,7 +295,8 @@ class ChatEngine(Engine):
         for job, s in batch:
             if s not in sampled:
                 continue
-            job.post("token", s.tokens[-1])
+            if job.payload.stream:
+                job.post("token", s.tokens[-1])
             if s.stopped:
                 job.post("done", s.tokens, s.stopped)
                 done.add(id(job))
